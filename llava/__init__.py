@@ -1,0 +1,1 @@
+"""MustDrop: multi-stage vision token dropping for LLaVA-style models."""

@@ -1,0 +1,71 @@
+"""Turn one question (text + optional image) into an answer with LLaVA-1.5's prompt and image rules.
+
+Shared by every benchmark CLI so that prompts, preprocessing and decoding are the same everywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from PIL import Image
+
+from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN
+from llava.conversation import get_conv_template
+from llava.drop.config import DropConfig
+from llava.drop.generate import SamplingConfig, generate
+from llava.mm_utils import process_images, tokenizer_image_token
+
+
+@dataclass
+class Answer:
+    text: str
+    prompt: str  # the full templated prompt, as the model saw it
+    stats: dict
+
+
+class Answerer:
+    """Holds a loaded model and answers questions one at a time (batch size 1, as LLaVA evaluates)."""
+
+    def __init__(
+        self, tokenizer, model, image_processor, conv_mode: str, sampling: SamplingConfig, drop: DropConfig | None = None
+    ):
+        get_conv_template(conv_mode)  # fail now on an unknown mode, not at the first question
+        self.tokenizer = tokenizer
+        self.model = model
+        self.image_processor = image_processor
+        self.conv_mode = conv_mode
+        self.sampling = sampling
+        self.drop = drop or DropConfig.disabled()
+        eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None else tokenizer.eos_token_id
+        self.eos_token_ids = set(eos) if isinstance(eos, (list, tuple)) else {eos}
+
+    def build_prompt(self, question: str, with_image: bool) -> tuple[str, str]:
+        """The templated prompt and the template's stop string."""
+        if with_image:
+            image_tokens = DEFAULT_IMAGE_TOKEN
+            if getattr(self.model.config, "mm_use_im_start_end", False):
+                image_tokens = DEFAULT_IM_START_TOKEN + DEFAULT_IMAGE_TOKEN + DEFAULT_IM_END_TOKEN
+            question = image_tokens + "\n" + question
+        conversation = get_conv_template(self.conv_mode)
+        conversation.append_message(conversation.roles[0], question)
+        conversation.append_message(conversation.roles[1], None)
+        return conversation.get_prompt(), conversation.stop_str
+
+    def answer(self, question: str, image: Image.Image | None) -> Answer:
+        prompt, stop_str = self.build_prompt(question, with_image=image is not None)
+        input_ids = tokenizer_image_token(prompt, self.tokenizer, return_tensors="pt")
+        pixel_values = None
+        if image is not None:
+            aspect_ratio = getattr(self.model.config, "image_aspect_ratio", "pad")
+            pixel_values = process_images([image], self.image_processor, aspect_ratio)
+
+        def stopped_by_string(tokens: list[int]) -> bool:
+            return bool(stop_str) and self.tokenizer.decode(tokens, skip_special_tokens=True).rstrip().endswith(stop_str)
+
+        output = generate(
+            self.model, input_ids, pixel_values, self.sampling, self.eos_token_ids, stopped_by_string, self.drop
+        )
+        text = self.tokenizer.decode(output.token_ids, skip_special_tokens=True).strip()
+        if stop_str and text.endswith(stop_str):
+            text = text[: -len(stop_str)].strip()
+        return Answer(text=text, prompt=prompt, stats=output.stats)

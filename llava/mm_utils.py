@@ -1,0 +1,90 @@
+"""Image loading, LLaVA-1.5 image preprocessing and `<image>`-aware prompt tokenization."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image
+from transformers import PreTrainedTokenizerBase
+from transformers.image_processing_utils import BaseImageProcessor
+
+from llava.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
+
+PIXEL_MAX = 255
+PAD_ASPECT_RATIO = "pad"
+SQUARE_ASPECT_RATIOS = ("square", None)  # no padding: the processor's resize + centre crop only
+
+
+class ImageLoadError(ValueError):
+    """An image file is missing or cannot be decoded; the message names the file."""
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open an image as RGB, decoding it now so a corrupt file fails here and not mid-batch."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.convert("RGB")
+    except FileNotFoundError:
+        raise ImageLoadError(f"image not found: {path}") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise ImageLoadError(f"cannot read image {path}: {error}") from error
+
+
+def expand2square(image: Image.Image, background_color: tuple[int, ...]) -> Image.Image:
+    """Pad to a square of side max(w, h), image centred, so the CLIP centre crop keeps all of it."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    canvas = Image.new(image.mode, (side, side), background_color)
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas
+
+
+def mean_color(image_processor: BaseImageProcessor) -> tuple[int, ...]:
+    """LLaVA-1.5's padding colour: the processor mean per channel, scaled to 0..255 and truncated."""
+    return tuple(int(channel_mean * PIXEL_MAX) for channel_mean in image_processor.image_mean)
+
+
+def process_images(
+    images: Sequence[Image.Image],
+    image_processor: BaseImageProcessor,
+    image_aspect_ratio: str | None = PAD_ASPECT_RATIO,
+) -> torch.Tensor:
+    """Preprocess RGB images the way LLaVA-1.5 does; returns pixel values of shape [N, 3, H, W]."""
+    if image_aspect_ratio == PAD_ASPECT_RATIO:
+        background = mean_color(image_processor)
+        images = [expand2square(image, background) for image in images]
+    elif image_aspect_ratio not in SQUARE_ASPECT_RATIOS:
+        raise ValueError(
+            f"unsupported image_aspect_ratio {image_aspect_ratio!r}; expected 'pad', 'square' or None "
+            "('anyres' is LLaVA-NeXT's tiling and is not supported yet)"
+        )
+    return image_processor(list(images), return_tensors="pt")["pixel_values"]
+
+
+def tokenizer_image_token(
+    prompt: str,
+    tokenizer: PreTrainedTokenizerBase,
+    image_token_index: int = IMAGE_TOKEN_INDEX,
+    return_tensors: str | None = None,
+) -> list[int] | torch.Tensor:
+    """Tokenize a prompt, putting `image_token_index` where each `<image>` placeholder stood.
+
+    The placeholder is not a vocabulary token, so the text around it is tokenized piece by piece:
+    only the first piece gets the tokenizer's special tokens (BOS), so BOS appears once, at the start.
+    With `return_tensors="pt"` the ids come back as a LongTensor of shape [1, L].
+    """
+    if return_tensors not in (None, "pt"):
+        raise ValueError(f"unsupported return_tensors {return_tensors!r}; expected None or 'pt'")
+    first, *rest = prompt.split(DEFAULT_IMAGE_TOKEN)
+    input_ids = list(tokenizer(first).input_ids)
+    for chunk in rest:
+        input_ids.append(image_token_index)
+        input_ids.extend(tokenizer(chunk, add_special_tokens=False).input_ids)
+    if return_tensors == "pt":
+        return torch.tensor([input_ids], dtype=torch.long)
+    return input_ids

@@ -1,0 +1,179 @@
+"""`load_pretrained_model`: LLaVA's loading entry point, for both checkpoint layouts.
+
+Returns `(tokenizer, model, image_processor, context_len)` like LLaVA's builder. The model is always
+transformers' own `LlavaForConditionalGeneration`; `model.config` additionally carries LLaVA's
+options (`image_aspect_ratio`, `mm_use_im_start_end`, ...) that the prompt and image code read.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, LlavaForConditionalGeneration, PreTrainedTokenizerBase
+
+from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_PATCH_TOKEN
+from llava.model.checkpoint_files import CheckpointError
+from llava.model.image_processor import load_image_processor
+from llava.model.original_layout import LLAVA_DEFAULTS, is_original_layout, load_original_layout
+from llava.model.vision_tower import resolve_vision_tower
+
+DEFAULT_CONTEXT_LEN = 2048
+HF_LAYOUT_DEFAULTS = {**LLAVA_DEFAULTS, "image_aspect_ratio": "pad"}  # LLaVA-1.5 evaluation pads
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    """fp16 on CUDA and fp32 on CPU unless asked otherwise (LLaVA runs fp16 on GPUs)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None:
+        return torch.float16 if device.startswith("cuda") else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype '{dtype}'; choose one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def read_config(model_dir: Path) -> dict:
+    config_path = model_dir / "config.json"
+    if not model_dir.is_dir():
+        raise CheckpointError(
+            f"model path {model_dir} is not a directory; download the checkpoint first "
+            "(e.g. `huggingface-cli download liuhaotian/llava-v1.5-7b --local-dir <dir>`)"
+        )
+    if not config_path.is_file():
+        raise CheckpointError(f"{model_dir} has no config.json; is this a LLaVA checkpoint?")
+    try:
+        return json.loads(config_path.read_text())
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"cannot parse {config_path}: {error}") from error
+
+
+def resolve_model_dir(model_path: str) -> Path:
+    """A local directory, or a hub id already in the local Hugging Face cache (never downloaded)."""
+    path = Path(model_path).expanduser()
+    if path.exists():
+        return path
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id=model_path, local_files_only=True))
+    except (LocalEntryNotFoundError, ValueError, OSError):
+        raise CheckpointError(
+            f"model '{model_path}' is neither a local directory nor in the Hugging Face cache; download it "
+            f"first, e.g. `huggingface-cli download {model_path}`"
+        ) from None
+
+
+def load_tokenizer(model_dir: Path, options: dict) -> PreTrainedTokenizerBase:
+    """Load the tokenizer and add LLaVA's image start/end tokens when the checkpoint used them."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"cannot load the tokenizer of {model_dir}: {error}") from error
+    extra = []
+    if options["mm_use_im_patch_token"]:
+        extra.append(DEFAULT_IMAGE_PATCH_TOKEN)
+    if options["mm_use_im_start_end"]:
+        extra += [DEFAULT_IM_START_TOKEN, DEFAULT_IM_END_TOKEN]
+    if extra:
+        tokenizer.add_tokens(extra, special_tokens=True)
+    return tokenizer
+
+
+def load_pretrained_model(
+    model_path: str,
+    model_base: str | None = None,
+    model_name: str | None = None,
+    load_8bit: bool = False,
+    load_4bit: bool = False,
+    device_map: str | dict | None = None,
+    device: str | None = None,
+    torch_dtype: str | torch.dtype | None = None,
+    vision_tower: str | None = None,
+    attn_implementation: str = "sdpa",
+):
+    """Load a LLaVA-1.5 checkpoint in either layout; see the module docstring for what is returned.
+
+    `model_name` is accepted for LLaVA compatibility (LLaVA dispatches on it; we read config.json).
+    `device_map="auto"` spreads the model over the visible GPUs with accelerate.
+    """
+    device = device or default_device()
+    dtype = resolve_dtype(torch_dtype, device)
+    model_dir = resolve_model_dir(model_path)
+    raw_config = read_config(model_dir)
+    if (model_dir / "adapter_config.json").is_file():
+        raise CheckpointError(f"{model_dir} is a LoRA adapter; merge it into its base model first")
+    if is_original_layout(raw_config):
+        if load_8bit or load_4bit:
+            raise CheckpointError(
+                "8/4-bit loading needs the transformers layout: convert first with "
+                "`python -m llava.model.convert --model-path ... --out ...`"
+            )
+        tower_dir = resolve_vision_tower(raw_config["mm_vision_tower"], model_dir, vision_tower)
+        base_dir = resolve_model_dir(model_base) if model_base else None
+        model = load_original_layout(model_dir, tower_dir, dtype, base_dir=base_dir)
+        placed = False
+        options = {key: getattr(model.config, key) for key in LLAVA_DEFAULTS}
+        tokenizer = load_tokenizer(base_dir or model_dir, options)
+        image_processor = load_image_processor(tower_dir)
+    else:
+        model, placed = load_hf_layout(model_dir, dtype, load_8bit, load_4bit, device_map, attn_implementation)
+        options = {key: raw_config.get(key, default) for key, default in HF_LAYOUT_DEFAULTS.items()}
+        for key, value in options.items():
+            setattr(model.config, key, value)
+        tokenizer = load_tokenizer(model_dir, options)
+        image_processor = load_image_processor(model_dir)
+    model.config._attn_implementation = attn_implementation
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        raise CheckpointError(
+            f"the tokenizer of {model_dir} has {len(tokenizer)} tokens but the model only "
+            f"{model.get_input_embeddings().num_embeddings} embeddings"
+        )
+    model = place_model(model, device, device_map, already_placed=placed)
+    context_len = raw_config.get("tokenizer_model_max_length") or raw_config.get("max_sequence_length") or DEFAULT_CONTEXT_LEN
+    return tokenizer, model, image_processor, context_len
+
+
+def load_hf_layout(
+    model_dir: Path, dtype: torch.dtype, load_8bit: bool, load_4bit: bool, device_map, attn_implementation: str
+) -> tuple[LlavaForConditionalGeneration, bool]:
+    """transformers' own loader; quantisation through bitsandbytes when asked.
+
+    Returns the model and whether transformers already placed it on devices (device_map given).
+    """
+    kwargs: dict = {"dtype": dtype, "attn_implementation": attn_implementation}
+    if load_8bit or load_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_8bit=load_8bit, load_in_4bit=load_4bit, bnb_4bit_compute_dtype=dtype
+        )
+        kwargs["device_map"] = device_map or "auto"
+    elif device_map is not None:
+        kwargs["device_map"] = device_map
+    try:
+        model = LlavaForConditionalGeneration.from_pretrained(model_dir, **kwargs)
+    except OSError as error:
+        raise CheckpointError(f"cannot load {model_dir}: {error}") from error
+    return model.eval(), "device_map" in kwargs
+
+
+def place_model(model, device: str, device_map, already_placed: bool):
+    """Move the model to one device, or dispatch it over several GPUs with accelerate."""
+    if not already_placed and device_map == "auto" and torch.cuda.device_count() > 1:
+        from accelerate import dispatch_model, infer_auto_device_map
+
+        no_split = ["LlamaDecoderLayer", "CLIPEncoderLayer"]
+        device_map = infer_auto_device_map(model, no_split_module_classes=no_split)
+        return dispatch_model(model, device_map=device_map)
+    if not already_placed:
+        model = model.to(device)
+    return model

@@ -1,0 +1,53 @@
+"""Loading the CLIP image processor that LLaVA-1.5's vision tower expects.
+
+We always use transformers' PIL-based CLIP processor: SPEC.md asks for the pixels of the PIL
+("slow") processor, and the torchvision-based fast one cannot be imported beside our torch build.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+PREPROCESSOR_CONFIG_NAME = "preprocessor_config.json"
+PROCESSOR_CONFIG_NAME = "processor_config.json"  # transformers 5 nests the image processor here
+LLAVA_1_5_IMAGE_SIZE = 336
+
+
+def load_image_processor(path: str | Path) -> CLIPImageProcessorPil:
+    """Load the processor from a CLIP tower directory or an llava-hf checkpoint directory.
+
+    Hub checkpoints ship `preprocessor_config.json`; transformers 5's `save_pretrained` of a
+    processor writes the same settings under "image_processor" in `processor_config.json`.
+    """
+    directory = Path(path)
+    if (directory / PREPROCESSOR_CONFIG_NAME).is_file():
+        return CLIPImageProcessorPil.from_pretrained(directory)
+    nested_file = directory / PROCESSOR_CONFIG_NAME
+    if nested_file.is_file():
+        nested = json.loads(nested_file.read_text()).get("image_processor")
+        if nested:
+            return CLIPImageProcessorPil.from_dict(nested)
+    raise FileNotFoundError(
+        f"no image processor settings in {directory}: expected {PREPROCESSOR_CONFIG_NAME} "
+        f"(or an image_processor entry in {PROCESSOR_CONFIG_NAME})"
+    )
+
+
+def default_clip_image_processor(image_size: int = LLAVA_1_5_IMAGE_SIZE) -> CLIPImageProcessorPil:
+    """Build OpenAI CLIP's preprocessing in code, for writing test checkpoints without a download."""
+    return CLIPImageProcessorPil(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        resample=PILImageResampling.BICUBIC,
+        image_mean=list(OPENAI_CLIP_MEAN),
+        image_std=list(OPENAI_CLIP_STD),
+        do_resize=True,
+        do_center_crop=True,
+        do_rescale=True,
+        do_normalize=True,
+        do_convert_rgb=True,
+    )

@@ -1,0 +1,512 @@
+"""Tiny LLaVA-1.5 checkpoints with random weights, for tests and the offline demo.
+
+The checkpoint has the real architecture and the real file formats of `liuhaotian/llava-v1.5-7b`
+(original LLaVA layout: `config.json` with `mm_*` keys, sharded weights with `model.mm_projector.*`,
+a Llama SentencePiece tokenizer) and of `openai/clip-vit-large-patch14-336` (the vision tower, in
+its own sub-directory), only with small widths, so that nothing needs a download.
+
+    python -m llava.model.tiny --out DIR [--layout original|hf] [--seed 0] [--weights-format safetensors|bin]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import sentencepiece as spm
+import torch
+from safetensors.torch import save_file
+
+if TYPE_CHECKING:  # transformers is imported lazily: it is slow to import and only the tower needs it
+    from transformers import CLIPConfig
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+# --- CLIP vision tower (ViT-L/14-336 geometry, narrow widths) ---
+VISION_TOWER_DIRNAME = "clip-vision-tower"
+IMAGE_SIZE = 336
+PATCH_SIZE = 14
+VISION_LAYERS = 24
+VISION_HIDDEN = 64
+VISION_INTERMEDIATE = 128
+VISION_HEADS = 4
+VISION_ACT = "quick_gelu"
+VISION_LAYER_NORM_EPS = 1e-5
+CLIP_TEXT_LAYERS = 2
+CLIP_TEXT_HIDDEN = 32
+CLIP_TEXT_INTERMEDIATE = 64
+CLIP_TEXT_HEADS = 2
+CLIP_TEXT_VOCAB = 64
+CLIP_TEXT_MAX_POSITIONS = 77
+CLIP_PROJECTION_DIM = 32
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+# --- Llama language model ---
+LLM_LAYERS = 32
+LLM_HIDDEN = 64
+LLM_INTERMEDIATE = 176
+LLM_HEADS = 4
+LLM_KV_HEADS = 2
+LLM_HEAD_DIM = LLM_HIDDEN // LLM_HEADS
+MAX_POSITIONS = 2048
+RMS_NORM_EPS = 1e-5
+ROPE_THETA = 10000.0
+PAD_ID, BOS_ID, EOS_ID = 0, 1, 2  # LLaVA pads with <unk> (id 0)
+
+# --- mlp2x_gelu projector: CLIP hidden -> LLM hidden ---
+PROJECTOR_TYPE = "mlp2x_gelu"
+MM_HIDDEN = VISION_HIDDEN
+
+# --- Initialisation scales: chosen so that attention is not uniform, activations stay finite through
+# all layers, and greedy decoding gives varied tokens (std 0.02 everywhere would make every
+# attention row uniform and every answer the same token). ---
+EMBED_STD = 0.02  # CLIP patch/position/class embeddings: uniform image regions stay similar
+TOKEN_EMBED_STD = 1.0  # Llama input embeddings
+LM_HEAD_STD = 0.5  # peaked next-token distribution
+EOS_ROW_SCALE = 0.5  # shrinks the EOS logit so EOS does not end every answer at once
+NON_WORD_ROW_SCALE = 0.25  # <unk>, <s> and byte pieces rarely win: greedy answers decode to readable text
+NUM_BYTE_PIECES = 256  # byte_fallback puts <0x00>..<0xFF> right after <unk>, <s>, </s>
+FIRST_WORD_PIECE_ID = EOS_ID + 1 + NUM_BYTE_PIECES
+VISION_QK_GAIN = 2.0  # sharper CLIP attention, so the CLS row singles out a key set
+LLM_QK_GAIN = 2.0  # sharper Llama attention: answers depend on the image and the question
+BIAS_STD = 0.02
+LLM_RESIDUAL_SCALE = 1.0 / math.sqrt(2 * LLM_LAYERS)  # o_proj/down_proj: keeps the residual stream bounded
+
+# --- Tokenizer (Llama-style SentencePiece BPE, trained here) ---
+TOKENIZER_VOCAB_SIZE = 1000
+TOKENIZER_CORPUS_SEED = 1234  # fixed: every checkpoint seed shares one tokenizer
+TOKENIZER_CORPUS_LINES = 3000
+OCR_NUMBER_SHARE, OCR_PRICE_SHARE = 0.15, 0.15  # the rest of the OCR tokens are words
+MAX_OCR_NUMBER, MAX_OCR_PRICE = 9999, 99
+
+# --- Files ---
+NUM_SHARDS = 2
+COMPLETE_MARKER = ".tiny-checkpoint-complete.json"
+LAYOUTS = ("original", "hf")
+WEIGHTS_FORMATS = ("safetensors", "bin")
+SEED_STREAMS = 2  # independent RNG streams per seed: language model, vision tower
+LLM_STREAM, VISION_STREAM = 0, 1
+
+SYSTEM_PROMPTS = [
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions.",
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions.",
+    "You are a helpful language and vision assistant. You are able to understand the visual content "
+    "that the user provides, and assist the user with a variety of tasks using natural language.",
+]
+PROMPT_SUFFIXES = [
+    "Answer the question using a single word or phrase.",
+    "Answer with the option's letter from the given choices directly.",
+    "When the provided information is insufficient, respond with 'Unanswerable'.",
+    "Reference OCR token:",
+]
+QUESTION_STARTS = ["What is", "What color is", "Where is", "Which", "Who is", "How many", "Is there",
+                   "Are there", "Why is", "When was", "What does", "What brand is", "What number is",
+                   "What time is", "What kind of", "Does", "Can you see", "What is written on"]
+COLOURS = ["red", "green", "blue", "yellow", "black", "white", "orange", "purple", "pink", "brown",
+           "gray", "silver", "gold"]
+OBJECTS = ["man", "woman", "child", "dog", "cat", "car", "bus", "sign", "bottle", "book", "phone",
+           "table", "chair", "shirt", "hat", "street", "building", "tree", "sky", "train", "clock",
+           "plate", "pizza", "screen", "label", "box", "can", "door", "window", "bag", "ball", "boat",
+           "bicycle", "horse", "bird", "cup", "laptop", "keyboard", "banner", "poster", "jersey"]
+PLACES = ["on the left", "on the right", "in the image", "in the picture", "behind the", "next to the",
+          "under the", "above the", "in front of the", "on top of the"]
+OCR_WORDS = ["STOP", "EXIT", "OPEN", "SALE", "Coca-Cola", "Pepsi", "Nike", "Adidas", "Samsung",
+             "Apple", "Google", "Heineken", "Budweiser", "Canon", "Sony", "Toyota", "Ford", "London",
+             "Paris", "New", "York", "Street", "Avenue", "Road", "Hotel", "Cafe", "Bank", "Police",
+             "Taxi", "Menu", "Price", "Total", "Page", "Chapter", "Volume", "Edition", "Model", "No.",
+             "$", "%", "kg", "cm", "mph", "AM", "PM", "www", ".com", "@", "#"]
+ANSWERS = ["yes", "no", "unanswerable", "A", "B", "C", "D", "one", "two", "three", "four", "five",
+           "left", "right", "top", "bottom", "nothing", "unknown", "it is", "there are", "the"]
+
+
+def write_tiny_checkpoint(out_dir: str | os.PathLike, layout: str = "original", seed: int = 0,
+                          weights_format: str = "safetensors") -> Path:
+    """Write a tiny checkpoint to `out_dir` (no-op when a complete one with these settings is there).
+
+    Everything is built in a hidden sibling directory and renamed into place only after the completion
+    marker is written, so a killed run never leaves a directory that looks complete.
+    """
+    _check_choice("layout", layout, LAYOUTS)
+    _check_choice("weights_format", weights_format, WEIGHTS_FORMATS)
+    out = Path(out_dir)
+    settings = {"layout": layout, "seed": seed, "weights_format": weights_format}
+    if _is_complete(out, settings):
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        built = _build(staging, layout, seed, weights_format)
+        _write_json(built / COMPLETE_MARKER, settings)
+        _move_into_place(built, out, settings)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def _build(staging: Path, layout: str, seed: int, weights_format: str) -> Path:
+    """Write the original layout under `staging`; convert it when the transformers layout is asked."""
+    original = staging / "original"
+    _write_original(original, seed, weights_format)
+    if layout == "original":
+        return original
+    from llava.model.convert import convert_checkpoint  # lazy: only the hf layout needs it
+
+    converted = staging / "hf"
+    convert_checkpoint(original, converted)
+    return converted
+
+
+def _write_original(model_dir: Path, seed: int, weights_format: str) -> None:
+    """Write every file of the original LLaVA-1.5 layout into `model_dir`."""
+    model_dir.mkdir(parents=True)
+    vocab_size = write_tokenizer(model_dir)
+    _write_json(model_dir / "config.json", llava_config(vocab_size))
+    _write_json(model_dir / "generation_config.json",
+                {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID,
+                 "max_length": MAX_POSITIONS})
+    tensors = llm_tensors(vocab_size, _generator(seed, LLM_STREAM))
+    _write_shards(model_dir, tensors, weights_format)
+    write_vision_tower(model_dir / VISION_TOWER_DIRNAME, _generator(seed, VISION_STREAM))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Language model and projector
+# ---------------------------------------------------------------------------------------------------
+
+def llava_config(vocab_size: int) -> dict:
+    """The `config.json` of the original layout, with `mm_vision_tower` relative to the model dir."""
+    return {
+        "_name_or_path": "tiny-llava-v1.5",
+        "architectures": ["LlavaLlamaForCausalLM"],
+        "model_type": "llava",
+        "hidden_size": LLM_HIDDEN,
+        "intermediate_size": LLM_INTERMEDIATE,
+        "num_attention_heads": LLM_HEADS,
+        "num_key_value_heads": LLM_KV_HEADS,
+        "num_hidden_layers": LLM_LAYERS,
+        "max_position_embeddings": MAX_POSITIONS,
+        "rms_norm_eps": RMS_NORM_EPS,
+        "rope_theta": ROPE_THETA,
+        "vocab_size": vocab_size,
+        "hidden_act": "silu",
+        "bos_token_id": BOS_ID,
+        "eos_token_id": EOS_ID,
+        "pad_token_id": PAD_ID,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float32",
+        "initializer_range": 0.02,
+        "mm_vision_tower": VISION_TOWER_DIRNAME,
+        "mm_projector_type": PROJECTOR_TYPE,
+        "mm_hidden_size": MM_HIDDEN,
+        "mm_vision_select_layer": -2,
+        "mm_vision_select_feature": "patch",
+        "image_aspect_ratio": "pad",
+        "mm_use_im_start_end": False,
+        "mm_use_im_patch_token": False,
+        "mm_patch_merge_type": "flat",
+        "tokenizer_model_max_length": MAX_POSITIONS,
+        "tokenizer_padding_side": "right",
+        "use_mm_proj": True,
+        "freeze_mm_mlp_adapter": False,
+        "tune_mm_mlp_adapter": False,
+        "use_cache": True,
+    }
+
+
+def llm_tensors(vocab_size: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Llama + projector weights under the original LLaVA names, in the order HF saves them."""
+    tensors = {"model.embed_tokens.weight": _normal((vocab_size, LLM_HIDDEN), TOKEN_EMBED_STD, gen)}
+    for i in range(LLM_LAYERS):
+        tensors.update(_llama_layer(f"model.layers.{i}.", gen))
+    tensors["model.norm.weight"] = torch.ones(LLM_HIDDEN)
+    tensors.update(_projector(gen))
+    tensors["lm_head.weight"] = _lm_head(vocab_size, gen)
+    return tensors
+
+
+def _llama_layer(prefix: str, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """One decoder layer: fan-in scaled normal weights (see `_llm_gain`), unit RMSNorm weights."""
+    kv_width = LLM_KV_HEADS * LLM_HEAD_DIM
+    shapes = {
+        "self_attn.q_proj.weight": (LLM_HEADS * LLM_HEAD_DIM, LLM_HIDDEN),
+        "self_attn.k_proj.weight": (kv_width, LLM_HIDDEN),
+        "self_attn.v_proj.weight": (kv_width, LLM_HIDDEN),
+        "self_attn.o_proj.weight": (LLM_HIDDEN, LLM_HEADS * LLM_HEAD_DIM),
+        "mlp.gate_proj.weight": (LLM_INTERMEDIATE, LLM_HIDDEN),
+        "mlp.up_proj.weight": (LLM_INTERMEDIATE, LLM_HIDDEN),
+        "mlp.down_proj.weight": (LLM_HIDDEN, LLM_INTERMEDIATE),
+    }
+    layer = {}
+    for name, shape in shapes.items():
+        layer[prefix + name] = _normal(shape, _llm_gain(name) / math.sqrt(shape[1]), gen)
+    layer[prefix + "input_layernorm.weight"] = torch.ones(LLM_HIDDEN)
+    layer[prefix + "post_attention_layernorm.weight"] = torch.ones(LLM_HIDDEN)
+    return layer
+
+
+def _llm_gain(name: str) -> float:
+    """Fan-in std multiplier: sharper queries/keys, damped writes into the residual stream."""
+    if name.endswith(("q_proj.weight", "k_proj.weight")):
+        return LLM_QK_GAIN
+    if name.endswith(("o_proj.weight", "down_proj.weight")):
+        return LLM_RESIDUAL_SCALE
+    return 1.0
+
+
+def _projector(gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """mlp2x_gelu: Linear(mm_hidden, hidden) -> GELU -> Linear(hidden, hidden), as `nn.Sequential` names."""
+    return {
+        "model.mm_projector.0.weight": _normal((LLM_HIDDEN, MM_HIDDEN), 1 / math.sqrt(MM_HIDDEN), gen),
+        "model.mm_projector.0.bias": _normal((LLM_HIDDEN,), BIAS_STD, gen),
+        "model.mm_projector.2.weight": _normal((LLM_HIDDEN, LLM_HIDDEN), 1 / math.sqrt(LLM_HIDDEN), gen),
+        "model.mm_projector.2.bias": _normal((LLM_HIDDEN,), BIAS_STD, gen),
+    }
+
+
+def _lm_head(vocab_size: int, gen: torch.Generator) -> torch.Tensor:
+    """Large-scale output rows give peaked logits; a small EOS row lets answers run several tokens."""
+    row_scale = torch.ones(vocab_size, 1)
+    row_scale[:FIRST_WORD_PIECE_ID] = NON_WORD_ROW_SCALE
+    row_scale[EOS_ID] = EOS_ROW_SCALE
+    return _normal((vocab_size, LLM_HIDDEN), LM_HEAD_STD, gen) * row_scale
+
+
+def _write_shards(model_dir: Path, tensors: dict[str, torch.Tensor], weights_format: str) -> None:
+    """Split `tensors` (in order) into NUM_SHARDS files of about equal size, plus HF's index file."""
+    stem, ext = ("model", "safetensors") if weights_format == "safetensors" else ("pytorch_model", "bin")
+    shards = _split_in_order(tensors, NUM_SHARDS)
+    weight_map = {}
+    for k, shard in enumerate(shards, start=1):
+        filename = f"{stem}-{k:05d}-of-{len(shards):05d}.{ext}"
+        _save_shard(shard, model_dir / filename, weights_format)
+        weight_map.update(dict.fromkeys(shard, filename))
+    total_size = sum(t.numel() * t.element_size() for t in tensors.values())
+    _write_json(model_dir / f"{stem}.{ext}.index.json",
+                {"metadata": {"total_size": total_size}, "weight_map": weight_map})
+
+
+def _split_in_order(tensors: dict[str, torch.Tensor], num_shards: int) -> list[dict[str, torch.Tensor]]:
+    """Greedy in-order split like HF's `max_shard_size`: start a new shard once the quota is reached."""
+    quota = sum(t.numel() * t.element_size() for t in tensors.values()) / num_shards
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    filled = 0
+    for name, tensor in tensors.items():
+        if filled >= quota and len(shards) < num_shards:
+            shards.append({})
+            filled = 0
+        shards[-1][name] = tensor
+        filled += tensor.numel() * tensor.element_size()
+    return shards
+
+
+def _save_shard(shard: dict[str, torch.Tensor], path: Path, weights_format: str) -> None:
+    """safetensors with HF's `format: pt` metadata, or a pickled dict like `torch.save(state_dict)`."""
+    if weights_format == "safetensors":
+        save_file(shard, str(path), metadata={"format": "pt"})
+    else:
+        torch.save(shard, path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# CLIP vision tower
+# ---------------------------------------------------------------------------------------------------
+
+def clip_config() -> CLIPConfig:
+    """A `CLIPModel` config with ViT-L/14-336 geometry (layers, patches) and narrow widths."""
+    from transformers import CLIPConfig
+
+    text = {"num_hidden_layers": CLIP_TEXT_LAYERS, "hidden_size": CLIP_TEXT_HIDDEN,
+            "intermediate_size": CLIP_TEXT_INTERMEDIATE, "num_attention_heads": CLIP_TEXT_HEADS,
+            "vocab_size": CLIP_TEXT_VOCAB, "max_position_embeddings": CLIP_TEXT_MAX_POSITIONS,
+            "hidden_act": VISION_ACT, "layer_norm_eps": VISION_LAYER_NORM_EPS,
+            "projection_dim": CLIP_PROJECTION_DIM, "pad_token_id": PAD_ID, "bos_token_id": BOS_ID,
+            "eos_token_id": EOS_ID}
+    vision = {"num_hidden_layers": VISION_LAYERS, "hidden_size": VISION_HIDDEN,
+              "intermediate_size": VISION_INTERMEDIATE, "num_attention_heads": VISION_HEADS,
+              "image_size": IMAGE_SIZE, "patch_size": PATCH_SIZE, "hidden_act": VISION_ACT,
+              "layer_norm_eps": VISION_LAYER_NORM_EPS, "projection_dim": CLIP_PROJECTION_DIM}
+    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=CLIP_PROJECTION_DIM)
+
+
+def write_vision_tower(tower_dir: Path, gen: torch.Generator) -> None:
+    """Save a random `CLIPModel` and its PIL image processor like `openai/clip-vit-large-patch14-336`."""
+    from transformers import CLIPModel
+
+    with torch.random.fork_rng(devices=[]):  # transformers' own init must not move the caller's RNG
+        model = CLIPModel(clip_config())
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.copy_(_clip_init(name, param, gen))
+    model.save_pretrained(tower_dir)
+    clip_image_processor().save_pretrained(tower_dir)
+
+
+def _clip_init(name: str, param: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Scaled normal init: fan-in scaling for linear weights keeps attention rows far from uniform."""
+    if name.endswith("logit_scale"):
+        return param.detach().clone()
+    if "norm" in name:  # pre_layrnorm, layer_norm1/2, post_layernorm, final_layer_norm
+        return torch.ones_like(param) if name.endswith("weight") else torch.zeros_like(param)
+    if "embedding" in name:
+        return _normal(tuple(param.shape), EMBED_STD, gen)
+    if name.endswith("bias"):
+        return _normal(tuple(param.shape), BIAS_STD, gen)
+    gain = VISION_QK_GAIN if name.endswith(("q_proj.weight", "k_proj.weight")) else 1.0
+    return _normal(tuple(param.shape), gain / math.sqrt(param.shape[1]), gen)
+
+
+def clip_image_processor() -> CLIPImageProcessorPil:
+    """CLIP preprocessing at 336 px: resize shortest edge (bicubic), centre crop, CLIP mean/std."""
+    from transformers.image_utils import PILImageResampling
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    return CLIPImageProcessorPil(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        resample=PILImageResampling.BICUBIC, image_mean=CLIP_MEAN, image_std=CLIP_STD,
+        do_resize=True, do_center_crop=True, do_rescale=True, do_normalize=True, do_convert_rgb=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tokenizer
+# ---------------------------------------------------------------------------------------------------
+
+def write_tokenizer(model_dir: Path) -> int:
+    """Train the SentencePiece model and write LLaVA's tokenizer files; returns the vocab size."""
+    model_bytes = train_sentencepiece()
+    (model_dir / "tokenizer.model").write_bytes(model_bytes)
+    _write_json(model_dir / "tokenizer_config.json", {
+        "add_bos_token": True, "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>",
+        "unk_token": "<unk>", "pad_token": "<unk>", "clean_up_tokenization_spaces": False,
+        "legacy": False, "model_max_length": MAX_POSITIONS, "padding_side": "right",
+        "sp_model_kwargs": {}, "tokenizer_class": "LlamaTokenizer"})
+    _write_json(model_dir / "special_tokens_map.json", {
+        "bos_token": _special_token("<s>"), "eos_token": _special_token("</s>"),
+        "unk_token": _special_token("<unk>"), "pad_token": "<unk>"})
+    return _sentencepiece_vocab_size(model_bytes)
+
+
+def train_sentencepiece() -> bytes:
+    """Llama-style BPE (byte fallback, digits split, no normalisation) on a generated corpus."""
+    buffer = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=tokenizer_corpus(), model_writer=buffer, model_type="bpe",
+        vocab_size=TOKENIZER_VOCAB_SIZE, hard_vocab_limit=False, byte_fallback=True,
+        character_coverage=1.0, unk_id=0, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=-1,
+        unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>", add_dummy_prefix=True,
+        split_digits=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True, num_threads=1, shuffle_input_sentence=False,
+        input_sentence_size=0, minloglevel=2)
+    return buffer.getvalue()
+
+
+def tokenizer_corpus() -> Iterator[str]:
+    """Deterministic English-ish lines covering the prompts, questions and OCR words LLaVA sees."""
+    rng = random.Random(TOKENIZER_CORPUS_SEED)
+    yield from SYSTEM_PROMPTS + PROMPT_SUFFIXES
+    for _ in range(TOKENIZER_CORPUS_LINES):
+        yield _corpus_line(rng)
+
+
+def _corpus_line(rng: random.Random) -> str:
+    """One conversation-like line: system prompt, question, optional OCR tokens, answer."""
+    question = (f"{rng.choice(QUESTION_STARTS)} the {rng.choice(COLOURS)} {rng.choice(OBJECTS)} "
+                f"{rng.choice(PLACES)} {rng.choice(OBJECTS)}?")
+    ocr = ", ".join(_ocr_token(rng) for _ in range(rng.randint(1, 4)))
+    answer = rng.choice(ANSWERS + COLOURS + OBJECTS)
+    return (f"{rng.choice(SYSTEM_PROMPTS)} USER: {question} {rng.choice(PROMPT_SUFFIXES)} "
+            f"Reference OCR token: {ocr} ASSISTANT: {answer}")
+
+
+def _ocr_token(rng: random.Random) -> str:
+    """An OCR-ish word or number, e.g. `SALE`, `$12.99`, `2019`."""
+    kind = rng.random()
+    if kind < OCR_NUMBER_SHARE:
+        return str(rng.randint(0, MAX_OCR_NUMBER))
+    if kind < OCR_NUMBER_SHARE + OCR_PRICE_SHARE:
+        return f"${rng.randint(1, MAX_OCR_PRICE)}.{rng.randint(0, 99):02d}"
+    return rng.choice(OCR_WORDS)
+
+
+def _sentencepiece_vocab_size(model_bytes: bytes) -> int:
+    """The trainer may stop short of TOKENIZER_VOCAB_SIZE (hard_vocab_limit=False): read the real size."""
+    return spm.SentencePieceProcessor(model_proto=model_bytes).get_piece_size()
+
+
+def _special_token(content: str) -> dict:
+    """The AddedToken dict LLaVA's `special_tokens_map.json` uses for <s>, </s> and <unk>."""
+    return {"content": content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------------
+
+def _generator(seed: int, stream: int) -> torch.Generator:
+    """One independent RNG per part, so the LLM and the tower do not shift when the other changes."""
+    return torch.Generator().manual_seed(seed * SEED_STREAMS + stream)
+
+
+def _normal(shape: tuple[int, ...], std: float, gen: torch.Generator) -> torch.Tensor:
+    """Seeded N(0, std^2) on CPU, so the same seed gives bit-identical files anywhere."""
+    return torch.randn(shape, generator=gen) * std
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def _check_choice(what: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{what}={value!r}: expected one of {choices}")
+
+
+def _is_complete(out: Path, settings: dict) -> bool:
+    """A checkpoint is complete when its marker (written last) records the same settings."""
+    marker = out / COMPLETE_MARKER
+    return marker.is_file() and json.loads(marker.read_text()) == settings
+
+
+def _move_into_place(built: Path, out: Path, settings: dict) -> None:
+    """Swap `built` in for `out`; an existing `out` is deleted only when it is one of ours."""
+    if out.exists():
+        _check_replaceable(out, built)
+        shutil.rmtree(out)
+    try:
+        os.replace(built, out)
+    except OSError:
+        if not _is_complete(out, settings):  # a concurrent writer finishing first is fine
+            raise
+
+
+def _check_replaceable(out: Path, built: Path) -> None:
+    """Refuse to delete a directory that has no marker and holds files a tiny checkpoint never writes."""
+    ours = {p.name for p in built.iterdir()}
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in ours)
+    if foreign and not (out / COMPLETE_MARKER).exists():
+        raise FileExistsError(f"{out} holds files that are not part of a tiny checkpoint: {foreign}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line entry point: print the checkpoint directory once it is complete."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="directory to write the checkpoint to")
+    parser.add_argument("--layout", choices=LAYOUTS, default="original")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--weights-format", choices=WEIGHTS_FORMATS, default="safetensors")
+    args = parser.parse_args(argv)
+    print(write_tiny_checkpoint(args.out, args.layout, args.seed, args.weights_format))
+
+
+if __name__ == "__main__":
+    main()

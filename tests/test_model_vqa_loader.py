@@ -1,0 +1,149 @@
+"""The evaluation CLI: LLaVA's answer format, resume after a kill, and clear errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from llava.eval.model_vqa_loader import main
+from tests.conftest import DEMO_DIR, REPO_ROOT
+
+QUESTION_FILE = DEMO_DIR / "llava_textvqa_demo.jsonl"
+IMAGE_FOLDER = DEMO_DIR / "images"
+ANSWER_KEYS = {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}
+
+
+def cli_args(model: Path, questions: Path, answers: Path, *extra: str) -> list[str]:
+    return [
+        "--model-path", str(model), "--question-file", str(questions), "--image-folder", str(IMAGE_FOLDER),
+        "--answers-file", str(answers), "--temperature", "0", "--conv-mode", "vicuna_v1",
+        "--max_new_tokens", "4", "--device", "cpu", *extra,
+    ]
+
+
+def first_questions(tmp_path: Path, count: int) -> Path:
+    lines = QUESTION_FILE.read_text().splitlines()[:count]
+    path = tmp_path / "questions.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def read_answers(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_answers_file_has_llava_format(tiny_original, tmp_path):
+    questions = first_questions(tmp_path, 3)
+    answers = tmp_path / "answers" / "out.jsonl"
+    main(cli_args(tiny_original, questions, answers))
+    records = read_answers(answers)
+    expected = [json.loads(line) for line in questions.read_text().splitlines()]
+    assert [r["question_id"] for r in records] == [q["question_id"] for q in expected]
+    assert [r["prompt"] for r in records] == [q["text"] for q in expected]
+    for record in records:
+        assert set(record) == ANSWER_KEYS
+        assert record["model_id"] == tiny_original.name
+        assert record["metadata"]["vision_tokens"] == 576
+        assert isinstance(record["text"], str) and record["text"]
+
+
+def test_chunks_partition_the_questions(tiny_original, tmp_path):
+    questions = first_questions(tmp_path, 5)
+    ids = []
+    for chunk in range(2):
+        answers = tmp_path / f"chunk{chunk}.jsonl"
+        main(cli_args(tiny_original, questions, answers, "--num-chunks", "2", "--chunk-idx", str(chunk)))
+        ids.append([r["question_id"] for r in read_answers(answers)])
+    all_ids = [json.loads(line)["question_id"] for line in questions.read_text().splitlines()]
+    assert ids == [all_ids[:3], all_ids[3:]]
+
+
+def test_resume_after_truncated_file_keeps_finished_lines(tiny_original, tmp_path):
+    questions = first_questions(tmp_path, 4)
+    complete = tmp_path / "complete.jsonl"
+    main(cli_args(tiny_original, questions, complete))
+    reference = read_answers(complete)
+    partial = tmp_path / "partial.jsonl"
+    lines = complete.read_text().splitlines(keepends=True)
+    partial.write_text(lines[0] + lines[1] + lines[2][:15])  # a kill in the middle of line 3
+    main(cli_args(tiny_original, questions, partial))
+    resumed = read_answers(partial)
+    assert resumed[:2] == reference[:2]  # untouched, same answer_ids
+    assert [r["text"] for r in resumed] == [r["text"] for r in reference]
+    assert [r["question_id"] for r in resumed] == [r["question_id"] for r in reference]
+
+
+def test_killed_run_resumes_without_losing_or_duplicating(tiny_original, tmp_path):
+    questions = first_questions(tmp_path, 12)
+    answers = tmp_path / "killed.jsonl"
+    command = [sys.executable, "-m", "llava.eval.model_vqa_loader", *cli_args(tiny_original, questions, answers)]
+    process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not answers.exists() or answers.read_text().count("\n") < 2):
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    written_before = answers.read_text().count("\n")
+    assert 2 <= written_before < 12, "the run finished before it could be killed"
+    main(cli_args(tiny_original, questions, answers))
+    ids = [r["question_id"] for r in read_answers(answers)]
+    assert ids == [json.loads(line)["question_id"] for line in questions.read_text().splitlines()]
+
+
+def test_missing_image_stops_with_question_id_and_path(tiny_original, tmp_path, capsys):
+    lines = QUESTION_FILE.read_text().splitlines()[:3]
+    broken = json.loads(lines[2])
+    broken["image"] = "no-such-image.png"
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text("\n".join(lines[:2] + [json.dumps(broken)]) + "\n")
+    answers = tmp_path / "answers.jsonl"
+    with pytest.raises(SystemExit) as stopped:
+        main(cli_args(tiny_original, questions, answers))
+    message = str(stopped.value.code)
+    assert broken["question_id"] in message and "no-such-image.png" in message and "not found" in message
+    assert len(read_answers(answers)) == 2
+
+
+def test_unreadable_image_is_reported(tiny_original, tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "bad.png").write_text("not an image")
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps({"question_id": "q1", "image": "bad.png", "text": "What?"}) + "\n")
+    args = cli_args(tiny_original, questions, tmp_path / "a.jsonl")
+    args[args.index("--image-folder") + 1] = str(tmp_path / "images")
+    with pytest.raises(SystemExit, match=r"question 'q1': cannot read image .*bad\.png"):
+        main(args)
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--conv-mode", "vicuna_v9"], r"unknown conversation mode 'vicuna_v9'; valid modes: .*vicuna_v1"),
+    (["--sparse", "--global_thr", "1.5"], r"global_thr must be between 0 and 1, got 1.5"),
+    (["--sparse", "--individual_thr", "-0.1"], r"individual_thr must be between 0 and 1, got -0.1"),
+    (["--num_beams", "3"], r"beam search is not supported"),
+    (["--num-chunks", "2", "--chunk-idx", "2"], r"--chunk-idx must be in \[0, --num-chunks\)"),
+])
+def test_bad_options_fail_before_loading_the_model(tmp_path, extra, message):
+    args = cli_args(tmp_path / "no-model-needed", QUESTION_FILE, tmp_path / "a.jsonl", *extra)
+    with pytest.raises(SystemExit, match=message):
+        main(args)
+
+
+def test_missing_question_file_and_model(tiny_original, tmp_path):
+    with pytest.raises(SystemExit, match=r"question file not found: .*nope\.jsonl"):
+        main(cli_args(tiny_original, tmp_path / "nope.jsonl", tmp_path / "a.jsonl"))
+    with pytest.raises(SystemExit, match=r"no config.json"):
+        main(cli_args(tmp_path, QUESTION_FILE, tmp_path / "b.jsonl"))
+
+
+def test_answers_file_from_other_questions_is_refused(tiny_original, tmp_path):
+    answers = tmp_path / "a.jsonl"
+    answers.write_text(json.dumps({"question_id": "someone-else", "text": "x"}) + "\n")
+    with pytest.raises(SystemExit, match=r"answers question 'someone-else'"):
+        main(cli_args(tiny_original, first_questions(tmp_path, 2), answers))
