@@ -5,8 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from llava.model.tiny import write_tiny_checkpoint
+
+# Our tiny models gain nothing from intra-op threads, and on a loaded 2-core machine torch's thread
+# pool oversubscribes the cores: a 0.05 s vision pass was seen taking 10 s. One thread keeps tests steady.
+torch.set_num_threads(1)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_DIR = REPO_ROOT / "playground" / "data" / "eval" / "demo"

@@ -75,7 +75,7 @@ def test_eager_attention_gives_the_same_prefill(loaded_original, demo_images):
         model.config._attn_implementation = implementation
         model.model.language_model.config._attn_implementation = implementation
         with torch.no_grad():
-            logits[implementation] = prefill(model, build_prompt(model, input_ids, vision), LayerKVCache(32))
+            logits[implementation] = prefill(model, build_prompt(model, input_ids, vision), LayerKVCache(32)).logits
     model.config._attn_implementation = model.model.language_model.config._attn_implementation = "sdpa"
     torch.testing.assert_close(logits["eager"], logits["sdpa"], rtol=1e-4, atol=1e-4)
 

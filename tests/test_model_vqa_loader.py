@@ -147,3 +147,30 @@ def test_answers_file_from_other_questions_is_refused(tiny_original, tmp_path):
     answers.write_text(json.dumps({"question_id": "someone-else", "text": "x"}) + "\n")
     with pytest.raises(SystemExit, match=r"answers question 'someone-else'"):
         main(cli_args(tiny_original, first_questions(tmp_path, 2), answers))
+
+
+def test_sparse_with_nothing_to_drop_answers_like_the_unpruned_model(tiny_original, tmp_path, capsys):
+    questions = first_questions(tmp_path, 3)
+    plain, nothing = tmp_path / "plain.jsonl", tmp_path / "nothing.jsonl"
+    main(cli_args(tiny_original, questions, plain))
+    main(cli_args(tiny_original, questions, nothing, "--sparse", "--no_merge", "--global_thr", "0", "--individual_thr", "0"))
+    assert [r["text"] for r in read_answers(nothing)] == [r["text"] for r in read_answers(plain)]
+    assert "mean vision tokens per layer 576.0" in capsys.readouterr().out
+
+
+def test_sparse_records_token_statistics(tiny_original, tmp_path, capsys):
+    answers = tmp_path / "sparse.jsonl"
+    main(cli_args(tiny_original, first_questions(tmp_path, 2), answers, "--sparse", "--global_thr", "0.011", "--individual_thr", "0.01"))
+    for record in read_answers(answers):
+        stats = record["metadata"]
+        assert stats["vision_tokens"] < stats["vision_tokens_in"] == 576  # stage 1 merged windows
+        assert set(stats["vision_tokens_after_layer"]) == {"2", "6", "10", "14"}
+        assert stats["avg_vision_tokens"] < stats["vision_tokens"]
+        assert len(stats["kv_cache_lengths"]) == 32 and 0 < stats["prefill_flops_ratio"] < 1
+        assert stats["prefill_seconds"] > 0 and stats["decode_seconds"] > 0
+    assert "mean prefill FLOPs ratio" in capsys.readouterr().out
+
+
+def test_bad_drop_layers_flag(tmp_path):
+    with pytest.raises(SystemExit, match=r"--drop_layers must be comma-separated integers, got '2,x'"):
+        main(cli_args(tmp_path, QUESTION_FILE, tmp_path / "a.jsonl", "--sparse", "--drop_layers", "2,x"))

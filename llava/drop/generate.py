@@ -16,6 +16,10 @@ from transformers.generation.logits_process import TopPLogitsWarper
 from llava.constants import IMAGE_TOKEN_INDEX
 from llava.drop.cache import LayerKVCache
 from llava.drop.config import DropConfig
+from llava.drop.decode import apply_output_aware_cache
+from llava.drop.flops import prefill_flops
+from llava.drop.prefill import TokenLayout, dual_attention_keep, remap_key_indices, sequence_keep, text_to_vision_attention
+from llava.drop.timing import now
 from llava.drop.vision import VisionOutput, encode_image
 
 EAGER = "eager"
@@ -47,10 +51,6 @@ class MultimodalPrompt:
     vision_start: int
     vision_count: int
     key_indices: torch.Tensor | None = None
-
-    @property
-    def text_start(self) -> int:
-        return self.vision_start + self.vision_count
 
 
 @dataclass
@@ -107,21 +107,61 @@ def next_token_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     return model.lm_head(model.model.language_model.norm(hidden[:, -1:]))[0, -1].float()
 
 
-def prefill(model, prompt: MultimodalPrompt, cache: LayerKVCache) -> torch.Tensor:
-    """Run the whole prompt through every layer; return the logits of the next token."""
+@dataclass
+class PrefillResult:
+    """Next-token logits plus what the prefill stage did, layer by layer."""
+
+    logits: torch.Tensor
+    drops: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (layer, sequence keep positions)
+    vision_tokens_per_layer: list[int] = field(default_factory=list)
+    tokens_per_layer: list[int] = field(default_factory=list)
+    vision_tokens_after_layer: dict[int, int] = field(default_factory=dict)
+    scoring_seconds: float = 0.0
+
+
+def drops_at(drop: DropConfig | None, layer_idx: int, layout: TokenLayout) -> bool:
+    """A drop needs MustDrop on, a dropping layer, vision tokens to drop and text tokens to score them."""
+    return (
+        drop is not None and drop.enabled and layer_idx in drop.drop_layers
+        and layout.vision_count > 0 and layout.text_start < layout.seq_len
+    )
+
+
+def prefill(model, prompt: MultimodalPrompt, cache: LayerKVCache, drop: DropConfig | None = None) -> PrefillResult:
+    """Run the prompt through every layer, dropping vision tokens after each dropping layer."""
     hidden = prompt.embeds
     positions = torch.arange(hidden.shape[1], device=hidden.device)
+    layout = TokenLayout(prompt.vision_start, prompt.vision_count, hidden.shape[1])
+    key_indices = prompt.key_indices
+    result = PrefillResult(logits=torch.empty(0))
     for layer_idx in range(len(model.model.language_model.layers)):
+        result.vision_tokens_per_layer.append(layout.vision_count)
+        result.tokens_per_layer.append(layout.seq_len)
+        layer_input = hidden
         hidden = run_layer(model, layer_idx, hidden, positions, cache)
-    return next_token_logits(model, hidden)
+        if not drops_at(drop, layer_idx, layout):
+            continue
+        started = now(hidden.device)
+        attention = text_to_vision_attention(model, layer_idx, layer_input, cache.keys[layer_idx], positions, layout)
+        kept = dual_attention_keep(attention, drop.global_thr, drop.individual_thr, key_indices)
+        key_indices = remap_key_indices(key_indices, kept)
+        keep = sequence_keep(layout, kept)
+        hidden = hidden[:, keep]
+        positions = torch.arange(keep.numel(), device=hidden.device) if drop.compact_positions else positions[keep]
+        layout = TokenLayout(layout.vision_start, kept.numel(), keep.numel())
+        result.drops.append((layer_idx, keep))
+        result.vision_tokens_after_layer[layer_idx] = kept.numel()
+        result.scoring_seconds += now(hidden.device) - started
+    result.logits = next_token_logits(model, hidden)
+    return result
 
 
-def decode_one_token(model, token: int, cache: LayerKVCache) -> torch.Tensor:
-    """Feed one token; each layer places it at its own cache length (layers may differ)."""
+def decode_one_token(model, token: int, cache: LayerKVCache, positions: list[int]) -> torch.Tensor:
+    """Feed one token; layer l places it at `positions[l]` (layers may hold different cache lengths)."""
     embed_tokens = model.get_input_embeddings()
     hidden = embed_tokens(torch.tensor([[token]], device=embed_tokens.weight.device))
     for layer_idx in range(len(model.model.language_model.layers)):
-        position = torch.tensor([cache.length(layer_idx)], device=hidden.device)
+        position = torch.tensor([positions[layer_idx]], device=hidden.device)
         hidden = run_layer(model, layer_idx, hidden, position, cache)
     return next_token_logits(model, hidden)
 
@@ -141,19 +181,31 @@ def decode_n_tokens(
     model,
     first_token: int,
     cache: LayerKVCache,
+    positions: list[int],
     sampling: SamplingConfig,
     eos_token_ids: set[int],
     should_stop: Callable[[list[int]], bool] | None = None,
     generator: torch.Generator | None = None,
 ) -> list[int]:
-    """Generate until EOS, a stop condition on the tokens so far, or max_new_tokens."""
+    """Generate until EOS, a stop condition on the tokens so far, or max_new_tokens.
+
+    `positions[l]` is the RoPE position layer l gives the next token; each step advances all of them.
+    """
     tokens = [first_token]
+    positions = list(positions)
     while tokens[-1] not in eos_token_ids and len(tokens) < sampling.max_new_tokens:
         if should_stop is not None and should_stop(tokens):
             break
-        logits = decode_one_token(model, tokens[-1], cache)
+        logits = decode_one_token(model, tokens[-1], cache, positions)
+        positions = [position + 1 for position in positions]
         tokens.append(sample(logits, sampling, generator))
     return tokens
+
+
+def check_drop_layers(model, drop: DropConfig | None) -> None:
+    num_layers = len(model.model.language_model.layers)
+    if drop is not None and drop.enabled and drop.drop_layers and drop.drop_layers[-1] >= num_layers:
+        raise ValueError(f"drop_layers {drop.drop_layers} name a layer beyond the model's {num_layers} decoder layers")
 
 
 @torch.inference_mode()
@@ -166,14 +218,55 @@ def generate(
     should_stop: Callable[[list[int]], bool] | None = None,
     drop: DropConfig | None = None,
 ) -> GenerationOutput:
-    """Encode the image, prefill the prompt, decode the answer; batch size 1."""
-    generator = None
-    if sampling.seed is not None:
-        generator = torch.Generator(device=model.lm_head.weight.device).manual_seed(sampling.seed)
-    vision = encode_image(model, pixel_values) if pixel_values is not None else None
+    """Encode the image, prefill the prompt, decode the answer (batch size 1), dropping per `drop`."""
+    check_drop_layers(model, drop)
+    device = model.lm_head.weight.device
+    generator = torch.Generator(device=device).manual_seed(sampling.seed) if sampling.seed is not None else None
+    started = now(device)
+    vision = encode_image(model, pixel_values, drop) if pixel_values is not None else None
     prompt = build_prompt(model, input_ids, vision)
+    vision_done = now(device)
     cache = LayerKVCache(len(model.model.language_model.layers))
-    first = sample(prefill(model, prompt, cache), sampling, generator)
-    tokens = decode_n_tokens(model, first, cache, sampling, eos_token_ids, should_stop, generator)
-    stats = {"vision_tokens": prompt.vision_count, "prompt_tokens": prompt.embeds.shape[1]}
+    prefilled = prefill(model, prompt, cache, drop)
+    if drop is not None and drop.enabled and drop.decode_cache_policy:
+        apply_output_aware_cache(cache, prefilled.drops)
+    first = sample(prefilled.logits, sampling, generator)
+    prefill_done = now(device)
+    kv_lengths = cache.lengths()
+    if drop is None or not drop.enabled or drop.compact_positions:
+        positions = kv_lengths
+    else:
+        positions = [prompt.embeds.shape[1]] * len(kv_lengths)
+    tokens = decode_n_tokens(model, first, cache, positions, sampling, eos_token_ids, should_stop, generator)
+    decode_done = now(device)
+    stats = generation_stats(model, prompt, vision, prefilled, kv_lengths, cache)
+    stats.update(
+        vision_seconds=vision_done - started,
+        prefill_seconds=prefill_done - vision_done,
+        decode_seconds=decode_done - prefill_done,
+        new_tokens=len(tokens),
+    )
     return GenerationOutput(token_ids=tokens, stats=stats)
+
+
+def generation_stats(model, prompt: MultimodalPrompt, vision: VisionOutput | None, prefilled: PrefillResult,
+                     kv_lengths: list[int], cache: LayerKVCache) -> dict:
+    """Per-answer statistics: token counts per stage and layer, KV-cache size, FLOPs ratio."""
+    vision_stats = vision.stats if vision is not None else {}
+    vision_in = vision_stats.get("vision_tokens_in", prompt.vision_count)
+    unpruned_len = prompt.embeds.shape[1] - prompt.vision_count + vision_in
+    text_config = model.config.text_config
+    unpruned_flops = prefill_flops(text_config, [unpruned_len] * len(prefilled.tokens_per_layer))
+    per_layer = prefilled.vision_tokens_per_layer
+    return {
+        "vision_tokens_in": vision_in,
+        "vision_tokens": prompt.vision_count,
+        "vision_tokens_after_layer": {str(layer): count for layer, count in prefilled.vision_tokens_after_layer.items()},
+        "avg_vision_tokens": sum(per_layer) / len(per_layer),
+        "prompt_tokens": prompt.embeds.shape[1],
+        "kv_cache_lengths": kv_lengths,
+        "kv_cache_bytes": cache.nbytes(),
+        "prefill_flops_ratio": prefill_flops(text_config, prefilled.tokens_per_layer) / unpruned_flops,
+        "scoring_seconds": prefilled.scoring_seconds + vision_stats.get("merge_seconds", 0.0)
+        + vision_stats.get("key_seconds", 0.0),
+    }

@@ -17,9 +17,17 @@ import shortuuid
 from tqdm import tqdm
 
 from llava.conversation import get_conv_template
-from llava.drop.config import DEFAULT_GLOBAL_THR, DEFAULT_INDIVIDUAL_THR, DropConfig
+from llava.drop.config import (
+    DEFAULT_GLOBAL_THR,
+    DEFAULT_INDIVIDUAL_THR,
+    DROP_LAYERS,
+    KEY_TOKEN_RATE,
+    MERGE_THRESHOLD,
+    DropConfig,
+)
 from llava.drop.generate import SamplingConfig
 from llava.eval.answering import Answerer
+from llava.eval.summary import summarize_answers, summary_line
 from llava.eval.answers_file import get_chunk, open_for_append, read_jsonl, resume_position, write_line
 from llava.mm_utils import load_image
 from llava.model.builder import load_pretrained_model
@@ -54,13 +62,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sparse", action="store_true", help="switch on MustDrop (all three stages)")
     parser.add_argument("--global_thr", type=float, default=DEFAULT_GLOBAL_THR)
     parser.add_argument("--individual_thr", type=float, default=DEFAULT_INDIVIDUAL_THR)
+    parser.add_argument("--no_merge", action="store_true", help="with --sparse: skip stage 1's spatial merge")
+    parser.add_argument("--merge_thr", type=float, default=MERGE_THRESHOLD, help="stage 1 window similarity threshold")
+    parser.add_argument("--key_rate", type=float, default=KEY_TOKEN_RATE, help="share of patches in the key set")
+    parser.add_argument("--drop_layers", type=str, default=",".join(map(str, DROP_LAYERS)),
+                        help="comma-separated 0-based decoder layers where stage 2 drops")
     return parser
 
 
 def drop_config_from_args(args: argparse.Namespace) -> DropConfig:
-    if not args.sparse:
-        return DropConfig.disabled()
-    return DropConfig(global_thr=args.global_thr, individual_thr=args.individual_thr)
+    """The MustDrop settings the flags ask for (validated even without --sparse, to catch typos)."""
+    try:
+        drop_layers = tuple(int(layer) for layer in args.drop_layers.split(",") if layer.strip())
+    except ValueError:
+        raise ValueError(f"--drop_layers must be comma-separated integers, got {args.drop_layers!r}") from None
+    config = DropConfig(
+        vision_merge=not args.no_merge, merge_threshold=args.merge_thr, key_token_rate=args.key_rate,
+        drop_layers=drop_layers, global_thr=args.global_thr, individual_thr=args.individual_thr,
+    )
+    return config if args.sparse else DropConfig.disabled()
 
 
 def validate_args(args: argparse.Namespace) -> tuple[SamplingConfig, DropConfig]:
@@ -69,7 +89,6 @@ def validate_args(args: argparse.Namespace) -> tuple[SamplingConfig, DropConfig]
         get_conv_template(args.conv_mode)
         sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.seed)
         drop = drop_config_from_args(args)
-        DropConfig(global_thr=args.global_thr, individual_thr=args.individual_thr)
     except ValueError as error:
         raise RunError(str(error)) from None
     if args.num_beams != 1:
@@ -90,6 +109,7 @@ def run(args: argparse.Namespace) -> Path:
         raise RunError(str(error)) from None
     if start == len(questions):
         print(f"{answers_path}: all {len(questions)} questions already answered")
+        print(summary_line(summarize_answers(read_jsonl(answers_path))))
         return answers_path
     try:
         tokenizer, model, image_processor, _ = load_pretrained_model(
@@ -118,6 +138,7 @@ def run(args: argparse.Namespace) -> Path:
                 "model_id": model_id,
                 "metadata": answer.stats,
             })
+    print(summary_line(summarize_answers(read_jsonl(answers_path))))
     return answers_path
 
 

@@ -1,0 +1,37 @@
+"""Aggregate the per-answer statistics of an answers file into the figures a paper table reports."""
+
+from __future__ import annotations
+
+from statistics import mean
+
+SUMMARY_FIELDS = {  # answers-file metadata key -> summary key
+    "avg_vision_tokens": "mean_vision_tokens",
+    "prefill_flops_ratio": "mean_prefill_flops_ratio",
+    "prefill_seconds": "mean_prefill_seconds",
+    "vision_seconds": "mean_vision_seconds",
+    "decode_seconds": "mean_decode_seconds",
+}
+
+
+def summarize_answers(records: list[dict]) -> dict:
+    """Means over the answers that carry statistics (older files without them are skipped)."""
+    with_stats = [r["metadata"] for r in records if isinstance(r.get("metadata"), dict) and "avg_vision_tokens" in r["metadata"]]
+    summary: dict = {"answers": len(records), "answers_with_stats": len(with_stats)}
+    if not with_stats:
+        return summary
+    for source, target in SUMMARY_FIELDS.items():
+        summary[target] = mean(m[source] for m in with_stats)
+    new_tokens = sum(m["new_tokens"] for m in with_stats)
+    decode_time = sum(m["decode_seconds"] for m in with_stats)
+    summary["decode_tokens_per_second"] = new_tokens / decode_time if decode_time > 0 else None
+    return summary
+
+
+def summary_line(summary: dict) -> str:
+    if not summary.get("answers_with_stats"):
+        return f"{summary['answers']} answers (no token statistics recorded)"
+    return (
+        f"{summary['answers']} answers: mean vision tokens per layer {summary['mean_vision_tokens']:.1f}, "
+        f"mean prefill FLOPs ratio {summary['mean_prefill_flops_ratio']:.3f}, "
+        f"mean prefill time {1000 * summary['mean_prefill_seconds']:.1f} ms"
+    )

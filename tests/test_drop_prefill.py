@@ -1,0 +1,167 @@
+"""Stage 2 (prefill): the scored attention block, the dual filter, the key set, and the wiring."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llava.drop.cache import LayerKVCache
+from llava.drop.config import DropConfig
+from llava.drop.generate import SamplingConfig, build_prompt, generate, prefill
+from llava.drop.prefill import TokenLayout, dual_attention_keep, remap_key_indices, sequence_keep, text_to_vision_attention
+from llava.drop.vision import encode_image
+from llava.mm_utils import load_image, process_images, tokenizer_image_token
+from tests.test_generation import vicuna_prompt
+
+SYSTEM, VISION, TEXT = 5, 40, 9
+
+
+def eager_attention_probs(model, layer_idx: int, layer_input: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Full causal attention probabilities [heads, seq, seq] of one layer, from transformers' eager path."""
+    language_model = model.model.language_model
+    layer = language_model.layers[layer_idx]
+    seq = layer_input.shape[1]
+    mask = torch.full((seq, seq), torch.finfo(layer_input.dtype).min).triu(1)[None, None]
+    previous = model.config._attn_implementation, language_model.config._attn_implementation
+    model.config._attn_implementation = language_model.config._attn_implementation = "eager"
+    try:
+        _, probs = layer.self_attn(
+            hidden_states=layer.input_layernorm(layer_input), attention_mask=mask,
+            position_embeddings=language_model.rotary_emb(layer_input, positions[None]),
+        )
+    finally:
+        model.config._attn_implementation, language_model.config._attn_implementation = previous
+    return probs[0]
+
+
+@pytest.mark.parametrize("layer_idx", [2, 6, 14])
+@pytest.mark.parametrize("shifted_positions", [False, True])
+def test_block_attention_equals_eager_rows(loaded_original, layer_idx, shifted_positions):
+    """GQA (4 query heads, 2 kv heads) and RoPE, with contiguous and non-contiguous positions."""
+    _, model, _, _ = loaded_original
+    assert model.config.text_config.num_key_value_heads < model.config.text_config.num_attention_heads
+    generator = torch.Generator().manual_seed(layer_idx)
+    seq = SYSTEM + VISION + TEXT
+    layer_input = torch.randn(1, seq, model.config.text_config.hidden_size, generator=generator)
+    positions = torch.arange(seq) * (3 if shifted_positions else 1)
+    cache = LayerKVCache(32)
+    with torch.no_grad():
+        from llava.drop.generate import run_layer
+
+        run_layer(model, layer_idx, layer_input, positions, cache)
+        layout = TokenLayout(SYSTEM, VISION, seq)
+        block = text_to_vision_attention(model, layer_idx, layer_input, cache.keys[layer_idx], positions, layout)
+        reference = eager_attention_probs(model, layer_idx, layer_input, positions)
+    expected = reference[:, SYSTEM + VISION :, SYSTEM : SYSTEM + VISION].mean(dim=0)
+    assert block.shape == (TEXT, VISION)
+    torch.testing.assert_close(block, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_dual_filter_drops_exactly_the_tokens_both_conditions_name():
+    # 2 text rows x 5 vision tokens.  g = column sums, m = column maxima.
+    attention = torch.tensor([
+        [0.50, 0.02, 0.01, 0.20, 0.03],
+        [0.10, 0.02, 0.30, 0.01, 0.04],
+    ])
+    # g = [0.60, 0.04, 0.31, 0.21, 0.07], total 1.23; global_thr 0.1 -> bound 0.123: g below it for 1, 4
+    # m = [0.50, 0.02, 0.30, 0.20, 0.04]; individual_thr 0.035 -> m below it for 1 only
+    kept = dual_attention_keep(attention, global_thr=0.1, individual_thr=0.035, key_indices=None)
+    assert kept.tolist() == [0, 2, 3, 4]
+    # raising individual_thr to 0.05 makes token 4 satisfy both conditions too
+    assert dual_attention_keep(attention, 0.1, 0.05, None).tolist() == [0, 2, 3]
+    # a key token is never dropped
+    assert dual_attention_keep(attention, 0.1, 0.05, torch.tensor([4])).tolist() == [0, 2, 3, 4]
+    # individual_thr 0 (the --sparse default) drops nothing whatever global_thr is
+    assert dual_attention_keep(attention, 1.0, 0.0, None).tolist() == [0, 1, 2, 3, 4]
+    # global_thr 0 drops nothing whatever individual_thr is
+    assert dual_attention_keep(attention, 0.0, 1.0, None).tolist() == [0, 1, 2, 3, 4]
+
+
+def test_key_indices_follow_the_kept_tokens():
+    kept = torch.tensor([0, 2, 3, 7, 9])
+    assert remap_key_indices(torch.tensor([3, 9]), kept).tolist() == [2, 4]
+    assert remap_key_indices(None, kept) is None
+
+
+def test_sequence_keep_keeps_system_and_text():
+    layout = TokenLayout(vision_start=2, vision_count=4, seq_len=9)
+    assert sequence_keep(layout, torch.tensor([1, 3])).tolist() == [0, 1, 3, 5, 6, 7, 8]
+
+
+def mustdrop_prefill(loaded, image_path, drop: DropConfig):
+    tokenizer, model, image_processor, _ = loaded
+    input_ids = tokenizer_image_token(vicuna_prompt("What is the word?"), tokenizer, return_tensors="pt")
+    with torch.no_grad():
+        vision = encode_image(model, process_images([load_image(image_path)], image_processor), drop)
+        prompt = build_prompt(model, input_ids, vision)
+        return prompt, prefill(model, prompt, LayerKVCache(32), drop)
+
+
+def test_key_set_survives_every_drop(loaded_original, demo_images):
+    drop = DropConfig(global_thr=0.011, individual_thr=0.01)
+    prompt, result = mustdrop_prefill(loaded_original, demo_images[0], drop)
+    assert [layer for layer, _ in result.drops] == list(drop.drop_layers)
+    system_len = prompt.vision_start
+    surviving = torch.arange(prompt.embeds.shape[1])  # original positions of the current sequence
+    for _, keep in result.drops:
+        surviving = surviving[keep]
+    surviving_vision = set((surviving[(surviving >= system_len) & (surviving < system_len + prompt.vision_count)] - system_len).tolist())
+    assert set(prompt.key_indices.tolist()) <= surviving_vision
+    assert len(surviving_vision) < prompt.vision_count  # these thresholds do drop on the demo model
+
+
+def test_vision_counts_per_layer(loaded_original, demo_images):
+    drop = DropConfig(global_thr=0.011, individual_thr=0.01)
+    prompt, result = mustdrop_prefill(loaded_original, demo_images[0], drop)
+    counts = result.vision_tokens_per_layer
+    assert len(counts) == 32 and counts[0] == prompt.vision_count
+    for layer in range(32):  # a drop at layer L shows from layer L + 1 on
+        previous_drops = [count for drop_layer, count in result.vision_tokens_after_layer.items() if drop_layer < layer]
+        assert counts[layer] == (previous_drops[-1] if previous_drops else prompt.vision_count)
+
+
+def answer(loaded, image_path, drop, question="What is the word?"):
+    tokenizer, model, image_processor, _ = loaded
+    input_ids = tokenizer_image_token(vicuna_prompt(question), tokenizer, return_tensors="pt")
+    pixel_values = process_images([load_image(image_path)], image_processor)
+    return generate(model, input_ids, pixel_values, SamplingConfig(max_new_tokens=10), {tokenizer.eos_token_id}, drop=drop)
+
+
+@pytest.mark.parametrize("compact_positions", [True, False])
+def test_dropping_nothing_equals_the_unpruned_model(loaded_original, demo_images, compact_positions):
+    nothing = DropConfig(vision_merge=False, global_thr=0.0, individual_thr=0.0, compact_positions=compact_positions)
+    for image_path in demo_images[:3]:
+        unpruned = answer(loaded_original, image_path, DropConfig.disabled())
+        mustdrop = answer(loaded_original, image_path, nothing)
+        assert mustdrop.token_ids == unpruned.token_ids
+        assert mustdrop.stats["avg_vision_tokens"] == 576
+        assert mustdrop.stats["prefill_flops_ratio"] == pytest.approx(1.0)
+
+
+def test_published_settings_fall_as_thresholds_rise(loaded_original, demo_images):
+    settings = [(0.001, 0.001), (0.0012, 0.001), (0.011, 0.01)]  # 192, 128, 64 "tokens" on LLaVA-1.5-7B
+    averages = []
+    for global_thr, individual_thr in settings:
+        stats = [answer(loaded_original, path, DropConfig(global_thr=global_thr, individual_thr=individual_thr)).stats
+                 for path in demo_images[:3]]
+        averages.append(sum(s["avg_vision_tokens"] for s in stats) / len(stats))
+    assert averages[0] >= averages[1] > averages[2]
+    assert averages[0] < 576
+
+
+def test_drop_layer_beyond_the_model_is_refused(loaded_original, demo_images):
+    with pytest.raises(ValueError, match=r"drop_layers \(2, 40\).*32 decoder layers"):
+        answer(loaded_original, demo_images[0], DropConfig(drop_layers=(2, 40)))
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"global_thr": 1.2}, "global_thr must be between 0 and 1, got 1.2"),
+    ({"individual_thr": -0.5}, "individual_thr must be between 0 and 1"),
+    ({"key_token_rate": 2.0}, "key_token_rate"),
+    ({"merge_threshold": 1.5}, "merge_threshold"),
+    ({"merge_window": 0}, "merge_window"),
+    ({"drop_layers": (6, 2)}, "drop_layers"),
+])
+def test_drop_config_validation(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DropConfig(**kwargs)

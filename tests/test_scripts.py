@@ -1,0 +1,56 @@
+"""The per-benchmark shell scripts run end to end on the tiny checkpoint with the demo data."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import DEMO_DIR, REPO_ROOT
+
+
+def run_script(script: str, setting: str, model, data_dir, extra_env: dict) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        "MODEL_PATH": str(model),
+        "PYTHON": sys.executable,
+        "QUESTION_FILE": str(DEMO_DIR / "llava_textvqa_demo.jsonl"),
+        "IMAGE_FOLDER": str(DEMO_DIR / "images"),
+        "EXTRA_ARGS": "--max_new_tokens 2 --device cpu",
+        **extra_env,
+    }
+    return subprocess.run(["bash", f"scripts/v1_5/eval/{script}", setting], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def average_tokens(answers_file) -> float:
+    records = [json.loads(line) for line in answers_file.read_text().splitlines()]
+    return sum(r["metadata"]["avg_vision_tokens"] for r in records) / len(records)
+
+
+def test_textvqa_script_settings(tiny_original, tmp_path):
+    averages = {}
+    for setting in ("full", "64"):
+        done = run_script("textvqa.sh", setting, tiny_original, tmp_path, {
+            "TEXTVQA_DIR": str(tmp_path), "ANNOTATION_FILE": str(DEMO_DIR / "TextVQA_demo_annotations.json"),
+        })
+        assert done.returncode == 0, done.stderr
+        assert "Samples: 12" in done.stdout and "Accuracy:" in done.stdout
+        averages[setting] = average_tokens(tmp_path / "answers" / f"{tiny_original.name}-{setting}.jsonl")
+    assert averages["full"] == 576
+    assert averages["64"] < averages["full"]
+
+
+def test_vizwiz_script(tiny_original, tmp_path):
+    done = run_script("vizwiz.sh", "64", tiny_original, tmp_path, {"VIZWIZ_DIR": str(tmp_path)})
+    assert done.returncode == 0, done.stderr
+    assert len((tmp_path / "answers" / f"{tiny_original.name}-64.jsonl").read_text().splitlines()) == 12
+
+
+@pytest.mark.parametrize("script,setting", [("textvqa.sh", "100"), ("vizwiz.sh", "192")])
+def test_unknown_setting_is_refused(tmp_path, script, setting):
+    done = run_script(script, setting, tmp_path, tmp_path, {})
+    assert done.returncode == 2 and f"unknown setting '{setting}'" in done.stderr
