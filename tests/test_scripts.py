@@ -20,6 +20,7 @@ def run_script(script: str, setting: str, model, data_dir, extra_env: dict) -> s
         "QUESTION_FILE": str(DEMO_DIR / "llava_textvqa_demo.jsonl"),
         "IMAGE_FOLDER": str(DEMO_DIR / "images"),
         "EXTRA_ARGS": "--max_new_tokens 2 --device cpu",
+        "CUDA_VISIBLE_DEVICES": "",
         **extra_env,
     }
     return subprocess.run(["bash", f"scripts/v1_5/eval/{script}", setting], cwd=REPO_ROOT, env=env,
@@ -35,22 +36,22 @@ def test_textvqa_script_settings(tiny_original, tmp_path):
     averages = {}
     for setting in ("full", "64"):
         done = run_script("textvqa.sh", setting, tiny_original, tmp_path, {
-            "TEXTVQA_DIR": str(tmp_path), "ANNOTATION_FILE": str(DEMO_DIR / "TextVQA_demo_annotations.json"),
+            "EVAL_DIR": str(tmp_path), "ANNOTATION_FILE": str(DEMO_DIR / "TextVQA_demo_annotations.json"),
         })
         assert done.returncode == 0, done.stderr
         assert "Samples: 12" in done.stdout and "Accuracy:" in done.stdout
-        averages[setting] = average_tokens(tmp_path / "answers" / f"{tiny_original.name}-{setting}.jsonl")
+        averages[setting] = average_tokens(tmp_path / "textvqa" / "answers" / f"{tiny_original.name}-{setting}" / "merge.jsonl")
     assert averages["full"] == 576
     assert averages["64"] < averages["full"]
 
 
 def test_vizwiz_script(tiny_original, tmp_path):
-    done = run_script("vizwiz.sh", "64", tiny_original, tmp_path, {"VIZWIZ_DIR": str(tmp_path)})
+    done = run_script("vizwiz.sh", "64", tiny_original, tmp_path, {"EVAL_DIR": str(tmp_path)})
     assert done.returncode == 0, done.stderr
-    assert len((tmp_path / "answers" / f"{tiny_original.name}-64.jsonl").read_text().splitlines()) == 12
+    assert len((tmp_path / "vizwiz" / "answers" / f"{tiny_original.name}-64" / "merge.jsonl").read_text().splitlines()) == 12
 
 
-@pytest.mark.parametrize("script,setting", [("textvqa.sh", "100"), ("vizwiz.sh", "192")])
+@pytest.mark.parametrize("script,setting", [("textvqa.sh", "100"), ("vizwiz.sh", "32")])
 def test_unknown_setting_is_refused(tmp_path, script, setting):
     done = run_script(script, setting, tmp_path, tmp_path, {})
     assert done.returncode == 2 and f"unknown setting '{setting}'" in done.stderr

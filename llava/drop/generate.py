@@ -7,6 +7,8 @@ transformers' own `generate()` token for token.
 
 from __future__ import annotations
 
+import resource
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -23,6 +25,7 @@ from llava.drop.timing import now
 from llava.drop.vision import VisionOutput, encode_image
 
 EAGER = "eager"
+RU_MAXRSS_UNIT = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
 
 
 @dataclass
@@ -222,6 +225,8 @@ def generate(
     check_drop_layers(model, drop)
     device = model.lm_head.weight.device
     generator = torch.Generator(device=device).manual_seed(sampling.seed) if sampling.seed is not None else None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     started = now(device)
     vision = encode_image(model, pixel_values, drop) if pixel_values is not None else None
     prompt = build_prompt(model, input_ids, vision)
@@ -245,8 +250,17 @@ def generate(
         prefill_seconds=prefill_done - vision_done,
         decode_seconds=decode_done - prefill_done,
         new_tokens=len(tokens),
+        **peak_memory(device),
     )
     return GenerationOutput(token_ids=tokens, stats=stats)
+
+
+def peak_memory(device: torch.device) -> dict:
+    """CUDA: peak bytes allocated during this answer. CPU: the process's peak resident set so far
+    (the OS only keeps a high-water mark per process, so compare settings in separate processes)."""
+    if device.type == "cuda":
+        return {"peak_memory_bytes": torch.cuda.max_memory_allocated(device)}
+    return {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * RU_MAXRSS_UNIT}
 
 
 def generation_stats(model, prompt: MultimodalPrompt, vision: VisionOutput | None, prefilled: PrefillResult,

@@ -144,6 +144,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--annotation-file", required=True, help="TextVQA_0.5.1 annotation JSON")
     parser.add_argument("--result-file", help="LLaVA answers JSONL")
     parser.add_argument("--result-dir", help="score every *.jsonl answers file in this directory")
+    parser.add_argument("--scores-file", help="also write the scores of --result-file as JSON here (for summary.json)")
     args = parser.parse_args(argv)
     if not args.result_file and not args.result_dir:
         parser.error("give --result-file and/or --result-dir")
@@ -154,6 +155,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             scores = _score_results(annotations, result_file)
             print(result_file.stem)
             print(f"Samples: {scores['samples']}\nAccuracy: {scores['accuracy']:.2f}%\n")
+            if args.scores_file and args.result_file and result_file == Path(args.result_file):
+                Path(args.scores_file).write_text(json.dumps(scores, indent=2) + "\n")
     except TextVQAScoringError as error:
         parser.error(str(error))
 

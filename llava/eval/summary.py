@@ -21,9 +21,13 @@ def summarize_answers(records: list[dict]) -> dict:
         return summary
     for source, target in SUMMARY_FIELDS.items():
         summary[target] = mean(m[source] for m in with_stats)
-    new_tokens = sum(m["new_tokens"] for m in with_stats)
+    new_tokens = sum(m["new_tokens"] - 1 for m in with_stats)  # the first token comes from prefill
     decode_time = sum(m["decode_seconds"] for m in with_stats)
     summary["decode_tokens_per_second"] = new_tokens / decode_time if decode_time > 0 else None
+    for key in ("peak_memory_bytes", "peak_rss_bytes"):
+        values = [m[key] for m in with_stats if key in m]
+        if values:
+            summary[key] = max(values)
     return summary
 
 

@@ -1,0 +1,200 @@
+"""The answering loop every benchmark CLI shares: LLaVA's flags, sharding, resume, progress, errors.
+
+A benchmark CLI turns its own question format into a list of `Question`s and calls `run_questions`;
+everything else (model loading, MustDrop switches, flushing each answer, resuming after a kill,
+the run summary line) lives here once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import shortuuid
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from llava.conversation import get_conv_template
+from llava.drop.config import (
+    DEFAULT_GLOBAL_THR,
+    DEFAULT_INDIVIDUAL_THR,
+    DROP_LAYERS,
+    KEY_TOKEN_RATE,
+    MERGE_THRESHOLD,
+    DropConfig,
+)
+from llava.drop.generate import SamplingConfig
+from llava.eval.answering import Answerer
+from llava.eval.answers_file import get_chunk, open_for_append, read_jsonl, resume_position, write_line
+from llava.eval.sharding import launcher_shard, merge_if_complete, shard_path
+from llava.eval.summary import summarize_answers, summary_line
+from llava.mm_utils import load_image
+from llava.model.builder import load_pretrained_model
+from llava.model.checkpoint_files import CheckpointError
+
+
+class RunError(Exception):
+    """A problem with the run's inputs; `main_guard` prints it and exits without a traceback."""
+
+
+@dataclass
+class Question:
+    """One question, already in the text the model is asked (benchmark prompt rules applied)."""
+
+    question_id: Any
+    text: str
+    image_path: Path | None = None
+    image_loader: Callable[[], Image.Image] | None = None  # for images not stored as files (MMBench)
+    record: dict = field(default_factory=dict)  # fields written to the answers line besides the answer
+
+    def load_image(self) -> Image.Image | None:
+        if self.image_loader is not None:
+            return self.image_loader()
+        if self.image_path is None:
+            return None
+        try:
+            return load_image(self.image_path)
+        except ValueError as error:
+            raise RunError(f"question {self.question_id!r}: {error}") from None
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """LLaVA's model, sampling and sharding flags, and MustDrop's switches."""
+    parser.add_argument("--model-path", type=str, default="facebook/opt-350m")
+    parser.add_argument("--model-base", type=str, default=None)
+    parser.add_argument("--vision-tower", type=str, default=None, help="local CLIP tower dir (original layout)")
+    parser.add_argument("--answers-file", type=str, default="answer.jsonl")
+    parser.add_argument("--conv-mode", type=str, default="llava_v1")
+    parser.add_argument("--num-chunks", type=int, default=1)
+    parser.add_argument("--chunk-idx", type=int, default=0)
+    parser.add_argument("--temperature", type=float, default=0.2)
+    parser.add_argument("--top_p", type=float, default=None)
+    parser.add_argument("--num_beams", type=int, default=1)
+    parser.add_argument("--max_new_tokens", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--device", type=str, default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--dtype", type=str, default=None, help="fp32, fp16 or bf16 (default: fp16 on cuda, fp32 on cpu)")
+    parser.add_argument("--device-map", type=str, default=None, help="'auto' spreads the model over all GPUs")
+    parser.add_argument("--load-8bit", action="store_true")
+    parser.add_argument("--load-4bit", action="store_true")
+    parser.add_argument("--sparse", action="store_true", help="switch on MustDrop (all three stages)")
+    parser.add_argument("--global_thr", type=float, default=DEFAULT_GLOBAL_THR)
+    parser.add_argument("--individual_thr", type=float, default=DEFAULT_INDIVIDUAL_THR)
+    parser.add_argument("--no_merge", action="store_true", help="with --sparse: skip stage 1's spatial merge")
+    parser.add_argument("--merge_thr", type=float, default=MERGE_THRESHOLD, help="stage 1 window similarity threshold")
+    parser.add_argument("--key_rate", type=float, default=KEY_TOKEN_RATE, help="share of patches in the key set")
+    parser.add_argument("--drop_layers", type=str, default=",".join(map(str, DROP_LAYERS)),
+                        help="comma-separated 0-based decoder layers where stage 2 drops")
+
+
+def drop_config_from_args(args: argparse.Namespace) -> DropConfig:
+    """The MustDrop settings the flags ask for (validated even without --sparse, to catch typos)."""
+    try:
+        drop_layers = tuple(int(layer) for layer in args.drop_layers.split(",") if layer.strip())
+    except ValueError:
+        raise ValueError(f"--drop_layers must be comma-separated integers, got {args.drop_layers!r}") from None
+    config = DropConfig(
+        vision_merge=not args.no_merge, merge_threshold=args.merge_thr, key_token_rate=args.key_rate,
+        drop_layers=drop_layers, global_thr=args.global_thr, individual_thr=args.individual_thr,
+    )
+    return config if args.sparse else DropConfig.disabled()
+
+
+def validate_args(args: argparse.Namespace) -> tuple[SamplingConfig, DropConfig]:
+    """Check every option before the (slow) model load, so mistakes fail in a second."""
+    try:
+        get_conv_template(args.conv_mode)
+        sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+        drop = drop_config_from_args(args)
+        get_chunk([], args.num_chunks, args.chunk_idx)
+    except ValueError as error:
+        raise RunError(str(error)) from None
+    if args.num_beams != 1:
+        raise RunError(f"--num_beams {args.num_beams}: beam search is not supported; use --num_beams 1")
+    return sampling, drop
+
+
+def read_question_file(path: str, what: str = "question file") -> list[dict]:
+    try:
+        return read_jsonl(path, what)
+    except (OSError, ValueError) as error:
+        raise RunError(str(error)) from None
+
+
+def load_model(args: argparse.Namespace):
+    try:
+        return load_pretrained_model(
+            args.model_path, args.model_base, load_8bit=args.load_8bit, load_4bit=args.load_4bit,
+            device_map=args.device_map, device=args.device, torch_dtype=args.dtype, vision_tower=args.vision_tower,
+        )
+    except (CheckpointError, ValueError) as error:
+        raise RunError(str(error)) from None
+
+
+def answer_id(model_id: str, question_id: Any, position: int) -> str:
+    """A stable id per (model, question, position), so sharded and single runs write the same lines."""
+    return shortuuid.uuid(name=f"{model_id}/{position}/{question_id}")
+
+
+def run_questions(args: argparse.Namespace, questions: list[Question]) -> Path:
+    """Answer this chunk's questions into --answers-file, resuming after any finished lines.
+
+    Under `torchrun` / `accelerate launch` (WORLD_SIZE > 1) each process takes the chunk of its
+    RANK, writes a shard file and the last one to finish writes the merged --answers-file.
+    """
+    sampling, drop = validate_args(args)
+    answers_path = Path(args.answers_file).expanduser()
+    shard = launcher_shard()
+    num_chunks, chunk_idx, chunk_path = args.num_chunks, args.chunk_idx, answers_path
+    if shard is not None:
+        num_chunks, chunk_idx, chunk_path = shard.count, shard.index, shard_path(answers_path, shard)
+        if args.device is None and torch.cuda.is_available():
+            args.device = f"cuda:{shard.local_rank % torch.cuda.device_count()}"
+    first_position = len(get_chunk(questions, num_chunks, 0)) * chunk_idx
+    chunk = get_chunk(questions, num_chunks, chunk_idx)
+    answer_chunk(args, chunk, chunk_path, first_position, sampling, drop)
+    if shard is not None and merge_if_complete(answers_path, questions, shard.count):
+        print(f"all {shard.count} shards complete: merged into {answers_path}")
+    print(summary_line(summarize_answers(read_jsonl(chunk_path))))
+    return chunk_path
+
+
+def answer_chunk(args: argparse.Namespace, chunk: list[Question], path: Path, first_position: int,
+                 sampling: SamplingConfig, drop: DropConfig) -> None:
+    """The loop proper: skip finished lines, answer the rest, flush each line as it is written."""
+    try:
+        start = resume_position(path, [q.question_id for q in chunk])
+    except ValueError as error:
+        raise RunError(str(error)) from None
+    if start == len(chunk):
+        print(f"{path}: all {len(chunk)} questions already answered")
+        return
+    tokenizer, model, image_processor, _ = load_model(args)
+    answerer = Answerer(tokenizer, model, image_processor, args.conv_mode, sampling, drop)
+    model_id = Path(args.model_path.rstrip("/")).name
+    with open_for_append(path) as handle:
+        for offset in tqdm(range(start, len(chunk)), initial=start, total=len(chunk), desc="answering", unit="q"):
+            question = chunk[offset]
+            answer = answerer.answer(question.text, question.load_image())
+            write_line(handle, {
+                "question_id": question.question_id,
+                "prompt": question.text,
+                **question.record,
+                "text": answer.text,
+                "answer_id": answer_id(model_id, question.question_id, first_position + offset),
+                "model_id": model_id,
+                "metadata": answer.stats,
+            })
+
+
+def main_guard(run: Callable[[], Any]) -> None:
+    """Run a CLI body; input problems end the program with one clear line instead of a traceback."""
+    try:
+        run()
+    except RunError as error:
+        sys.exit(f"error: {error}")

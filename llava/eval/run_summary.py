@@ -1,0 +1,88 @@
+"""Write a run's `summary.json`: what was run, its scores and its efficiency figures, in one file.
+
+    python -m llava.eval.run_summary --answers-file A --benchmark gqa --setting 64 --model-path M \
+        [--scores-file scores.json] [--drop-flags "--sparse --global_thr 0.011 --individual_thr 0.01"] --out summary.json
+
+`python -m llava.eval.report DIR...` turns many of these into one table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from llava.eval.answers_file import read_jsonl
+from llava.eval.question_loop import RunError, main_guard
+from llava.eval.summary import summarize_answers
+
+VERSIONED_PACKAGES = ("mustdrop", "torch", "transformers", "accelerate")
+
+
+def software_versions() -> dict:
+    versions = {"python": platform.python_version()}
+    for package in VERSIONED_PACKAGES:
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = None
+    return versions
+
+
+def method_of(drop_flags: str) -> str:
+    return "mustdrop" if "--sparse" in drop_flags.split() else "none"
+
+
+def build_summary(answers_file: Path, benchmark: str, setting: str, model_path: str, drop_flags: str,
+                  scores: dict) -> dict:
+    try:
+        records = read_jsonl(answers_file, "answers file")
+    except (OSError, ValueError) as error:
+        raise RunError(str(error)) from None
+    return {
+        "benchmark": benchmark,
+        "model": Path(model_path.rstrip("/")).name,
+        "model_path": model_path,
+        "method": method_of(drop_flags),
+        "setting": setting,
+        "drop_flags": drop_flags,
+        "questions": len(records),
+        "scores": scores,
+        **summarize_answers(records),
+        "versions": software_versions(),
+    }
+
+
+def read_scores(path: str | None) -> dict:
+    if path is None or not Path(path).is_file():
+        return {}
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as error:
+        raise RunError(f"cannot parse scores file {path}: {error}") from None
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--answers-file", required=True)
+    parser.add_argument("--benchmark", required=True)
+    parser.add_argument("--setting", required=True)
+    parser.add_argument("--model-path", required=True)
+    parser.add_argument("--scores-file", default=None, help="JSON dict written by the benchmark's scorer")
+    parser.add_argument("--drop-flags", default="", help="the dropping flags the run used, as one string")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+
+    def run() -> None:
+        summary = build_summary(Path(args.answers_file), args.benchmark, args.setting, args.model_path,
+                                args.drop_flags, read_scores(args.scores_file))
+        Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
+        print(f"summary: {args.out}")
+
+    main_guard(run)
+
+
+if __name__ == "__main__":
+    main()
