@@ -174,3 +174,28 @@ def test_sparse_records_token_statistics(tiny_original, tmp_path, capsys):
 def test_bad_drop_layers_flag(tmp_path):
     with pytest.raises(SystemExit, match=r"--drop_layers must be comma-separated integers, got '2,x'"):
         main(cli_args(tmp_path, QUESTION_FILE, tmp_path / "a.jsonl", "--sparse", "--drop_layers", "2,x"))
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--method", "nosuch"], r"unknown method 'nosuch'; valid methods: .*mustdrop.*none"),
+    (["--method", "mustdrop", "--method-args", "global_thr=0.1,wrong=1"], r"unknown option\(s\) wrong for this method; valid: .*global_thr"),
+    (["--method", "mustdrop", "--method-args", "global_thr"], r"--method-args expects key=value"),
+    (["--method", "mustdrop", "--method-args", "global_thr=abc"], r"option global_thr='abc' is not a valid float"),
+    (["--method", "none", "--method-args", "x=1"], r"method 'none' takes no options"),
+    (["--sparse", "--method", "none"], r"--sparse switches on MustDrop"),
+])
+def test_bad_method_flags(tmp_path, extra, message):
+    with pytest.raises(SystemExit, match=message):
+        main(cli_args(tmp_path, QUESTION_FILE, tmp_path / "a.jsonl", *extra))
+
+
+def test_method_args_set_mustdrop_options(tiny_original, tmp_path):
+    """--method mustdrop --method-args equals the same settings given with --sparse flags."""
+    questions = first_questions(tmp_path, 2)
+    by_flags, by_args = tmp_path / "flags.jsonl", tmp_path / "args.jsonl"
+    main(cli_args(tiny_original, questions, by_flags, "--sparse", "--global_thr", "0.011", "--individual_thr", "0.01", "--no_merge"))
+    main(cli_args(tiny_original, questions, by_args, "--method", "mustdrop",
+                  "--method-args", "global_thr=0.011,individual_thr=0.01,vision_merge=false"))
+    stats = [json.loads(line)["metadata"] for line in by_args.read_text().splitlines()]
+    assert [s["avg_vision_tokens"] for s in stats] == [json.loads(l)["metadata"]["avg_vision_tokens"] for l in by_flags.read_text().splitlines()]
+    assert all(s["vision_tokens"] == 576 for s in stats)

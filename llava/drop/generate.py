@@ -18,11 +18,12 @@ from transformers.generation.logits_process import TopPLogitsWarper
 from llava.constants import IMAGE_TOKEN_INDEX
 from llava.drop.cache import LayerKVCache
 from llava.drop.config import DropConfig
-from llava.drop.decode import apply_output_aware_cache
 from llava.drop.flops import prefill_flops
-from llava.drop.prefill import TokenLayout, dual_attention_keep, remap_key_indices, sequence_keep, text_to_vision_attention
+from llava.drop.methods import DropMethod, LayerContext
+from llava.drop.methods.mustdrop import MustDrop
+from llava.drop.prefill import TokenLayout, remap_key_indices, sequence_keep
 from llava.drop.timing import now
-from llava.drop.vision import VisionOutput, encode_image
+from llava.drop.vision import VisionOutput
 
 EAGER = "eager"
 RU_MAXRSS_UNIT = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
@@ -122,16 +123,24 @@ class PrefillResult:
     scoring_seconds: float = 0.0
 
 
-def drops_at(drop: DropConfig | None, layer_idx: int, layout: TokenLayout) -> bool:
-    """A drop needs MustDrop on, a dropping layer, vision tokens to drop and text tokens to score them."""
-    return (
-        drop is not None and drop.enabled and layer_idx in drop.drop_layers
-        and layout.vision_count > 0 and layout.text_start < layout.seq_len
-    )
+def as_method(drop: DropConfig | DropMethod | None) -> DropMethod:
+    """Accept MustDrop's DropConfig (the original API) as well as any registered method."""
+    if isinstance(drop, DropMethod):
+        return drop
+    if isinstance(drop, DropConfig) and drop.enabled:
+        return MustDrop(drop)
+    return DropMethod()
 
 
-def prefill(model, prompt: MultimodalPrompt, cache: LayerKVCache, drop: DropConfig | None = None) -> PrefillResult:
-    """Run the prompt through every layer, dropping vision tokens after each dropping layer."""
+def can_drop(layout: TokenLayout) -> bool:
+    """Scoring needs vision tokens to drop and text tokens after them to score with."""
+    return layout.vision_count > 0 and layout.text_start < layout.seq_len
+
+
+def prefill(model, prompt: MultimodalPrompt, cache: LayerKVCache, drop: DropConfig | DropMethod | None = None) -> PrefillResult:
+    """Run the prompt through every layer; after each of the method's layers keep what it selects."""
+    method = as_method(drop)
+    drop_layers = set(method.prefill_layers())
     hidden = prompt.embeds
     positions = torch.arange(hidden.shape[1], device=hidden.device)
     layout = TokenLayout(prompt.vision_start, prompt.vision_count, hidden.shape[1])
@@ -142,15 +151,15 @@ def prefill(model, prompt: MultimodalPrompt, cache: LayerKVCache, drop: DropConf
         result.tokens_per_layer.append(layout.seq_len)
         layer_input = hidden
         hidden = run_layer(model, layer_idx, hidden, positions, cache)
-        if not drops_at(drop, layer_idx, layout):
+        if layer_idx not in drop_layers or not can_drop(layout):
             continue
         started = now(hidden.device)
-        attention = text_to_vision_attention(model, layer_idx, layer_input, cache.keys[layer_idx], positions, layout)
-        kept = dual_attention_keep(attention, drop.global_thr, drop.individual_thr, key_indices)
+        context = LayerContext(model, layer_idx, layer_input, hidden, cache.keys[layer_idx], positions, layout, key_indices)
+        kept = method.select(context)
         key_indices = remap_key_indices(key_indices, kept)
         keep = sequence_keep(layout, kept)
         hidden = hidden[:, keep]
-        positions = torch.arange(keep.numel(), device=hidden.device) if drop.compact_positions else positions[keep]
+        positions = torch.arange(keep.numel(), device=hidden.device) if method.compact_positions else positions[keep]
         layout = TokenLayout(layout.vision_start, kept.numel(), keep.numel())
         result.drops.append((layer_idx, keep))
         result.vision_tokens_after_layer[layer_idx] = kept.numel()
@@ -205,10 +214,11 @@ def decode_n_tokens(
     return tokens
 
 
-def check_drop_layers(model, drop: DropConfig | None) -> None:
+def check_drop_layers(model, method: DropMethod) -> None:
     num_layers = len(model.model.language_model.layers)
-    if drop is not None and drop.enabled and drop.drop_layers and drop.drop_layers[-1] >= num_layers:
-        raise ValueError(f"drop_layers {drop.drop_layers} name a layer beyond the model's {num_layers} decoder layers")
+    layers = method.prefill_layers()
+    if layers and max(layers) >= num_layers:
+        raise ValueError(f"drop_layers {tuple(layers)} name a layer beyond the model's {num_layers} decoder layers")
 
 
 @torch.inference_mode()
@@ -219,26 +229,26 @@ def generate(
     sampling: SamplingConfig,
     eos_token_ids: set[int],
     should_stop: Callable[[list[int]], bool] | None = None,
-    drop: DropConfig | None = None,
+    drop: DropConfig | DropMethod | None = None,
 ) -> GenerationOutput:
     """Encode the image, prefill the prompt, decode the answer (batch size 1), dropping per `drop`."""
-    check_drop_layers(model, drop)
+    method = as_method(drop)
+    check_drop_layers(model, method)
     device = model.lm_head.weight.device
     generator = torch.Generator(device=device).manual_seed(sampling.seed) if sampling.seed is not None else None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     started = now(device)
-    vision = encode_image(model, pixel_values, drop) if pixel_values is not None else None
+    vision = method.encode_image(model, pixel_values) if pixel_values is not None else None
     prompt = build_prompt(model, input_ids, vision)
     vision_done = now(device)
     cache = LayerKVCache(len(model.model.language_model.layers))
-    prefilled = prefill(model, prompt, cache, drop)
-    if drop is not None and drop.enabled and drop.decode_cache_policy:
-        apply_output_aware_cache(cache, prefilled.drops)
+    prefilled = prefill(model, prompt, cache, method)
+    method.after_prefill(cache, prefilled.drops)
     first = sample(prefilled.logits, sampling, generator)
     prefill_done = now(device)
     kv_lengths = cache.lengths()
-    if drop is None or not drop.enabled or drop.compact_positions:
+    if method.compact_positions:
         positions = kv_lengths
     else:
         positions = [prompt.embeds.shape[1]] * len(kv_lengths)

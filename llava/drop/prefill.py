@@ -36,18 +36,25 @@ def text_to_vision_attention(
     seq, head_dim]) and `positions` the RoPE positions of the sequence. Each text query's softmax runs
     over all keys it may see (causal), as in eager attention; only then are the vision columns taken.
     """
+    text_rows = torch.arange(layout.text_start, layout.seq_len, device=layer_input.device)
+    return rows_to_vision_attention(model, layer_idx, layer_input, keys, positions, layout, text_rows)
+
+
+def rows_to_vision_attention(
+    model, layer_idx: int, layer_input: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor,
+    layout: TokenLayout, query_rows: torch.Tensor,
+) -> torch.Tensor:
+    """Head-averaged attention [len(query_rows), vision tokens] for the given query positions only."""
     layer = model.model.language_model.layers[layer_idx]
     attention = layer.self_attn
-    text_rows = slice(layout.text_start, layout.seq_len)
-    normed = layer.input_layernorm(layer_input[:, text_rows])
+    normed = layer.input_layernorm(layer_input[:, query_rows])
     queries = attention.q_proj(normed).view(1, normed.shape[1], -1, attention.head_dim).transpose(1, 2)
-    cos, sin = model.model.language_model.rotary_emb(normed, positions[text_rows][None])
+    cos, sin = model.model.language_model.rotary_emb(normed, positions[query_rows][None])
     queries, _ = apply_rotary_pos_emb(queries, queries, cos, sin)
     keys = repeat_kv(keys, attention.num_key_value_groups)
     scores = torch.matmul(queries.float(), keys.float().transpose(2, 3)) * attention.scaling
-    query_index = torch.arange(layout.text_start, layout.seq_len, device=scores.device)[:, None]
     key_index = torch.arange(keys.shape[2], device=scores.device)[None, :]
-    scores = scores.masked_fill(key_index > query_index, float("-inf"))
+    scores = scores.masked_fill(key_index > query_rows.to(scores.device)[:, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     vision_columns = slice(layout.vision_start, layout.text_start)
     return probs[0, :, :, vision_columns].mean(dim=0)

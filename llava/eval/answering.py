@@ -12,6 +12,7 @@ from PIL import Image
 from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN
 from llava.conversation import get_conv_template
 from llava.drop.config import DropConfig
+from llava.drop.methods import DropMethod
 from llava.drop.generate import SamplingConfig, generate
 from llava.mm_utils import process_images, tokenizer_image_token
 
@@ -27,7 +28,8 @@ class Answerer:
     """Holds a loaded model and answers questions one at a time (batch size 1, as LLaVA evaluates)."""
 
     def __init__(
-        self, tokenizer, model, image_processor, conv_mode: str, sampling: SamplingConfig, drop: DropConfig | None = None
+        self, tokenizer, model, image_processor, conv_mode: str, sampling: SamplingConfig,
+        drop: DropConfig | DropMethod | None = None,
     ):
         get_conv_template(conv_mode)  # fail now on an unknown mode, not at the first question
         self.tokenizer = tokenizer
@@ -35,7 +37,7 @@ class Answerer:
         self.image_processor = image_processor
         self.conv_mode = conv_mode
         self.sampling = sampling
-        self.drop = drop or DropConfig.disabled()
+        self.drop = drop
         eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None else tokenizer.eos_token_id
         self.eos_token_ids = set(eos) if isinstance(eos, (list, tuple)) else {eos}
 

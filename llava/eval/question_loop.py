@@ -29,6 +29,7 @@ from llava.drop.config import (
     DropConfig,
 )
 from llava.drop.generate import SamplingConfig
+from llava.drop.methods import DropMethod, create_method, parse_method_args
 from llava.eval.answering import Answerer
 from llava.eval.answers_file import get_chunk, open_for_append, read_jsonl, resume_position, write_line
 from llava.eval.sharding import launcher_shard, merge_if_complete, shard_path
@@ -83,6 +84,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--load-8bit", action="store_true")
     parser.add_argument("--load-4bit", action="store_true")
     parser.add_argument("--sparse", action="store_true", help="switch on MustDrop (all three stages)")
+    parser.add_argument("--method", type=str, default=None,
+                        help="token-dropping method: none, mustdrop (the default with --sparse), ... (see llava/drop/methods)")
+    parser.add_argument("--method-args", type=str, default="", help="the method's options as key=value,key=value")
     parser.add_argument("--global_thr", type=float, default=DEFAULT_GLOBAL_THR)
     parser.add_argument("--individual_thr", type=float, default=DEFAULT_INDIVIDUAL_THR)
     parser.add_argument("--no_merge", action="store_true", help="with --sparse: skip stage 1's spatial merge")
@@ -93,24 +97,33 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def drop_config_from_args(args: argparse.Namespace) -> DropConfig:
-    """The MustDrop settings the flags ask for (validated even without --sparse, to catch typos)."""
+    """MustDrop's settings from its flags (validated even without --sparse, to catch typos)."""
     try:
         drop_layers = tuple(int(layer) for layer in args.drop_layers.split(",") if layer.strip())
     except ValueError:
         raise ValueError(f"--drop_layers must be comma-separated integers, got {args.drop_layers!r}") from None
-    config = DropConfig(
+    return DropConfig(
         vision_merge=not args.no_merge, merge_threshold=args.merge_thr, key_token_rate=args.key_rate,
         drop_layers=drop_layers, global_thr=args.global_thr, individual_thr=args.individual_thr,
     )
-    return config if args.sparse else DropConfig.disabled()
 
 
-def validate_args(args: argparse.Namespace) -> tuple[SamplingConfig, DropConfig]:
+def method_from_args(args: argparse.Namespace) -> DropMethod:
+    """--method/--method-args, with --sparse meaning MustDrop configured by its own flags."""
+    mustdrop_options = drop_config_from_args(args)
+    name = args.method or ("mustdrop" if args.sparse else "none")
+    if args.sparse and name != "mustdrop":
+        raise ValueError(f"--sparse switches on MustDrop; drop it to use --method {name}")
+    base = mustdrop_options if name == "mustdrop" else None
+    return create_method(name, parse_method_args(args.method_args), base_options=base)
+
+
+def validate_args(args: argparse.Namespace) -> tuple[SamplingConfig, DropMethod]:
     """Check every option before the (slow) model load, so mistakes fail in a second."""
     try:
         get_conv_template(args.conv_mode)
         sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.seed)
-        drop = drop_config_from_args(args)
+        drop = method_from_args(args)
         get_chunk([], args.num_chunks, args.chunk_idx)
     except ValueError as error:
         raise RunError(str(error)) from None
@@ -165,7 +178,7 @@ def run_questions(args: argparse.Namespace, questions: list[Question]) -> Path:
 
 
 def answer_chunk(args: argparse.Namespace, chunk: list[Question], path: Path, first_position: int,
-                 sampling: SamplingConfig, drop: DropConfig) -> None:
+                 sampling: SamplingConfig, drop: DropMethod) -> None:
     """The loop proper: skip finished lines, answer the rest, flush each line as it is written."""
     try:
         start = resume_position(path, [q.question_id for q in chunk])

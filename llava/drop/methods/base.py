@@ -1,0 +1,84 @@
+"""What a token-dropping method is: a set of stage policies the engine calls.
+
+The engine (llava/drop/generate.py) owns the loop; a method only decides: how the image becomes vision
+tokens (vision stage), which vision tokens survive after chosen decoder layers (prefill stage), and
+what to do to the KV cache before decoding (decode stage). The base class changes nothing, so it is
+the unpruned model ("none").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from llava.drop.cache import LayerKVCache
+from llava.drop.prefill import TokenLayout, rows_to_vision_attention
+from llava.drop.vision import VisionOutput, encode_image
+
+TEXT_QUERIES = "text"  # every token after the image: the question and the template's tail
+LAST_QUERY = "last"  # the last prompt token, which FastV / PyramidDrop rank by
+
+
+@dataclass
+class LayerContext:
+    """What a method may look at after a decoder layer ran, with attention blocks computed on demand.
+
+    Only the requested block (some query rows x the vision keys) is computed, from the layer's input and
+    its cached keys, so no layer has to run eager attention.
+    """
+
+    model: object
+    layer_idx: int
+    layer_input: torch.Tensor
+    layer_output: torch.Tensor
+    keys: torch.Tensor
+    positions: torch.Tensor
+    layout: TokenLayout
+    key_indices: torch.Tensor | None
+    _cache: dict = field(default_factory=dict)
+
+    def attention(self, queries: str = TEXT_QUERIES) -> torch.Tensor:
+        """Head-averaged attention probabilities [query rows, vision tokens]."""
+        if queries not in self._cache:
+            if queries == TEXT_QUERIES:
+                rows = torch.arange(self.layout.text_start, self.layout.seq_len, device=self.layer_input.device)
+            elif queries == LAST_QUERY:
+                rows = torch.tensor([self.layout.seq_len - 1], device=self.layer_input.device)
+            else:
+                raise ValueError(f"unknown query rows {queries!r}; use {TEXT_QUERIES!r} or {LAST_QUERY!r}")
+            self._cache[queries] = rows_to_vision_attention(
+                self.model, self.layer_idx, self.layer_input, self.keys, self.positions, self.layout, rows
+            )
+        return self._cache[queries]
+
+    @property
+    def vision_hidden(self) -> torch.Tensor:
+        """The layer's output hidden states of the current vision tokens, [vision, hidden]."""
+        return self.layer_output[0, self.layout.vision_start : self.layout.text_start]
+
+
+class DropMethod:
+    """The unpruned model. Subclasses override the stages they change."""
+
+    name: ClassVar[str] = "none"
+    compact_positions: bool = True  # give the shorter sequence positions 0..len-1 (the reference's rule)
+
+    def encode_image(self, model, pixel_values: torch.Tensor) -> VisionOutput:
+        return encode_image(model, pixel_values)
+
+    def prefill_layers(self) -> tuple[int, ...]:
+        """Decoder layers after which `select` is called."""
+        return ()
+
+    def select(self, context: LayerContext) -> torch.Tensor:
+        """Vision positions (ascending) to keep after `context.layer_idx`."""
+        return torch.arange(context.layout.vision_count, device=context.layer_output.device)
+
+    def after_prefill(self, cache: LayerKVCache, drops: list[tuple[int, torch.Tensor]]) -> None:
+        """Change the KV cache before decoding (default: keep what each layer saw)."""
+
+    @property
+    def enabled(self) -> bool:
+        return type(self) is not DropMethod

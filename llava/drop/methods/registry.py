@@ -1,0 +1,66 @@
+"""Methods by name, timm-style: adding a method is one file with `@register` on its class."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+
+METHODS: dict[str, type] = {}
+
+
+def register(method_class: type) -> type:
+    METHODS[method_class.name] = method_class
+    return method_class
+
+
+def parse_method_args(text: str) -> dict[str, str]:
+    """'a=1,b=0.5' -> {'a': '1', 'b': '0.5'}; empty text -> {}."""
+    pairs = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--method-args expects key=value pairs separated by commas, got {item!r}")
+        pairs[key.strip()] = value.strip()
+    return pairs
+
+
+def _convert(value: str, annotation, name: str):
+    """Turn a command-line string into the option's declared type."""
+    origin = typing.get_origin(annotation)
+    try:
+        if annotation is bool:
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError
+            return value.lower() in ("true", "1")
+        if origin is tuple:
+            element = typing.get_args(annotation)[0]
+            return tuple(element(part) for part in value.replace(";", " ").split())
+        return annotation(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"option {name}={value!r} is not a valid {getattr(annotation, '__name__', annotation)}") from None
+
+
+def build_options(options_class, args: dict[str, str], base=None):
+    """An options dataclass from string arguments, checked against its fields."""
+    hints = typing.get_type_hints(options_class)
+    fields = {f.name for f in dataclasses.fields(options_class) if f.init}
+    unknown = sorted(set(args) - fields)
+    if unknown:
+        raise ValueError(f"unknown option(s) {', '.join(unknown)} for this method; valid: {', '.join(sorted(fields))}")
+    values = {name: _convert(value, hints[name], name) for name, value in args.items()}
+    return dataclasses.replace(base, **values) if base is not None else options_class(**values)
+
+
+def create_method(name: str, args: dict[str, str] | None = None, base_options=None):
+    """The method registered as `name`, with its options set from `args` (strings) over `base_options`."""
+    import llava.drop.methods  # noqa: F401  (registers the built-in methods)
+
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(sorted(METHODS))}")
+    method_class = METHODS[name]
+    options_class = getattr(method_class, "options_class", None)
+    if options_class is None:
+        if args:
+            raise ValueError(f"method {name!r} takes no options, got {', '.join(sorted(args))}")
+        return method_class()
+    return method_class(build_options(options_class, args or {}, base_options))
