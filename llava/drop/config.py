@@ -39,6 +39,7 @@ class DropConfig:
     drop_layers: tuple[int, ...] = DROP_LAYERS
     global_thr: float = DEFAULT_GLOBAL_THR
     individual_thr: float = DEFAULT_INDIVIDUAL_THR
+    budget: float | None = None  # target layer-averaged vision tokens: rank by global score instead of thresholds
     compact_positions: bool = True  # the reference gives the shorter sequence positions 0..len-1
     # Stage 3: shrink the KV caches of layers drop_layers[0]..drop_layers[-1] to the final token set.
     decode_cache_policy: bool = True
@@ -51,6 +52,8 @@ class DropConfig:
             raise ValueError(f"merge_threshold is a cosine similarity and must be in [-1, 1], got {self.merge_threshold}")
         if self.merge_window < 1:
             raise ValueError(f"merge_window must be >= 1, got {self.merge_window}")
+        if self.budget is not None and self.budget <= 0:
+            raise ValueError(f"budget must be a positive number of tokens, got {self.budget}")
         if any(layer < 0 for layer in self.drop_layers) or list(self.drop_layers) != sorted(set(self.drop_layers)):
             raise ValueError(f"drop_layers must be distinct, ascending and >= 0, got {self.drop_layers}")
 

@@ -154,7 +154,8 @@ def prefill(model, prompt: MultimodalPrompt, cache: LayerKVCache, drop: DropConf
         if layer_idx not in drop_layers or not can_drop(layout):
             continue
         started = now(hidden.device)
-        context = LayerContext(model, layer_idx, layer_input, hidden, cache.keys[layer_idx], positions, layout, key_indices)
+        context = LayerContext(model, layer_idx, layer_input, hidden, cache.keys[layer_idx], positions, layout,
+                               key_indices, prompt.vision_count)
         kept = method.select(context)
         key_indices = remap_key_indices(key_indices, kept)
         keep = sequence_keep(layout, kept)

@@ -37,6 +37,7 @@ class LayerContext:
     positions: torch.Tensor
     layout: TokenLayout
     key_indices: torch.Tensor | None
+    prompt_vision_count: int  # vision tokens the decoder started with (after the vision stage)
     _cache: dict = field(default_factory=dict)
 
     def attention(self, queries: str = TEXT_QUERIES) -> torch.Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from llava.drop.budget import geometric_keep_counts, ranked_keep
 from llava.drop.cache import LayerKVCache
 from llava.drop.config import DropConfig
 from llava.drop.decode import apply_output_aware_cache
@@ -15,7 +16,12 @@ from llava.drop.vision import VisionOutput, encode_image
 
 @register
 class MustDrop(DropMethod):
-    """Local spatial merge + key set in CLIP, dual attention filtering in prefill, output-aware cache."""
+    """Local spatial merge + key set in CLIP, dual attention filtering in prefill, output-aware cache.
+
+    With `budget` set (our documented variant, not in the reference code), each dropping layer keeps a
+    fixed count from a geometric schedule that reaches the target layer average, ranked by the global
+    score (summed text attention), the key set always kept first.
+    """
 
     name = "mustdrop"
     options_class = DropConfig
@@ -31,8 +37,19 @@ class MustDrop(DropMethod):
         return self.options.drop_layers
 
     def select(self, context: LayerContext) -> torch.Tensor:
-        return dual_attention_keep(context.attention(TEXT_QUERIES), self.options.global_thr,
-                                   self.options.individual_thr, context.key_indices)
+        attention = context.attention(TEXT_QUERIES)
+        if self.options.budget is None:
+            return dual_attention_keep(attention, self.options.global_thr, self.options.individual_thr,
+                                       context.key_indices)
+        return ranked_keep(attention.sum(dim=0), context.key_indices, self.budget_count(context))
+
+    def budget_count(self, context: LayerContext) -> int:
+        """Budget variant: this layer's share of a geometric schedule over the dropping layers."""
+        num_layers = len(context.model.model.language_model.layers)
+        key_count = 0 if context.key_indices is None else context.key_indices.numel()
+        counts = geometric_keep_counts(context.prompt_vision_count, self.options.budget, self.options.drop_layers,
+                                       num_layers, minimum=key_count)
+        return counts[self.options.drop_layers.index(context.layer_idx)]
 
     def after_prefill(self, cache: LayerKVCache, drops: list[tuple[int, torch.Tensor]]) -> None:
         if self.options.decode_cache_policy:

@@ -3,9 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import pkgutil
 import typing
 
 METHODS: dict[str, type] = {}
+
+
+def discover_methods() -> None:
+    """Import every module of llava/drop/methods so that each one's @register has run."""
+    import llava.drop.methods as package
+
+    for module in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"{package.__name__}.{module.name}")
 
 
 def register(method_class: type) -> type:
@@ -53,8 +63,7 @@ def build_options(options_class, args: dict[str, str], base=None):
 
 def create_method(name: str, args: dict[str, str] | None = None, base_options=None):
     """The method registered as `name`, with its options set from `args` (strings) over `base_options`."""
-    import llava.drop.methods  # noqa: F401  (registers the built-in methods)
-
+    discover_methods()
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(sorted(METHODS))}")
     method_class = METHODS[name]

@@ -1,30 +1,18 @@
 #!/usr/bin/env bash
-# VizWiz (test-dev) inference with MustDrop.
-#   bash scripts/v1_5/eval/vizwiz.sh [full|64]      (default 64)
-# Threshold: the reference code's published LLaVA-1.5-7B VizWiz setting (64 tokens: 0.005 / 0.001).
-# Writes LLaVA's answers JSONL; the submission converter for the EvalAI server is a separate step.
-# Environment overrides: MODEL_PATH, PYTHON, VIZWIZ_DIR, QUESTION_FILE, IMAGE_FOLDER.
-set -euo pipefail
-SETTING="${1:-64}"
-MODEL_PATH="${MODEL_PATH:-liuhaotian/llava-v1.5-7b}"
-PYTHON="${PYTHON:-python}"
-DATA="${VIZWIZ_DIR:-./playground/data/eval/vizwiz}"
+# VizWiz (test-dev) with MustDrop.   bash scripts/v1_5/eval/vizwiz.sh [full|192|128|64]
+# Thresholds: 64 is the reference code's published VizWiz setting (0.005 / 0.001); 192 and 128 are
+# reused from TextVQA (common.sh); calibrate with `python -m llava.drop.calibrate`.
+# VizWiz test answers are scored by the evaluation server: upload $UPLOAD_FILE there.
+THR_64="${THR_64:-0.005 0.001}"
+BENCHMARK=vizwiz; source "$(dirname "$0")/common.sh" "$@"
 QUESTION_FILE="${QUESTION_FILE:-$DATA/llava_test.jsonl}"
 IMAGE_FOLDER="${IMAGE_FOLDER:-$DATA/test}"
+UPLOAD_FILE="${UPLOAD_FILE:-$DATA/answers_upload/$MODEL_NAME-$SETTING.json}"
 
-case "$SETTING" in
-    full) DROP_FLAGS=() ;;
-    64)   DROP_FLAGS=(--sparse --global_thr 0.005 --individual_thr 0.001) ;;
-    *) echo "unknown setting '$SETTING': choose full or 64 (the authors published only 64 for VizWiz)" >&2; exit 2 ;;
-esac
-ANSWERS="$DATA/answers/$(basename "$MODEL_PATH")-$SETTING.jsonl"
+run_sharded llava.eval.model_vqa_loader --model-path "$MODEL_PATH" \
+    --question-file "$QUESTION_FILE" --image-folder "$IMAGE_FOLDER"
 
-"$PYTHON" -m llava.eval.model_vqa_loader \
-    --model-path "$MODEL_PATH" \
-    --question-file "$QUESTION_FILE" \
-    --image-folder "$IMAGE_FOLDER" \
-    --answers-file "$ANSWERS" \
-    --temperature 0 \
-    --conv-mode vicuna_v1 \
-    "${DROP_FLAGS[@]}" ${EXTRA_ARGS:-}
-echo "answers: $ANSWERS"
+"$PYTHON" -m llava.eval.convert_vizwiz_for_submission --annotation-file "$QUESTION_FILE" \
+    --result-file "$ANSWER_DIR/merge.jsonl" --result-upload-file "$UPLOAD_FILE" \
+    --scores-file "$ANSWER_DIR/scores.json"
+write_summary

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# POPE (COCO adversarial/popular/random) with MustDrop.   bash scripts/v1_5/eval/pope.sh [full|192|128|64]
+# Thresholds: reused from TextVQA (common.sh defaults); calibrate with `python -m llava.drop.calibrate`.
+BENCHMARK=pope; source "$(dirname "$0")/common.sh" "$@"
+QUESTION_FILE="${QUESTION_FILE:-$DATA/llava_pope_test.jsonl}"
+IMAGE_FOLDER="${IMAGE_FOLDER:-$DATA/val2014}"
+ANNOTATION_DIR="${ANNOTATION_DIR:-$DATA/coco}"
+
+run_sharded llava.eval.model_vqa_loader --model-path "$MODEL_PATH" \
+    --question-file "$QUESTION_FILE" --image-folder "$IMAGE_FOLDER"
+
+"$PYTHON" -m llava.eval.eval_pope --annotation-dir "$ANNOTATION_DIR" --question-file "$QUESTION_FILE" \
+    --result-file "$ANSWER_DIR/merge.jsonl" --scores-file "$ANSWER_DIR/scores.json"
+write_summary

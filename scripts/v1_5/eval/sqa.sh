@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# ScienceQA-IMG with MustDrop.   bash scripts/v1_5/eval/sqa.sh [full|192|128|64]
+# Thresholds: reused from TextVQA (the common.sh defaults); calibrate with `python -m llava.drop.calibrate`.
+# Environment (besides common.sh's): QUESTION_FILE, IMAGE_FOLDER, BASE_DIR (problems.json + pid_splits.json).
+BENCHMARK=scienceqa; source "$(dirname "$0")/common.sh" "$@"
+QUESTION_FILE="${QUESTION_FILE:-$DATA/llava_test_CQM-A.json}"
+IMAGE_FOLDER="${IMAGE_FOLDER:-$DATA/images/test}"
+BASE_DIR="${BASE_DIR:-$DATA}"
+
+run_sharded llava.eval.model_vqa_science --model-path "$MODEL_PATH" \
+    --question-file "$QUESTION_FILE" --image-folder "$IMAGE_FOLDER" --single-pred-prompt
+
+"$PYTHON" -m llava.eval.eval_science_qa --base-dir "$BASE_DIR" --result-file "$ANSWER_DIR/merge.jsonl" \
+    --output-file "$ANSWER_DIR/output.json" --output-result "$ANSWER_DIR/result.json" \
+    --scores-file "$ANSWER_DIR/scores.json"
+write_summary

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# VQAv2 (test-dev) with MustDrop.   bash scripts/v1_5/eval/vqav2.sh [full|192|128|64]
+# Thresholds: reused from TextVQA (the common.sh defaults); the authors published none for VQAv2,
+# calibrate with `python -m llava.drop.calibrate`. The score comes from EvalAI: upload the file this
+# script names.
+BENCHMARK=vqav2; source "$(dirname "$0")/common.sh" "$@"
+SPLIT="${SPLIT:-llava_vqav2_mscoco_test-dev2015}"
+QUESTION_FILE="${QUESTION_FILE:-$DATA/$SPLIT.jsonl}"
+IMAGE_FOLDER="${IMAGE_FOLDER:-$DATA/test2015}"
+
+run_sharded llava.eval.model_vqa_loader --model-path "$MODEL_PATH" \
+    --question-file "$QUESTION_FILE" --image-folder "$IMAGE_FOLDER"
+
+"$PYTHON" -m llava.eval.convert_vqav2_for_submission --dir "$DATA" --split "$SPLIT" \
+    --ckpt "$MODEL_NAME-$SETTING" --result-file "$ANSWER_DIR/merge.jsonl" --scores-file "$ANSWER_DIR/scores.json"
+write_summary

@@ -1,0 +1,237 @@
+"""MMBench: TSV reading, prompts and circular rounds, scoring (hand-computed), and the upload sheet."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import json
+import os
+import subprocess
+import sys
+from io import BytesIO
+from pathlib import Path
+
+import pytest
+from openpyxl import load_workbook
+from PIL import Image
+
+from llava.eval.eval_mmbench import MMBenchError, evaluate, main, read_mmbench, rotate, round_answer
+from llava.eval.model_vqa_mmbench import build_parser, questions_from_file
+from llava.eval.question_loop import RunError
+from tests.conftest import REPO_ROOT
+
+COLUMNS = ["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "l2-category", "image"]
+INSTRUCTION = "Answer with the option's letter from the given choices directly."
+NOISE_SIDE = 256  # a random-noise PNG this size is ~260k base64 characters, beyond csv's default field limit
+
+
+def image_base64(color: tuple[int, int, int] = (200, 30, 30), size: tuple[int, int] = (24, 16)) -> str:
+    buffer = BytesIO()
+    Image.new("RGB", size, color).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def sample_rows() -> list[dict[str, str]]:
+    """Three questions with 3, 4 and 2 options; the hint is text, pandas' "nan", and empty."""
+    return [
+        {"index": "0", "question": "What color is the sign?", "hint": "A sign by the road.", "A": "red", "B": "blue",
+         "C": "green", "D": "", "answer": "A", "category": "color", "l2-category": "attribute"},
+        {"index": "1", "question": "How many cars?", "hint": "nan", "A": "1", "B": "2", "C": "3", "D": "4",
+         "answer": "C", "category": "count", "l2-category": "instance"},
+        {"index": "2", "question": "Is it day?", "hint": "", "A": "yes", "B": "no", "C": "", "D": "",
+         "answer": "B", "category": "color", "l2-category": "attribute"},
+    ]
+
+
+def write_tsv(path: Path, rows: list[dict[str, str]], columns: list[str] = COLUMNS) -> Path:
+    """An MMBench-style TSV; every row gets an image unless it brings its own."""
+    with path.open("w", encoding="utf-8", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, delimiter="\t", extrasaction="ignore")
+        writer.writeheader()
+        for index, row in enumerate(rows):
+            writer.writerow({"image": image_base64((40 * index, 90, 160)), **row})
+    return path
+
+
+# Answers for every round. Question 0 (answer red): all right. Question 1 (answer "3"): round 2 wrong.
+# Question 2 (answer "no"): round 0 wrong. Rounds rotate the options left, so the right letter moves.
+ROUND_ANSWERS = [
+    (0, 0, "A"), (0, 1, "C"), (0, 2, "B. red"),  # [red, blue, green] [blue, green, red] [green, red, blue]
+    (1, 0, "C"), (1, 1, "B"), (1, 2, "C"), (1, 3, "The answer is D."),  # right letters C, B, A, D
+    (2, 0, "A"), (2, 1, "A"),  # [yes, no] -> B; [no, yes] -> A
+]
+
+
+def write_answers(path: Path, answers: list[tuple[int, int, str]]) -> Path:
+    lines = [json.dumps({"question_id": index, "round_id": round_id, "prompt": "p", "text": text})
+             for index, round_id, text in answers]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def tsv(tmp_path: Path) -> Path:
+    return write_tsv(tmp_path / "mmbench_dev_20230712.tsv", sample_rows())
+
+
+# ---------------------------------------------------------------- rounds and prompts
+
+
+def test_rotation_moves_the_answer_letter(tsv: Path) -> None:
+    _, rows = read_mmbench(tsv)
+    assert [len(row.options) for row in rows] == [3, 4, 2]  # options stop at the first empty one
+    assert rotate(["1", "2", "3", "4"], 1) == ["2", "3", "4", "1"]
+    assert [round_answer(rows[1], r) for r in range(4)] == ["C", "B", "A", "D"]
+    for r in range(4):  # the right letter always points at the original right option, "3"
+        assert rotate(rows[1].options, r)["ABCD".index(round_answer(rows[1], r))] == "3"
+
+
+def _args(tsv: Path, *extra: str):
+    return build_parser().parse_args(["--question-file", str(tsv), *extra])
+
+
+def test_prompt_and_record_of_a_rotated_round(tsv: Path) -> None:
+    questions = questions_from_file(_args(tsv, "--all-rounds"))
+    assert [(q.question_id, q.record["round_id"]) for q in questions] == [
+        (0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2), (1, 3), (2, 0), (2, 1)]
+    second_round = questions[1]
+    prompt = "A sign by the road.\nWhat color is the sign?\nA. blue\nB. green\nC. red"
+    assert second_round.text == f"{prompt}\n{INSTRUCTION}"
+    assert second_round.record == {"round_id": 1, "prompt": prompt, "options": ["blue", "green", "red"],
+                                   "option_char": ["A", "B", "C"], "answer": "C"}
+
+
+def test_missing_hints_and_single_round(tsv: Path) -> None:
+    questions = questions_from_file(_args(tsv, "--lang", "cn"))
+    assert [q.record["round_id"] for q in questions] == [0, 0, 0]
+    assert questions[1].text == "How many cars?\nA. 1\nB. 2\nC. 3\nD. 4\n请直接回答选项字母。"  # "nan" hint
+    assert questions[2].text.startswith("Is it day?\nA. yes\nB. no\n")  # empty hint
+    plain = questions_from_file(_args(tsv, "--no-single-pred-prompt"))
+    assert plain[2].text == "Is it day?\nA. yes\nB. no"
+
+
+def test_image_is_decoded_from_base64(tsv: Path) -> None:
+    image = questions_from_file(_args(tsv))[0].load_image()
+    assert image.mode == "RGB" and image.size == (24, 16)
+
+
+def test_bad_base64_names_the_question(tmp_path: Path) -> None:
+    rows = sample_rows()
+    rows[1]["image"] = "bm90IGFuIGltYWdl"  # "not an image"
+    tsv = write_tsv(tmp_path / "bad.tsv", rows)
+    with pytest.raises(RunError, match="question 1: cannot decode"):
+        questions_from_file(_args(tsv))[1].load_image()
+
+
+def test_image_cells_beyond_csv_default_limit(tmp_path: Path) -> None:
+    buffer = BytesIO()
+    Image.frombytes("RGB", (NOISE_SIDE, NOISE_SIDE), os.urandom(3 * NOISE_SIDE**2)).save(buffer, format="PNG")
+    rows = sample_rows()
+    rows[0]["image"] = base64.b64encode(buffer.getvalue()).decode("ascii")
+    assert len(rows[0]["image"]) > csv.field_size_limit()
+    limit = csv.field_size_limit()
+    _, parsed = read_mmbench(write_tsv(tmp_path / "big.tsv", rows))
+    assert parsed[0].image == rows[0]["image"]
+    assert csv.field_size_limit() == limit  # restored
+
+
+# ---------------------------------------------------------------- scoring
+
+
+def test_circular_single_round_and_category_accuracy(tsv: Path, tmp_path: Path) -> None:
+    scores = evaluate(tsv, write_answers(tmp_path / "merge.jsonl", ROUND_ANSWERS), tmp_path / "up.xlsx")
+    assert (scores["samples"], scores["rounds"], scores["unanswered"]) == (3, 9, 0)
+    assert scores["accuracy"] == pytest.approx(100 / 3)  # only question 0 is right in every round
+    assert scores["single_round_accuracy"] == pytest.approx(200 / 3)  # round 0: questions 0 and 1
+    assert scores["categories"] == {"color": pytest.approx(50.0), "count": 0.0}  # color: 0 right, 2 wrong
+
+
+def test_unanswered_questions_count_wrong(tsv: Path, tmp_path: Path) -> None:
+    scores = evaluate(tsv, write_answers(tmp_path / "merge.jsonl", ROUND_ANSWERS[:3]), tmp_path / "up.xlsx")
+    assert scores["unanswered"] == 2
+    assert scores["accuracy"] == pytest.approx(100 / 3) and scores["single_round_accuracy"] == pytest.approx(100 / 3)
+
+
+def _sheet(path: Path) -> list[tuple]:
+    return list(load_workbook(path).active.iter_rows(values_only=True))
+
+
+def test_upload_sheet_has_llava_columns_and_parsed_letters(tsv: Path, tmp_path: Path, capsys) -> None:
+    answers = [(0, 0, "A. red"), (1, 0, "I cannot tell"), (1, 1, "B")]  # question 2 unanswered
+    upload = tmp_path / "answers_upload" / "tiny.xlsx"
+    main(["--question-file", str(tsv), "--result-file", str(write_answers(tmp_path / "merge.jsonl", answers)),
+          "--upload-file", str(upload)])
+    header, *rows = _sheet(upload)
+    assert header == ("index", "question", "hint", "A", "B", "C", "D", "prediction", "answer", "category",
+                      "l2-category")
+    assert rows[0] == (0, "What color is the sign?", "A sign by the road.", "red", "blue", "green", None, "A", "A",
+                       "color", "attribute")
+    assert [row[7] for row in rows] == ["A", "I cannot tell", None]  # no letter read: the text, for the server
+    output = capsys.readouterr().out
+    assert "Circular accuracy: 33.33%" in output and str(upload) in output
+
+
+def test_test_split_without_answers_only_writes_the_sheet(tmp_path: Path, capsys) -> None:
+    columns = [column for column in COLUMNS if column != "answer"]
+    tsv = write_tsv(tmp_path / "mmbench_test.tsv", sample_rows(), columns)
+    result = write_answers(tmp_path / "merge.jsonl", [(0, 0, "B"), (1, 0, "D"), (2, 0, "A")])
+    scores_file = tmp_path / "scores.json"
+    main(["--question-file", str(tsv), "--result-file", str(result), "--scores-file", str(scores_file)])
+    header, *rows = _sheet(tmp_path / "merge.xlsx")  # default: next to the result file
+    assert "answer" not in header and [row[header.index("prediction")] for row in rows] == ["B", "D", "A"]
+    assert not scores_file.exists()
+    assert "no accuracy" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- errors
+
+
+def _cli_error(capsys, *args: str) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(args))
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_answer_for_an_unknown_index(tsv: Path, tmp_path: Path, capsys) -> None:
+    result = write_answers(tmp_path / "merge.jsonl", [(0, 0, "A"), (42, 0, "B")])
+    error = _cli_error(capsys, "--question-file", str(tsv), "--result-file", str(result))
+    assert "line 2" in error and "42" in error
+
+
+def test_round_id_must_be_a_number(tsv: Path, tmp_path: Path) -> None:
+    result = tmp_path / "merge.jsonl"
+    result.write_text(json.dumps({"question_id": 0, "round_id": "1", "text": "A"}) + "\n")
+    with pytest.raises(MMBenchError, match="line 1: round_id '1'"):
+        evaluate(tsv, result, tmp_path / "up.xlsx")
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"index": "seven"}, "index 'seven' is not an integer"),
+        ({"answer": "D"}, "question 0 has answer 'D' but 3 options"),
+        ({"A": ""}, "question 0 has no options"),
+    ],
+)
+def test_bad_rows_name_the_question(tmp_path: Path, change: dict, message: str) -> None:
+    rows = sample_rows()
+    rows[0].update(change)
+    with pytest.raises(MMBenchError, match=message):
+        read_mmbench(write_tsv(tmp_path / "bad.tsv", rows))
+
+
+def test_missing_columns_are_named(tmp_path: Path) -> None:
+    tsv = write_tsv(tmp_path / "bad.tsv", sample_rows(), ["index", "question", "A"])
+    with pytest.raises(MMBenchError, match=r"bad.tsv.*\['B'\]"):
+        read_mmbench(tsv)
+
+
+def test_clis_exit_with_one_line_for_a_missing_tsv(tmp_path: Path) -> None:
+    missing = str(tmp_path / "nope.tsv")
+    for module, extra in (("llava.eval.eval_mmbench", ["--result-file", "x.jsonl"]),
+                          ("llava.eval.model_vqa_mmbench", ["--answers-file", str(tmp_path / "a.jsonl")])):
+        completed = subprocess.run([sys.executable, "-m", module, "--question-file", missing, *extra],
+                                   capture_output=True, text=True, cwd=REPO_ROOT)
+        assert completed.returncode != 0
+        assert "nope.tsv" in completed.stderr and "Traceback" not in completed.stderr
