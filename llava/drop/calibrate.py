@@ -1,0 +1,349 @@
+"""Find MustDrop thresholds that give a wanted number of vision tokens (the paper's 192 / 128 / 64).
+
+    python -m llava.drop.calibrate --model-path M --question-file Q --image-folder I \
+        [--num-questions 32] [--targets 192,128,64] [--ratio 1.0] [--out thresholds.json]
+
+The paper names its settings by "tokens": vision tokens present at each of the 32 decoder layers,
+averaged over the layers and the questions. The authors published thresholds only for LLaVA-1.5-7B
+on TextVQA (and VizWiz-64); for another model or benchmark this tool finds a pair that reaches a
+target on a sample of the questions.
+
+Two thresholds are one too many to search, so we walk the path `individual_thr = ratio * global_thr`.
+The default ratio 1.0 follows the published pairs, whose two thresholds are close (0.001 / 0.001,
+0.0012 / 0.001, 0.011 / 0.01). Along the path the token count falls (in practice; nothing guarantees
+it) as the thresholds rise, so we bisect on log(global_thr) in [1e-6, 1] with a fixed number of
+steps and report the closest pair seen. Only the prefill runs (no decoding), and stage 1 (which does
+not depend on the thresholds) runs once per question.
+
+What the path can reach is bounded: at the top end every vision token outside the key set goes at
+the first dropping layer, and at the bottom end nothing does, leaving stage 1's output. Both bounds
+are measured and reported; a target outside them is reported as unreachable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+from llava.conversation import get_conv_template
+from llava.drop.cache import LayerKVCache
+from llava.drop.config import (
+    DEFAULT_GLOBAL_THR,
+    DEFAULT_INDIVIDUAL_THR,
+    DROP_LAYERS,
+    KEY_TOKEN_RATE,
+    MERGE_THRESHOLD,
+    DropConfig,
+)
+from llava.drop.generate import MultimodalPrompt, SamplingConfig, as_method, build_prompt, check_drop_layers, prefill
+from llava.drop.vision import encode_image
+from llava.eval.answering import Answerer
+from llava.eval.model_vqa_loader import questions_from_file
+from llava.eval.question_loop import Question, RunError, drop_config_from_args, load_model, main_guard
+from llava.mm_utils import PAD_ASPECT_RATIO, process_images, tokenizer_image_token
+
+LOWEST_GLOBAL_THR = 1e-6
+HIGHEST_GLOBAL_THR = 1.0
+SIGNIFICANT_DIGITS = 3  # thresholds are probed already rounded, so the reported pair is the one measured
+DEFAULT_TARGETS = (192, 128, 64)
+DEFAULT_NUM_QUESTIONS = 32
+DEFAULT_RATIO = 1.0
+DEFAULT_TOLERANCE = 1.0
+DEFAULT_STEPS = 16  # log range 13.8 / 2**16 is finer than the 3-significant-digit rounding
+DEFAULT_CONV_MODE = "vicuna_v1"  # what scripts/v1_5/eval/common.sh evaluates with
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One point of the path and the mean vision-token count it gives."""
+
+    global_thr: float
+    individual_thr: float
+    tokens: float
+
+
+@dataclass
+class CalibrationResult:
+    """The closest pair found for one target, and the bounds of what the path can reach."""
+
+    target: float
+    global_thr: float
+    individual_thr: float
+    mean_tokens: float
+    reachable: bool  # the target lies within [fewest_tokens, most_tokens] (give or take the tolerance)
+    within_tolerance: bool  # the pair's mean is within the tolerance of the target
+    fewest_tokens: float  # at the path's top end: only the key set survives the first dropping layer
+    most_tokens: float  # at the path's bottom end: about stage 1's output
+    stage1_tokens: float  # mean vision tokens out of stage 1, an upper bound for any thresholds
+    questions_below_target: int  # questions whose stage 1 alone already leaves fewer tokens than the target
+    num_questions: int
+
+
+def round_significant(value: float) -> float:
+    return float(f"{value:.{SIGNIFICANT_DIGITS}g}")
+
+
+def path_point(log_global_thr: float, ratio: float) -> tuple[float, float]:
+    """(global_thr, individual_thr) on the path, rounded; both stay within DropConfig's [0, 1]."""
+    global_thr = min(HIGHEST_GLOBAL_THR, round_significant(math.exp(log_global_thr)))
+    return global_thr, min(1.0, round_significant(ratio * global_thr))
+
+
+def question_inputs(answerer: Answerer, question: Question) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and pixel values exactly as the answering CLIs build them."""
+    image = question.load_image()
+    if image is None:
+        raise ValueError(f"question {question.question_id!r} has no image; calibration needs vision tokens")
+    prompt, _ = answerer.build_prompt(question.text, with_image=True)
+    input_ids = tokenizer_image_token(prompt, answerer.tokenizer, return_tensors="pt")
+    aspect_ratio = getattr(answerer.model.config, "image_aspect_ratio", PAD_ASPECT_RATIO)
+    return input_ids, process_images([image], answerer.image_processor, aspect_ratio)
+
+
+@torch.inference_mode()
+def prepare_prompts(
+    model, tokenizer, image_processor, questions: Sequence[Question], conv_mode: str, drop: DropConfig
+) -> list[MultimodalPrompt]:
+    """Stage 1 once per question: the spliced prompts every threshold pair then prefills."""
+    answerer = Answerer(tokenizer, model, image_processor, conv_mode, SamplingConfig(), drop)
+    prompts = []
+    for question in questions:
+        input_ids, pixel_values = question_inputs(answerer, question)
+        prompts.append(build_prompt(model, input_ids, encode_image(model, pixel_values, drop)))
+    return prompts
+
+
+@torch.inference_mode()
+def mean_tokens(model, prompts: Sequence[MultimodalPrompt], global_thr: float, individual_thr: float,
+                drop: DropConfig | None = None) -> float:
+    """The paper's "tokens": vision tokens per decoder layer in prefill, averaged over layers and prompts."""
+    drop = replace(drop or DropConfig(), enabled=True, global_thr=global_thr, individual_thr=individual_thr)
+    num_layers = len(model.model.language_model.layers)
+    per_prompt = []
+    for prompt in prompts:
+        counts = prefill(model, prompt, LayerKVCache(num_layers), drop).vision_tokens_per_layer
+        per_prompt.append(sum(counts) / len(counts))
+    return sum(per_prompt) / len(per_prompt)
+
+
+def bisect_path(measure: Callable[[float], Probe], target: float, tolerance: float, steps: int,
+                ends: tuple[Probe, Probe]) -> Probe:
+    """Closest probe to `target`, bisecting log(global_thr) for at most `steps` steps.
+
+    The count is assumed non-increasing along the path; where it is not, bisection still ends after
+    `steps` and the closest probe seen is returned.
+    """
+    probes = list(ends)
+    low, high = math.log(LOWEST_GLOBAL_THR), math.log(HIGHEST_GLOBAL_THR)
+    for _ in range(steps):
+        if min(abs(p.tokens - target) for p in probes) <= tolerance:
+            break
+        middle = (low + high) / 2
+        probe = measure(middle)
+        probes.append(probe)
+        if probe.tokens > target:
+            low = middle
+        else:
+            high = middle
+    return min(probes, key=lambda p: abs(p.tokens - target))
+
+
+def check_settings(targets: Sequence[float], ratio: float, tolerance: float, steps: int) -> None:
+    if not targets or any(not math.isfinite(target) or target <= 0 for target in targets):
+        raise ValueError(f"targets must be positive token counts, got {list(targets)}")
+    if ratio <= 0:
+        raise ValueError(f"ratio must be > 0 (individual_thr = ratio * global_thr), got {ratio}")
+    if tolerance < 0:
+        raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+
+
+def calibrate(
+    model,
+    tokenizer,
+    image_processor,
+    questions: Sequence[Question],
+    targets: Sequence[float],
+    conv_mode: str = DEFAULT_CONV_MODE,
+    ratio: float = DEFAULT_RATIO,
+    tolerance: float = DEFAULT_TOLERANCE,
+    steps: int = DEFAULT_STEPS,
+    drop: DropConfig | None = None,
+) -> list[CalibrationResult]:
+    """For each target mean vision-token count, the closest (global_thr, individual_thr) on the path."""
+    check_settings(targets, ratio, tolerance, steps)
+    if not questions:
+        raise ValueError("no questions to calibrate on")
+    drop = replace(drop or DropConfig(), enabled=True)
+    check_drop_layers(model, as_method(drop))
+    prompts = prepare_prompts(model, tokenizer, image_processor, questions, conv_mode, drop)
+    measured: dict[tuple[float, float], Probe] = {}
+
+    def measure(log_global_thr: float) -> Probe:
+        pair = path_point(log_global_thr, ratio)
+        if pair not in measured:
+            measured[pair] = Probe(*pair, mean_tokens(model, prompts, *pair, drop))
+        return measured[pair]
+
+    most, fewest = measure(math.log(LOWEST_GLOBAL_THR)), measure(math.log(HIGHEST_GLOBAL_THR))
+    stage1_counts = [prompt.vision_count for prompt in prompts]
+    results = []
+    for target in targets:
+        reachable = fewest.tokens - tolerance <= target <= most.tokens + tolerance
+        best = bisect_path(measure, target, tolerance, steps if reachable else 0, (most, fewest))
+        results.append(CalibrationResult(
+            target=target, global_thr=best.global_thr, individual_thr=best.individual_thr, mean_tokens=best.tokens,
+            reachable=reachable, within_tolerance=abs(best.tokens - target) <= tolerance,
+            fewest_tokens=fewest.tokens, most_tokens=most.tokens,
+            stage1_tokens=sum(stage1_counts) / len(stage1_counts),
+            questions_below_target=sum(count < target for count in stage1_counts), num_questions=len(prompts),
+        ))
+    return results
+
+
+def result_note(result: CalibrationResult) -> str:
+    """Why a result needs a second look, in a few words (empty when it does not)."""
+    notes = []
+    if not result.reachable:
+        side = "above the most" if result.target > result.most_tokens else "below the fewest"
+        notes.append(f"unreachable: {side} tokens the path gives on this sample")
+    elif not result.within_tolerance:
+        notes.append("closest pair found is outside the tolerance")
+    if result.questions_below_target:
+        notes.append(f"stage 1 alone is below the target on {result.questions_below_target}/"
+                     f"{result.num_questions} questions")
+    return "; ".join(notes)
+
+
+def markdown_table(results: Sequence[CalibrationResult]) -> str:
+    lines = ["| target | global_thr | individual_thr | mean tokens | reachable | note |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for r in results:
+        lines.append(f"| {r.target:g} | {r.global_thr:g} | {r.individual_thr:g} | {r.mean_tokens:.1f} | "
+                     f"{'yes' if r.reachable else 'no'} | {result_note(r)} |")
+    return "\n".join(lines)
+
+
+def bounds_line(result: CalibrationResult) -> str:
+    return (f"Bounds on {result.num_questions} questions: fewest {result.fewest_tokens:.1f} tokens "
+            f"(global_thr {HIGHEST_GLOBAL_THR:g}), most {result.most_tokens:.1f} (global_thr {LOWEST_GLOBAL_THR:g}); "
+            f"stage 1 output {result.stage1_tokens:.1f}.")
+
+
+def script_lines(results: Sequence[CalibrationResult]) -> list[str]:
+    """Overrides for scripts/v1_5/eval/common.sh; unreachable targets come out commented."""
+    lines = []
+    for r in results:
+        line = f'THR_{r.target:g}="{r.global_thr:g} {r.individual_thr:g}"'
+        lines.append(line if r.reachable else f"# {line}  # unreachable on this sample")
+    return lines
+
+
+def report(results: Sequence[CalibrationResult]) -> str:
+    return "\n".join([markdown_table(results), "", bounds_line(results[0]), "", *script_lines(results)])
+
+
+def parse_targets(text: str) -> list[int]:
+    """Whole token counts, as the paper names its settings (and common.sh its THR_<count> variables)."""
+    try:
+        targets = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        targets = []
+    if not targets or any(target <= 0 for target in targets):
+        raise ValueError(f"--targets must be comma-separated positive whole token counts, got {text!r}")
+    return targets
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-path", type=str, required=True)
+    parser.add_argument("--model-base", type=str, default=None)
+    parser.add_argument("--vision-tower", type=str, default=None, help="local CLIP tower dir (original layout)")
+    parser.add_argument("--question-file", type=str, required=True, help="LLaVA question JSONL")
+    parser.add_argument("--image-folder", type=str, default="")
+    parser.add_argument("--num-questions", type=int, default=DEFAULT_NUM_QUESTIONS)
+    parser.add_argument("--seed", type=int, default=None, help="sample questions at random (default: the first N)")
+    parser.add_argument("--targets", type=str, default=",".join(map(str, DEFAULT_TARGETS)))
+    parser.add_argument("--conv-mode", type=str, default=DEFAULT_CONV_MODE)
+    parser.add_argument("--ratio", type=float, default=DEFAULT_RATIO, help="individual_thr = ratio * global_thr")
+    parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE, help="in tokens")
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="bisection steps per target")
+    parser.add_argument("--out", type=str, default=None, help="write the results as JSON here")
+    parser.add_argument("--device", type=str, default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--dtype", type=str, default=None,
+                        help="fp32, fp16 or bf16 (default: fp16 on cuda, fp32 on cpu)")
+    parser.add_argument("--device-map", type=str, default=None, help="'auto' spreads the model over all GPUs")
+    parser.add_argument("--load-8bit", action="store_true")
+    parser.add_argument("--load-4bit", action="store_true")
+    parser.add_argument("--no_merge", action="store_true", help="skip stage 1's spatial merge")
+    parser.add_argument("--merge_thr", type=float, default=MERGE_THRESHOLD, help="stage 1 window similarity threshold")
+    parser.add_argument("--key_rate", type=float, default=KEY_TOKEN_RATE, help="share of patches in the key set")
+    parser.add_argument("--drop_layers", type=str, default=",".join(map(str, DROP_LAYERS)),
+                        help="comma-separated 0-based decoder layers where stage 2 drops")
+    return parser
+
+
+def stage_config(args: argparse.Namespace) -> DropConfig:
+    """MustDrop's stage settings from the flags; the thresholds are what calibration searches."""
+    as_sparse_run = argparse.Namespace(**vars(args), sparse=True, global_thr=DEFAULT_GLOBAL_THR,
+                                       individual_thr=DEFAULT_INDIVIDUAL_THR)
+    return drop_config_from_args(as_sparse_run)
+
+
+def sample_questions(questions: list[Question], count: int, seed: int | None) -> list[Question]:
+    if count >= len(questions):
+        return questions
+    return random.Random(seed).sample(questions, count) if seed is not None else questions[:count]
+
+
+def run(args: argparse.Namespace) -> list[CalibrationResult]:
+    """Validate every flag, then load the model and calibrate; input problems become RunError."""
+    try:
+        targets = parse_targets(args.targets)
+        check_settings(targets, args.ratio, args.tolerance, args.steps)
+        if args.num_questions < 1:
+            raise ValueError(f"--num-questions must be >= 1, got {args.num_questions}")
+        get_conv_template(args.conv_mode)
+        drop = stage_config(args)
+    except ValueError as error:
+        raise RunError(str(error)) from None
+    questions = sample_questions(questions_from_file(args), args.num_questions, args.seed)
+    tokenizer, model, image_processor, _ = load_model(args)
+    try:
+        results = calibrate(model, tokenizer, image_processor, questions, targets, args.conv_mode,
+                            args.ratio, args.tolerance, args.steps, drop)
+    except ValueError as error:
+        raise RunError(str(error)) from None
+    print(report(results))
+    if args.out:
+        write_json(Path(args.out), args, results)
+    return results
+
+
+def write_json(path: Path, args: argparse.Namespace, results: Sequence[CalibrationResult]) -> None:
+    settings = {key: getattr(args, key) for key in ("model_path", "question_file", "conv_mode", "ratio", "tolerance",
+                                                     "steps", "seed")}
+    payload = {"settings": settings, "results": [asdict(r) for r in results], "common_sh": script_lines(results)}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(payload, indent=2) + "\n")
+    except OSError as error:
+        raise RunError(f"cannot write {path}: {error.strerror}") from None
+    print(f"wrote {path}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    main_guard(lambda: run(args))
+
+
+if __name__ == "__main__":
+    main()
