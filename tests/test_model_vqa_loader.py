@@ -199,3 +199,11 @@ def test_method_args_set_mustdrop_options(tiny_original, tmp_path):
     stats = [json.loads(line)["metadata"] for line in by_args.read_text().splitlines()]
     assert [s["avg_vision_tokens"] for s in stats] == [json.loads(l)["metadata"]["avg_vision_tokens"] for l in by_flags.read_text().splitlines()]
     assert all(s["vision_tokens"] == 576 for s in stats)
+
+
+def test_budget_flag(tiny_original, tmp_path):
+    answers = tmp_path / "budget.jsonl"
+    main(cli_args(tiny_original, first_questions(tmp_path, 1), answers, "--sparse", "--budget", "128"))
+    assert abs(read_answers(answers)[0]["metadata"]["avg_vision_tokens"] - 128) <= 1
+    with pytest.raises(SystemExit, match="--budget needs a dropping method"):
+        main(cli_args(tiny_original, QUESTION_FILE, tmp_path / "x.jsonl", "--budget", "64"))

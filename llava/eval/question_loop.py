@@ -87,6 +87,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", type=str, default=None,
                         help="token-dropping method: none, mustdrop (the default with --sparse), ... (see llava/drop/methods)")
     parser.add_argument("--method-args", type=str, default="", help="the method's options as key=value,key=value")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="target layer-averaged vision tokens (e.g. 192/128/64); sets the method's budget option")
     parser.add_argument("--global_thr", type=float, default=DEFAULT_GLOBAL_THR)
     parser.add_argument("--individual_thr", type=float, default=DEFAULT_INDIVIDUAL_THR)
     parser.add_argument("--no_merge", action="store_true", help="with --sparse: skip stage 1's spatial merge")
@@ -115,7 +117,12 @@ def method_from_args(args: argparse.Namespace) -> DropMethod:
     if args.sparse and name != "mustdrop":
         raise ValueError(f"--sparse switches on MustDrop; drop it to use --method {name}")
     base = mustdrop_options if name == "mustdrop" else None
-    return create_method(name, parse_method_args(args.method_args), base_options=base)
+    method_args = parse_method_args(args.method_args)
+    if args.budget is not None:
+        if name == "none":
+            raise ValueError("--budget needs a dropping method: add --sparse or --method NAME")
+        method_args.setdefault("budget", str(args.budget))
+    return create_method(name, method_args, base_options=base)
 
 
 def validate_args(args: argparse.Namespace) -> tuple[SamplingConfig, DropMethod]:

@@ -36,6 +36,11 @@ def parse_method_args(text: str) -> dict[str, str]:
 
 def _convert(value: str, annotation, name: str):
     """Turn a command-line string into the option's declared type."""
+    arguments = typing.get_args(annotation)
+    if type(None) in arguments:  # an optional option: "none" clears it, anything else is the inner type
+        if value.lower() == "none":
+            return None
+        annotation = next(argument for argument in arguments if argument is not type(None))
     origin = typing.get_origin(annotation)
     try:
         if annotation is bool:

@@ -1,0 +1,57 @@
+"""Fixed token budgets: the geometric keep schedule, ranked selection, and MustDrop's budget variant."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llava.drop.budget import geometric_keep_counts, layer_average, ranked_keep, stage_lengths
+from llava.drop.config import DropConfig
+from llava.drop.methods.mustdrop import MustDrop
+from tests.test_drop_prefill import answer
+
+MUSTDROP_LAYERS = (2, 6, 10, 14)
+
+
+def test_stage_lengths():
+    # layers 0-2 see V, 3-6 k1, 7-10 k2, 11-14 k3, 15-31 k4
+    assert stage_lengths(MUSTDROP_LAYERS, 32) == [3, 4, 4, 4, 17]
+    assert stage_lengths((1,), 32) == [2, 30]
+
+
+@pytest.mark.parametrize("budget", [192, 128, 100])
+def test_schedule_hits_the_budget_within_a_token(budget):
+    counts = geometric_keep_counts(576, budget, MUSTDROP_LAYERS, 32)
+    assert counts == sorted(counts, reverse=True)  # never grows back
+    assert abs(layer_average([576, *counts], stage_lengths(MUSTDROP_LAYERS, 32)) - budget) <= 1
+
+
+def test_budget_above_the_vision_tokens_keeps_everything():
+    assert geometric_keep_counts(150, 192, MUSTDROP_LAYERS, 32) == [150, 150, 150, 150]
+
+
+def test_floor_is_respected_even_when_the_budget_is_missed():
+    # 3 layers at 576 already average 54; a floor of 47 over the other 29 layers gives 96.6 > 64
+    counts = geometric_keep_counts(576, 64, MUSTDROP_LAYERS, 32, minimum=47)
+    assert counts == [47, 47, 47, 47]
+
+
+def test_ranked_keep_takes_the_key_set_first():
+    scores = torch.tensor([0.9, 0.1, 0.5, 0.3, 0.8, 0.2])
+    assert ranked_keep(scores, None, 3).tolist() == [0, 2, 4]
+    assert ranked_keep(scores, torch.tensor([1]), 3).tolist() == [0, 1, 4]  # key 1, then 0.9 and 0.8
+    assert ranked_keep(scores, torch.tensor([1, 3, 5]), 2).tolist() == [1, 3, 5]  # key set kept whole
+
+
+def test_mustdrop_budget_on_the_model(loaded_original, demo_images):
+    """128 is reachable on the first demo image (stage 1 leaves 360 tokens, key set 29)."""
+    stats = answer(loaded_original, demo_images[0], MustDrop(DropConfig(budget=128))).stats
+    assert stats["vision_tokens"] == 360
+    assert abs(stats["avg_vision_tokens"] - 128) <= 1
+    counts = [stats["vision_tokens_after_layer"][str(layer)] for layer in MUSTDROP_LAYERS]
+    assert counts == geometric_keep_counts(360, 128, MUSTDROP_LAYERS, 32, minimum=29)
+
+
+def test_budget_must_be_positive():
+    with pytest.raises(ValueError, match="budget must be a positive number of tokens, got 0"):
+        DropConfig(budget=0)
