@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llava.drop.budget import geometric_keep_counts, layer_average, ranked_keep, stage_lengths
+from llava.drop.budget import (
+    geometric_keep_counts,
+    layer_average,
+    ranked_keep,
+    stage_lengths,
+)
 from llava.drop.config import DropConfig
 from llava.drop.methods.mustdrop import MustDrop
 from tests.test_drop_prefill import answer

@@ -8,7 +8,13 @@ import torch
 from llava.drop.cache import LayerKVCache
 from llava.drop.config import DropConfig
 from llava.drop.generate import SamplingConfig, build_prompt, generate, prefill
-from llava.drop.prefill import TokenLayout, dual_attention_keep, remap_key_indices, sequence_keep, text_to_vision_attention
+from llava.drop.prefill import (
+    TokenLayout,
+    dual_attention_keep,
+    remap_key_indices,
+    sequence_keep,
+    text_to_vision_attention,
+)
 from llava.drop.vision import encode_image
 from llava.mm_utils import load_image, process_images, tokenizer_image_token
 from tests.test_generation import vicuna_prompt

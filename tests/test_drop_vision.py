@@ -17,6 +17,8 @@ from llava.drop.vision import (
     cls_attention_to_patches,
     encode_image,
     merge_windows,
+    merge_windows_in_order,
+    merged_patch_groups,
     top_key_indices,
     window_similarity,
 )
@@ -246,3 +248,44 @@ def test_full_strategy_keeps_cls_and_shifts_keys(model, demo_pixels: torch.Tenso
 def test_batch_of_two_is_rejected(model, demo_pixels: torch.Tensor) -> None:
     with pytest.raises(ValueError, match="batch size 1"):
         encode_image(model, demo_pixels.repeat(2, 1, 1, 1), DropConfig())
+
+
+def _assert_partition(groups: list[list[int]]) -> None:
+    """Every patch is behind exactly one vision token."""
+    assert sorted(patch for group in groups for patch in group) == list(range(NUM_PATCHES))
+
+
+def test_merged_patch_groups_follow_the_merged_sequence() -> None:
+    hidden = _hand_built_hidden()
+    merged, top = merge_windows_in_order(hidden, THRESHOLD, WINDOW)
+    assert top.tolist() == [IDENTICAL_WINDOW, SLIGHT_NOISE_WINDOW, MORE_NOISE_WINDOW]
+    groups = merged_patch_groups(top.tolist(), NUM_PATCHES, WINDOW)
+    assert len(groups) == merged.shape[1] - 1
+    assert groups[:3] == [_patches_of(window) for window in top.tolist()]
+    _assert_partition(groups)
+    for token, group in enumerate(groups):  # each token is the mean of the patches it stands for
+        torch.testing.assert_close(merged[0, 1 + token], hidden[0, [1 + p for p in group]].mean(dim=0),
+                                   rtol=0, atol=ATOL)
+
+
+def test_no_merge_gives_identity_groups() -> None:
+    assert merged_patch_groups([], NUM_PATCHES, WINDOW) == [[patch] for patch in range(NUM_PATCHES)]
+
+
+def test_encode_image_reports_patch_groups(model, demo_pixels: torch.Tensor) -> None:
+    out = encode_image(model, demo_pixels, DropConfig())
+    r = out.stats["merged_windows"]
+    assert len(out.patch_groups) == out.features.shape[0]
+    assert all(len(group) == TOKENS_PER_WINDOW for group in out.patch_groups[:r])
+    assert all(len(group) == 1 for group in out.patch_groups[r:])
+    _assert_partition(out.patch_groups)
+    assert encode_image(model, demo_pixels).patch_groups is None
+    unmerged = encode_image(model, demo_pixels, DropConfig(vision_merge=False)).patch_groups
+    assert unmerged == [[patch] for patch in range(NUM_PATCHES)]
+
+
+def test_full_strategy_gives_cls_no_patches(model, demo_pixels: torch.Tensor,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    default = encode_image(model, demo_pixels, DropConfig()).patch_groups
+    monkeypatch.setattr(model.config, "vision_feature_select_strategy", "full")
+    assert encode_image(model, demo_pixels, DropConfig()).patch_groups == [[]] + default

@@ -9,7 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from llava.eval.eval_gqa import GQAScoringError, convert_results, main, prediction_text, score_gqa
+from llava.eval.eval_gqa import (
+    GQAScoringError,
+    convert_results,
+    main,
+    prediction_text,
+    score_gqa,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

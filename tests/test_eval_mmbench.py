@@ -15,7 +15,14 @@ import pytest
 from openpyxl import load_workbook
 from PIL import Image
 
-from llava.eval.eval_mmbench import MMBenchError, evaluate, main, read_mmbench, rotate, round_answer
+from llava.eval.eval_mmbench import (
+    MMBenchError,
+    evaluate,
+    main,
+    read_mmbench,
+    rotate,
+    round_answer,
+)
 from llava.eval.model_vqa_mmbench import build_parser, questions_from_file
 from llava.eval.question_loop import RunError
 from tests.conftest import REPO_ROOT

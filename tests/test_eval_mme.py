@@ -9,7 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from llava.eval.eval_mme import MMEScoringError, load_ground_truth, main, parse_prediction, score_mme
+from llava.eval.eval_mme import (
+    MMEScoringError,
+    load_ground_truth,
+    main,
+    parse_prediction,
+    score_mme,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MME_HINT = " Please answer yes or no."

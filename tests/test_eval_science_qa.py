@@ -9,8 +9,17 @@ from pathlib import Path
 
 import pytest
 
-from llava.eval.eval_science_qa import ScienceQAScoringError, grade_split, main, summarize
-from llava.eval.model_vqa_science import SINGLE_PRED_PROMPT, build_parser, questions_from_file
+from llava.eval.eval_science_qa import (
+    ScienceQAScoringError,
+    grade_split,
+    main,
+    summarize,
+)
+from llava.eval.model_vqa_science import (
+    SINGLE_PRED_PROMPT,
+    build_parser,
+    questions_from_file,
+)
 from llava.eval.option_letters import FAILED, option_letters, parse_option_letter
 from llava.eval.question_loop import RunError
 from tests.conftest import REPO_ROOT

@@ -19,8 +19,17 @@ from llava.eval.eval_textvqa import (
     question_from_prompt,
     score_textvqa,
 )
-from llava.eval.m4c_evaluator import TextVQAAccuracyEvaluator, normalize_answer, vqa_answer_score
-from llava.eval.make_demo_data import ANNOTATION_FILE, IMAGE_DIR, QUESTION_FILE, make_demo_data
+from llava.eval.m4c_evaluator import (
+    TextVQAAccuracyEvaluator,
+    normalize_answer,
+    vqa_answer_score,
+)
+from llava.eval.make_demo_data import (
+    ANNOTATION_FILE,
+    IMAGE_DIR,
+    QUESTION_FILE,
+    make_demo_data,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_DIR = REPO_ROOT / "playground" / "data" / "eval" / "demo"

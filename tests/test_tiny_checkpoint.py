@@ -12,7 +12,11 @@ import torch
 from safetensors.torch import load_file
 
 from llava.model import tiny
-from llava.model.tiny import COMPLETE_MARKER, VISION_TOWER_DIRNAME, write_tiny_checkpoint
+from llava.model.tiny import (
+    COMPLETE_MARKER,
+    VISION_TOWER_DIRNAME,
+    write_tiny_checkpoint,
+)
 
 PROMPT = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
           "helpful, detailed, and polite answers to the user's questions. USER: \nWhat is written on "
@@ -122,8 +126,8 @@ def test_sentencepiece_training_is_deterministic() -> None:
 
 
 def test_tokenizer_loads_and_round_trips(ckpt: Path) -> None:
-    from transformers import AutoTokenizer
     import sentencepiece as spm
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(ckpt)
     assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id) == (1, 2, 0)

@@ -42,11 +42,24 @@ from llava.drop.config import (
     MERGE_THRESHOLD,
     DropConfig,
 )
-from llava.drop.generate import MultimodalPrompt, SamplingConfig, as_method, build_prompt, check_drop_layers, prefill
+from llava.drop.generate import (
+    MultimodalPrompt,
+    SamplingConfig,
+    as_method,
+    build_prompt,
+    check_drop_layers,
+    prefill,
+)
 from llava.drop.vision import encode_image
 from llava.eval.answering import Answerer
 from llava.eval.model_vqa_loader import questions_from_file
-from llava.eval.question_loop import Question, RunError, drop_config_from_args, load_model, main_guard
+from llava.eval.question_loop import (
+    Question,
+    RunError,
+    drop_config_from_args,
+    load_model,
+    main_guard,
+)
 from llava.mm_utils import PAD_ASPECT_RATIO, process_images, tokenizer_image_token
 
 LOWEST_GLOBAL_THR = 1e-6

@@ -137,6 +137,16 @@ def can_drop(layout: TokenLayout) -> bool:
     return layout.vision_count > 0 and layout.text_start < layout.seq_len
 
 
+def insert_tokens(
+    hidden: torch.Tensor, positions: torch.Tensor, at: int, extra: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Put `extra` [n, hidden] at sequence index `at` (a method's recycled tokens, right after the kept
+    vision tokens); uncompacted, they share the position of the token before them."""
+    hidden = torch.cat([hidden[:, :at], extra[None].to(hidden), hidden[:, at:]], dim=1)
+    shared = positions[max(at - 1, 0)].expand(extra.shape[0])
+    return hidden, torch.cat([positions[:at], shared, positions[at:]])
+
+
 def prefill(model, prompt: MultimodalPrompt, cache: LayerKVCache, drop: DropConfig | DropMethod | None = None) -> PrefillResult:
     """Run the prompt through every layer; after each of the method's layers keep what it selects."""
     method = as_method(drop)
@@ -157,13 +167,19 @@ def prefill(model, prompt: MultimodalPrompt, cache: LayerKVCache, drop: DropConf
         context = LayerContext(model, layer_idx, layer_input, hidden, cache.keys[layer_idx], positions, layout,
                                key_indices, prompt.vision_count)
         kept = method.select(context)
+        recycled = method.recycle(context, kept)
         key_indices = remap_key_indices(key_indices, kept)
         keep = sequence_keep(layout, kept)
-        hidden = hidden[:, keep]
-        positions = torch.arange(keep.numel(), device=hidden.device) if method.compact_positions else positions[keep]
-        layout = TokenLayout(layout.vision_start, kept.numel(), keep.numel())
+        hidden, positions = hidden[:, keep], positions[keep]
+        vision_count = kept.numel()
+        if recycled is not None:
+            hidden, positions = insert_tokens(hidden, positions, layout.vision_start + vision_count, recycled)
+            vision_count += recycled.shape[0]
+        if method.compact_positions:
+            positions = torch.arange(hidden.shape[1], device=hidden.device)
+        layout = TokenLayout(layout.vision_start, vision_count, hidden.shape[1])
         result.drops.append((layer_idx, keep))
-        result.vision_tokens_after_layer[layer_idx] = kept.numel()
+        result.vision_tokens_after_layer[layer_idx] = vision_count
         result.scoring_seconds += now(hidden.device) - started
     result.logits = next_token_logits(model, hidden)
     return result

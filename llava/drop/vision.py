@@ -32,6 +32,9 @@ class VisionOutput:
     features: torch.Tensor  # [num_vision_tokens, llm_hidden]
     key_indices: torch.Tensor | None = None  # vision-token positions later stages must keep
     stats: dict = field(default_factory=dict)
+    # Per vision token, the row-major grid patches it stands for (CLS: none), so a picture can map tokens
+    # back to the image. None means token i is patch i (or, with fewer tokens, that the mapping is unknown).
+    patch_groups: list[list[int]] | None = None
 
 
 def selected_layer_count(num_layers: int, feature_layer: int) -> int:
@@ -78,16 +81,25 @@ def merge_windows(hidden: torch.Tensor, threshold: float, window: int) -> tuple[
     `hidden` is [1, 1 + num_patches, dim] with CLS first. Returns the new sequence
     `[CLS] + [merged tokens, best window first] + [tokens of unmerged windows, grid order]` and r.
     """
+    merged, top = merge_windows_in_order(hidden, threshold, window)
+    return merged, top.numel()
+
+
+def merge_windows_in_order(hidden: torch.Tensor, threshold: float, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`merge_windows`, returning the merged windows' row-major indices (best first) instead of r.
+
+    The indices are what `merged_patch_groups` needs to map the merged tokens back to the grid.
+    """
     if hidden.shape[0] != 1:
         raise ValueError(f"the vision merge supports batch size 1, got {hidden.shape[0]}")
     cls, patches = hidden[:, :PATCHES_START], hidden[:, PATCHES_START:]
     grid = patch_grid_side(patches.shape[1], window)
     scores = window_similarity(patches[0], grid, window)
     r = int((scores >= threshold).sum())
-    if r == 0:
-        return hidden, 0
     # Stable sort: windows with equal scores are merged in window order, so results are reproducible.
     top = torch.sort(scores, descending=True, stable=True).indices[:r]
+    if r == 0:
+        return hidden, top
     windows = rearrange(patches[0], WINDOW_PATTERN, wh=window, ww=window, gh=grid // window)
     merged = windows[top].float().mean(dim=1).to(hidden.dtype)
     merged_window = torch.zeros_like(scores, dtype=torch.bool)
@@ -95,7 +107,22 @@ def merge_windows(hidden: torch.Tensor, threshold: float, window: int) -> tuple[
     in_merged_window = rearrange(merged_window[:, None].expand(-1, window * window), WINDOW_MASK_PATTERN,
                                  wh=window, ww=window, gh=grid // window)
     kept = patches[0][~in_merged_window]
-    return torch.cat([cls[0], merged, kept], dim=0)[None], r
+    return torch.cat([cls[0], merged, kept], dim=0)[None], top
+
+
+def window_patches(window_index: int, grid: int, window: int) -> list[int]:
+    """Row-major grid patches of one row-major window, in row-major order inside the window."""
+    row, col = divmod(window_index, grid // window)
+    return [(row * window + i) * grid + col * window + j for i in range(window) for j in range(window)]
+
+
+def merged_patch_groups(merged_windows: list[int], num_patches: int, window: int) -> list[list[int]]:
+    """Patches behind each token after the merge: each merged window (in merge order), then the
+    patches of the unmerged windows one by one in grid order, matching `merge_windows`' sequence."""
+    grid = math.isqrt(num_patches)
+    groups = [window_patches(index, grid, window) for index in merged_windows]
+    covered = {patch for group in groups for patch in group}
+    return groups + [[patch] for patch in range(num_patches) if patch not in covered]
 
 
 @torch.no_grad()
@@ -173,10 +200,11 @@ def _encode_plain(model, pixel_values: torch.Tensor) -> VisionOutput:
     return VisionOutput(features=features, stats={"vision_tokens_in": count, "vision_tokens": count})
 
 
-def _merge_early(model, hidden: torch.Tensor, drop: DropConfig) -> tuple[torch.Tensor, int, int, float]:
+def _merge_early(model, hidden: torch.Tensor, drop: DropConfig) -> tuple[torch.Tensor, int, list[int], float]:
     """Run the tower up to the merge point and merge there.
 
-    Returns the merged hidden states, their `hidden_states` index, r and the merge's wall time.
+    Returns the merged hidden states, their `hidden_states` index, the merged windows (best first)
+    and the merge's wall time.
     """
     layers = model.model.vision_tower.encoder.layers
     merge_index = MERGE_AFTER_LAYER + 1
@@ -184,9 +212,9 @@ def _merge_early(model, hidden: torch.Tensor, drop: DropConfig) -> tuple[torch.T
         raise ValueError(f"vision_feature_layer {model.config.vision_feature_layer} selects features from "
                          "before the merge")
     hidden = _run_to(layers, hidden, 0, {merge_index})[merge_index]
-    (hidden, r), seconds = timed(lambda: merge_windows(hidden, drop.merge_threshold, drop.merge_window),
-                                  hidden.device)
-    return hidden, merge_index, r, seconds
+    (hidden, top), seconds = timed(lambda: merge_windows_in_order(hidden, drop.merge_threshold, drop.merge_window),
+                                    hidden.device)
+    return hidden, merge_index, top.tolist(), seconds
 
 
 def _encode_mustdrop(model, pixel_values: torch.Tensor, drop: DropConfig) -> VisionOutput:
@@ -198,8 +226,9 @@ def _encode_mustdrop(model, pixel_values: torch.Tensor, drop: DropConfig) -> Vis
     key_input = len(layers) - 1  # hidden_states index of the input to the tower's last layer
     offset = _vision_token_offset(model.config)
     hidden = _embed(model.model.vision_tower, pixel_values)
-    tokens_in = hidden.shape[1] - PATCHES_START + offset
-    start, merged_windows, merge_seconds = 0, 0, 0.0
+    num_patches = hidden.shape[1] - PATCHES_START
+    tokens_in = num_patches + offset
+    start, merged_windows, merge_seconds = 0, [], 0.0
     if drop.vision_merge:
         hidden, start, merged_windows, merge_seconds = _merge_early(model, hidden, drop)
     states = _run_to(layers, hidden, start, {selected, key_input})
@@ -208,9 +237,11 @@ def _encode_mustdrop(model, pixel_values: torch.Tensor, drop: DropConfig) -> Vis
                                 drop.key_token_rate), hidden.device)
     features = _selected_features(model, states[selected])
     key_indices = key_row + offset
-    stats = {"vision_tokens_in": tokens_in, "vision_tokens": features.shape[0], "merged_windows": merged_windows,
-             "key_tokens": key_indices.numel(), "merge_seconds": merge_seconds, "key_seconds": key_seconds}
-    return VisionOutput(features=features, key_indices=key_indices, stats=stats)
+    stats = {"vision_tokens_in": tokens_in, "vision_tokens": features.shape[0],
+             "merged_windows": len(merged_windows), "key_tokens": key_indices.numel(),
+             "merge_seconds": merge_seconds, "key_seconds": key_seconds}
+    patch_groups = [[]] * offset + merged_patch_groups(merged_windows, num_patches, drop.merge_window)
+    return VisionOutput(features=features, key_indices=key_indices, stats=stats, patch_groups=patch_groups)
 
 
 @torch.no_grad()

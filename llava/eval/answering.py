@@ -9,11 +9,15 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN
+from llava.constants import (
+    DEFAULT_IM_END_TOKEN,
+    DEFAULT_IM_START_TOKEN,
+    DEFAULT_IMAGE_TOKEN,
+)
 from llava.conversation import get_conv_template
 from llava.drop.config import DropConfig
-from llava.drop.methods import DropMethod
 from llava.drop.generate import SamplingConfig, generate
+from llava.drop.methods import DropMethod
 from llava.mm_utils import process_images, tokenizer_image_token
 
 

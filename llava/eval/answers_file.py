@@ -80,3 +80,10 @@ def write_line(handle: IO[str], record: dict) -> None:
     handle.write(json.dumps(record) + "\n")
     handle.flush()
     os.fsync(handle.fileno())
+
+
+def write_scores(path: str | Path | None, scores: dict) -> None:
+    """A scorer's result as JSON beside the answers, for `summary.json` (nothing when path is None)."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(scores, indent=2) + "\n")

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from llava.eval.answers_file import read_jsonl
+from llava.eval.answers_file import read_jsonl, write_scores
 from llava.eval.m4c_evaluator import normalize_answer
 
 UNANSWERABLE = "unanswerable"
@@ -83,8 +83,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(str(error))
     print(f"Answers: {counts['answers']}\nUnanswerable: {counts['unanswerable']}")
     print(f"Upload file: {args.result_upload_file}")
-    if args.scores_file:
-        Path(args.scores_file).write_text(json.dumps(counts, indent=2) + "\n")
+    write_scores(args.scores_file, counts)
 
 
 if __name__ == "__main__":

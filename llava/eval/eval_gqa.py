@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from llava.eval.answers_file import read_jsonl
+from llava.eval.answers_file import read_jsonl, write_scores
 
 TYPE_KINDS = ("structural", "semantic")
 MISSING_IDS_SHOWN = 5
@@ -143,8 +143,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except GQAScoringError as error:
         parser.error(str(error))
     _print_scores(scores)
-    if args.scores_file:
-        Path(args.scores_file).write_text(json.dumps(scores, indent=2) + "\n")
+    write_scores(args.scores_file, scores)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -26,8 +25,13 @@ from typing import Any
 from openpyxl import Workbook
 from openpyxl.cell.cell import ILLEGAL_CHARACTERS_RE
 
-from llava.eval.answers_file import read_jsonl
-from llava.eval.option_letters import FAILED, OPTION_LETTERS, option_letters, parse_option_letter
+from llava.eval.answers_file import read_jsonl, write_scores
+from llava.eval.option_letters import (
+    FAILED,
+    OPTION_LETTERS,
+    option_letters,
+    parse_option_letter,
+)
 
 REQUIRED_COLUMNS = ("index", "question", "A", "B")
 IMAGE_COLUMN = "image"
@@ -261,8 +265,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     upload_file = Path(args.upload_file or Path(args.result_file).with_suffix(UPLOAD_SUFFIX))
     try:
         scores = evaluate(args.question_file, args.result_file, upload_file)
-        if scores is not None and args.scores_file:
-            Path(args.scores_file).write_text(json.dumps(scores, indent=2) + "\n")
+        if scores is not None:
+            write_scores(args.scores_file, scores)
     except (MMBenchError, OSError) as error:
         parser.error(str(error))
     if scores is None:

@@ -17,13 +17,12 @@ Per category: acc = % questions right, acc+ = % images with all questions right,
 from __future__ import annotations
 
 import argparse
-import json
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from llava.eval.answers_file import read_jsonl
+from llava.eval.answers_file import read_jsonl, write_scores
 
 PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark",
               "artwork", "OCR")
@@ -193,8 +192,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except MMEScoringError as error:
         parser.error(str(error))
     _print_scores(scores)
-    if args.scores_file:
-        Path(args.scores_file).write_text(json.dumps(scores, indent=2) + "\n")
+    write_scores(args.scores_file, scores)
 
 
 if __name__ == "__main__":

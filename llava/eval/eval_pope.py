@@ -13,14 +13,13 @@ same image). An answer counts as "no" when its first sentence holds the word "No
 from __future__ import annotations
 
 import argparse
-import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llava.eval.answers_file import read_jsonl
+from llava.eval.answers_file import read_jsonl, write_scores
 
 NEGATIVE_WORDS = frozenset({"No", "no", "not"})
 SENTENCE_END = re.compile(r"[.\n]")
@@ -153,8 +152,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except POPEScoringError as error:
         parser.error(str(error))
     _print_scores(scores)
-    if args.scores_file:
-        Path(args.scores_file).write_text(json.dumps(scores, indent=2) + "\n")
+    write_scores(args.scores_file, scores)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from llava.eval.answers_file import read_jsonl
-from llava.eval.option_letters import FAILED, OPTION_LETTERS, option_letters, parse_option_letter
+from llava.eval.option_letters import (
+    FAILED,
+    OPTION_LETTERS,
+    option_letters,
+    parse_option_letter,
+)
 
 PROBLEMS_FILE = "problems.json"
 SPLITS_FILE = "pid_splits.json"

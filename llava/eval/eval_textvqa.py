@@ -15,7 +15,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from llava.eval.m4c_evaluator import HUMAN_ANSWERS_PER_QUESTION, TextVQAAccuracyEvaluator
+from llava.eval.answers_file import write_scores
+from llava.eval.m4c_evaluator import (
+    HUMAN_ANSWERS_PER_QUESTION,
+    TextVQAAccuracyEvaluator,
+)
 
 RESULT_FILE_SUFFIX = ".jsonl"
 REFERENCE_OCR_PREFIX = "Reference OCR token:"
@@ -156,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(result_file.stem)
             print(f"Samples: {scores['samples']}\nAccuracy: {scores['accuracy']:.2f}%\n")
             if args.scores_file and args.result_file and result_file == Path(args.result_file):
-                Path(args.scores_file).write_text(json.dumps(scores, indent=2) + "\n")
+                write_scores(args.scores_file, scores)
     except TextVQAScoringError as error:
         parser.error(str(error))
 

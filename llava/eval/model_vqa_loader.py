@@ -12,7 +12,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from llava.eval.question_loop import Question, add_model_args, main_guard, read_question_file, run_questions, validate_args
+from llava.eval.question_loop import (
+    Question,
+    add_model_args,
+    main_guard,
+    read_question_file,
+    run_questions,
+    validate_args,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

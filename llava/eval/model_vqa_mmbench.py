@@ -20,9 +20,22 @@ from pathlib import Path
 
 from PIL import Image
 
-from llava.eval.eval_mmbench import MMBenchError, MMBenchRow, read_mmbench, rotate, round_answer
+from llava.eval.eval_mmbench import (
+    MMBenchError,
+    MMBenchRow,
+    read_mmbench,
+    rotate,
+    round_answer,
+)
 from llava.eval.option_letters import option_letters
-from llava.eval.question_loop import Question, RunError, add_model_args, main_guard, run_questions, validate_args
+from llava.eval.question_loop import (
+    Question,
+    RunError,
+    add_model_args,
+    main_guard,
+    run_questions,
+    validate_args,
+)
 
 SINGLE_PRED_PROMPTS = {
     "en": "Answer with the option's letter from the given choices directly.",

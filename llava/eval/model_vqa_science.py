@@ -15,7 +15,14 @@ import json
 from pathlib import Path
 
 from llava.constants import DEFAULT_IMAGE_TOKEN
-from llava.eval.question_loop import Question, RunError, add_model_args, main_guard, run_questions, validate_args
+from llava.eval.question_loop import (
+    Question,
+    RunError,
+    add_model_args,
+    main_guard,
+    run_questions,
+    validate_args,
+)
 
 SINGLE_PRED_PROMPT = "Answer with the option's letter from the given choices directly."
 

@@ -31,7 +31,13 @@ from llava.drop.config import (
 from llava.drop.generate import SamplingConfig
 from llava.drop.methods import DropMethod, create_method, parse_method_args
 from llava.eval.answering import Answerer
-from llava.eval.answers_file import get_chunk, open_for_append, read_jsonl, resume_position, write_line
+from llava.eval.answers_file import (
+    get_chunk,
+    open_for_append,
+    read_jsonl,
+    resume_position,
+    write_line,
+)
 from llava.eval.sharding import launcher_shard, merge_if_complete, shard_path
 from llava.eval.summary import summarize_answers, summary_line
 from llava.mm_utils import load_image

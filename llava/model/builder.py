@@ -11,12 +11,24 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, LlavaForConditionalGeneration, PreTrainedTokenizerBase
+from transformers import (
+    AutoTokenizer,
+    LlavaForConditionalGeneration,
+    PreTrainedTokenizerBase,
+)
 
-from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_PATCH_TOKEN
+from llava.constants import (
+    DEFAULT_IM_END_TOKEN,
+    DEFAULT_IM_START_TOKEN,
+    DEFAULT_IMAGE_PATCH_TOKEN,
+)
 from llava.model.checkpoint_files import CheckpointError
 from llava.model.image_processor import load_image_processor
-from llava.model.original_layout import LLAVA_DEFAULTS, is_original_layout, load_original_layout
+from llava.model.original_layout import (
+    LLAVA_DEFAULTS,
+    is_original_layout,
+    load_original_layout,
+)
 from llava.model.vision_tower import resolve_vision_tower
 
 DEFAULT_CONTEXT_LEN = 2048

@@ -9,7 +9,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
+from transformers.image_utils import (
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    PILImageResampling,
+)
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 PREPROCESSOR_CONFIG_NAME = "preprocessor_config.json"

@@ -160,7 +160,9 @@ def _build(staging: Path, layout: str, seed: int, weights_format: str) -> Path:
     _write_original(original, seed, weights_format)
     if layout == "original":
         return original
-    from llava.model.convert import convert_checkpoint  # lazy: only the hf layout needs it
+    from llava.model.convert import (
+        convert_checkpoint,  # lazy: only the hf layout needs it
+    )
 
     converted = staging / "hf"
     convert_checkpoint(original, converted)

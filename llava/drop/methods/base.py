@@ -77,6 +77,12 @@ class DropMethod:
         """Vision positions (ascending) to keep after `context.layer_idx`."""
         return torch.arange(context.layout.vision_count, device=context.layer_output.device)
 
+    def recycle(self, context: LayerContext, kept: torch.Tensor) -> torch.Tensor | None:
+        """Extra hidden states [n, hidden] placed right after the kept vision tokens, counted as vision
+        tokens from the next layer on (default: none). Earlier layers' KV caches never hold them, so a
+        method that recycles must not map `drops` back onto those caches in `after_prefill`."""
+        return None
+
     def after_prefill(self, cache: LayerKVCache, drops: list[tuple[int, torch.Tensor]]) -> None:
         """Change the KV cache before decoding (default: keep what each layer saw)."""
 

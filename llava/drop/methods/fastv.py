@@ -1,0 +1,113 @@
+"""FastV (Chen et al., ECCV 2024, "An Image is Worth 1/2 Tokens After Layer 2") as a method of the engine.
+
+Sec. 4 of the paper: run the first K decoder layers on every token, then rank the image tokens by the
+attention they receive in layer K and prune the lowest-ranked R of them for all later layers. Its FLOPs
+count (K layers on n image tokens, T - K layers on (1 - R) n) is the layer average we report.
+
+Choices, where the paper leaves room:
+- Score: the head-averaged attention of the LAST prompt token's query (the row that predicts the first
+  answer token), not the average attention received from all tokens that Sec. 4 describes; the last
+  row is what FastV's KV-cache-compatible ("in-place") implementation ranks by, the criterion
+  PyramidDrop shares, and the cheapest block to compute (one query row).
+- Layers are 0-based here: the paper's "layer K" is decoder layer K - 1, so `select` runs after it and
+  layers K, K+1, ... see the kept tokens.
+- Count: keep round((1 - R) * V) tokens, rounding halves up (so R = 0.5 on 577 keeps 289); ties in the
+  score go to the earlier position.
+- Budget: with `budget` set, keep is solved per prompt from its vision count V and the decoder depth L
+  so that the layer average (k * V + (L - k) * keep) / L equals the budget (closed form, then rounded).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from llava.drop.methods.base import LAST_QUERY, DropMethod, LayerContext
+from llava.drop.methods.registry import register
+
+DEFAULT_FILTER_LAYER = 2  # the paper's K: layers before it see every image token
+DEFAULT_RATIO = 0.5  # the paper's R: share of image tokens pruned
+
+
+def round_half_up(value: float) -> int:
+    """Rounding that does not depend on parity (Python's round(288.5) is 288, round(289.5) is 290)."""
+    return math.floor(value + 0.5)
+
+
+def decoder_layer_count(model) -> int:
+    return len(model.model.language_model.layers)
+
+
+def top_positions(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Positions of the `count` highest scores, ascending; equal scores prefer the earlier position.
+
+    A stable descending sort makes the tie rule explicit (torch.topk leaves tie order unspecified).
+    """
+    order = torch.sort(scores, descending=True, stable=True).indices[:count]
+    return order.sort().values
+
+
+def last_token_scores(context: LayerContext) -> torch.Tensor:
+    """Head-averaged attention [V] of the last prompt token on the current vision tokens."""
+    return context.attention(LAST_QUERY)[0]
+
+
+@dataclass(frozen=True)
+class FastVOptions:
+    """k: the paper's K (layers 0..k-1 see all vision tokens); ratio: R, the share pruned after them;
+    budget: a target layer-averaged vision-token count that, when set, replaces `ratio`."""
+
+    k: int = DEFAULT_FILTER_LAYER
+    ratio: float = DEFAULT_RATIO
+    budget: float | None = None
+
+    def __post_init__(self):
+        if self.k < 1:
+            raise ValueError(f"k must be >= 1 (the first k layers see every vision token), got {self.k}")
+        if not 0.0 <= self.ratio <= 1.0:
+            raise ValueError(f"ratio must be between 0 and 1, got {self.ratio}")
+        if self.budget is not None and self.budget < 0:
+            raise ValueError(f"budget must be a non-negative number of tokens, got {self.budget}")
+
+
+def fastv_budget_keep(budget: float, vision_count: int, k: int, num_layers: int) -> int:
+    """Tokens to keep after layer k - 1 so that (k * V + (L - k) * keep) / L is closest to `budget`.
+
+    Closed form keep = (budget * L - k * V) / (L - k), capped at V and rounded; rounding keep moves the
+    average by at most (L - k) / (2 L) < 0.5 tokens. A budget below k * V / L (what the first k layers
+    alone average) cannot be reached and raises rather than silently missing the target.
+    """
+    if k >= num_layers:
+        raise ValueError(f"k={k} leaves no layer to prune in a {num_layers}-layer decoder")
+    floor = k * vision_count / num_layers
+    if budget < floor:
+        raise ValueError(f"budget {budget} is below {floor:g}, the average that layers 0..{k - 1} alone give "
+                         f"{vision_count} vision tokens over {num_layers} layers; choose a smaller k than {k}")
+    keep = (budget * num_layers - k * vision_count) / (num_layers - k)
+    return round_half_up(min(keep, vision_count))
+
+
+@register
+class FastV(DropMethod):
+    """One drop after layer k - 1, ranked by the last prompt token's attention."""
+
+    name = "fastv"
+    options_class = FastVOptions
+
+    def __init__(self, options: FastVOptions | None = None):
+        self.options = options or FastVOptions()
+
+    def prefill_layers(self) -> tuple[int, ...]:
+        return (self.options.k - 1,)
+
+    def keep_count(self, context: LayerContext) -> int:
+        """From the ratio, or solved from the budget for this prompt's vision count."""
+        vision_count = context.layout.vision_count
+        if self.options.budget is None:
+            return round_half_up((1.0 - self.options.ratio) * vision_count)
+        return fastv_budget_keep(self.options.budget, vision_count, self.options.k, decoder_layer_count(context.model))
+
+    def select(self, context: LayerContext) -> torch.Tensor:
+        return top_positions(last_token_scores(context), self.keep_count(context))

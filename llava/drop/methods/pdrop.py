@@ -1,0 +1,144 @@
+"""PyramidDrop (Xing et al., CVPR 2025) as a method of the engine, training-free inference only.
+
+Sec. 3.2 of the paper: split the decoder into stages at layers l_1 < l_2 < ... (8, 16, 24 for the 32
+layers of LLaVA-1.5); at the end of each stage, rank the image tokens by the attention the last
+instruction token gives them and keep lambda of them, so stage s sees V * lambda^s tokens (a pyramid).
+
+Choices, where the paper leaves room:
+- Where: `select` runs after layers l_s - 1 (7, 15, 23), the LAST layer of each stage, ranking by that
+  layer's attention; layers l_s, l_s + 1, ... see the kept tokens, so every stage is exactly l_s - l_{s-1}
+  layers long, as the paper's stage/FLOPs accounting assumes. (The released code instead scores with
+  the q/k projections of layer l_s applied to its input, just before running it; the engine exposes
+  attention only for a layer that ran, and the paper describes the drop as ending the stage.)
+- Query: the last instruction token is the last prompt token (the template's "ASSISTANT:" tail), its
+  head-averaged attention row over the current vision tokens.
+- Counts: stage s keeps round(V * lambda^s) tokens (halves up), V being the prompt's vision count; with lambda = 0.5 and V = 576 that is 288, 144, 72 as in the paper. Ties in the score
+  go to the earlier position.
+- Budget: lambda is solved per prompt (V may differ per image) so that the layer-averaged count
+  sum_s len_s * V * lambda^s / L equals the budget, then the integer counts are nudged one token at a
+  time while that brings the integer average closer. Budgets below the first stage's share
+  (l_1 * V / L, e.g. 144 for layers (8, 16, 24) and V = 576) cannot be reached by any lambda and raise:
+  move the first layer earlier for them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from llava.drop.budget import layer_average, stage_lengths
+from llava.drop.methods.base import DropMethod, LayerContext
+from llava.drop.methods.fastv import (
+    decoder_layer_count,
+    last_token_scores,
+    round_half_up,
+    top_positions,
+)
+from llava.drop.methods.registry import register
+
+DEFAULT_STAGE_LAYERS = (8, 16, 24)  # the first layer of stages 2, 3, 4 in the paper's LLaVA-1.5 setting
+DEFAULT_RATIO = 0.5  # the paper's lambda
+BISECTION_STEPS = 60  # halves [0, 1] below float resolution
+
+
+@dataclass(frozen=True)
+class PDropOptions:
+    """layers: the first layer of each new stage; ratio: lambda, the share each drop keeps; budget: a
+    target layer-averaged vision-token count that, when set, replaces `ratio`."""
+
+    layers: tuple[int, ...] = DEFAULT_STAGE_LAYERS
+    ratio: float = DEFAULT_RATIO
+    budget: float | None = None
+
+    def __post_init__(self):
+        if not self.layers or self.layers[0] < 1 or list(self.layers) != sorted(set(self.layers)):
+            raise ValueError(f"layers must be non-empty, distinct, ascending and >= 1, got {self.layers}")
+        if not 0.0 <= self.ratio <= 1.0:
+            raise ValueError(f"ratio must be between 0 and 1, got {self.ratio}")
+        if self.budget is not None and self.budget < 0:
+            raise ValueError(f"budget must be a non-negative number of tokens, got {self.budget}")
+
+
+def pyramid(vision_count: int, ratio: float, stages: int) -> list[float]:
+    """[V, V * ratio, V * ratio^2, ...] for the given number of stages."""
+    return [vision_count * ratio**stage for stage in range(stages)]
+
+
+def solve_ratio(budget: float, vision_count: int, lengths: list[int]) -> float:
+    """lambda in [0, 1] whose pyramid averages `budget` (the average grows with lambda)."""
+    low, high = 0.0, 1.0
+    for _ in range(BISECTION_STEPS):
+        middle = (low + high) / 2
+        if layer_average(pyramid(vision_count, middle, len(lengths)), lengths) < budget:
+            low = middle
+        else:
+            high = middle
+    return (low + high) / 2
+
+
+def nudge_counts(counts: list[int], lengths: list[int], budget: float) -> list[int]:
+    """Move single counts by one token while that brings the integer layer average closer to `budget`.
+
+    counts[0] is V and stays; the others stay non-increasing and >= 0, so the schedule is still a pyramid.
+    """
+    counts = list(counts)
+
+    def error(candidate: list[int]) -> float:
+        return abs(layer_average(candidate, lengths) - budget)
+
+    while True:
+        candidates = []
+        for stage in range(1, len(counts)):
+            for step in (-1, 1):
+                candidate = counts[:stage] + [counts[stage] + step] + counts[stage + 1 :]
+                if candidate[stage] >= 0 and candidate == sorted(candidate, reverse=True):
+                    candidates.append(candidate)
+        best = min(candidates, key=error, default=counts)
+        if error(best) >= error(counts):
+            return counts
+        counts = best
+
+
+def budget_counts(budget: float, vision_count: int, layers: tuple[int, ...], num_layers: int) -> list[int]:
+    """Tokens kept after each drop so that the integer layer average is as close to `budget` as we get."""
+    lengths = stage_lengths(tuple(layer - 1 for layer in layers), num_layers)  # selects run after l - 1
+    floor = layer_average([vision_count] + [0] * len(layers), lengths)
+    if budget < floor:
+        raise ValueError(f"budget {budget} is below {floor:g}, the average that layers 0..{layers[0] - 1} alone give "
+                         f"{vision_count} vision tokens over {num_layers} layers; choose an earlier first layer than {layers[0]}")
+    if budget >= vision_count:
+        return [vision_count] * len(layers)
+    ratio = solve_ratio(budget, vision_count, lengths)
+    rounded = [round_half_up(count) for count in pyramid(vision_count, ratio, len(lengths))]
+    return nudge_counts(rounded, lengths, budget)[1:]
+
+
+@register
+class PDrop(DropMethod):
+    """Drops at the end of each stage, ranked by the last prompt token's attention.
+
+    The keep counts are planned from the vision count the prompt started with, at every drop, so one
+    method object serves any number of prompts without state.
+    """
+
+    name = "pdrop"
+    options_class = PDropOptions
+
+    def __init__(self, options: PDropOptions | None = None):
+        self.options = options or PDropOptions()
+
+    def prefill_layers(self) -> tuple[int, ...]:
+        return tuple(layer - 1 for layer in self.options.layers)
+
+    def plan(self, vision_count: int, num_layers: int) -> list[int]:
+        """Keep counts after each drop, from lambda or from the budget."""
+        stages = len(self.options.layers)
+        if self.options.budget is None:
+            return [round_half_up(count) for count in pyramid(vision_count, self.options.ratio, stages + 1)[1:]]
+        return budget_counts(self.options.budget, vision_count, self.options.layers, num_layers)
+
+    def select(self, context: LayerContext) -> torch.Tensor:
+        stage = self.prefill_layers().index(context.layer_idx)
+        counts = self.plan(context.prompt_vision_count, decoder_layer_count(context.model))
+        return top_positions(last_token_scores(context), counts[stage])

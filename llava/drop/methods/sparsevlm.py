@@ -1,0 +1,226 @@
+"""SparseVLM (Zhang et al., ICML 2025, "Visual Token Sparsification for Efficient VLM Inference").
+
+Text-guided, training-free sparsification inside the decoder. After each dropping layer:
+
+1. **Raters** (Sec. 3.2): the text tokens that look at the image. Relevance of text token t is the mean
+   over the current vision tokens of its head-averaged attention A[t, v]; raters are the tokens whose
+   relevance is >= the mean relevance (so there is always at least one).
+2. **Scores**: vision token v's score is the attention the raters give it, averaged over raters.
+3. **Adaptive count** (Sec. 3.3, N = lambda * (V - rank(P))): with P the raters' attention rows, the
+   rank-based drop count is floor(rank_scale * (V - rank(P))); the schedule caps it, so
+   keep = max(scheduled keep, V - floor(rank_scale * (V - rank(P)))), at most V. With rank_scale = 1
+   the rank is a floor on the kept count (never fewer tokens than independent rater views);
+   `rank_scale=None` keeps the schedule alone.
+4. The best-scored `keep` tokens survive, in their original order (ties go to the earlier position).
+5. **Recycling** (Sec. 3.4): of the dropped tokens, the ceil(recycle_ratio * dropped) best-scored are
+   recycled. ceil(recycled / cluster_size) of them, the best-scored, are cluster centres; every
+   recycled token joins the centre whose layer-output hidden state is most cosine-similar (a centre
+   joins itself), and each cluster becomes the plain mean of its members' hidden states. The merged
+   tokens follow the kept vision tokens (ordered by their centre's position) and count as vision
+   tokens from the next layer on; the engine inserts them through `recycle`.
+
+Sources: layers (2, 6, 15) with keep counts (66, 30, 17) are the "64 tokens" LLaVA-1.5 schedule of
+the authors' released code (its 128 schedule is (303, 110, 36), its 192 one (300, 200, 110)); the
+30 % recycling share and about ten recycled tokens per merged token come from the same code.
+
+Approximations, where this differs from the paper or its code:
+- Raters come from the scoring layer's own text -> vision attention at every dropping layer; the code
+  picks them once from the similarity of the LLM's input embeddings (softmax over text, mean over
+  vision, strictly above the mean).
+- Cluster centres are the best-scored recycled tokens and assignment is by cosine similarity; the
+  code uses density-peak clustering (DPC-KNN) on Euclidean distances, with random tie noise.
+- Counts: recycled = ceil(ratio * dropped) and clusters = ceil(recycled / cluster_size), where the
+  code has int(0.3 * dropped) + 1 and int(recycled / 10) + 1; the code also always drops at least one
+  token (keep <= V - 1), while here keep >= V keeps everything, so a large schedule is the unpruned
+  model. The released code computes no rank (its rank term is 0), i.e. `rank_scale=None`.
+- Budget mode fixes the counts per layer (the rank floor is not applied), see `budget_keep_counts`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from llava.drop.budget import layer_average, ranked_keep, stage_lengths
+from llava.drop.methods.base import TEXT_QUERIES, DropMethod, LayerContext
+from llava.drop.methods.registry import register
+
+DEFAULT_LAYERS = (2, 6, 15)
+DEFAULT_KEEP = (66, 30, 17)  # the released code's "64 tokens" schedule for LLaVA-1.5
+DEFAULT_RECYCLE_RATIO = 0.3
+DEFAULT_CLUSTER_SIZE = 10  # recycled tokens per merged token
+DEFAULT_RANK_SCALE = 1.0  # the paper's lambda
+BISECTION_STEPS = 60
+NUDGES = (-2, -1, 1, 2)  # fine steps on the last keep count after bisection
+
+
+@dataclass(frozen=True)
+class SparseVLMOptions:
+    """layers: decoder layers after which to sparsify; keep: vision tokens kept after each of them;
+    recycle_ratio: share of the dropped tokens merged back; cluster_size: recycled tokens per merged
+    token; rank_scale: lambda of the rank-based count (None: schedule only); budget: a target
+    layer-averaged vision count that, when set, replaces `keep` (scaled in its proportions) and the
+    rank term."""
+
+    layers: tuple[int, ...] = DEFAULT_LAYERS
+    keep: tuple[int, ...] = DEFAULT_KEEP
+    recycle_ratio: float = DEFAULT_RECYCLE_RATIO
+    cluster_size: int = DEFAULT_CLUSTER_SIZE
+    rank_scale: float | None = DEFAULT_RANK_SCALE
+    budget: float | None = None
+
+    def __post_init__(self):
+        if not self.layers:
+            raise ValueError("layers must name at least one decoder layer")
+        if any(layer < 0 for layer in self.layers) or list(self.layers) != sorted(set(self.layers)):
+            raise ValueError(f"layers must be distinct non-negative layers in ascending order, got {self.layers}")
+        if len(self.keep) != len(self.layers):
+            raise ValueError(f"keep needs one count per layer: {len(self.layers)} layers {self.layers}, "
+                             f"{len(self.keep)} counts {self.keep}")
+        if any(count < 0 for count in self.keep):
+            raise ValueError(f"keep counts must be >= 0, got {self.keep}")
+        if not 0.0 <= self.recycle_ratio <= 1.0:
+            raise ValueError(f"recycle_ratio must be between 0 and 1, got {self.recycle_ratio}")
+        if self.cluster_size < 1:
+            raise ValueError(f"cluster_size must be >= 1, got {self.cluster_size}")
+        if self.rank_scale is not None and self.rank_scale <= 0:
+            raise ValueError(f"rank_scale must be > 0 (or None for the schedule alone), got {self.rank_scale}")
+        if self.budget is not None and self.budget < 0:
+            raise ValueError(f"budget must be a non-negative number of tokens, got {self.budget}")
+        if self.budget is not None and not any(self.keep):
+            raise ValueError(f"budget scales the keep schedule, which must have a count > 0, got {self.keep}")
+
+
+def text_raters(attention: torch.Tensor) -> torch.Tensor:
+    """Text rows (ascending) whose mean attention on the vision tokens is >= the mean over rows.
+
+    The threshold is capped at the largest relevance so that float rounding of the mean can never
+    leave no rater when every row is equal.
+    """
+    relevance = attention.mean(dim=1)
+    threshold = torch.minimum(relevance.mean(), relevance.max())
+    return (relevance >= threshold).nonzero().flatten()
+
+
+def vision_scores(attention: torch.Tensor) -> torch.Tensor:
+    """Mean attention [V] that the raters give each vision token."""
+    return attention[text_raters(attention)].mean(dim=0)
+
+
+def rank_bounded_keep(
+    vision_count: int, scheduled: int, rater_attention: torch.Tensor, rank_scale: float | None
+) -> int:
+    """keep = max(scheduled, V - floor(rank_scale * (V - rank))), at most V: the schedule caps the
+    paper's rank-based drop count N = lambda * (V - rank(P))."""
+    scheduled = min(scheduled, vision_count)
+    if rank_scale is None:
+        return scheduled
+    rank = int(torch.linalg.matrix_rank(rater_attention.float()))
+    return max(scheduled, vision_count - math.floor(rank_scale * (vision_count - rank)))
+
+
+def recycled_count(dropped: int, ratio: float) -> int:
+    return math.ceil(ratio * dropped)
+
+
+def cluster_count(recycled: int, cluster_size: int) -> int:
+    return math.ceil(recycled / cluster_size)
+
+
+def next_vision_count(vision_count: int, keep: int, options: SparseVLMOptions) -> int:
+    """Vision tokens after a drop: the kept ones plus one merged token per cluster of recycled ones."""
+    keep = min(keep, vision_count)
+    return keep + cluster_count(recycled_count(vision_count - keep, options.recycle_ratio), options.cluster_size)
+
+
+def stage_counts(vision_count: int, keeps: list[int], options: SparseVLMOptions) -> list[int]:
+    """Vision tokens seen before the first drop and after each drop."""
+    counts = [vision_count]
+    for keep in keeps:
+        counts.append(next_vision_count(counts[-1], keep, options))
+    return counts
+
+
+def budget_keep_counts(vision_count: int, num_layers: int, options: SparseVLMOptions) -> tuple[int, ...]:
+    """Keep counts, proportional to `options.keep`, whose layer-averaged vision count (recycled tokens
+    included) is closest to the budget.
+
+    The average never decreases with the scale s of keep_i = round(s * keep_i), so s is bisected;
+    then the last count, which lasts the most layers and so moves the average most finely, is nudged.
+    """
+    lengths = stage_lengths(options.layers, num_layers)
+
+    def error(keeps: list[int]) -> float:
+        return abs(layer_average(stage_counts(vision_count, keeps, options), lengths) - options.budget)
+
+    def scaled(scale: float) -> list[int]:
+        return [round(scale * count) for count in options.keep]
+
+    low, high = 0.0, float(vision_count)
+    for _ in range(BISECTION_STEPS):
+        middle = (low + high) / 2
+        below = layer_average(stage_counts(vision_count, scaled(middle), options), lengths) < options.budget
+        low, high = (middle, high) if below else (low, middle)
+    candidates = [scaled(low), scaled(high)]
+    candidates += [[*keeps[:-1], max(0, keeps[-1] + delta)] for keeps in candidates[:2] for delta in NUDGES]
+    return tuple(min(candidates, key=error))
+
+
+def merge_clusters(hidden: torch.Tensor, scores: torch.Tensor, clusters: int) -> torch.Tensor:
+    """[clusters, hidden]: the best-scored rows are centres (in row order); every row joins its most
+    cosine-similar centre (a centre joins itself) and each cluster is the mean of its rows."""
+    centres = ranked_keep(scores, None, clusters)
+    unit = F.normalize(hidden.float(), dim=-1)
+    labels = (unit @ unit[centres].T).argmax(dim=1)
+    labels[centres] = torch.arange(clusters, device=labels.device)
+    sums = torch.zeros(clusters, hidden.shape[1], device=hidden.device).index_add_(0, labels, hidden.float())
+    sizes = torch.bincount(labels, minlength=clusters)
+    return (sums / sizes[:, None]).to(hidden.dtype)
+
+
+def decoder_layer_count(model) -> int:
+    return len(model.model.language_model.layers)
+
+
+@register
+class SparseVLM(DropMethod):
+    """Rater-scored drops after a few decoder layers, with the best dropped tokens merged back."""
+
+    name = "sparsevlm"
+    options_class = SparseVLMOptions
+
+    def __init__(self, options: SparseVLMOptions | None = None):
+        self.options = options or SparseVLMOptions()
+
+    def prefill_layers(self) -> tuple[int, ...]:
+        return self.options.layers
+
+    def keep_count(self, context: LayerContext, rater_attention: torch.Tensor) -> int:
+        """The schedule floored by the rank term, or in budget mode the plan for this prompt's vision count."""
+        vision_count = context.layout.vision_count
+        stage = self.options.layers.index(context.layer_idx)
+        if self.options.budget is None:
+            return rank_bounded_keep(vision_count, self.options.keep[stage], rater_attention, self.options.rank_scale)
+        plan = budget_keep_counts(context.prompt_vision_count, decoder_layer_count(context.model), self.options)
+        return min(plan[stage], vision_count)
+
+    def select(self, context: LayerContext) -> torch.Tensor:
+        attention = context.attention(TEXT_QUERIES)
+        rater_attention = attention[text_raters(attention)]
+        return ranked_keep(rater_attention.mean(dim=0), None, self.keep_count(context, rater_attention))
+
+    def recycle(self, context: LayerContext, kept: torch.Tensor) -> torch.Tensor | None:
+        """Merged tokens [clusters, hidden] from the best-scored dropped tokens (None if none)."""
+        scores = vision_scores(context.attention(TEXT_QUERIES))
+        dropped_mask = torch.ones_like(scores, dtype=torch.bool)
+        dropped_mask[kept.to(scores.device)] = False
+        dropped = dropped_mask.nonzero().flatten()
+        count = recycled_count(dropped.numel(), self.options.recycle_ratio)
+        if count == 0:
+            return None
+        recycled = dropped[ranked_keep(scores[dropped], None, count)]
+        hidden = context.vision_hidden[recycled.to(context.vision_hidden.device)]
+        return merge_clusters(hidden, scores[recycled], cluster_count(count, self.options.cluster_size))

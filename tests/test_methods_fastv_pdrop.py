@@ -1,0 +1,190 @@
+"""FastV and PyramidDrop: ranking on chosen attention rows, equivalence when keeping all, and budgets."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from llava.drop.cache import LayerKVCache
+from llava.drop.generate import build_prompt, prefill
+from llava.drop.methods import DropMethod, create_method
+from llava.drop.methods.base import LAST_QUERY
+from llava.drop.methods.fastv import FastV, FastVOptions, fastv_budget_keep
+from llava.drop.budget import layer_average, stage_lengths
+from llava.drop.methods.pdrop import PDrop, PDropOptions, budget_counts
+from llava.drop.prefill import TokenLayout
+from llava.mm_utils import load_image, process_images, tokenizer_image_token
+from tests.conftest import DEMO_DIR
+from tests.test_drop_prefill import answer
+from tests.test_generation import vicuna_prompt
+
+NUM_LAYERS = 32
+FULL_VISION = 576
+BUDGETS = (64, 128, 192)
+EARLY_STAGES = (2, 6, 12)  # PDrop layers that can reach 64 tokens: the default (8, 16, 24) averages >= 144
+
+
+class FixedAttention:
+    """Stands in for LayerContext: the last token's attention row is whatever the test chose."""
+
+    def __init__(self, row: list[float], layer_idx: int, prompt_vision_count: int | None = None):
+        self.row = torch.tensor(row)
+        self.layer_idx = layer_idx
+        self.prompt_vision_count = len(row) if prompt_vision_count is None else prompt_vision_count
+        self.layout = TokenLayout(vision_start=3, vision_count=len(row), seq_len=3 + len(row) + 4)
+        self.model = SimpleNamespace(model=SimpleNamespace(language_model=SimpleNamespace(layers=[None] * NUM_LAYERS)))
+        self.queries: list[str] = []
+
+    def attention(self, queries: str) -> torch.Tensor:
+        self.queries.append(queries)
+        return self.row[None]
+
+
+def test_fastv_keeps_the_most_attended_tokens():
+    # ratio 0.5 of 5 tokens keeps round-half-up(2.5) = 3: the scores 0.40, 0.30, 0.15
+    context = FixedAttention([0.10, 0.40, 0.05, 0.30, 0.15], layer_idx=1)
+    assert FastV(FastVOptions(k=2, ratio=0.5)).select(context).tolist() == [1, 3, 4]
+    assert context.queries == [LAST_QUERY]
+
+
+def test_ties_go_to_the_earlier_position():
+    # keep 3 (ratio 0.4 of 5): 0.3 first, then two of the three tied 0.2s, the earliest ones
+    context = FixedAttention([0.2, 0.1, 0.2, 0.2, 0.3], layer_idx=1)
+    assert FastV(FastVOptions(ratio=0.4)).select(context).tolist() == [0, 2, 4]
+
+
+def test_pdrop_keeps_lambda_of_the_prompt_at_each_stage_end():
+    method = PDrop(PDropOptions(layers=(8, 16, 24), ratio=0.5))
+    assert method.prefill_layers() == (7, 15, 23)
+    first = FixedAttention([0.05, 0.20, 0.10, 0.01, 0.30, 0.02, 0.25, 0.07], layer_idx=7)
+    assert method.select(first).tolist() == [1, 2, 4, 6]  # 8 -> 4
+    second = FixedAttention([0.1, 0.4, 0.3, 0.2], layer_idx=15, prompt_vision_count=8)
+    assert method.select(second).tolist() == [1, 2]  # 8 * 0.25 = 2
+    third = FixedAttention([0.3, 0.7], layer_idx=23, prompt_vision_count=8)
+    assert method.select(third).tolist() == [1]  # 8 * 0.125 = 1
+    assert first.queries == second.queries == third.queries == [LAST_QUERY]
+
+
+def test_keep_counts_round_halves_up():
+    assert FastV(FastVOptions(ratio=0.5)).select(FixedAttention([0.1] * 577, layer_idx=1)).numel() == 289
+    assert PDrop(PDropOptions(layers=(1,), ratio=0.5)).select(FixedAttention([0.1] * 5, layer_idx=0)).numel() == 3
+
+
+def test_budget_closed_forms():
+    # FastV: keep = (budget * L - k * V) / (L - k), then the integer average is within half a token
+    for budget in BUDGETS:
+        keep = fastv_budget_keep(budget, FULL_VISION, 2, NUM_LAYERS)
+        assert abs((2 * FULL_VISION + 30 * keep) / NUM_LAYERS - budget) <= 0.5
+    assert fastv_budget_keep(64, FULL_VISION, 2, NUM_LAYERS) == 30  # 896 / 30 = 29.87
+    assert fastv_budget_keep(1000, FULL_VISION, 2, NUM_LAYERS) == FULL_VISION
+    # PDrop: a non-increasing pyramid whose integer average is within a stage's share of a token
+    for layers in (EARLY_STAGES, (3, 10, 20)):
+        lengths = stage_lengths(tuple(layer - 1 for layer in layers), NUM_LAYERS)  # selects run after l - 1
+        for budget in BUDGETS:
+            counts = budget_counts(budget, FULL_VISION, layers, NUM_LAYERS)
+            assert counts == sorted(counts, reverse=True) and counts[0] <= FULL_VISION
+            assert abs(layer_average([FULL_VISION, *counts], lengths) - budget) <= max(lengths[1:]) / NUM_LAYERS / 2
+
+
+def test_budget_follows_each_prompts_vision_count():
+    """V differs per image (e.g. after a vision-stage merge); one method instance serves many prompts."""
+    fastv = FastV(FastVOptions(k=2, budget=64))
+    assert fastv.select(FixedAttention([0.1] * 300, layer_idx=1)).numel() == 48  # (2048 - 600) / 30 = 48.3
+    assert fastv.select(FixedAttention([0.1] * 576, layer_idx=1)).numel() == 30
+    pdrop = PDrop(PDropOptions(layers=EARLY_STAGES, budget=64))
+    for vision_count in (576, 400):
+        expected = budget_counts(64, vision_count, EARLY_STAGES, NUM_LAYERS)
+        kept = vision_count
+        for layer_idx, count in zip(pdrop.prefill_layers(), expected):
+            kept = pdrop.select(FixedAttention([0.1] * kept, layer_idx, vision_count)).numel()
+            assert kept == count
+    assert expected != budget_counts(64, 576, EARLY_STAGES, NUM_LAYERS)  # the plan was redone for V = 400
+
+
+def demo_prompts(loaded) -> list:
+    """The 12 demo questions as multimodal prompts, encoded once and shared by every setting."""
+    tokenizer, model, image_processor, _ = loaded
+    questions = [json.loads(line) for line in (DEMO_DIR / "llava_textvqa_demo.jsonl").read_text().splitlines() if line]
+    prompts = []
+    with torch.no_grad():
+        for question in questions:
+            input_ids = tokenizer_image_token(vicuna_prompt(question["text"]), tokenizer, return_tensors="pt")
+            pixel_values = process_images([load_image(DEMO_DIR / "images" / question["image"])], image_processor)
+            prompts.append(build_prompt(model, input_ids, DropMethod().encode_image(model, pixel_values)))
+    return prompts
+
+
+def vision_per_layer(model, prompt, method) -> list[int]:
+    with torch.no_grad():
+        return prefill(model, prompt, LayerKVCache(NUM_LAYERS), method).vision_tokens_per_layer
+
+
+@pytest.fixture(scope="module")
+def prompts(loaded_original):
+    return demo_prompts(loaded_original)
+
+
+def test_layer_average_matches_the_closed_form(loaded_original, prompts):
+    _, model, _, _ = loaded_original
+    fastv = vision_per_layer(model, prompts[0], FastV(FastVOptions(k=2, ratio=0.5)))
+    assert fastv == [FULL_VISION] * 2 + [288] * 30
+    assert sum(fastv) / NUM_LAYERS == (2 * 576 + 30 * 288) / 32 == 306
+    pdrop = vision_per_layer(model, prompts[0], PDrop(PDropOptions(ratio=0.5)))
+    assert pdrop == [576] * 8 + [288] * 8 + [144] * 8 + [72] * 8
+    assert sum(pdrop) / NUM_LAYERS == 270
+
+
+@pytest.mark.parametrize("method", [
+    pytest.param(lambda budget: FastV(FastVOptions(budget=budget)), id="fastv"),
+    pytest.param(lambda budget: PDrop(PDropOptions(layers=EARLY_STAGES, budget=budget)), id="pdrop"),
+])
+def test_budgets_reach_the_target_on_the_demo_set(loaded_original, prompts, method):
+    _, model, _, _ = loaded_original
+    for budget in BUDGETS:
+        averages = [sum(counts) / NUM_LAYERS for counts in (vision_per_layer(model, p, method(budget)) for p in prompts)]
+        assert abs(sum(averages) / len(averages) - budget) <= 1, (budget, averages)
+
+
+def test_pdrop_default_stages_reach_192(loaded_original, prompts):
+    _, model, _, _ = loaded_original
+    averages = [sum(vision_per_layer(model, p, PDrop(PDropOptions(budget=192)))) / NUM_LAYERS for p in prompts]
+    assert abs(sum(averages) / len(averages) - 192) <= 1
+
+
+@pytest.mark.parametrize("method", [FastV(FastVOptions(ratio=0.0)), PDrop(PDropOptions(ratio=1.0))], ids=["fastv", "pdrop"])
+def test_keeping_everything_equals_the_unpruned_model(loaded_original, demo_images, method):
+    for image_path in demo_images[:2]:
+        unpruned = answer(loaded_original, image_path, DropMethod())
+        kept_all = answer(loaded_original, image_path, method)
+        assert kept_all.token_ids == unpruned.token_ids
+        assert kept_all.stats["avg_vision_tokens"] == FULL_VISION
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda: FastVOptions(k=0), "k must be >= 1.*got 0"),
+    (lambda: FastVOptions(ratio=1.5), "ratio must be between 0 and 1, got 1.5"),
+    (lambda: FastVOptions(budget=-3.0), "budget must be a non-negative number of tokens, got -3.0"),
+    (lambda: PDropOptions(layers=(16, 8)), r"layers must be .*got \(16, 8\)"),
+    (lambda: PDropOptions(layers=()), r"layers must be .*got \(\)"),
+    (lambda: PDropOptions(layers=(0, 8)), r"layers must be .*got \(0, 8\)"),
+    (lambda: PDropOptions(ratio=-0.1), "ratio must be between 0 and 1, got -0.1"),
+    (lambda: PDropOptions(budget=-1.0), "budget must be a non-negative number of tokens, got -1.0"),
+    (lambda: fastv_budget_keep(30, FULL_VISION, 2, NUM_LAYERS), "budget 30 is below 36"),
+    (lambda: fastv_budget_keep(64, FULL_VISION, NUM_LAYERS, NUM_LAYERS), "k=32 leaves no layer"),
+    (lambda: budget_counts(64, FULL_VISION, (8, 16, 24), NUM_LAYERS), "budget 64 is below 144.*earlier first layer than 8"),
+])
+def test_option_validation(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_created_from_strings():
+    fastv = create_method("fastv", {"ratio": "0.25"})
+    assert isinstance(fastv, FastV) and fastv.options == FastVOptions(ratio=0.25)
+    pdrop = create_method("pdrop", {"layers": "2;6;12", "ratio": "0.4"})
+    assert isinstance(pdrop, PDrop) and pdrop.options == PDropOptions(layers=(2, 6, 12), ratio=0.4)
+    assert pdrop.prefill_layers() == (1, 5, 11)
+    assert create_method("pdrop", {"budget": "64", "layers": "2;6;12"}).options.budget == 64.0  # what --budget passes
