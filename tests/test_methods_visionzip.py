@@ -160,3 +160,16 @@ def test_asking_for_more_tokens_than_patches_names_the_counts(loaded_original, d
     method = VisionZip(VisionZipOptions(dominant=570, contextual=10))
     with pytest.raises(ValueError, match="570 \\+ 10 exceeds the image's 576 patches"):
         method.encode_image(loaded_original[1], pixels(loaded_original, demo_images[0]))
+
+
+def test_patch_groups_cover_every_patch_once(loaded_original, demo_images):
+    from llava.drop.methods.visionzip import VisionZip, VisionZipOptions
+    from llava.mm_utils import load_image, process_images
+
+    _, model, image_processor, _ = loaded_original
+    pixel_values = process_images([load_image(demo_images[0])], image_processor)
+    vision = VisionZip(VisionZipOptions(dominant=54, contextual=10)).encode_image(model, pixel_values)
+    assert len(vision.patch_groups) == vision.features.shape[0] == 64
+    assert all(len(group) == 1 for group in vision.patch_groups[:54])
+    covered = sorted(patch for group in vision.patch_groups for patch in group)
+    assert covered == list(range(576))

@@ -153,14 +153,14 @@ def top_key_indices(attn_row: torch.Tensor, rate: float) -> torch.Tensor:
     return best.sort().values
 
 
-def _embed(tower: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+def embed_patches(tower: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
     """`hidden_states[0]` of the tower: patch + position embeddings after the pre-layer norm."""
     weight = tower.embeddings.patch_embedding.weight
     pixel_values = pixel_values.to(device=weight.device, dtype=weight.dtype)
     return tower.pre_layrnorm(tower.embeddings(pixel_values))
 
 
-def _run_to(layers, hidden: torch.Tensor, start: int, wanted: set[int]) -> dict[int, torch.Tensor]:
+def run_tower_to(layers, hidden: torch.Tensor, start: int, wanted: set[int]) -> dict[int, torch.Tensor]:
     """Hidden states at each `wanted` index, running layers from `hidden = hidden_states[start]` on."""
     found = {start: hidden} if start in wanted else {}
     for index in range(start, max(wanted)):
@@ -170,7 +170,7 @@ def _run_to(layers, hidden: torch.Tensor, start: int, wanted: set[int]) -> dict[
     return found
 
 
-def _selected_features(model, hidden: torch.Tensor) -> torch.Tensor:
+def project_features(model, hidden: torch.Tensor) -> torch.Tensor:
     """Drop CLS when LLaVA does, then project into the LLM's embedding space."""
     if model.config.vision_feature_select_strategy == DROP_CLS_STRATEGY:
         hidden = hidden[:, PATCHES_START:]
@@ -182,7 +182,7 @@ def _vision_token_offset(config) -> int:
     return 0 if config.vision_feature_select_strategy == DROP_CLS_STRATEGY else PATCHES_START
 
 
-def _check_feature_layer(config) -> None:
+def check_feature_layer(config) -> None:
     """We select one layer's hidden states; LLaVA variants that stack several are not handled."""
     if not isinstance(config.vision_feature_layer, int):
         raise ValueError("multi-layer vision features are not supported")
@@ -191,11 +191,11 @@ def _check_feature_layer(config) -> None:
 def _encode_plain(model, pixel_values: torch.Tensor) -> VisionOutput:
     """LLaVA's features, bit-identical to transformers' `get_image_features`."""
     tower = model.model.vision_tower
-    hidden = _embed(tower, pixel_values)
+    hidden = embed_patches(tower, pixel_values)
     selected = selected_layer_count(len(tower.encoder.layers), model.config.vision_feature_layer)
     for layer in tower.encoder.layers[:selected]:
         hidden = layer(hidden, None)
-    features = _selected_features(model, hidden)
+    features = project_features(model, hidden)
     count = features.shape[0]
     return VisionOutput(features=features, stats={"vision_tokens_in": count, "vision_tokens": count})
 
@@ -211,7 +211,7 @@ def _merge_early(model, hidden: torch.Tensor, drop: DropConfig) -> tuple[torch.T
     if selected_layer_count(len(layers), model.config.vision_feature_layer) < merge_index:
         raise ValueError(f"vision_feature_layer {model.config.vision_feature_layer} selects features from "
                          "before the merge")
-    hidden = _run_to(layers, hidden, 0, {merge_index})[merge_index]
+    hidden = run_tower_to(layers, hidden, 0, {merge_index})[merge_index]
     (hidden, top), seconds = timed(lambda: merge_windows_in_order(hidden, drop.merge_threshold, drop.merge_window),
                                     hidden.device)
     return hidden, merge_index, top.tolist(), seconds
@@ -225,17 +225,17 @@ def _encode_mustdrop(model, pixel_values: torch.Tensor, drop: DropConfig) -> Vis
     selected = selected_layer_count(len(layers), model.config.vision_feature_layer)
     key_input = len(layers) - 1  # hidden_states index of the input to the tower's last layer
     offset = _vision_token_offset(model.config)
-    hidden = _embed(model.model.vision_tower, pixel_values)
+    hidden = embed_patches(model.model.vision_tower, pixel_values)
     num_patches = hidden.shape[1] - PATCHES_START
     tokens_in = num_patches + offset
     start, merged_windows, merge_seconds = 0, [], 0.0
     if drop.vision_merge:
         hidden, start, merged_windows, merge_seconds = _merge_early(model, hidden, drop)
-    states = _run_to(layers, hidden, start, {selected, key_input})
+    states = run_tower_to(layers, hidden, start, {selected, key_input})
     key_row, key_seconds = timed(
         lambda: top_key_indices(cls_attention_to_patches(layers[key_input], states[key_input]),
                                 drop.key_token_rate), hidden.device)
-    features = _selected_features(model, states[selected])
+    features = project_features(model, states[selected])
     key_indices = key_row + offset
     stats = {"vision_tokens_in": tokens_in, "vision_tokens": features.shape[0],
              "merged_windows": len(merged_windows), "key_tokens": key_indices.numel(),
@@ -247,7 +247,7 @@ def _encode_mustdrop(model, pixel_values: torch.Tensor, drop: DropConfig) -> Vis
 @torch.no_grad()
 def encode_image(model, pixel_values: torch.Tensor, drop: DropConfig | None = None) -> VisionOutput:
     """Vision tokens of one image; with MustDrop enabled, merged and with their key set."""
-    _check_feature_layer(model.config)
+    check_feature_layer(model.config)
     if drop is None or not drop.enabled:
         return _encode_plain(model, pixel_values)
     return _encode_mustdrop(model, pixel_values, drop)

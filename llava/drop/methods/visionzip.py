@@ -29,10 +29,10 @@ from llava.drop.methods.registry import register
 from llava.drop.vision import (
     PATCHES_START,
     VisionOutput,
-    _check_feature_layer,
-    _embed,
-    _run_to,
-    _selected_features,
+    check_feature_layer,
+    embed_patches,
+    run_tower_to,
+    project_features,
     cls_attention_to_patches,
     selected_layer_count,
 )
@@ -84,6 +84,15 @@ def target_positions(remaining: int, count: int) -> torch.Tensor:
     return torch.arange(count) * (remaining // count)
 
 
+def contextual_groups(keys: torch.Tensor, count: int) -> torch.Tensor:
+    """Group index (0..count-1) of each of the R tokens: its most key-similar uniform target."""
+    targets = target_positions(keys.shape[0], count).to(keys.device)
+    unit = F.normalize(keys.float(), dim=-1)
+    groups = (unit @ unit[targets].T).argmax(dim=-1)
+    groups[targets] = torch.arange(count, device=keys.device)  # a target always leads its own group
+    return groups
+
+
 def contextual_merge(tokens: torch.Tensor, keys: torch.Tensor, count: int) -> torch.Tensor:
     """Merge `tokens` [R, dim] into `count` tokens: uniform targets, key-similarity groups, group means.
 
@@ -92,10 +101,7 @@ def contextual_merge(tokens: torch.Tensor, keys: torch.Tensor, count: int) -> to
     """
     if count == 0:
         return tokens[:0]
-    targets = target_positions(tokens.shape[0], count).to(tokens.device)
-    unit = F.normalize(keys.float(), dim=-1)
-    groups = (unit @ unit[targets].T).argmax(dim=-1)
-    groups[targets] = torch.arange(count, device=tokens.device)  # a target always leads its own group
+    groups = contextual_groups(keys, count)
     sums = torch.zeros(count, tokens.shape[1], device=tokens.device).index_add_(0, groups, tokens.float())
     sizes = torch.bincount(groups, minlength=count)
     return (sums / sizes[:, None]).to(tokens.dtype)
@@ -116,7 +122,7 @@ def _run_to_select_layer(model, pixel_values: torch.Tensor) -> tuple[torch.nn.Mo
     if selected == 0:
         raise ValueError(f"vision_feature_layer {model.config.vision_feature_layer} selects the embeddings, "
                          "which have no attention to rank patches by")
-    states = _run_to(layers, _embed(model.model.vision_tower, pixel_values), 0, {selected - 1, selected})
+    states = run_tower_to(layers, embed_patches(model.model.vision_tower, pixel_values), 0, {selected - 1, selected})
     return layers[selected - 1], states[selected - 1], states[selected]
 
 
@@ -132,7 +138,7 @@ class VisionZip(DropMethod):
 
     @torch.no_grad()
     def encode_image(self, model, pixel_values: torch.Tensor) -> VisionOutput:
-        _check_feature_layer(model.config)
+        check_feature_layer(model.config)
         if pixel_values.shape[0] != 1:
             raise ValueError(f"VisionZip's vision stage supports batch size 1, got {pixel_values.shape[0]}")
         dominant, contextual = self.options.counts()
@@ -147,8 +153,18 @@ class VisionZip(DropMethod):
         keys = head_averaged_keys(layer, layer_input)[PATCHES_START:]
         merged = contextual_merge(patches[rest], keys[rest], contextual)
         sequence = torch.cat([hidden[0, :PATCHES_START], patches[kept], merged])[None]
-        features = _selected_features(model, sequence)
+        features = project_features(model, sequence)
         cls_kept = features.shape[0] - dominant - contextual  # 1 under the `full` select strategy, else 0
         stats = {"vision_tokens_in": patches.shape[0] + cls_kept, "vision_tokens": features.shape[0],
                  "dominant": dominant, "contextual": contextual}
-        return VisionOutput(features=features, stats=stats)
+        return VisionOutput(features=features, stats=stats,
+                            patch_groups=self.patch_groups(kept, rest, keys, contextual, cls_kept))
+
+    @staticmethod
+    def patch_groups(kept: torch.Tensor, rest: torch.Tensor, keys: torch.Tensor, contextual: int,
+                     cls_kept: int) -> list[list[int]]:
+        """Which patches each output token stands for, so `llava.viz` can draw what was kept."""
+        rest_patches = rest.nonzero().flatten()
+        groups = contextual_groups(keys[rest], contextual) if contextual else rest_patches[:0]
+        merged = [rest_patches[groups == group].tolist() for group in range(contextual)]
+        return [[]] * cls_kept + [[patch] for patch in kept.tolist()] + merged
