@@ -1,0 +1,55 @@
+"""The method comparison runs end to end on the quick model with every method registered right now."""
+
+from __future__ import annotations
+
+import json
+
+from benchmarks.compare import (
+    BASELINE,
+    DEFAULT_BUDGETS,
+    NO_BUDGET,
+    budget_label,
+    build_settings,
+    main,
+    registered_methods,
+)
+from benchmarks.prefill_decode import RATIO_OF
+
+QUICK_ARGS = ["--quick", "--new-tokens", "2", "--repeats", "1"]
+OUTPUT_FILES = ("compare.json", "compare.md", "compare.png")
+UNPRUNED_VISION_TOKENS = 576  # LLaVA-1.5: (336 / 14) ** 2 patches
+
+
+def table_rows(markdown: str) -> list[list[str]]:
+    """The cells of the Markdown table's body rows (after the header line and the --- line)."""
+    lines = [line for line in markdown.splitlines() if line.startswith("| ")]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
+
+
+def test_quick_comparison_covers_every_method_and_budget(tmp_path):
+    rows = main([*QUICK_ARGS, "--out", str(tmp_path)])
+
+    for name in OUTPUT_FILES:
+        assert (tmp_path / name).stat().st_size > 0, name
+    saved = json.loads((tmp_path / "compare.json").read_text())
+    expected = {(m, str(b)) for m in registered_methods() for b in DEFAULT_BUDGETS
+                if budget_label(m, b) not in saved["skipped"]}
+    body = table_rows((tmp_path / "compare.md").read_text())
+    assert body[0][:2] == [BASELINE, NO_BUDGET]
+    assert sorted(tuple(cells[:2]) for cells in body[1:]) == sorted(expected)
+    assert len(saved["rows"]) == len(rows) == len(expected) + 1
+
+    baseline = next(row for row in rows if row["budget"] is None)
+    for ratio in [*RATIO_OF, "flops_ratio"]:
+        assert baseline[ratio] == 1.0, ratio
+    assert baseline["avg_vision_tokens"] == UNPRUNED_VISION_TOKENS
+    for row in rows:
+        assert row["avg_vision_tokens"] <= UNPRUNED_VISION_TOKENS, row["setting"]
+
+
+def test_method_without_budget_option_is_skipped_with_a_note(capsys):
+    settings, skipped = build_settings([BASELINE], [64])  # "none" takes no options
+
+    assert [s.label for s in settings] == [BASELINE]
+    assert list(skipped) == [budget_label(BASELINE, 64)]
+    assert "skipping" in capsys.readouterr().out
