@@ -8,6 +8,7 @@ import torch
 from llava.drop.budget import (
     geometric_keep_counts,
     layer_average,
+    merge_count_bounds,
     ranked_keep,
     stage_lengths,
 )
@@ -60,3 +61,33 @@ def test_mustdrop_budget_on_the_model(loaded_original, demo_images):
 def test_budget_must_be_positive():
     with pytest.raises(ValueError, match="budget must be a positive number of tokens, got 0"):
         DropConfig(budget=0)
+
+
+def test_merge_count_bounds_by_hand():
+    # 64: merging r windows leaves V = 576 - 8r; the lowest reachable average is (3V + 29 * ceil(0.08 V)) / 32.
+    # r = 24: V = 384, key set 31 -> (1152 + 899) / 32 = 64.09 > 64;  r = 25: V = 376 -> (1128 + 899) / 32 = 63.3
+    # at most floor((576 - 64) / 8) = 64 windows (all of them) keep at least 64 tokens
+    assert merge_count_bounds(576, 3, 64, MUSTDROP_LAYERS, 32, 0.08) == (25, 64)
+    # 192: no merge is needed; at most floor((576 - 192) / 8) = 48 windows keep 192 tokens
+    assert merge_count_bounds(576, 3, 192, MUSTDROP_LAYERS, 32, 0.08) == (0, 48)
+
+
+def test_mustdrop_budgets_on_the_demo_set(loaded_original, demo_images):
+    """Every budget is met within one token on average over the 12 demo images (prefill only)."""
+    from llava.drop.cache import LayerKVCache
+    from llava.drop.generate import build_prompt, prefill
+    from llava.mm_utils import load_image, process_images, tokenizer_image_token
+    from tests.test_generation import vicuna_prompt
+
+    tokenizer, model, image_processor, _ = loaded_original
+    input_ids = tokenizer_image_token(vicuna_prompt("What is the word?"), tokenizer, return_tensors="pt")
+    pixels = [process_images([load_image(path)], image_processor) for path in demo_images]
+    for budget in (192, 128, 64):
+        method = MustDrop(DropConfig(budget=budget))
+        averages = []
+        with torch.no_grad():
+            for pixel_values in pixels:
+                prompt = build_prompt(model, input_ids, method.encode_image(model, pixel_values))
+                counts = prefill(model, prompt, LayerKVCache(32), method).vision_tokens_per_layer
+                averages.append(sum(counts) / len(counts))
+        assert abs(sum(averages) / len(averages) - budget) <= 1, (budget, averages)

@@ -140,6 +140,7 @@ def test_layer_average_matches_the_closed_form(loaded_original, prompts):
 @pytest.mark.parametrize("method", [
     pytest.param(lambda budget: FastV(FastVOptions(budget=budget)), id="fastv"),
     pytest.param(lambda budget: PDrop(PDropOptions(layers=EARLY_STAGES, budget=budget)), id="pdrop"),
+    pytest.param(lambda budget: PDrop(PDropOptions(budget=budget)), id="pdrop-default-stages"),
 ])
 def test_budgets_reach_the_target_on_the_demo_set(loaded_original, prompts, method):
     _, model, _, _ = loaded_original

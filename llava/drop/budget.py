@@ -9,6 +9,8 @@ closest to the target.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 BISECTION_STEPS = 60
@@ -74,3 +76,26 @@ def ranked_keep(scores: torch.Tensor, key_indices: torch.Tensor | None, count: i
     best = torch.sort(others, descending=True, stable=True).indices[:remaining]
     chosen[best] = True
     return chosen.nonzero().flatten()
+
+
+def merge_count_bounds(
+    num_patches: int, window: int, budget: float, drop_layers: tuple[int, ...], num_layers: int, key_rate: float
+) -> tuple[int, int]:
+    """How many windows MustDrop's stage 1 must merge (at least) and may merge (at most) for a budget.
+
+    Each merged window turns window^2 tokens into one. Merging too few leaves so many tokens that the
+    layers up to the first drop plus the key set (never dropped) already average above the budget;
+    merging too many leaves fewer tokens than the budget. Within the bounds the threshold decides.
+    """
+    saved_per_window = window * window - 1
+    num_windows = num_patches // (window * window)
+    lengths = stage_lengths(drop_layers, num_layers)
+
+    def lowest_average(vision_count: int) -> float:
+        floor = math.ceil(key_rate * vision_count)
+        return layer_average([vision_count] + [floor] * (len(lengths) - 1), lengths)
+
+    most = max(0, min(num_windows, math.floor((num_patches - budget) / saved_per_window)))
+    least = next((r for r in range(num_windows + 1) if lowest_average(num_patches - saved_per_window * r) <= budget),
+                 num_windows)
+    return min(least, most), most

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from llava.drop.budget import merge_count_bounds
 from llava.drop.config import MERGE_AFTER_LAYER, DropConfig
 from llava.drop.timing import timed
 
@@ -85,10 +86,13 @@ def merge_windows(hidden: torch.Tensor, threshold: float, window: int) -> tuple[
     return merged, top.numel()
 
 
-def merge_windows_in_order(hidden: torch.Tensor, threshold: float, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+def merge_windows_in_order(
+    hidden: torch.Tensor, threshold: float, window: int, count_bounds: tuple[int, int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`merge_windows`, returning the merged windows' row-major indices (best first) instead of r.
 
     The indices are what `merged_patch_groups` needs to map the merged tokens back to the grid.
+    `count_bounds` (least, most) clamps r, for the budget variant; the threshold alone decides otherwise.
     """
     if hidden.shape[0] != 1:
         raise ValueError(f"the vision merge supports batch size 1, got {hidden.shape[0]}")
@@ -96,6 +100,8 @@ def merge_windows_in_order(hidden: torch.Tensor, threshold: float, window: int) 
     grid = patch_grid_side(patches.shape[1], window)
     scores = window_similarity(patches[0], grid, window)
     r = int((scores >= threshold).sum())
+    if count_bounds is not None:
+        r = min(max(r, count_bounds[0]), count_bounds[1])
     # Stable sort: windows with equal scores are merged in window order, so results are reproducible.
     top = torch.sort(scores, descending=True, stable=True).indices[:r]
     if r == 0:
@@ -212,8 +218,12 @@ def _merge_early(model, hidden: torch.Tensor, drop: DropConfig) -> tuple[torch.T
         raise ValueError(f"vision_feature_layer {model.config.vision_feature_layer} selects features from "
                          "before the merge")
     hidden = run_tower_to(layers, hidden, 0, {merge_index})[merge_index]
-    (hidden, top), seconds = timed(lambda: merge_windows_in_order(hidden, drop.merge_threshold, drop.merge_window),
-                                    hidden.device)
+    bounds = None
+    if drop.budget is not None:
+        bounds = merge_count_bounds(hidden.shape[1] - PATCHES_START, drop.merge_window, drop.budget, drop.drop_layers,
+                                    len(model.model.language_model.layers), drop.key_token_rate)
+    (hidden, top), seconds = timed(
+        lambda: merge_windows_in_order(hidden, drop.merge_threshold, drop.merge_window, bounds), hidden.device)
     return hidden, merge_index, top.tolist(), seconds
 
 

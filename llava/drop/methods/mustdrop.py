@@ -20,7 +20,10 @@ class MustDrop(DropMethod):
 
     With `budget` set (our documented variant, not in the reference code), each dropping layer keeps a
     fixed count from a geometric schedule that reaches the target layer average, ranked by the global
-    score (summed text attention), the key set always kept first.
+    score (summed text attention), the key set always kept first. Stage 1 then merges at least the
+    windows that make the budget reachable under the key-set rule (the layers before the first drop
+    see every vision token, and the key set is never dropped) and at most those that keep `budget`
+    tokens; between those bounds its threshold decides as usual (`budget.merge_count_bounds`).
     """
 
     name = "mustdrop"

@@ -38,21 +38,27 @@ from llava.drop.methods.fastv import (
 from llava.drop.methods.registry import register
 
 DEFAULT_STAGE_LAYERS = (8, 16, 24)  # the first layer of stages 2, 3, 4 in the paper's LLaVA-1.5 setting
+# Our choice, not the paper's: with a budget below what the default stages can reach (their first stage
+# alone averages 8/32 of the vision tokens, 144 of LLaVA-1.5's 576), budget mode starts the pyramid here.
+EARLY_STAGE_LAYERS = (2, 6, 12)
+LLAVA_VISION_TOKENS, LLAVA_DECODER_LAYERS = 576, 32
+DEFAULT_STAGES_FLOOR = DEFAULT_STAGE_LAYERS[0] * LLAVA_VISION_TOKENS / LLAVA_DECODER_LAYERS  # 144
 DEFAULT_RATIO = 0.5  # the paper's lambda
 BISECTION_STEPS = 60  # halves [0, 1] below float resolution
 
 
 @dataclass(frozen=True)
 class PDropOptions:
-    """layers: the first layer of each new stage; ratio: lambda, the share each drop keeps; budget: a
-    target layer-averaged vision-token count that, when set, replaces `ratio`."""
+    """layers: the first layer of each new stage (None: the paper's (8, 16, 24), or (2, 6, 12) for a budget
+    those cannot reach); ratio: lambda, the share each drop keeps; budget: a target layer-averaged
+    vision-token count that, when set, replaces `ratio`."""
 
-    layers: tuple[int, ...] = DEFAULT_STAGE_LAYERS
+    layers: tuple[int, ...] | None = None
     ratio: float = DEFAULT_RATIO
     budget: float | None = None
 
     def __post_init__(self):
-        if not self.layers or self.layers[0] < 1 or list(self.layers) != sorted(set(self.layers)):
+        if self.layers is not None and (not self.layers or self.layers[0] < 1 or list(self.layers) != sorted(set(self.layers))):
             raise ValueError(f"layers must be non-empty, distinct, ascending and >= 1, got {self.layers}")
         if not 0.0 <= self.ratio <= 1.0:
             raise ValueError(f"ratio must be between 0 and 1, got {self.ratio}")
@@ -128,15 +134,22 @@ class PDrop(DropMethod):
     def __init__(self, options: PDropOptions | None = None):
         self.options = options or PDropOptions()
 
+    def stage_layers(self) -> tuple[int, ...]:
+        """The configured stages, or the default for this budget (see EARLY_STAGE_LAYERS)."""
+        if self.options.layers is not None:
+            return self.options.layers
+        budget = self.options.budget
+        return EARLY_STAGE_LAYERS if budget is not None and budget < DEFAULT_STAGES_FLOOR else DEFAULT_STAGE_LAYERS
+
     def prefill_layers(self) -> tuple[int, ...]:
-        return tuple(layer - 1 for layer in self.options.layers)
+        return tuple(layer - 1 for layer in self.stage_layers())
 
     def plan(self, vision_count: int, num_layers: int) -> list[int]:
         """Keep counts after each drop, from lambda or from the budget."""
-        stages = len(self.options.layers)
+        layers = self.stage_layers()
         if self.options.budget is None:
-            return [round_half_up(count) for count in pyramid(vision_count, self.options.ratio, stages + 1)[1:]]
-        return budget_counts(self.options.budget, vision_count, self.options.layers, num_layers)
+            return [round_half_up(count) for count in pyramid(vision_count, self.options.ratio, len(layers) + 1)[1:]]
+        return budget_counts(self.options.budget, vision_count, layers, num_layers)
 
     def select(self, context: LayerContext) -> torch.Tensor:
         stage = self.prefill_layers().index(context.layer_idx)
