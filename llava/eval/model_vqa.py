@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 from llava.eval import model_vqa_loader
-from llava.eval.question_loop import main_guard
+from llava.eval.question_loop import run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,8 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    main_guard(lambda: model_vqa_loader.run(args))
+    run_cli(build_parser(), model_vqa_loader.questions_from_file, argv)
 
 
 if __name__ == "__main__":

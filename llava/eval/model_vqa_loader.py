@@ -15,10 +15,8 @@ from pathlib import Path
 from llava.eval.question_loop import (
     Question,
     add_model_args,
-    main_guard,
     read_question_file,
-    run_questions,
-    validate_args,
+    run_cli,
 )
 
 
@@ -39,14 +37,8 @@ def questions_from_file(args: argparse.Namespace) -> list[Question]:
     return questions
 
 
-def run(args: argparse.Namespace) -> Path:
-    validate_args(args)  # fail on bad flags before reading a large question file
-    return run_questions(args, questions_from_file(args))
-
-
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    main_guard(lambda: run(args))
+    run_cli(build_parser(), questions_from_file, argv)
 
 
 if __name__ == "__main__":

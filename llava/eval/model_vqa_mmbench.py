@@ -16,7 +16,6 @@ import base64
 import binascii
 from collections.abc import Callable
 from io import BytesIO
-from pathlib import Path
 
 from PIL import Image
 
@@ -32,9 +31,7 @@ from llava.eval.question_loop import (
     Question,
     RunError,
     add_model_args,
-    main_guard,
-    run_questions,
-    validate_args,
+    run_cli,
 )
 
 SINGLE_PRED_PROMPTS = {
@@ -104,14 +101,8 @@ def questions_from_file(args: argparse.Namespace) -> list[Question]:
     ]
 
 
-def run(args: argparse.Namespace) -> Path:
-    validate_args(args)  # fail on bad flags before reading a large question file
-    return run_questions(args, questions_from_file(args))
-
-
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    main_guard(lambda: run(args))
+    run_cli(build_parser(), questions_from_file, argv)
 
 
 if __name__ == "__main__":

@@ -218,6 +218,18 @@ def answer_chunk(args: argparse.Namespace, chunk: list[Question], path: Path, fi
             })
 
 
+def run_cli(parser: argparse.ArgumentParser, questions_from_args: Callable[[argparse.Namespace], list[Question]],
+            argv: list[str] | None = None) -> None:
+    """A benchmark CLI's whole main(): parse, check flags before reading questions, answer them."""
+    args = parser.parse_args(argv)
+
+    def run() -> None:
+        validate_args(args)  # fail on bad flags before reading a large question file
+        run_questions(args, questions_from_args(args))
+
+    main_guard(run)
+
+
 def main_guard(run: Callable[[], Any]) -> None:
     """Run a CLI body; input problems end the program with one clear line instead of a traceback."""
     try:
