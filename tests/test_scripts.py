@@ -55,3 +55,16 @@ def test_vizwiz_script(tiny_original, tmp_path):
 def test_unknown_setting_is_refused(tmp_path, script, setting):
     done = run_script(script, setting, tmp_path, tmp_path, {})
     assert done.returncode == 2 and f"unknown setting '{setting}'" in done.stderr
+
+
+def test_method_setting_runs_another_method_at_a_budget(tiny_original, tmp_path):
+    """METHOD=fastv turns the setting into --method fastv --budget N; the summary names the method."""
+    done = run_script("textvqa.sh", "128", tiny_original, tmp_path, {
+        "EVAL_DIR": str(tmp_path), "ANNOTATION_FILE": str(DEMO_DIR / "TextVQA_demo_annotations.json"),
+        "METHOD": "fastv",
+    })
+    assert done.returncode == 0, done.stderr
+    answer_dir = tmp_path / "textvqa" / "answers" / f"{tiny_original.name}-fastv-128"
+    summary = json.loads((answer_dir / "summary.json").read_text())
+    assert summary["method"] == "fastv" and summary["setting"] == "128"
+    assert abs(summary["mean_vision_tokens"] - 128) <= 1

@@ -32,7 +32,11 @@ def software_versions() -> dict:
 
 
 def method_of(drop_flags: str) -> str:
-    return "mustdrop" if "--sparse" in drop_flags.split() else "none"
+    """The method a run used, read back from its dropping flags (`--method X` or `--sparse`)."""
+    flags = drop_flags.split()
+    if "--method" in flags and flags.index("--method") + 1 < len(flags):
+        return flags[flags.index("--method") + 1]
+    return "mustdrop" if "--sparse" in flags else "none"
 
 
 def build_summary(answers_file: Path, benchmark: str, setting: str, model_path: str, drop_flags: str,

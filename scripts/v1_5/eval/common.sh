@@ -5,7 +5,8 @@
 #     BENCHMARK=gqa; source "$(dirname "$0")/common.sh" "$@"
 # It provides SETTING, MODEL_PATH, MODEL_NAME, PYTHON, DATA, ANSWER_DIR, DROP_FLAGS and run_sharded.
 # Environment: MODEL_PATH (default liuhaotian/llava-v1.5-7b), PYTHON, EVAL_DIR, CUDA_VISIBLE_DEVICES
-# (one shard per listed GPU), EXTRA_ARGS (added to every inference command).
+# (one shard per listed GPU), EXTRA_ARGS (added to every inference command), METHOD (another method of
+# llava/drop/methods, e.g. fastv: the setting then becomes its --budget instead of MustDrop's thresholds).
 set -euo pipefail
 
 SETTING="${1:-full}"
@@ -14,7 +15,8 @@ MODEL_NAME="$(basename "${MODEL_PATH%/}")"
 PYTHON="${PYTHON:-python}"
 EVAL_DIR="${EVAL_DIR:-./playground/data/eval}"
 DATA="$EVAL_DIR/$BENCHMARK"
-ANSWER_DIR="$DATA/answers/$MODEL_NAME-$SETTING"
+METHOD="${METHOD:-}"
+ANSWER_DIR="$DATA/answers/$MODEL_NAME${METHOD:+-$METHOD}-$SETTING"
 
 # Default thresholds: the reference code's published TextVQA settings for LLaVA-1.5-7B (SPEC.md).
 # The authors published no others except VizWiz-64; re-calibrate for another benchmark or model with
@@ -25,9 +27,14 @@ THR_64="${THR_64:-0.011 0.01}"
 
 case "$SETTING" in
     full) DROP_FLAGS=() ;;
-    192) read -r G I <<< "$THR_192"; DROP_FLAGS=(--sparse --global_thr "$G" --individual_thr "$I") ;;
-    128) read -r G I <<< "$THR_128"; DROP_FLAGS=(--sparse --global_thr "$G" --individual_thr "$I") ;;
-    64)  read -r G I <<< "$THR_64";  DROP_FLAGS=(--sparse --global_thr "$G" --individual_thr "$I") ;;
+    192|128|64)
+        if [ -n "$METHOD" ]; then
+            DROP_FLAGS=(--method "$METHOD" --budget "$SETTING")
+        else
+            THRESHOLDS="THR_$SETTING"
+            read -r G I <<< "${!THRESHOLDS}"
+            DROP_FLAGS=(--sparse --global_thr "$G" --individual_thr "$I")
+        fi ;;
     *) echo "unknown setting '$SETTING': choose full, 192, 128 or 64" >&2; exit 2 ;;
 esac
 mkdir -p "$ANSWER_DIR"
