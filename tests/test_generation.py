@@ -108,3 +108,18 @@ def test_prompt_and_image_must_agree(loaded_original, demo_images):
 def test_sampling_config_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SamplingConfig(**kwargs)
+
+
+def test_prompt_wraps_the_image_in_start_end_tokens_when_the_checkpoint_asks():
+    from types import SimpleNamespace
+
+    from llava.eval.answering import Answerer
+
+    model = SimpleNamespace(config=SimpleNamespace(mm_use_im_start_end=True),
+                            generation_config=SimpleNamespace(eos_token_id=2))
+    answerer = Answerer(SimpleNamespace(eos_token_id=2), model, None, "vicuna_v1", SamplingConfig())
+    prompt, stop = answerer.build_prompt("What is it?", with_image=True)
+    assert prompt.endswith("USER: <im_start><image><im_end>\nWhat is it? ASSISTANT:")
+    assert stop == "</s>"
+    model.config.mm_use_im_start_end = False
+    assert "USER: <image>\nWhat is it?" in answerer.build_prompt("What is it?", with_image=True)[0]
