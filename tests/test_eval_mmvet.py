@@ -45,7 +45,7 @@ def test_cli_writes_results_json(tmp_path: Path, capsys) -> None:
 
 @pytest.mark.parametrize(("lines", "message"), [
     ('{"question_id": 0, "text": "a"}\n{"question_id": 0, "text": "b"}\n', "question_id 0 is answered twice"),
-    ('{"question_id": 0}\n', "record 1: needs 'question_id' and 'text'"),
+    ('{"question_id": 0}\n', "answer 1: needs 'question_id' and 'text'"),
     ("\n", "holds no answers"),
     ("{oops\n", "line 1: not valid JSON"),
 ])

@@ -116,13 +116,13 @@ def test_answer_to_unknown_question_is_named(files: tuple[Path, Path], tmp_path:
     answers = write_answers(tmp_path / "other.jsonl", [("999999", "A")])
     error = _cli_error(capsys, "--annotation-file", str(files[0]), "--result-file", str(answers),
                        "--result-upload-file", str(tmp_path / "u.jsonl"))
-    assert "'999999'" in error and "other.jsonl" in error
+    assert "question_id 999999 is not in the annotation file" in error and "other.jsonl" in error
 
 
 def test_duplicate_and_video_only_answers_are_errors(files: tuple[Path, Path], tmp_path: Path) -> None:
     questions = load_annotations(files[0])
     ids = {q.question_id for q in questions}
-    with pytest.raises(SeedScoringError, match="'101669' is answered twice"):
+    with pytest.raises(SeedScoringError, match="question_id 101669 is answered twice"):
         load_answers(write_answers(tmp_path / "dup.jsonl", [("101669", "A"), (101669, "B")]), ids)
     video_only = load_answers(write_answers(tmp_path / "video.jsonl", [("v0001", "C")]), ids)
     with pytest.raises(SeedScoringError, match="none of the annotation file's image questions"):

@@ -8,12 +8,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from llava.drop.budget import layer_average, stage_lengths
 from llava.drop.cache import LayerKVCache
 from llava.drop.generate import build_prompt, prefill
 from llava.drop.methods import DropMethod, create_method
 from llava.drop.methods.base import LAST_QUERY
 from llava.drop.methods.fastv import FastV, FastVOptions, fastv_budget_keep
-from llava.drop.budget import layer_average, stage_lengths
 from llava.drop.methods.pdrop import PDrop, PDropOptions, budget_counts
 from llava.drop.prefill import TokenLayout
 from llava.mm_utils import load_image, process_images, tokenizer_image_token

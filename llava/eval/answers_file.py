@@ -87,3 +87,22 @@ def write_scores(path: str | Path | None, scores: dict) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(scores, indent=2) + "\n")
+
+
+def answers_by_question_id(path: str | Path, known_ids: set[str] | None = None, unknown_hint: str = "") -> dict[str, str]:
+    """Answer text by question id (as a string: LLaVA's files hold ids as numbers or strings).
+
+    Every answer must name its question once; with `known_ids`, only questions of that set (a file
+    from another split or benchmark fails here, with `unknown_hint` saying what to check).
+    """
+    answers: dict[str, str] = {}
+    for number, record in enumerate(read_jsonl(path, "result file"), start=1):
+        if not isinstance(record, dict) or "question_id" not in record or "text" not in record:
+            raise AnswersFileError(f"result file {path}, answer {number}: needs 'question_id' and 'text'")
+        question_id = str(record["question_id"])
+        if known_ids is not None and question_id not in known_ids:
+            raise AnswersFileError(f"result file {path}, answer {number}: question_id {question_id} {unknown_hint}")
+        if question_id in answers:
+            raise AnswersFileError(f"result file {path}: question_id {question_id} is answered twice")
+        answers[question_id] = record["text"]
+    return answers

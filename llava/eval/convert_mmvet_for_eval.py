@@ -13,7 +13,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from llava.eval.answers_file import read_jsonl
+from llava.eval.answers_file import answers_by_question_id
 
 MMVET_KEY_PREFIX = "v1_"
 
@@ -25,17 +25,10 @@ class MMVetConversionError(ValueError):
 def mmvet_results(src: str | Path) -> dict[str, str]:
     """{"v1_<question_id>": answer text} for every answer in `src`, in file order."""
     try:
-        records = read_jsonl(src, "answers file")
+        answers = answers_by_question_id(src)
     except (OSError, ValueError) as error:
         raise MMVetConversionError(str(error)) from None
-    results: dict[str, str] = {}
-    for number, record in enumerate(records, start=1):
-        if not isinstance(record, dict) or "question_id" not in record or "text" not in record:
-            raise MMVetConversionError(f"answers file {src}, record {number}: needs 'question_id' and 'text'")
-        key = f"{MMVET_KEY_PREFIX}{record['question_id']}"
-        if key in results:
-            raise MMVetConversionError(f"answers file {src}: question_id {record['question_id']!r} is answered twice")
-        results[key] = record["text"]
+    results = {f"{MMVET_KEY_PREFIX}{question_id}": text for question_id, text in answers.items()}
     if not results:
         raise MMVetConversionError(f"answers file {src} holds no answers")
     return results

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from llava.eval.answers_file import read_jsonl
+from llava.eval.answers_file import answers_by_question_id
 
 SCORED_DATA_TYPE = "image"
 # An upper-case option letter, after any leading spaces or brackets, that does not begin a word:
@@ -74,23 +74,10 @@ def load_annotations(annotation_file: str | Path) -> list[SeedQuestion]:
 def load_answers(result_file: str | Path, question_ids: set[str]) -> dict[str, str]:
     """Answer text by question id (as a string, since LLaVA's files may hold ids as numbers)."""
     try:
-        records = read_jsonl(result_file, "result file")
+        return answers_by_question_id(result_file, question_ids,
+                                      "is not in the annotation file; is it the right SEED-Bench.json?")
     except (OSError, ValueError) as error:
         raise SeedScoringError(str(error)) from None
-    answers: dict[str, str] = {}
-    for number, record in enumerate(records, start=1):
-        if not isinstance(record, dict) or "question_id" not in record or "text" not in record:
-            raise SeedScoringError(f"result file {result_file}, answer {number}: needs 'question_id' and 'text'")
-        question_id = str(record["question_id"])
-        if question_id not in question_ids:
-            raise SeedScoringError(
-                f"result file {result_file}, answer {number}: question_id {question_id!r} is not in the "
-                "annotation file; is it the right SEED-Bench.json?"
-            )
-        if question_id in answers:
-            raise SeedScoringError(f"result file {result_file}: question_id {question_id!r} is answered twice")
-        answers[question_id] = record["text"]
-    return answers
 
 
 def _percent(correct: int, total: int) -> float:

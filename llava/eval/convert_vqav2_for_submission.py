@@ -16,7 +16,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from llava.eval.answers_file import read_jsonl
+from llava.eval.answers_file import answers_by_question_id, read_jsonl
 from llava.eval.m4c_evaluator import normalize_answer
 
 DEFAULT_DIR = "./playground/data/eval/vqav2"
@@ -48,20 +48,10 @@ def load_test_question_ids(path: Path) -> list:
 def load_answers(path: Path, test_ids: Sequence) -> dict[str, str]:
     """Answer text by question id; every answer must belong to the test split."""
     known = {str(question_id) for question_id in test_ids}
-    answers: dict[str, str] = {}
-    for number, record in enumerate(_read(path, "result file"), start=1):
-        question_id = str(record["question_id"])
-        if "text" not in record:
-            raise VQAv2ConversionError(f"result file {path}, record {number}: has no 'text'")
-        if question_id not in known:
-            raise VQAv2ConversionError(
-                f"result file {path}, record {number}: question_id {question_id} is not in the test split; "
-                "is --dir right?"
-            )
-        if question_id in answers:
-            raise VQAv2ConversionError(f"result file {path}: question_id {question_id} is answered twice")
-        answers[question_id] = record["text"]
-    return answers
+    try:
+        return answers_by_question_id(path, known, "is not in the test split; is --dir right?")
+    except (OSError, ValueError) as error:
+        raise VQAv2ConversionError(str(error)) from None
 
 
 def upload_entries(test_ids: Sequence, answers: dict[str, str]) -> list[dict]:

@@ -30,10 +30,10 @@ from llava.drop.vision import (
     PATCHES_START,
     VisionOutput,
     check_feature_layer,
-    embed_patches,
-    run_tower_to,
-    project_features,
     cls_attention_to_patches,
+    embed_patches,
+    project_features,
+    run_tower_to,
     selected_layer_count,
 )
 
