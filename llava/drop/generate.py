@@ -92,17 +92,21 @@ def causal_mask(model, query_len: int, key_len: int, like: torch.Tensor) -> torc
     return mask.masked_fill(~allowed, torch.finfo(like.dtype).min)[None, None]
 
 
-def run_layer(model, layer_idx: int, hidden: torch.Tensor, positions: torch.Tensor, cache: LayerKVCache) -> torch.Tensor:
+def rotary(model, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE cos/sin for these positions; shared by every layer that uses the same positions."""
+    return model.model.language_model.rotary_emb(hidden, positions[None])
+
+
+def run_layer(model, layer_idx: int, hidden: torch.Tensor, positions: torch.Tensor, cache: LayerKVCache,
+              position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """One decoder layer at the given positions, appending to that layer's cache."""
-    language_model = model.model.language_model
-    position_ids = positions[None]
-    return language_model.layers[layer_idx](
+    return model.model.language_model.layers[layer_idx](
         hidden,
         attention_mask=causal_mask(model, hidden.shape[1], cache.length(layer_idx) + hidden.shape[1], hidden),
-        position_ids=position_ids,
+        position_ids=positions[None],
         cache=cache,
         use_cache=True,
-        position_embeddings=language_model.rotary_emb(hidden, position_ids),
+        position_embeddings=position_embeddings or rotary(model, hidden, positions),
     )
 
 
@@ -156,11 +160,12 @@ def prefill(model, prompt: MultimodalPrompt, cache: LayerKVCache, drop: DropConf
     layout = TokenLayout(prompt.vision_start, prompt.vision_count, hidden.shape[1])
     key_indices = prompt.key_indices
     result = PrefillResult(logits=torch.empty(0))
+    position_embeddings = rotary(model, hidden, positions)  # recomputed only when a drop changes positions
     for layer_idx in range(len(model.model.language_model.layers)):
         result.vision_tokens_per_layer.append(layout.vision_count)
         result.tokens_per_layer.append(layout.seq_len)
         layer_input = hidden
-        hidden = run_layer(model, layer_idx, hidden, positions, cache)
+        hidden = run_layer(model, layer_idx, hidden, positions, cache, position_embeddings)
         if layer_idx not in drop_layers or not can_drop(layout):
             continue
         started = now(hidden.device)
@@ -178,6 +183,7 @@ def prefill(model, prompt: MultimodalPrompt, cache: LayerKVCache, drop: DropConf
         if method.compact_positions:
             positions = torch.arange(hidden.shape[1], device=hidden.device)
         layout = TokenLayout(layout.vision_start, vision_count, hidden.shape[1])
+        position_embeddings = rotary(model, hidden, positions)
         result.drops.append((layer_idx, keep))
         result.vision_tokens_after_layer[layer_idx] = vision_count
         result.scoring_seconds += now(hidden.device) - started
@@ -189,9 +195,12 @@ def decode_one_token(model, token: int, cache: LayerKVCache, positions: list[int
     """Feed one token; layer l places it at `positions[l]` (layers may hold different cache lengths)."""
     embed_tokens = model.get_input_embeddings()
     hidden = embed_tokens(torch.tensor([[token]], device=embed_tokens.weight.device))
+    rotations: dict[int, tuple] = {}  # layers at the same position (most of them) share one RoPE
     for layer_idx in range(len(model.model.language_model.layers)):
         position = torch.tensor([positions[layer_idx]], device=hidden.device)
-        hidden = run_layer(model, layer_idx, hidden, position, cache)
+        if positions[layer_idx] not in rotations:
+            rotations[positions[layer_idx]] = rotary(model, hidden, position)
+        hidden = run_layer(model, layer_idx, hidden, position, cache, rotations[positions[layer_idx]])
     return next_token_logits(model, hidden)
 
 
