@@ -21,6 +21,9 @@ from llava.drop.methods import DropMethod
 from llava.mm_utils import process_images, tokenizer_image_token
 
 
+STOP_CHECK_TOKENS = 16  # stop strings are a few tokens long: decode only the tail at each step
+
+
 @dataclass
 class Answer:
     text: str
@@ -66,7 +69,8 @@ class Answerer:
             pixel_values = process_images([image], self.image_processor, aspect_ratio)
 
         def stopped_by_string(tokens: list[int]) -> bool:
-            return bool(stop_str) and self.tokenizer.decode(tokens, skip_special_tokens=True).rstrip().endswith(stop_str)
+            tail = self.tokenizer.decode(tokens[-STOP_CHECK_TOKENS:], skip_special_tokens=True)
+            return bool(stop_str) and tail.rstrip().endswith(stop_str)
 
         output = generate(
             self.model, input_ids, pixel_values, self.sampling, self.eos_token_ids, stopped_by_string, self.drop
