@@ -37,9 +37,6 @@ from llava.drop.cache import LayerKVCache
 from llava.drop.config import (
     DEFAULT_GLOBAL_THR,
     DEFAULT_INDIVIDUAL_THR,
-    DROP_LAYERS,
-    KEY_TOKEN_RATE,
-    MERGE_THRESHOLD,
     DropConfig,
 )
 from llava.drop.generate import (
@@ -56,6 +53,8 @@ from llava.eval.model_vqa_loader import questions_from_file
 from llava.eval.question_loop import (
     Question,
     RunError,
+    add_loading_args,
+    add_stage_args,
     drop_config_from_args,
     load_model,
     main_guard,
@@ -277,9 +276,7 @@ def parse_targets(text: str) -> list[int]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model-path", type=str, required=True)
-    parser.add_argument("--model-base", type=str, default=None)
-    parser.add_argument("--vision-tower", type=str, default=None, help="local CLIP tower dir (original layout)")
+    add_loading_args(parser, model_path_default=None)
     parser.add_argument("--question-file", type=str, required=True, help="LLaVA question JSONL")
     parser.add_argument("--image-folder", type=str, default="")
     parser.add_argument("--num-questions", type=int, default=DEFAULT_NUM_QUESTIONS)
@@ -290,17 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE, help="in tokens")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="bisection steps per target")
     parser.add_argument("--out", type=str, default=None, help="write the results as JSON here")
-    parser.add_argument("--device", type=str, default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--dtype", type=str, default=None,
-                        help="fp32, fp16 or bf16 (default: fp16 on cuda, fp32 on cpu)")
-    parser.add_argument("--device-map", type=str, default=None, help="'auto' spreads the model over all GPUs")
-    parser.add_argument("--load-8bit", action="store_true")
-    parser.add_argument("--load-4bit", action="store_true")
-    parser.add_argument("--no_merge", action="store_true", help="skip stage 1's spatial merge")
-    parser.add_argument("--merge_thr", type=float, default=MERGE_THRESHOLD, help="stage 1 window similarity threshold")
-    parser.add_argument("--key_rate", type=float, default=KEY_TOKEN_RATE, help="share of patches in the key set")
-    parser.add_argument("--drop_layers", type=str, default=",".join(map(str, DROP_LAYERS)),
-                        help="comma-separated 0-based decoder layers where stage 2 drops")
+    add_stage_args(parser)
     return parser
 
 

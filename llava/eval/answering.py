@@ -20,7 +20,6 @@ from llava.drop.generate import SamplingConfig, generate
 from llava.drop.methods import DropMethod
 from llava.mm_utils import process_images, tokenizer_image_token
 
-
 STOP_CHECK_TOKENS = 16  # stop strings are a few tokens long: decode only the tail at each step
 
 

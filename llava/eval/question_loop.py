@@ -70,11 +70,30 @@ class Question:
             raise RunError(f"question {self.question_id!r}: {error}") from None
 
 
-def add_model_args(parser: argparse.ArgumentParser) -> None:
-    """LLaVA's model, sampling and sharding flags, and MustDrop's switches."""
-    parser.add_argument("--model-path", type=str, default="facebook/opt-350m")
+def add_loading_args(parser: argparse.ArgumentParser, model_path_default: str | None = "facebook/opt-350m") -> None:
+    """Where the checkpoint is and how to place it (LLaVA's flags plus device/dtype)."""
+    parser.add_argument("--model-path", type=str, default=model_path_default, required=model_path_default is None)
     parser.add_argument("--model-base", type=str, default=None)
     parser.add_argument("--vision-tower", type=str, default=None, help="local CLIP tower dir (original layout)")
+    parser.add_argument("--device", type=str, default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--dtype", type=str, default=None, help="fp32, fp16 or bf16 (default: fp16 on cuda, fp32 on cpu)")
+    parser.add_argument("--device-map", type=str, default=None, help="'auto' spreads the model over all GPUs")
+    parser.add_argument("--load-8bit", action="store_true")
+    parser.add_argument("--load-4bit", action="store_true")
+
+
+def add_stage_args(parser: argparse.ArgumentParser) -> None:
+    """MustDrop's stage knobs other than the two thresholds."""
+    parser.add_argument("--no_merge", action="store_true", help="with --sparse: skip stage 1's spatial merge")
+    parser.add_argument("--merge_thr", type=float, default=MERGE_THRESHOLD, help="stage 1 window similarity threshold")
+    parser.add_argument("--key_rate", type=float, default=KEY_TOKEN_RATE, help="share of patches in the key set")
+    parser.add_argument("--drop_layers", type=str, default=",".join(map(str, DROP_LAYERS)),
+                        help="comma-separated 0-based decoder layers where stage 2 drops")
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """LLaVA's model, sampling and sharding flags, and the dropping switches."""
+    add_loading_args(parser)
     parser.add_argument("--answers-file", type=str, default="answer.jsonl")
     parser.add_argument("--conv-mode", type=str, default="llava_v1")
     parser.add_argument("--num-chunks", type=int, default=1)
@@ -84,11 +103,6 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num_beams", type=int, default=1)
     parser.add_argument("--max_new_tokens", type=int, default=128)
     parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--device", type=str, default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--dtype", type=str, default=None, help="fp32, fp16 or bf16 (default: fp16 on cuda, fp32 on cpu)")
-    parser.add_argument("--device-map", type=str, default=None, help="'auto' spreads the model over all GPUs")
-    parser.add_argument("--load-8bit", action="store_true")
-    parser.add_argument("--load-4bit", action="store_true")
     parser.add_argument("--sparse", action="store_true", help="switch on MustDrop (all three stages)")
     parser.add_argument("--method", type=str, default=None,
                         help="token-dropping method: none, mustdrop (the default with --sparse), ... (see llava/drop/methods)")
@@ -97,11 +111,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="target layer-averaged vision tokens (e.g. 192/128/64); sets the method's budget option")
     parser.add_argument("--global_thr", type=float, default=DEFAULT_GLOBAL_THR)
     parser.add_argument("--individual_thr", type=float, default=DEFAULT_INDIVIDUAL_THR)
-    parser.add_argument("--no_merge", action="store_true", help="with --sparse: skip stage 1's spatial merge")
-    parser.add_argument("--merge_thr", type=float, default=MERGE_THRESHOLD, help="stage 1 window similarity threshold")
-    parser.add_argument("--key_rate", type=float, default=KEY_TOKEN_RATE, help="share of patches in the key set")
-    parser.add_argument("--drop_layers", type=str, default=",".join(map(str, DROP_LAYERS)),
-                        help="comma-separated 0-based decoder layers where stage 2 drops")
+    add_stage_args(parser)
 
 
 def drop_config_from_args(args: argparse.Namespace) -> DropConfig:
