@@ -74,17 +74,18 @@ def tokenizer_image_token(
 ) -> list[int] | torch.Tensor:
     """Tokenize a prompt, putting `image_token_index` where each `<image>` placeholder stood.
 
-    The placeholder is not a vocabulary token, so the text around it is tokenized piece by piece:
-    only the first piece gets the tokenizer's special tokens (BOS), so BOS appears once, at the start.
+    The placeholder is not a vocabulary token, so the text around it is tokenized piece by piece, as
+    LLaVA does: every piece with the tokenizer's special tokens, and when the first piece starts with
+    BOS, that BOS is dropped from the other pieces, so BOS appears once, at the start.
     With `return_tensors="pt"` the ids come back as a LongTensor of shape [1, L].
     """
     if return_tensors not in (None, "pt"):
         raise ValueError(f"unsupported return_tensors {return_tensors!r}; expected None or 'pt'")
-    first, *rest = prompt.split(DEFAULT_IMAGE_TOKEN)
-    input_ids = list(tokenizer(first).input_ids)
+    first, *rest = (list(tokenizer(chunk).input_ids) for chunk in prompt.split(DEFAULT_IMAGE_TOKEN))
+    leading_bos = int(first[:1] == [tokenizer.bos_token_id])
+    input_ids = first
     for chunk in rest:
-        input_ids.append(image_token_index)
-        input_ids.extend(tokenizer(chunk, add_special_tokens=False).input_ids)
+        input_ids += [image_token_index, *chunk[leading_bos:]]
     if return_tensors == "pt":
         return torch.tensor([input_ids], dtype=torch.long)
     return input_ids

@@ -35,13 +35,12 @@ from llava.drop.generate import (
     PrefillResult,
     SamplingConfig,
     build_prompt,
-    check_drop_layers,
     prefill,
 )
 from llava.drop.methods import DropMethod, create_method, parse_method_args
 from llava.drop.vision import VisionOutput
 from llava.eval.answering import Answerer
-from llava.eval.question_loop import RunError, main_guard
+from llava.eval.cli_errors import RunError, main_guard
 from llava.mm_utils import (
     PAD_ASPECT_RATIO,
     load_image,
@@ -49,6 +48,7 @@ from llava.mm_utils import (
     tokenizer_image_token,
 )
 from llava.model.builder import load_pretrained_model
+from llava.model.geometry import geometry_of_model
 
 NUM_PATCHES = 576  # LLaVA-1.5's 24 x 24 grid
 DEFAULT_METHOD = "mustdrop"
@@ -247,7 +247,7 @@ def save_figures(image: np.ndarray, stages: Sequence[StageView], method: str, ou
 @torch.inference_mode()
 def trace_stages(model, method: DropMethod, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> list[StageView]:
     """Vision stage and prefill once, as `generate` runs them, mapped onto the patch grid."""
-    check_drop_layers(model, method)
+    method.check_model(geometry_of_model(model))
     vision = method.encode_image(model, pixel_values)
     prompt = build_prompt(model, input_ids, vision)
     prefilled = prefill(model, prompt, LayerKVCache(len(model.model.language_model.layers)), method)

@@ -1,4 +1,4 @@
-"""Stage 3 (decode): each layer's KV cache holds exactly the tokens SPEC.md says it should."""
+"""Stage 3 (decode): each layer's KV cache holds exactly what the output-aware policy keeps (docs/algorithm.md)."""
 
 from __future__ import annotations
 

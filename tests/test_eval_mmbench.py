@@ -25,6 +25,7 @@ from llava.eval.eval_mmbench import (
 )
 from llava.eval.model_vqa_mmbench import build_parser, questions_from_file
 from llava.eval.question_loop import RunError
+from llava.eval.result_file import ScoringError
 from tests.conftest import REPO_ROOT
 
 COLUMNS = ["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "l2-category", "image"]
@@ -154,9 +155,24 @@ def test_circular_single_round_and_category_accuracy(tsv: Path, tmp_path: Path) 
 
 
 def test_unanswered_questions_count_wrong(tsv: Path, tmp_path: Path) -> None:
-    scores = evaluate(tsv, write_answers(tmp_path / "merge.jsonl", ROUND_ANSWERS[:3]), tmp_path / "up.xlsx")
+    result = write_answers(tmp_path / "merge.jsonl", ROUND_ANSWERS[:3])
+    with pytest.raises(ScoringError, match="2 of 3 questions unanswered, e.g. question_id 1, 2"):
+        evaluate(tsv, result, tmp_path / "up.xlsx")
+    assert not (tmp_path / "up.xlsx").exists()
+    scores = evaluate(tsv, result, tmp_path / "up.xlsx", allow_partial=True)
     assert scores["unanswered"] == 2
     assert scores["accuracy"] == pytest.approx(100 / 3) and scores["single_round_accuracy"] == pytest.approx(100 / 3)
+
+
+def test_a_round_short_is_partial_and_wrong(tsv: Path, tmp_path: Path) -> None:
+    # question 0 misses round 2 of 3; its rounds 0 and 1 are right, yet it must not count circular-right
+    result = write_answers(tmp_path / "merge.jsonl", [a for a in ROUND_ANSWERS if a[:2] != (0, 2)])
+    with pytest.raises(ScoringError, match="1 of 3 questions unanswered, e.g. question_id 0"):
+        evaluate(tsv, result, tmp_path / "up.xlsx")
+    scores = evaluate(tsv, result, tmp_path / "up.xlsx", allow_partial=True)
+    # circular: question 0 misses a round, 1 is wrong in round 2, 2 in round 0 -> 0 of 3
+    assert scores["unanswered"] == 1 and scores["accuracy"] == 0.0
+    assert scores["single_round_accuracy"] == pytest.approx(200 / 3)
 
 
 def _sheet(path: Path) -> list[tuple]:
@@ -164,10 +180,10 @@ def _sheet(path: Path) -> list[tuple]:
 
 
 def test_upload_sheet_has_llava_columns_and_parsed_letters(tsv: Path, tmp_path: Path, capsys) -> None:
-    answers = [(0, 0, "A. red"), (1, 0, "I cannot tell"), (1, 1, "B")]  # question 2 unanswered
+    answers = [(0, 0, "A. red"), (1, 0, "I cannot tell")]  # question 2 unanswered
     upload = tmp_path / "answers_upload" / "tiny.xlsx"
     main(["--question-file", str(tsv), "--result-file", str(write_answers(tmp_path / "merge.jsonl", answers)),
-          "--upload-file", str(upload)])
+          "--upload-file", str(upload), "--allow-partial"])
     header, *rows = _sheet(upload)
     assert header == ("index", "question", "hint", "A", "B", "C", "D", "prediction", "answer", "category",
                       "l2-category")
@@ -201,15 +217,18 @@ def _cli_error(capsys, *args: str) -> str:
 
 
 def test_answer_for_an_unknown_index(tsv: Path, tmp_path: Path, capsys) -> None:
-    result = write_answers(tmp_path / "merge.jsonl", [(0, 0, "A"), (42, 0, "B")])
+    result = write_answers(tmp_path / "merge.jsonl", [(0, 0, "A"), (42, 0, "B"), (0, 3, "A")])
     error = _cli_error(capsys, "--question-file", str(tsv), "--result-file", str(result))
-    assert "line 2" in error and "42" in error
+    assert "line 2" in error and "('42', 0)" in error
+    result = write_answers(tmp_path / "merge.jsonl", [(0, 0, "A"), (0, 3, "A")])  # question 0 has 3 options
+    error = _cli_error(capsys, "--question-file", str(tsv), "--result-file", str(result))
+    assert "line 2" in error and "('0', 3)" in error
 
 
 def test_round_id_must_be_a_number(tsv: Path, tmp_path: Path) -> None:
     result = tmp_path / "merge.jsonl"
     result.write_text(json.dumps({"question_id": 0, "round_id": "1", "text": "A"}) + "\n")
-    with pytest.raises(MMBenchError, match="line 1: round_id '1'"):
+    with pytest.raises(ScoringError, match="line 1: round_id '1' is not a round number"):
         evaluate(tsv, result, tmp_path / "up.xlsx")
 
 

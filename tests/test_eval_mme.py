@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 
 from llava.eval.eval_mme import (
-    MMEScoringError,
     load_ground_truth,
     main,
     parse_prediction,
     score_mme,
 )
+from llava.eval.result_file import ScoringError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MME_HINT = " Please answer yes or no."
@@ -124,21 +124,26 @@ def test_missing_answers_name_question_ids(mme_files, tmp_path: Path) -> None:
     question_file, result_file, gt_dir = mme_files
     partial = tmp_path / "partial.jsonl"
     partial.write_text("\n".join(result_file.read_text().splitlines()[:6]) + "\n")
-    with pytest.raises(MMEScoringError, match="2 question\\(s\\) have no answer .* 'artwork/images/10002.jpg'"):
+    with pytest.raises(ScoringError, match="2 of 8 questions unanswered, e.g. question_id and question "
+                                           "\\('artwork/images/10002.jpg'"):
         score_mme(question_file, partial, gt_dir)
+    # allowed: the two unanswered (both of image 10002, which was all right) count wrong -> artwork acc 1/4
+    # (monet wrong, botticelli right), acc+ 0 of 2 images
+    artwork = score_mme(question_file, partial, gt_dir, allow_partial=True)["categories"]["artwork"]
+    assert (artwork["questions"], artwork["acc"], artwork["acc_plus"]) == (4, 25.0, 0.0)
 
 
 def test_question_without_ground_truth_is_an_error(mme_files) -> None:
     question_file, result_file, gt_dir = mme_files
     (gt_dir / "code_reasoning" / "0021.txt").unlink()
-    with pytest.raises(MMEScoringError, match="no ground truth .* 'code_reasoning', image '0021'"):
+    with pytest.raises(ScoringError, match="no ground truth .* 'code_reasoning', image '0021'"):
         score_mme(question_file, result_file, gt_dir)
 
 
 def test_malformed_ground_truth_line_names_file(mme_files) -> None:
     question_file, result_file, gt_dir = mme_files
     (gt_dir / "code_reasoning" / "0021.txt").write_text("Will the code print 3? Maybe\n")
-    with pytest.raises(MMEScoringError, match="0021.txt line 1: expected 'question<TAB>Yes\\|No'"):
+    with pytest.raises(ScoringError, match="0021.txt line 1: expected 'question<TAB>Yes\\|No'"):
         score_mme(question_file, result_file, gt_dir)
 
 
@@ -147,7 +152,7 @@ def test_unknown_category_is_an_error(tmp_path: Path, mme_files) -> None:
     record = {"question_id": "weather/1.png", "text": "Is it sunny?", "prompt": "Is it sunny?"}
     questions = _write_jsonl(tmp_path / "q.jsonl", [record])
     results = _write_jsonl(tmp_path / "r.jsonl", [{**record, "text": "yes"}])
-    with pytest.raises(MMEScoringError, match="unknown MME category 'weather'"):
+    with pytest.raises(ScoringError, match="unknown MME category 'weather'"):
         score_mme(questions, results, gt_dir)
 
 

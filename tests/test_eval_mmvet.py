@@ -11,6 +11,7 @@ import pytest
 
 from llava.eval import model_vqa, model_vqa_loader
 from llava.eval.convert_mmvet_for_eval import main, mmvet_results
+from llava.eval.result_file import read_results
 from tests.conftest import REPO_ROOT
 
 
@@ -30,9 +31,15 @@ def test_model_vqa_has_the_loader_flags() -> None:
     assert flags(model_vqa.build_parser()) == flags(model_vqa_loader.build_parser())
 
 
+def write_questions(path: Path, question_ids: list) -> Path:
+    path.write_text("".join(json.dumps({"question_id": qid, "image": f"v1_{qid}.png", "text": "q"}) + "\n"
+                            for qid in question_ids))
+    return path
+
+
 def test_results_keys_and_order(tmp_path: Path) -> None:
     src = write_answers(tmp_path / "merge.jsonl", [(0, "A red car."), (12, "3"), ("217", "")])
-    assert list(mmvet_results(src).items()) == [("v1_0", "A red car."), ("v1_12", "3"), ("v1_217", "")]
+    assert list(mmvet_results(read_results(src)).items()) == [("v1_0", "A red car."), ("v1_12", "3"), ("v1_217", "")]
 
 
 def test_cli_writes_results_json(tmp_path: Path, capsys) -> None:
@@ -40,12 +47,28 @@ def test_cli_writes_results_json(tmp_path: Path, capsys) -> None:
     dst = tmp_path / "results" / "llava-tiny.json"
     main(["--src", str(src), "--dst", str(dst)])
     assert json.loads(dst.read_text()) == {"v1_0": "yes", "v1_1": "The sign says \"stop\"."}
-    assert "not scored locally" in capsys.readouterr().out
+    output = capsys.readouterr().out
+    assert "not scored locally" in output and "coverage not checked" in output
+
+
+def test_question_file_checks_coverage(tmp_path: Path, capsys) -> None:
+    src = write_answers(tmp_path / "merge.jsonl", [(0, "yes"), (1, "no")])
+    dst = tmp_path / "results.json"
+    questions = write_questions(tmp_path / "llava-mm-vet.jsonl", [0, 1, 2])
+    with pytest.raises(SystemExit):
+        main(["--src", str(src), "--dst", str(dst), "--question-file", str(questions)])
+    assert "1 of 3 questions unanswered, e.g. question_id 2" in capsys.readouterr().err
+    assert not dst.exists()
+    main(["--src", str(src), "--dst", str(dst), "--question-file", str(questions), "--allow-partial"])
+    assert "Unanswered: 1 of 3 questions" in capsys.readouterr().out
+    assert list(json.loads(dst.read_text())) == ["v1_0", "v1_1"]
+    main(["--src", str(src), "--dst", str(dst), "--question-file", str(write_questions(questions, [0, 1]))])
+    assert "coverage not checked" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(("lines", "message"), [
     ('{"question_id": 0, "text": "a"}\n{"question_id": 0, "text": "b"}\n', "question_id 0 is answered twice"),
-    ('{"question_id": 0}\n', "answer 1: needs 'question_id' and 'text'"),
+    ('{"question_id": 0}\n', "line 1: lacks 'text'"),
     ("\n", "holds no answers"),
     ("{oops\n", "line 1: not valid JSON"),
 ])

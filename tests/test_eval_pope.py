@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from llava.eval.eval_pope import POPEScoringError, answer_is_yes, main, score_pope
+from llava.eval.eval_pope import answer_is_yes, main, score_pope
+from llava.eval.result_file import ScoringError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 HINT = "\nAnswer the question using a single word or phrase."
@@ -101,8 +102,13 @@ def test_all_no_answers_give_zero_precision_not_a_crash(pope_files, tmp_path: Pa
 def test_missing_answers_name_question_ids(pope_files, tmp_path: Path) -> None:
     annotation_dir, question_file, _ = pope_files
     partial = _write_jsonl(tmp_path / "partial.jsonl", [{"question_id": 1, "text": "Yes"}])
-    with pytest.raises(POPEScoringError, match="5 question\\(s\\) have no answer .* question_id 2, 3, 4, 5, 6"):
+    expected = "partial.jsonl: 5 of 6 questions unanswered, e.g. question_id 2, 3, 4, 5, 6"
+    with pytest.raises(ScoringError, match=expected):
         score_pope(annotation_dir, question_file, partial)
+    # allowed: metrics over the one answered question (adversarial, label yes, answered yes: TP)
+    scores = score_pope(annotation_dir, question_file, partial, allow_partial=True)
+    assert list(scores["categories"]) == ["adversarial"] and scores["unanswered"] == 5
+    assert scores["categories"]["adversarial"]["samples"] == 1 and scores["mean_accuracy"] == pytest.approx(100.0)
 
 
 def test_misaligned_annotations_are_an_error(pope_files) -> None:
@@ -110,10 +116,10 @@ def test_misaligned_annotations_are_an_error(pope_files) -> None:
     label_file = annotation_dir / "coco_pope_random.json"
     lines = label_file.read_text().splitlines()
     label_file.write_text("\n".join(lines[:1]) + "\n")
-    with pytest.raises(POPEScoringError, match="coco_pope_random.json has 1 labels but the question file 2"):
+    with pytest.raises(ScoringError, match="coco_pope_random.json has 1 labels but the question file 2"):
         score_pope(annotation_dir, question_file, result_file)
     label_file.write_text("\n".join(lines[:1] + [lines[0].replace("429109", "000001")]) + "\n")
-    with pytest.raises(POPEScoringError, match="question_id 6 shows 'COCO_val2014_000000429109.jpg'"):
+    with pytest.raises(ScoringError, match="question_id 6 shows 'COCO_val2014_000000429109.jpg'"):
         score_pope(annotation_dir, question_file, result_file)
 
 

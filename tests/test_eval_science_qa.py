@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from llava.eval.eval_science_qa import (
-    ScienceQAScoringError,
     grade_split,
     main,
     summarize,
@@ -22,6 +21,7 @@ from llava.eval.model_vqa_science import (
 )
 from llava.eval.option_letters import FAILED, option_letters, parse_option_letter
 from llava.eval.question_loop import RunError
+from llava.eval.result_file import ScoringError
 from tests.conftest import REPO_ROOT
 
 ABCD = ["A", "B", "C", "D"]
@@ -127,8 +127,7 @@ ANSWERS = [
     ("1", "A", True),  # IMG, right
     ("2", "The answer is B.", False),  # text-only, right
     ("3", "C. r", True),  # IMG, wrong (D)
-    ("5", "A", False),  # val split: not scored on test
-]  # problem 4 (IMG) has no answer: wrong
+]  # problem 4 (IMG) has no answer: wrong when partial answers are allowed
 
 
 @pytest.fixture
@@ -153,15 +152,22 @@ def result_file(tmp_path: Path) -> Path:
 
 
 def test_scores_split_and_img_subset(base_dir: Path, result_file: Path) -> None:
-    scores = summarize(grade_split(base_dir, result_file, "test"))
+    scores = summarize(grade_split(base_dir, result_file, "test", allow_partial=True), allow_partial=True)
     # right: 1 and 2 of 4 -> 50%; IMG problems 1, 3, 4, right: 1 -> 33.33%
     assert (scores["samples"], scores["correct"], scores["img_samples"], scores["img_correct"]) == (4, 2, 3, 1)
     assert scores["accuracy"] == pytest.approx(50.0)
     assert scores["img_accuracy"] == pytest.approx(100 / 3)
     assert scores["failed_parses"] == 1  # the missing answer
+    assert scores["unanswered"] == 1
 
 
-def test_val_split(base_dir: Path, result_file: Path) -> None:
+def test_unanswered_problem_fails_without_allow_partial(base_dir: Path, result_file: Path) -> None:
+    with pytest.raises(ScoringError, match="merge.jsonl: 1 of 4 questions unanswered, e.g. question_id 4"):
+        grade_split(base_dir, result_file, "test")
+
+
+def test_val_split(base_dir: Path, tmp_path: Path) -> None:
+    result_file = _write_answers(tmp_path / "val.jsonl", [("5", "A", False)])
     scores = summarize(grade_split(base_dir, result_file, "val"))
     assert (scores["samples"], scores["accuracy"], scores["img_samples"], scores["img_accuracy"]) == (1, 100.0, 0, None)
 
@@ -169,8 +175,10 @@ def test_val_split(base_dir: Path, result_file: Path) -> None:
 def test_cli_writes_llava_outputs_and_scores(base_dir: Path, result_file: Path, tmp_path: Path, capsys) -> None:
     out, result, scores = tmp_path / "out.json", tmp_path / "out_result.json", tmp_path / "sub" / "scores.json"
     main(["--base-dir", str(base_dir), "--result-file", str(result_file), "--output-file", str(out),
-          "--output-result", str(result), "--split", "test", "--scores-file", str(scores)])
-    assert "Total: 4, Correct: 2, Accuracy: 50.00%, IMG-Accuracy: 33.33%" in capsys.readouterr().out
+          "--output-result", str(result), "--split", "test", "--scores-file", str(scores), "--allow-partial"])
+    output = capsys.readouterr().out
+    assert "Total: 4, Correct: 2, Accuracy: 50.00%, IMG-Accuracy: 33.33%" in output
+    assert "Unanswered: 1 of 4 questions" in output
     analyses = json.loads(out.read_text())
     assert [a["question_id"] for a in analyses["correct"]] == ["1", "2"]
     wrong = {a["question_id"]: a for a in analyses["incorrect"]}
@@ -197,17 +205,20 @@ def test_unknown_split_lists_the_splits(base_dir: Path, result_file: Path, capsy
 
 def test_answers_of_another_split_are_an_error(base_dir: Path, tmp_path: Path) -> None:
     answers = _write_answers(tmp_path / "val.jsonl", [("5", "A", False)])
-    with pytest.raises(ScienceQAScoringError, match="answers no problem of split 'test'"):
+    with pytest.raises(ScoringError, match="answers no problem of split 'test'"):
         grade_split(base_dir, answers, "test")
+    mixed = _write_answers(tmp_path / "mixed.jsonl", [*ANSWERS, ("4", "A", True), ("5", "A", False)])
+    with pytest.raises(ScoringError, match="mixed.jsonl, line 5: question_id 5 is not in split 'test'"):
+        grade_split(base_dir, mixed, "test")
 
 
 def test_malformed_inputs_name_the_file(base_dir: Path, result_file: Path, tmp_path: Path) -> None:
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"question_id": "1"}\n')
-    with pytest.raises(ScienceQAScoringError, match="broken.jsonl.*line 1 lacks"):
+    with pytest.raises(ScoringError, match="broken.jsonl, line 1: lacks 'text'"):
         grade_split(base_dir, broken, "test")
     (base_dir / "problems.json").write_text("[")
-    with pytest.raises(ScienceQAScoringError, match="problems file .*problems.json"):
+    with pytest.raises(ScoringError, match="problems file .*problems.json"):
         grade_split(base_dir, result_file, "test")
 
 

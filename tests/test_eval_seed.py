@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 
 from llava.eval.convert_seed_for_submission import (
-    SeedScoringError,
     load_annotations,
-    load_answers,
     main,
     option_letter,
+    read_answers,
     score_seed,
 )
+from llava.eval.result_file import ScoringError
 from tests.conftest import REPO_ROOT
 
 QUESTION_TYPES = {"Scene Understanding": 1, "Instance Identity": 2, "Action Recognition": 10}
@@ -27,7 +27,7 @@ QUESTIONS = [
     ("101671", 1, "C", "image"),
     ("200001", 2, "D", "image"),
     ("200002", 2, "A", "image"),
-    ("200003", 2, "B", "image"),  # not answered: left out of the accuracy
+    ("200003", 2, "B", "image"),  # not answered: an error, or with --allow-partial left out of the accuracy
     ("v0001", 10, "C", "video"),  # answered, but video questions are not scored
 ]
 # (question_id as LLaVA's answers file may spell it, model answer)
@@ -76,7 +76,7 @@ def test_option_letter(answer: str, letter: str | None) -> None:
 
 def test_scores_by_hand(files: tuple[Path, Path]) -> None:
     questions = load_annotations(files[0])
-    scores = score_seed(questions, load_answers(files[1], {q.question_id for q in questions}))
+    scores = score_seed(questions, read_answers(files[1], questions).texts())
     # 5 answered image questions, right: 101669, 101670, 200001 -> 3/5
     assert scores["samples"] == 5
     assert scores["accuracy"] == pytest.approx(60.0)
@@ -89,10 +89,10 @@ def test_cli_prints_writes_upload_and_scores(files: tuple[Path, Path], tmp_path:
     upload = tmp_path / "answers_upload" / "model.jsonl"
     scores_file = tmp_path / "scores.json"
     main(["--annotation-file", str(files[0]), "--result-file", str(files[1]),
-          "--result-upload-file", str(upload), "--scores-file", str(scores_file)])
+          "--result-upload-file", str(upload), "--scores-file", str(scores_file), "--allow-partial"])
     output = capsys.readouterr().out.splitlines()
     assert output == ["Scene Understanding: 66.67%", "Instance Identity: 50.00%", "Samples: 5",
-                      "image accuracy: 60.00%"]
+                      "Unanswered: 1 of 6 questions", "image accuracy: 60.00%"]
     lines = [json.loads(line) for line in upload.read_text().splitlines()]
     assert lines == [
         {"question_id": "101669", "prediction": "A"},
@@ -103,6 +103,7 @@ def test_cli_prints_writes_upload_and_scores(files: tuple[Path, Path], tmp_path:
         {"question_id": "v0001", "prediction": "C"},
     ]
     assert json.loads(scores_file.read_text())["accuracy"] == pytest.approx(60.0)
+    assert json.loads(scores_file.read_text())["unanswered"] == 1
 
 
 def _cli_error(capsys, *args: str) -> str:
@@ -110,6 +111,15 @@ def _cli_error(capsys, *args: str) -> str:
         main(list(args))
     assert exit_info.value.code == 2
     return capsys.readouterr().err
+
+
+def test_unanswered_image_question_fails_without_allow_partial(files: tuple[Path, Path], tmp_path: Path,
+                                                               capsys) -> None:
+    upload = tmp_path / "u.jsonl"
+    error = _cli_error(capsys, "--annotation-file", str(files[0]), "--result-file", str(files[1]),
+                       "--result-upload-file", str(upload))
+    assert "1 of 6 questions unanswered, e.g. question_id 200003" in error
+    assert not upload.exists()
 
 
 def test_answer_to_unknown_question_is_named(files: tuple[Path, Path], tmp_path: Path, capsys) -> None:
@@ -121,11 +131,10 @@ def test_answer_to_unknown_question_is_named(files: tuple[Path, Path], tmp_path:
 
 def test_duplicate_and_video_only_answers_are_errors(files: tuple[Path, Path], tmp_path: Path) -> None:
     questions = load_annotations(files[0])
-    ids = {q.question_id for q in questions}
-    with pytest.raises(SeedScoringError, match="question_id 101669 is answered twice"):
-        load_answers(write_answers(tmp_path / "dup.jsonl", [("101669", "A"), (101669, "B")]), ids)
-    video_only = load_answers(write_answers(tmp_path / "video.jsonl", [("v0001", "C")]), ids)
-    with pytest.raises(SeedScoringError, match="none of the annotation file's image questions"):
+    with pytest.raises(ScoringError, match="question_id 101669 is answered twice, on lines 1 and 2"):
+        read_answers(write_answers(tmp_path / "dup.jsonl", [("101669", "A"), (101669, "B")]), questions)
+    video_only = read_answers(write_answers(tmp_path / "video.jsonl", [("v0001", "C")]), questions).texts()
+    with pytest.raises(ScoringError, match="none of the annotation file's image questions"):
         score_seed(questions, video_only)
 
 
@@ -133,7 +142,7 @@ def test_annotation_with_unknown_type_names_file(tmp_path: Path) -> None:
     path = tmp_path / "bad.json"
     path.write_text(json.dumps({"questions": [{"question_id": "1", "question_type_id": 7, "answer": "A",
                                                "data_type": "image"}], "question_type": {}}))
-    with pytest.raises(SeedScoringError, match="bad.json"):
+    with pytest.raises(ScoringError, match="bad.json"):
         load_annotations(path)
 
 

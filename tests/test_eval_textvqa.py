@@ -12,7 +12,6 @@ import pytest
 from PIL import Image
 
 from llava.eval.eval_textvqa import (
-    TextVQAScoringError,
     annotation_key,
     load_annotations,
     main,
@@ -30,6 +29,7 @@ from llava.eval.make_demo_data import (
     QUESTION_FILE,
     make_demo_data,
 )
+from llava.eval.result_file import ScoringError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_DIR = REPO_ROOT / "playground" / "data" / "eval" / "demo"
@@ -144,7 +144,7 @@ def test_question_from_prompt(prompt: str, question: str) -> None:
     ["just one line", "a\nb\nc\nd", "OCR tokens: x y z but no question marker"],
 )
 def test_question_from_prompt_rejects_unknown_layouts(prompt: str) -> None:
-    with pytest.raises(TextVQAScoringError):
+    with pytest.raises(ScoringError):
         question_from_prompt(prompt)
 
 
@@ -220,12 +220,19 @@ def test_cli_result_dir_scores_every_jsonl(annotation_file: Path, tmp_path: Path
     _write_results(result_dir / "b.jsonl", [("img1", "what is it?", "no")])  # 8 matches -> 1.0
     _write_results(result_dir / "c.jsonl", [("img1", "which color?", "green")])  # 0 matches
     (result_dir / "notes.txt").write_text("not scored")
-    main(["--annotation-file", str(annotation_file), "--result-dir", str(result_dir)])
+    main(["--annotation-file", str(annotation_file), "--result-dir", str(result_dir), "--allow-partial"])
     output = capsys.readouterr().out
-    assert output.count("Samples: 1") == 3
+    assert output.count("Samples: 1") == 3  # accuracy is over the answered questions, as in LLaVA
     assert output.count("Accuracy: 100.00%") == 2
     assert "Accuracy: 0.00%" in output
+    assert output.count("Unanswered: 2 of 3 questions") == 3
     assert "notes" not in output
+
+
+def test_unanswered_annotations_fail_without_allow_partial(annotation_file: Path, tmp_path: Path, capsys) -> None:
+    results = _write_results(tmp_path / "one.jsonl", [("img0", "what is it?", "yes")])
+    error = _cli_error(capsys, "--annotation-file", str(annotation_file), "--result-file", str(results))
+    assert "2 of 3 questions unanswered" in error and "--allow-partial" in error
 
 
 def _run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -242,6 +249,23 @@ def test_cli_missing_file_exits_2_without_traceback(result_file: Path, tmp_path:
     assert "Traceback" not in completed.stderr
 
 
+def test_a_question_the_annotations_ask_twice_takes_two_answers_and_no_more(tmp_path: Path, capsys) -> None:
+    """TextVQA may ask the same question twice about one image; LLaVA's question file then asks it twice."""
+    annotations = _write_annotations(tmp_path / "annotations.json", [
+        ("img0", "What is it?", _answers(4)),  # asked twice: both answers are graded against the last entry
+        ("img0", "What is it?", _answers(1)),
+        ("img1", "Which color?", _answers(2, answer="red", other="blue")),
+    ])
+    two = _write_results(tmp_path / "two.jsonl", [("img0", "What is it?", "yes"), ("img1", "Which color?", "red"),
+                                                  ("img0", "What is it?", "no")])
+    # yes vs the last entry (1 match): 0.3; red (2 matches): 0.6; no (9 matches): 1.0 -> mean 0.6333
+    assert score_textvqa(annotations, two) == {"samples": 3, "accuracy": pytest.approx(100 * 1.9 / 3)}
+    three = _write_results(tmp_path / "three.jsonl", [("img0", "What is it?", "yes"), ("img1", "Which color?", "red"),
+                                                      ("img0", "What is it?", "no"), ("img0", "What is it?", "no")])
+    error = _cli_error(capsys, "--annotation-file", str(annotations), "--result-file", str(three))
+    assert "('img0', 'what is it?') is answered 3 times, on lines 1, 3 and 4, but the annotation file asks it twice" in error
+
+
 def _cli_error(capsys, *args: str) -> str:
     with pytest.raises(SystemExit) as exit_info:
         main(list(args))
@@ -251,46 +275,47 @@ def _cli_error(capsys, *args: str) -> str:
 
 def test_cli_missing_result_file(annotation_file: Path, tmp_path: Path, capsys) -> None:
     error = _cli_error(capsys, "--annotation-file", str(annotation_file), "--result-file", str(tmp_path / "x.jsonl"))
-    assert "cannot read result file" in error
+    assert "result file not found" in error and "x.jsonl" in error
 
 
 def test_cli_needs_a_result_file_or_dir(annotation_file: Path, capsys) -> None:
     assert "--result-file" in _cli_error(capsys, "--annotation-file", str(annotation_file))
 
 
-def test_unmatched_question_names_question_id_and_prompt(annotation_file: Path, tmp_path: Path, capsys) -> None:
-    results = _write_results(tmp_path / "answers.jsonl", [("img9", "what is it?", "yes")])
+def test_unmatched_question_names_image_question_and_line(annotation_file: Path, tmp_path: Path, capsys) -> None:
+    answers = [("img0", "what is it?", "yes"), ("img9", "what is it?", "yes")]
+    results = _write_results(tmp_path / "answers.jsonl", answers)
     error = _cli_error(capsys, "--annotation-file", str(annotation_file), "--result-file", str(results))
-    assert "'img9'" in error
-    assert "what is it?" in error
-    assert "no annotation" in error
+    assert "line 2" in error
+    assert "('img9', 'what is it?') is not in the annotation file" in error
 
 
-def test_unknown_prompt_layout_names_question_id(annotation_file: Path, tmp_path: Path) -> None:
+def test_unknown_prompt_layout_names_line_and_prompt(annotation_file: Path, tmp_path: Path) -> None:
     results = tmp_path / "answers.jsonl"
     results.write_text(json.dumps({"question_id": "img0", "prompt": "what is it?", "text": "yes"}) + "\n")
-    with pytest.raises(TextVQAScoringError, match="question_id 'img0' with prompt 'what is it\\?'"):
+    with pytest.raises(ScoringError, match="line 1: prompt 'what is it\\?' is not in a known TextVQA layout"):
         score_textvqa(annotation_file, results)
 
 
-def test_annotation_with_nine_answers_is_an_error(tmp_path: Path, result_file: Path) -> None:
+def test_annotation_with_nine_answers_is_an_error(tmp_path: Path) -> None:
     annotations = _write_annotations(tmp_path / "nine.json", [("img0", "what is it?", ["yes"] * 9)])
-    with pytest.raises(TextVQAScoringError, match="needs 10 answers"):
-        score_textvqa(annotations, result_file)
+    results = _write_results(tmp_path / "answers.jsonl", [("img0", "what is it?", "yes")])
+    with pytest.raises(ScoringError, match="needs 10 answers"):
+        score_textvqa(annotations, results)
 
 
 def test_malformed_inputs_are_clear_errors(tmp_path: Path, annotation_file: Path) -> None:
     not_textvqa = tmp_path / "list.json"
     not_textvqa.write_text("[1, 2]")
-    with pytest.raises(TextVQAScoringError, match="'data' list"):
+    with pytest.raises(ScoringError, match="'data' list"):
         load_annotations(not_textvqa)
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
-    with pytest.raises(TextVQAScoringError, match="holds no answers"):
+    with pytest.raises(ScoringError, match="holds no answers"):
         score_textvqa(annotation_file, empty)
     broken = tmp_path / "broken.jsonl"
     broken.write_text("{not json\n")
-    with pytest.raises(TextVQAScoringError, match="line 1 is not JSON"):
+    with pytest.raises(ScoringError, match="broken.jsonl, line 1: not valid JSON"):
         score_textvqa(annotation_file, broken)
 
 

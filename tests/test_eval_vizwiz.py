@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 from llava.eval.convert_vizwiz_for_submission import (
-    VizWizConversionError,
     convert_vizwiz,
     main,
     submission_answer,
 )
+from llava.eval.result_file import ScoringError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROMPT = ("What is this?\nWhen the provided information is insufficient, respond with 'Unanswerable'.\n"
@@ -76,13 +76,18 @@ def test_convert_writes_upload_in_question_order(question_file: Path, result_fil
 
 def test_missing_answer_names_question_id(question_file: Path, tmp_path: Path) -> None:
     partial = _write_jsonl(tmp_path / "partial.jsonl", [{"question_id": 0, "text": "yes"}])
-    with pytest.raises(VizWizConversionError, match="3 question\\(s\\) have no answer, e.g. question_id 1, 2, 3"):
+    with pytest.raises(ScoringError, match="3 of 4 questions unanswered, e.g. question_id 1, 2, 3"):
         convert_vizwiz(question_file, partial, tmp_path / "up.json")
+    assert not (tmp_path / "up.json").exists()
+    # allowed: the upload holds the answered question only
+    counts = convert_vizwiz(question_file, partial, tmp_path / "up.json", allow_partial=True)
+    assert counts == {"answers": 1, "unanswerable": 0, "unanswered": 3}
+    assert json.loads((tmp_path / "up.json").read_text()) == [{"image": "VizWiz_test_00000000.jpg", "answer": "yes"}]
 
 
 def test_question_without_image_is_an_error(tmp_path: Path, result_file: Path) -> None:
     questions = _write_jsonl(tmp_path / "q.jsonl", [{"question_id": 0, "text": PROMPT}])
-    with pytest.raises(VizWizConversionError, match="q.jsonl, record 1: lacks \\['image'\\]"):
+    with pytest.raises(ScoringError, match="q.jsonl, line 1: lacks 'image'"):
         convert_vizwiz(questions, result_file, tmp_path / "up.json")
 
 

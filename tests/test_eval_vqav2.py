@@ -47,6 +47,7 @@ def test_upload_entries_normalise_and_fill_missing() -> None:
 def test_cli_writes_llava_upload_layout(vqav2_dir: Path, capsys) -> None:
     scores = vqav2_dir / "scores.json"
     main(["--dir", str(vqav2_dir), "--split", SPLIT, "--ckpt", CKPT, "--scores-file", str(scores)])
+    assert f"coverage not checked: no question file {vqav2_dir / SPLIT}.jsonl" in capsys.readouterr().out
     upload = json.loads((vqav2_dir / "answers_upload" / SPLIT / f"{CKPT}.json").read_text())
     assert upload == [
         {"question_id": 262144000, "answer": "2"},
@@ -55,7 +56,25 @@ def test_cli_writes_llava_upload_layout(vqav2_dir: Path, capsys) -> None:
         {"question_id": 393225000, "answer": ""},  # test only
     ]
     assert json.loads(scores.read_text()) == {"answered": 2, "total": 4}
-    assert "total results: 2, total split: 4" in capsys.readouterr().out
+
+
+def test_split_question_file_needs_every_answer(vqav2_dir: Path, capsys) -> None:
+    write_jsonl(vqav2_dir / f"{SPLIT}.jsonl", [{"question_id": qid, "text": "q?"} for qid in TEST_SPLIT_IDS[:3]])
+    args = ["--dir", str(vqav2_dir), "--split", SPLIT, "--ckpt", CKPT]
+    error = _cli_error(capsys, *args)
+    assert "1 of 3 questions unanswered, e.g. question_id 262144001" in error
+    assert not (vqav2_dir / "answers_upload").exists()
+    main([*args, "--allow-partial", "--scores-file", str(vqav2_dir / "scores.json")])
+    output = capsys.readouterr().out
+    assert "total results: 2, total split: 4" in output and "Unanswered: 1 of 3 questions" in output
+    assert json.loads((vqav2_dir / "scores.json").read_text()) == {"answered": 2, "total": 4, "unanswered": 1}
+
+
+def test_answer_outside_the_split_question_file_is_named(vqav2_dir: Path, tmp_path: Path, capsys) -> None:
+    write_jsonl(vqav2_dir / f"{SPLIT}.jsonl", [{"question_id": qid, "text": "q?"} for qid in TEST_SPLIT_IDS[:3]])
+    merged = write_jsonl(tmp_path / "test.jsonl", [{"question_id": 393225000, "text": "red"}])
+    error = _cli_error(capsys, "--dir", str(vqav2_dir), "--split", SPLIT, "--ckpt", CKPT, "--result-file", str(merged))
+    assert "test.jsonl, line 1: question_id 393225000 is not in the split question file" in error
 
 
 def test_result_file_flag_overrides_default_layout(vqav2_dir: Path, tmp_path: Path) -> None:
@@ -81,7 +100,7 @@ def test_answer_outside_test_split_is_named(vqav2_dir: Path, tmp_path: Path, cap
 def test_duplicate_answer_is_an_error(vqav2_dir: Path, tmp_path: Path, capsys) -> None:
     merged = write_jsonl(tmp_path / "dup.jsonl", [{"question_id": 262144000, "text": "a"}] * 2)
     error = _cli_error(capsys, "--dir", str(vqav2_dir), "--split", SPLIT, "--ckpt", CKPT, "--result-file", str(merged))
-    assert "262144000 is answered twice" in error
+    assert "262144000 is answered twice, on lines 1 and 2" in error
 
 
 def test_missing_test_split_exits_2_without_traceback(tmp_path: Path) -> None:

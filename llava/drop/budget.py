@@ -90,12 +90,22 @@ def merge_count_bounds(
     saved_per_window = window * window - 1
     num_windows = num_patches // (window * window)
     lengths = stage_lengths(drop_layers, num_layers)
-
-    def lowest_average(vision_count: int) -> float:
-        floor = math.ceil(key_rate * vision_count)
-        return layer_average([vision_count] + [floor] * (len(lengths) - 1), lengths)
-
     most = max(0, min(num_windows, math.floor((num_patches - budget) / saved_per_window)))
-    least = next((r for r in range(num_windows + 1) if lowest_average(num_patches - saved_per_window * r) <= budget),
-                 num_windows)
+    least = next((r for r in range(num_windows + 1)
+                  if key_set_floor(num_patches - saved_per_window * r, lengths, key_rate) <= budget), num_windows)
     return min(least, most), most
+
+
+def key_set_floor(vision_count: int, lengths: list[int], key_rate: float) -> float:
+    """The lowest layer average MustDrop can reach from `vision_count` tokens: every layer up to the first
+    drop sees them all, every later one at least the key set, which is never dropped."""
+    floor = math.ceil(key_rate * vision_count)
+    return layer_average([vision_count] + [floor] * (len(lengths) - 1), lengths)
+
+
+def mustdrop_budget_floor(num_patches: int, window: int, merge: bool, drop_layers: tuple[int, ...], num_layers: int,
+                          key_rate: float) -> float:
+    """The smallest budget MustDrop's budget variant can reach: stage 1 merging every window (when
+    merging is on), then only the key set left after the first drop."""
+    merged = num_patches // (window * window) * (window * window - 1) if merge else 0
+    return key_set_floor(num_patches - merged, stage_lengths(drop_layers, num_layers), key_rate)

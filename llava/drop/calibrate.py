@@ -44,7 +44,6 @@ from llava.drop.generate import (
     SamplingConfig,
     as_method,
     build_prompt,
-    check_drop_layers,
     prefill,
 )
 from llava.drop.vision import encode_image
@@ -60,6 +59,7 @@ from llava.eval.question_loop import (
     main_guard,
 )
 from llava.mm_utils import PAD_ASPECT_RATIO, process_images, tokenizer_image_token
+from llava.model.geometry import geometry_of_model
 
 LOWEST_GLOBAL_THR = 1e-6
 HIGHEST_GLOBAL_THR = 1.0
@@ -195,7 +195,7 @@ def calibrate(
     if not questions:
         raise ValueError("no questions to calibrate on")
     drop = replace(drop or DropConfig(), enabled=True)
-    check_drop_layers(model, as_method(drop))
+    as_method(drop).check_model(geometry_of_model(model))
     prompts = prepare_prompts(model, tokenizer, image_processor, questions, conv_mode, drop)
     measured: dict[tuple[float, float], Probe] = {}
 

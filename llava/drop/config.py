@@ -1,7 +1,7 @@
 """Every MustDrop knob in one dataclass, with the reference code's defaults and validation.
 
-Defaults follow SPEC.md: constants that the reference code hard-codes are fields here so that they can
-be studied, but a user who only passes `--sparse --global_thr G --individual_thr I` gets the paper.
+Defaults follow the reference code (docs/algorithm.md): constants it hard-codes are fields here so that
+they can be studied, but a user who only passes `--sparse --global_thr G --individual_thr I` gets the paper.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from __future__ import annotations
 import resource
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from transformers.generation.logits_process import TopPLogitsWarper
@@ -24,6 +24,7 @@ from llava.drop.methods.mustdrop import MustDrop
 from llava.drop.prefill import TokenLayout, remap_key_indices, sequence_keep
 from llava.drop.timing import now
 from llava.drop.vision import VisionOutput
+from llava.model.geometry import geometry_of_model
 
 EAGER = "eager"
 RU_MAXRSS_UNIT = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
@@ -240,11 +241,14 @@ def decode_n_tokens(
     return tokens
 
 
-def check_drop_layers(model, method: DropMethod) -> None:
-    num_layers = len(model.model.language_model.layers)
-    layers = method.prefill_layers()
-    if layers and max(layers) >= num_layers:
-        raise ValueError(f"drop_layers {tuple(layers)} name a layer beyond the model's {num_layers} decoder layers")
+class ContextLengthError(ValueError):
+    """The prompt, vision tokens included, does not fit in the decoder's context."""
+
+
+def decode_room(context_length: int, positions: list[int]) -> int:
+    """How many tokens can be generated before a fed-back token would need a position beyond the context
+    (the first token comes from prefill, each later one feeds its predecessor back at the next position)."""
+    return context_length - max(positions) + 1
 
 
 @torch.inference_mode()
@@ -259,7 +263,8 @@ def generate(
 ) -> GenerationOutput:
     """Encode the image, prefill the prompt, decode the answer (batch size 1), dropping per `drop`."""
     method = as_method(drop)
-    check_drop_layers(model, method)
+    geometry = geometry_of_model(model)
+    method.check_model(geometry)
     device = model.lm_head.weight.device
     generator = torch.Generator(device=device).manual_seed(sampling.seed) if sampling.seed is not None else None
     if device.type == "cuda":
@@ -267,6 +272,11 @@ def generate(
     started = now(device)
     vision = method.encode_image(model, pixel_values) if pixel_values is not None else None
     prompt = build_prompt(model, input_ids, vision)
+    if prompt.embeds.shape[1] > geometry.context_length:
+        raise ContextLengthError(
+            f"the prompt is {prompt.embeds.shape[1]} tokens ({prompt.vision_count} of them vision tokens) but the "
+            f"model's context holds {geometry.context_length}"
+        )
     vision_done = now(device)
     cache = LayerKVCache(len(model.model.language_model.layers))
     prefilled = prefill(model, prompt, cache, method)
@@ -278,7 +288,9 @@ def generate(
         positions = kv_lengths
     else:
         positions = [prompt.embeds.shape[1]] * len(kv_lengths)
-    tokens = decode_n_tokens(model, first, cache, positions, sampling, eos_token_ids, should_stop, generator)
+    room = decode_room(geometry.context_length, positions)
+    answer_sampling = replace(sampling, max_new_tokens=min(sampling.max_new_tokens, room))
+    tokens = decode_n_tokens(model, first, cache, positions, answer_sampling, eos_token_ids, should_stop, generator)
     decode_done = now(device)
     stats = generation_stats(model, prompt, vision, prefilled, kv_lengths, cache)
     stats.update(
@@ -286,6 +298,7 @@ def generate(
         prefill_seconds=prefill_done - vision_done,
         decode_seconds=decode_done - prefill_done,
         new_tokens=len(tokens),
+        stopped_at_context=room < sampling.max_new_tokens and len(tokens) == room and tokens[-1] not in eos_token_ids,
         **peak_memory(device),
     )
     return GenerationOutput(token_ids=tokens, stats=stats)

@@ -228,7 +228,7 @@ def _merge_early(model, hidden: torch.Tensor, drop: DropConfig) -> tuple[torch.T
 
 
 def _encode_mustdrop(model, pixel_values: torch.Tensor, drop: DropConfig) -> VisionOutput:
-    """SPEC stage 1: optional merge after layer 0, features as usual, CLS-attention key set."""
+    """Stage 1 (docs/algorithm.md): optional merge after layer 0, features as usual, CLS-attention key set."""
     if pixel_values.shape[0] != 1:
         raise ValueError(f"MustDrop's vision stage supports batch size 1, got {pixel_values.shape[0]}")
     layers = model.model.vision_tower.encoder.layers

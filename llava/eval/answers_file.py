@@ -2,37 +2,31 @@
 
 Answers are written in question order, so resuming means skipping as many questions as there are
 complete lines. The skipped question ids are checked against the file, because TextVQA-style question
-files repeat ids (one per image) and an answers file from another question file must not be extended.
+files repeat ids (one per image) and an answers file from another question file must not be extended;
+so are the run settings every line records, so that a resumed file never mixes two settings. A run
+holds an exclusive lock on its file, so two runs cannot interleave their lines.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
+
+from llava.eval.jsonl import parse_line, read_jsonl  # noqa: F401  (read_jsonl re-exported for callers)
+
+RUN_KEY = "run"  # metadata field holding the settings an answer was made with
+LOCK_SUFFIX = ".lock"
+MISSING = "<not recorded>"
 
 
 class AnswersFileError(ValueError):
     """The answers file does not belong to this question list; the message says how to proceed."""
-
-
-def read_jsonl(path: str | Path, what: str = "file") -> list[dict]:
-    """Read a JSONL file, naming the file and line of any malformed JSON."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path}")
-    records = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{what} {path}, line {number}: not valid JSON ({error.msg})") from None
-    return records
 
 
 def get_chunk(items: list, num_chunks: int, chunk_idx: int) -> list:
@@ -44,7 +38,10 @@ def get_chunk(items: list, num_chunks: int, chunk_idx: int) -> list:
 
 
 def complete_lines(path: Path) -> list[dict]:
-    """Parse the finished answers in `path`, cutting off a last line that a kill left half-written."""
+    """Parse the finished answers in `path`, cutting off a last line that a kill left half-written.
+
+    Call it only while holding the file's lock (`locked_answers_file`): it may truncate the file.
+    """
     if not path.is_file():
         return []
     data = path.read_bytes()
@@ -52,11 +49,37 @@ def complete_lines(path: Path) -> list[dict]:
     if len(finished) != len(data):
         with path.open("r+b") as handle:
             handle.truncate(len(finished))
-    return [json.loads(line) for line in finished.decode("utf-8").splitlines() if line.strip()]
+    return parse_answers(path, finished)
 
 
-def resume_position(path: Path, question_ids: list) -> int:
-    """How many questions are already answered in `path` (checked against the question ids)."""
+def finished_lines(path: Path) -> list[dict]:
+    """The finished answers in `path`, leaving the file alone (another process may be writing it)."""
+    if not path.is_file():
+        return []
+    data = path.read_bytes()
+    return parse_answers(path, data[: data.rfind(b"\n") + 1])
+
+
+def parse_answers(path: Path, finished: bytes) -> list[dict]:
+    """Complete answer lines as objects; errors name the file and the 1-based line."""
+    try:
+        lines = finished.decode("utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise AnswersFileError(f"answers file {path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        record = parse_line(line, path, number, "answers file")
+        if not isinstance(record, dict):
+            raise AnswersFileError(f"answers file {path}, line {number}: not a JSON object")
+        records.append(record)
+    return records
+
+
+def resume_position(path: Path, question_ids: list, identity: dict | None = None) -> int:
+    """How many questions are already answered in `path`, checked against the question ids and, when
+    `identity` is given, against the run settings every line records (`metadata["run"]`)."""
     done = complete_lines(path)
     if len(done) > len(question_ids):
         raise AnswersFileError(f"{path} has {len(done)} answers but there are only {len(question_ids)} questions")
@@ -67,7 +90,104 @@ def resume_position(path: Path, question_ids: list) -> int:
                 f"{index + 1} is {question_ids[index]!r}: the file comes from another question file or "
                 "chunk; delete it or choose another --answers-file"
             )
+        if identity is not None:
+            check_same_run(path, index + 1, answer, identity)
     return len(done)
+
+
+def check_same_run(path: Path, line: int, answer: dict, identity: dict) -> None:
+    """Refuse to extend a file written with other settings, naming the first setting that differs."""
+    metadata = answer.get("metadata")
+    recorded = metadata.get(RUN_KEY) if isinstance(metadata, dict) else None
+    if not isinstance(recorded, dict):
+        raise AnswersFileError(
+            f"{path} line {line} does not record the settings it was made with (an older version or another "
+            "tool wrote it), so resuming could mix settings; delete it or choose another --answers-file"
+        )
+    difference = first_difference(recorded, identity)
+    if difference is not None:
+        name, before, now = difference
+        raise AnswersFileError(
+            f"{path} line {line} was answered with {name}={before!r} but this run has {name}={now!r}; "
+            "resume with the same settings, or delete the file or choose another --answers-file"
+        )
+
+
+def first_difference(recorded: dict, current: dict, prefix: str = "") -> tuple[str, object, object] | None:
+    """(dotted name, recorded value, current value) of the first setting that differs, or None."""
+    for name in sorted(set(recorded) | set(current), key=lambda key: (key not in current, key)):
+        before, now = recorded.get(name, MISSING), current.get(name, MISSING)
+        if isinstance(before, dict) and isinstance(now, dict):
+            nested = first_difference(before, now, f"{prefix}{name}.")
+            if nested is not None:
+                return nested
+        elif before != now:
+            return f"{prefix}{name}", before, now
+    return None
+
+
+@contextmanager
+def locked_answers_file(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `path` for the whole run, so that a second run on the same answers
+    file stops at once instead of interleaving lines.
+
+    The lock is `flock` on a sidecar `<name>.lock` holding the owner's pid. The kernel releases it when
+    its process dies, so a lock file left by a killed run is simply taken over. POSIX only.
+    """
+    if path.is_dir():
+        raise AnswersFileError(f"--answers-file {path} is a directory; give a file path such as {path / 'answers.jsonl'}")
+    lock_path = path.with_name(path.name + LOCK_SUFFIX)
+    created = [folder for folder in path.parents if not folder.exists()]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise AnswersFileError(f"cannot create the folder of --answers-file {path}: {error.strerror or error}") from None
+    try:
+        handle = _acquire(lock_path, path)
+        try:
+            yield
+        finally:
+            lock_path.unlink(missing_ok=True)
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            handle.close()
+    finally:
+        _remove_if_empty(created)
+
+
+def _remove_if_empty(folders: list[Path]) -> None:
+    """Take back the folders a run created when it stopped before writing anything into them."""
+    for folder in folders:  # innermost first
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+def _acquire(lock_path: Path, answers_path: Path) -> IO[str]:
+    """Open and lock the sidecar; retry if another process replaced it between our open and lock."""
+    while True:
+        handle = lock_path.open("a+", encoding="utf-8")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "unknown"
+            handle.close()
+            raise AnswersFileError(
+                f"{answers_path} is being written by another run (pid {owner}, lock {lock_path}); wait for it "
+                "to finish or choose another --answers-file"
+            ) from None
+        try:
+            current = os.path.samestat(os.fstat(handle.fileno()), os.stat(lock_path))
+        except FileNotFoundError:
+            current = False
+        if current:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"{os.getpid()}\n")
+            handle.flush()
+            return handle
+        handle.close()  # the holder released and removed it after our open: lock the new file
 
 
 def open_for_append(path: Path) -> IO[str]:
@@ -80,29 +200,3 @@ def write_line(handle: IO[str], record: dict) -> None:
     handle.write(json.dumps(record) + "\n")
     handle.flush()
     os.fsync(handle.fileno())
-
-
-def write_scores(path: str | Path | None, scores: dict) -> None:
-    """A scorer's result as JSON beside the answers, for `summary.json` (nothing when path is None)."""
-    if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(scores, indent=2) + "\n")
-
-
-def answers_by_question_id(path: str | Path, known_ids: set[str] | None = None, unknown_hint: str = "") -> dict[str, str]:
-    """Answer text by question id (as a string: LLaVA's files hold ids as numbers or strings).
-
-    Every answer must name its question once; with `known_ids`, only questions of that set (a file
-    from another split or benchmark fails here, with `unknown_hint` saying what to check).
-    """
-    answers: dict[str, str] = {}
-    for number, record in enumerate(read_jsonl(path, "result file"), start=1):
-        if not isinstance(record, dict) or "question_id" not in record or "text" not in record:
-            raise AnswersFileError(f"result file {path}, answer {number}: needs 'question_id' and 'text'")
-        question_id = str(record["question_id"])
-        if known_ids is not None and question_id not in known_ids:
-            raise AnswersFileError(f"result file {path}, answer {number}: question_id {question_id} {unknown_hint}")
-        if question_id in answers:
-            raise AnswersFileError(f"result file {path}: question_id {question_id} is answered twice")
-        answers[question_id] = record["text"]
-    return answers

@@ -1,11 +1,12 @@
 """Score LLaVA SEED-Bench answers (image questions) and write the leaderboard's upload JSONL.
 
     python -m llava.eval.convert_seed_for_submission --annotation-file SEED-Bench.json \
-        --result-file merge.jsonl --result-upload-file upload.jsonl [--scores-file scores.json]
+        --result-file merge.jsonl --result-upload-file upload.jsonl [--scores-file scores.json] [--allow-partial]
 
-Accuracy counts the image questions of SEED-Bench.json that the result file answers, overall and per
-question type. An answer is read as the option letter it starts with ("B", "B.", "(B) a dog"); an
-answer that starts with no option letter is wrong. Video questions are not scored.
+Every image question of SEED-Bench.json needs an answer unless --allow-partial is given; accuracy, as
+in LLaVA's converter, counts the image questions the result file answers, overall and per question
+type. An answer is read as the option letter it starts with ("B", "B.", "(B) a dog"); an answer that
+starts with no option letter is wrong. Video questions may be answered but are not scored.
 """
 
 from __future__ import annotations
@@ -17,16 +18,22 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from llava.eval.answers_file import answers_by_question_id
+from llava.eval.result_file import (
+    ALLOW_PARTIAL_HELP,
+    Results,
+    ScoringError,
+    read_json,
+    read_results,
+    unanswered_line,
+    write_json,
+    write_output,
+)
 
 SCORED_DATA_TYPE = "image"
 # An upper-case option letter, after any leading spaces or brackets, that does not begin a word:
 # "A", "A.", "(A) cat" parse; "Apple" and "a cat" (the article) do not.
 OPTION_LETTER = re.compile(r"^\W*([A-D])(?![A-Za-z])")
-
-
-class SeedScoringError(ValueError):
-    """A problem with the inputs that the user must fix; the CLI prints it without a traceback."""
+PERCENT = 100.0
 
 
 @dataclass(frozen=True)
@@ -46,17 +53,10 @@ def option_letter(answer: str) -> str | None:
     return match.group(1) if match else None
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as error:
-        raise SeedScoringError(f"cannot read annotation file {str(path)!r}: {error}") from None
-
-
 def load_annotations(annotation_file: str | Path) -> list[SeedQuestion]:
     """Every question of SEED-Bench.json with its question type's name, in file order."""
     path = Path(annotation_file)
-    data = _read_json(path)
+    data = read_json(path, "annotation file")
     try:
         type_names = {type_id: name for name, type_id in data["question_type"].items()}
         return [
@@ -65,30 +65,28 @@ def load_annotations(annotation_file: str | Path) -> list[SeedQuestion]:
             for q in data["questions"]
         ]
     except (KeyError, TypeError, AttributeError) as error:
-        raise SeedScoringError(
+        raise ScoringError(
             f"annotation file {str(path)!r} is not SEED-Bench JSON ('questions' with question_id, answer, "
             f"data_type and a question_type_id listed in 'question_type'): missing {error}"
         ) from None
 
 
-def load_answers(result_file: str | Path, question_ids: set[str]) -> dict[str, str]:
-    """Answer text by question id (as a string, since LLaVA's files may hold ids as numbers)."""
-    try:
-        return answers_by_question_id(result_file, question_ids,
-                                      "is not in the annotation file; is it the right SEED-Bench.json?")
-    except (OSError, ValueError) as error:
-        raise SeedScoringError(str(error)) from None
+def read_answers(result_file: str | Path, questions: Sequence[SeedQuestion]) -> Results:
+    """The checked result file; an answer to a question SEED-Bench.json does not ask is an error."""
+    results = read_results(result_file)
+    results.refuse_unknown({q.question_id for q in questions}, "the annotation file; is it the right SEED-Bench.json?")
+    return results
 
 
 def _percent(correct: int, total: int) -> float:
-    return 100.0 * correct / total
+    return PERCENT * correct / total
 
 
 def score_seed(questions: Sequence[SeedQuestion], answers: dict[str, str]) -> dict:
     """`{"samples", "accuracy", "per_type": {type name: accuracy}}` over the answered image questions."""
     scored = [q for q in questions if q.data_type == SCORED_DATA_TYPE and q.question_id in answers]
     if not scored:
-        raise SeedScoringError("the result file answers none of the annotation file's image questions")
+        raise ScoringError("the result file answers none of the annotation file's image questions")
     correct = {q.question_id for q in scored if option_letter(answers[q.question_id]) == q.answer}
     per_type = {}
     for type_id, name in sorted({(q.type_id, q.type_name) for q in scored}):
@@ -108,31 +106,30 @@ def upload_records(questions: Sequence[SeedQuestion], answers: dict[str, str]) -
     return records
 
 
-def _write(path: Path, text: str, what: str) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
-    except OSError as error:
-        raise SeedScoringError(f"cannot write {what} {str(path)!r}: {error}") from None
-
-
 def print_scores(scores: dict) -> None:
     """LLaVA's report: one line per question type, then the image accuracy."""
     for name, accuracy in scores["per_type"].items():
         print(f"{name}: {accuracy:.2f}%")
     print(f"Samples: {scores['samples']}")
+    if "unanswered" in scores:
+        print(unanswered_line(scores["unanswered"], scores["samples"] + scores["unanswered"]))
     print(f"{SCORED_DATA_TYPE} accuracy: {scores['accuracy']:.2f}%")
 
 
 def run(args: argparse.Namespace) -> dict:
     questions = load_annotations(args.annotation_file)
-    answers = load_answers(args.result_file, {q.question_id for q in questions})
+    results = read_answers(args.result_file, questions)
+    image_questions = [q.question_id for q in questions if q.data_type == SCORED_DATA_TYPE]
+    unanswered = results.unanswered(image_questions, args.allow_partial)
+    answers = results.texts()
     scores = score_seed(questions, answers)
-    print_scores(scores)
+    if args.allow_partial:
+        scores["unanswered"] = unanswered
     upload = "".join(json.dumps(record) + "\n" for record in upload_records(questions, answers))
-    _write(Path(args.result_upload_file), upload, "upload file")
+    write_output(args.result_upload_file, upload, "upload file")
     if args.scores_file:
-        _write(Path(args.scores_file), json.dumps(scores, indent=2) + "\n", "scores file")
+        write_json(args.scores_file, scores)
+    print_scores(scores)
     return scores
 
 
@@ -142,10 +139,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--result-file", required=True, help="LLaVA answers JSONL (merge.jsonl)")
     parser.add_argument("--result-upload-file", required=True, help="JSONL to upload to the SEED-Bench leaderboard")
     parser.add_argument("--scores-file", help="also write the scores as JSON here (for summary.json)")
+    parser.add_argument("--allow-partial", action="store_true", help=ALLOW_PARTIAL_HELP)
     args = parser.parse_args(argv)
     try:
         run(args)
-    except SeedScoringError as error:
+    except ScoringError as error:
         parser.error(str(error))
 
 

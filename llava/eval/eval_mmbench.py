@@ -1,14 +1,18 @@
 """Score MMBench answers (circular, single-round and per-category accuracy) and write the upload sheet.
 
     python -m llava.eval.eval_mmbench --question-file mmbench_dev_20230712.tsv --result-file merge.jsonl \
-        [--upload-file submission.xlsx] [--scores-file scores.json]
+        [--upload-file submission.xlsx] [--scores-file scores.json] [--allow-partial]
 
 The TSV has the columns index, question, hint, A, B, C, D (E, ...), answer (dev split only),
 category, l2-category, image (base64). Answers come from `llava.eval.model_vqa_mmbench`; with
 `--all-rounds` each question is asked once per option, the options rotated ("circular" rounds), and
-a question counts as right only if every one of its rounds is right. Accuracy needs the answer
-column; the submission sheet for the evaluation server is written always. This module also holds the
-TSV reading and round rotation that the answering CLI uses, so the two cannot disagree.
+a question counts as right only if every one of its rounds is right. An answer is identified by its
+(question_id, round_id). Every TSV row needs an answer in round 0, and in every round when the file
+holds rotated rounds at all; a row short of a round is unanswered. Unanswered rows are an error unless
+--allow-partial is given; then, as in LLaVA, they count wrong, accuracy staying over every row with an
+answer column value. Accuracy needs the answer column; the submission sheet for the evaluation server
+is written always. This module also holds the TSV reading and round rotation that the answering CLI
+uses, so the two cannot disagree.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from __future__ import annotations
 import argparse
 import csv
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,12 +29,20 @@ from typing import Any
 from openpyxl import Workbook
 from openpyxl.cell.cell import ILLEGAL_CHARACTERS_RE
 
-from llava.eval.answers_file import read_jsonl, write_scores
 from llava.eval.option_letters import (
     FAILED,
     OPTION_LETTERS,
     option_letters,
     parse_option_letter,
+)
+from llava.eval.result_file import (
+    ALLOW_PARTIAL_HELP,
+    AnswerKey,
+    ScoringError,
+    check_coverage,
+    json_type,
+    read_results,
+    write_json,
 )
 
 REQUIRED_COLUMNS = ("index", "question", "A", "B")
@@ -40,10 +52,14 @@ MISSING_VALUES = ("", "nan", "none")  # how pandas-written TSVs spell an empty c
 TSV_FIELD_LIMIT = 2**31 - 1  # base64 images are far longer than csv's 128 KiB default field limit
 SHEET_TITLE = "Sheet1"  # the name pandas' to_excel gives, which LLaVA's converter produced
 UPLOAD_SUFFIX = ".xlsx"
+FIRST_ROUND = 0
+PERCENT = 100.0
+
+RoundKey = tuple[str, int]  # question_id (the TSV index, as a string), round_id
 
 
-class MMBenchError(ValueError):
-    """A problem with the TSV or the answers that the user must fix; CLIs print it without a traceback."""
+class MMBenchError(ScoringError):
+    """A problem with the TSV or the answers; the answering CLI reports it as a RunError."""
 
 
 @dataclass
@@ -143,24 +159,41 @@ def round_answer(row: MMBenchRow, round_id: int) -> str:
     return letters[(original - round_id) % len(letters)]
 
 
-def load_answers(result_file: str | Path, rows: dict[int, MMBenchRow]) -> dict[int, dict[int, str]]:
-    """Answer texts by question index and round; an index the TSV does not have is an error."""
-    try:
-        records = read_jsonl(result_file, "result file")
-    except (OSError, ValueError) as error:
-        raise MMBenchError(str(error)) from error
+def _round_key(record: dict[str, Any]) -> RoundKey:
+    round_id = record.get("round_id", FIRST_ROUND)
+    if isinstance(round_id, bool) or not isinstance(round_id, int) or round_id < FIRST_ROUND:
+        raise ScoringError(f"round_id {round_id!r} is not a round number (got {json_type(round_id)})")
+    return str(record["question_id"]), round_id
+
+
+ROUND_KEY = AnswerKey("question_id and round_id", _round_key)
+
+
+def is_circular(round_ids: Iterable[int]) -> bool:
+    """Whether an answers file comes from --all-rounds: it answers some round past the first."""
+    return any(round_id > FIRST_ROUND for round_id in round_ids)
+
+
+def expected_rounds(row: MMBenchRow, all_rounds: bool) -> range:
+    """The rounds a row must be answered in: every rotation in a circular file, else round 0 alone."""
+    return range(len(row.options) if all_rounds else FIRST_ROUND + 1)
+
+
+def load_answers(result_file: str | Path, rows: list[MMBenchRow], allow_partial: bool = False
+                 ) -> dict[int, dict[int, str]]:
+    """Answer texts by question index and round. An answer to an index or round the TSV does not have is
+    an error, and so is a row short of a round (see the module docstring) unless `allow_partial`."""
+    results = read_results(result_file, ROUND_KEY)
+    all_rounds = is_circular(round_id for _, round_id in results.answers)
+    known = {(str(row.index), round_id) for row in rows for round_id in range(len(row.options))}
+    results.refuse_unknown(known, "the question file's questions and rounds")
+    complete = [str(row.index) for row in rows
+                if all((str(row.index), round_id) in results.answers for round_id in expected_rounds(row, all_rounds))]
+    check_coverage(set(complete), [str(row.index) for row in rows], allow_partial, results.source)
     answers: dict[int, dict[int, str]] = defaultdict(dict)
-    for number, record in enumerate(records, start=1):
-        if not isinstance(record, dict) or not {"question_id", "text"} <= set(record):
-            raise MMBenchError(f"result file {str(result_file)!r} line {number} lacks 'question_id' or 'text'")
-        if record["question_id"] not in rows:
-            raise MMBenchError(f"result file {str(result_file)!r} line {number}: question_id "
-                               f"{record['question_id']!r} is not an index of the question file")
-        round_id = record.get("round_id", 0)
-        if not isinstance(round_id, int) or round_id < 0:
-            raise MMBenchError(f"result file {str(result_file)!r} line {number}: round_id {round_id!r} is not a "
-                               "round number")
-        answers[record["question_id"]][round_id] = str(record["text"])
+    by_index = {str(row.index): row.index for row in rows}
+    for (question_id, round_id), answer in results.answers.items():
+        answers[by_index[question_id]][round_id] = answer.text
     return dict(answers)
 
 
@@ -171,24 +204,30 @@ def rounds_right(row: MMBenchRow, texts: dict[int, str]) -> dict[int, bool]:
 
 
 def _percent(correct: int, total: int) -> float:
-    return 100.0 * correct / total
+    return PERCENT * correct / total
 
 
 def score_mmbench(rows: list[MMBenchRow], answers: dict[int, dict[int, str]]) -> dict[str, Any]:
-    """Circular accuracy (all rounds right; unanswered counts wrong), round-0 accuracy, and per category."""
+    """Circular accuracy (every expected round right; an unanswered round counts wrong), round-0 accuracy,
+    and per category, all over the rows with an answer."""
     scored = [row for row in rows if row.answer is not None]
+    all_rounds = is_circular(round_id for texts in answers.values() for round_id in texts)
     circular: dict[int, bool] = {}
     single: dict[int, bool] = {}
+    unanswered = 0
     for row in scored:
-        right = rounds_right(row, answers.get(row.index, {}))
-        circular[row.index] = bool(right) and all(right.values())
-        single[row.index] = right.get(0, False)
+        texts = answers.get(row.index, {})
+        right = rounds_right(row, texts)
+        rounds = expected_rounds(row, all_rounds)
+        circular[row.index] = all(right.get(round_id, False) for round_id in rounds)
+        single[row.index] = right.get(FIRST_ROUND, False)
+        unanswered += not all(round_id in texts for round_id in rounds)
     by_category: dict[str, list[bool]] = defaultdict(list)
     for row in scored:
         by_category[row.category or ""].append(circular[row.index])
     return {
         "samples": len(scored),
-        "unanswered": sum(row.index not in answers for row in scored),
+        "unanswered": unanswered,
         "rounds": sum(len(answers.get(row.index, {})) for row in scored),
         "accuracy": _percent(sum(circular.values()), len(scored)),
         "single_round_accuracy": _percent(sum(single.values()), len(scored)),
@@ -198,10 +237,10 @@ def score_mmbench(rows: list[MMBenchRow], answers: dict[int, dict[int, str]]) ->
 
 def prediction(row: MMBenchRow, texts: dict[int, str]) -> str | None:
     """The sheet's prediction: round 0's letter, or its raw text when no letter could be read from it."""
-    if 0 not in texts:
+    if FIRST_ROUND not in texts:
         return None
-    letter = parse_option_letter(texts[0], option_letters(len(row.options)))
-    return texts[0] if letter == FAILED else letter
+    letter = parse_option_letter(texts[FIRST_ROUND], option_letters(len(row.options)))
+    return texts[FIRST_ROUND] if letter == FAILED else letter
 
 
 def submission_header(header: list[str]) -> list[str]:
@@ -237,10 +276,11 @@ def write_submission(path: str | Path, header: list[str], rows: list[MMBenchRow]
         raise MMBenchError(f"cannot write upload file {str(path)!r}: {error}") from error
 
 
-def evaluate(question_file: str | Path, result_file: str | Path, upload_file: str | Path) -> dict[str, Any] | None:
+def evaluate(question_file: str | Path, result_file: str | Path, upload_file: str | Path,
+             allow_partial: bool = False) -> dict[str, Any] | None:
     """Write the submission sheet; return the scores, or None when the TSV has no answers (test split)."""
     header, rows = read_mmbench(question_file)
-    answers = load_answers(result_file, {row.index: row for row in rows})
+    answers = load_answers(result_file, rows, allow_partial)
     write_submission(upload_file, header, rows, answers)
     if not any(row.answer is not None for row in rows):
         return None
@@ -261,13 +301,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--result-file", required=True, help="answers JSONL from llava.eval.model_vqa_mmbench")
     parser.add_argument("--upload-file", help=f"submission sheet (default: the result file with {UPLOAD_SUFFIX})")
     parser.add_argument("--scores-file", help="also write the scores as JSON here (for summary.json)")
+    parser.add_argument("--allow-partial", action="store_true", help=ALLOW_PARTIAL_HELP)
     args = parser.parse_args(argv)
     upload_file = Path(args.upload_file or Path(args.result_file).with_suffix(UPLOAD_SUFFIX))
     try:
-        scores = evaluate(args.question_file, args.result_file, upload_file)
-        if scores is not None:
-            write_scores(args.scores_file, scores)
-    except (MMBenchError, OSError) as error:
+        scores = evaluate(args.question_file, args.result_file, upload_file, args.allow_partial)
+        if scores is not None and args.scores_file:
+            write_json(args.scores_file, scores)
+    except ScoringError as error:
         parser.error(str(error))
     if scores is None:
         print("the question file has no answer column values: no accuracy (test split)")

@@ -1,7 +1,7 @@
 """Score LLaVA answers on MME: per-category acc and acc+, perception and cognition totals.
 
     python -m llava.eval.eval_mme --question-file llava_mme.jsonl --result-file merge.jsonl \
-        --gt-dir MME_Benchmark_release_version [--scores-file S]
+        --gt-dir MME_Benchmark_release_version [--scores-file S] [--allow-partial]
 
 Ground truth layout read from --gt-dir (MME_Benchmark_release_version), per category folder either
     <category>/<image stem>.txt                         (e.g. code_reasoning/0020.txt), or
@@ -9,9 +9,12 @@ Ground truth layout read from --gt-dir (MME_Benchmark_release_version), per cate
 each line "question<TAB>Yes|No". An answer's question_id is "<category>/.../<image file>", and its
 prompt is the question plus LLaVA's "Answer the question using a single word or phrase." hint;
 questions are compared without that hint, MME's "Please answer yes or no." and surrounding spaces.
+MME asks two questions per image, so a question is its (question_id, question) pair.
 A prediction is read as MME's calculation.py does: lower-cased, "yes"/"no" when it is exactly that
 or its first four characters contain it ("yes" checked first), else "other" (wrong).
-Per category: acc = % questions right, acc+ = % images with all questions right, score = acc + acc+.
+Per category: acc = % questions right, acc+ = % images with all questions right, score = acc + acc+,
+over every question of the question file: each needs an answer, unless --allow-partial is given,
+which counts the unanswered ones wrong.
 """
 
 from __future__ import annotations
@@ -22,7 +25,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from llava.eval.answers_file import read_jsonl, write_scores
+from llava.eval.result_file import (
+    ALLOW_PARTIAL_HELP,
+    AnswerKey,
+    ScoringError,
+    read_records,
+    read_results,
+    unanswered_line,
+    write_json,
+)
 
 PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark",
               "artwork", "OCR")
@@ -35,14 +46,11 @@ SUBFOLDER_QA = "questions_answers_YN"
 GT_LABELS = ("yes", "no")
 OTHER = "other"
 PREFIX_CHARS = 4
-MISSING_SHOWN = 5
 PERCENT = 100.0
+RESULT_FIELDS = ("question_id", "prompt", "text")
 
 GTKey = tuple[str, str, str]  # category, image stem, question
-
-
-class MMEScoringError(ValueError):
-    """A problem with the inputs that the user must fix; the CLI prints it without a traceback."""
+QuestionKey = tuple[str, str]  # question_id, plain question
 
 
 def plain_question(text: str) -> str:
@@ -70,14 +78,14 @@ def _read_lines(path: Path) -> list[str]:
     try:
         return path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as error:
-        raise MMEScoringError(f"cannot read ground-truth file {str(path)!r}: {error}") from None
+        raise ScoringError(f"cannot read ground-truth file {str(path)!r}: {error}") from None
 
 
 def load_ground_truth(gt_dir: str | Path) -> dict[GTKey, str]:
     """(category, image stem, plain question) -> "yes"/"no", for every category folder in gt_dir."""
     root = Path(gt_dir)
     if not root.is_dir():
-        raise MMEScoringError(f"ground-truth folder {str(root)!r} does not exist")
+        raise ScoringError(f"ground-truth folder {str(root)!r} does not exist")
     truth: dict[GTKey, str] = {}
     for category_dir in sorted(path for path in root.iterdir() if path.is_dir()):
         for qa_file in sorted(_qa_folder(category_dir).glob("*.txt")):
@@ -86,44 +94,26 @@ def load_ground_truth(gt_dir: str | Path) -> dict[GTKey, str]:
                     continue
                 question, tab, answer = line.rpartition("\t")
                 if not tab or answer.strip().lower() not in GT_LABELS:
-                    raise MMEScoringError(f"{qa_file} line {number}: expected 'question<TAB>Yes|No', got {line!r}")
+                    raise ScoringError(f"{qa_file} line {number}: expected 'question<TAB>Yes|No', got {line!r}")
                 truth[category_dir.name, qa_file.stem, plain_question(question)] = answer.strip().lower()
     return truth
 
 
-def _read(path: str | Path, what: str, required: set[str]) -> list[dict[str, Any]]:
-    try:
-        records = read_jsonl(path, what)
-    except (OSError, ValueError) as error:
-        raise MMEScoringError(str(error)) from None
-    for number, record in enumerate(records, start=1):
-        missing = required - set(record) if isinstance(record, dict) else required
-        if missing:
-            raise MMEScoringError(f"{what} {path}, record {number}: lacks {sorted(missing)}")
-    return records
+def _question_key(question_id: str | int, question: str) -> QuestionKey:
+    return str(question_id), plain_question(question)
 
 
-def _gt_key(question_id: str, question: str) -> GTKey:
+def _answer_key(record: dict[str, Any]) -> QuestionKey:
+    return _question_key(record["question_id"], record["prompt"])
+
+
+MME_KEY = AnswerKey("question_id and question", _answer_key)
+
+
+def _gt_key(key: QuestionKey) -> GTKey:
+    question_id, question = key
     parts = Path(question_id).parts
-    return parts[0], Path(parts[-1]).stem, plain_question(question)
-
-
-def _answers_by_question(
-    questions: list[dict], results: list[dict], result_file: str | Path
-) -> list[tuple[GTKey, str]]:
-    """(GT key, answer text) per question; ids repeat (two questions per image), so match on id and prompt."""
-    answers = {(r["question_id"], plain_question(r["prompt"])): r["text"] for r in results}
-    paired, missing = [], []
-    for question in questions:
-        key = (question["question_id"], plain_question(question["text"]))
-        if key in answers:
-            paired.append((_gt_key(*key), answers[key]))
-        else:
-            missing.append(question["question_id"])
-    if missing:
-        shown = ", ".join(map(repr, missing[:MISSING_SHOWN]))
-        raise MMEScoringError(f"{len(missing)} question(s) have no answer in {result_file}, e.g. question_id {shown}")
-    return paired
+    return parts[0], Path(parts[-1]).stem, question
 
 
 def _category_scores(outcomes: dict[str, list[bool]], others: int) -> dict[str, Any]:
@@ -138,36 +128,46 @@ def _category_scores(outcomes: dict[str, list[bool]], others: int) -> dict[str, 
 Outcomes = dict[str, dict[str, list[bool]]]  # category -> image -> right/wrong per question
 
 
-def _grade(paired: list[tuple[GTKey, str]], truth: dict[GTKey, str], gt_dir: str | Path) -> tuple[Outcomes, dict]:
-    """Right/wrong per question grouped by category and image, and the count of "other" answers."""
+def _grade(answers: list[tuple[GTKey, str | None]], truth: dict[GTKey, str], gt_dir: str | Path
+           ) -> tuple[Outcomes, dict]:
+    """Right/wrong per question grouped by category and image (unanswered: wrong), and the "other" counts."""
     outcomes: Outcomes = defaultdict(lambda: defaultdict(list))
     others: dict[str, int] = defaultdict(int)
-    for key, text in paired:
+    for key, text in answers:
         category, image, question = key
         if category not in ALL_CATEGORIES:
-            raise MMEScoringError(f"unknown MME category {category!r}; expected one of {ALL_CATEGORIES}")
+            raise ScoringError(f"unknown MME category {category!r}; expected one of {ALL_CATEGORIES}")
         if key not in truth:
-            raise MMEScoringError(f"no ground truth in {gt_dir} for category {category!r}, image {image!r}, "
-                                  f"question {question!r}")
-        prediction = parse_prediction(text)
+            raise ScoringError(f"no ground truth in {gt_dir} for category {category!r}, image {image!r}, "
+                               f"question {question!r}")
+        prediction = None if text is None else parse_prediction(text)
         outcomes[category][image].append(prediction == truth[key])
         others[category] += prediction == OTHER
     return outcomes, others
 
 
-def score_mme(question_file: str | Path, result_file: str | Path, gt_dir: str | Path) -> dict[str, Any]:
-    """`{"categories": {name: {...}}, "perception", "cognition", "total"}` over the categories answered."""
+def score_mme(question_file: str | Path, result_file: str | Path, gt_dir: str | Path,
+              allow_partial: bool = False) -> dict[str, Any]:
+    """`{"categories": {name: {...}}, "perception", "cognition", "total"}` over the question file's categories
+    (+ "unanswered" when partial files are allowed)."""
     truth = load_ground_truth(gt_dir)
-    questions = _read(question_file, "question file", {"question_id", "text"})
+    questions = [_question_key(q["question_id"], q["text"])
+                 for q in read_records(question_file, "question file", ("question_id", "text"))]
     if not questions:
-        raise MMEScoringError(f"question file {question_file} holds no questions")
-    results = _read(result_file, "result file", {"question_id", "prompt", "text"})
-    outcomes, others = _grade(_answers_by_question(questions, results, result_file), truth, gt_dir)
+        raise ScoringError(f"question file {question_file} holds no questions")
+    results = read_results(result_file, MME_KEY, RESULT_FIELDS)
+    results.refuse_unknown(set(questions), "the question file")
+    unanswered = results.unanswered(questions, allow_partial)
+    answers = results.texts()
+    outcomes, others = _grade([(_gt_key(key), answers.get(key)) for key in questions], truth, gt_dir)
     categories = {name: _category_scores(outcomes[name], others[name]) for name in ALL_CATEGORIES if name in outcomes}
     perception = sum(categories[name]["score"] for name in PERCEPTION if name in categories)
     cognition = sum(categories[name]["score"] for name in COGNITION if name in categories)
-    return {"categories": categories, "perception": perception, "cognition": cognition,
-            "total": perception + cognition}
+    scores: dict[str, Any] = {"categories": categories, "perception": perception, "cognition": cognition,
+                              "total": perception + cognition}
+    if allow_partial:
+        scores["unanswered"] = unanswered
+    return scores
 
 
 def _print_scores(scores: dict[str, Any]) -> None:
@@ -178,6 +178,9 @@ def _print_scores(scores: dict[str, Any]) -> None:
             if name in scores["categories"]:
                 category = scores["categories"][name]
                 print(f"  {name}: {category['score']:.2f} (acc {category['acc']:.2f}, acc+ {category['acc_plus']:.2f})")
+    if "unanswered" in scores:
+        questions = sum(category["questions"] for category in scores["categories"].values())
+        print(unanswered_line(scores["unanswered"], questions))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -186,13 +189,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--result-file", required=True, help="LLaVA answers JSONL")
     parser.add_argument("--gt-dir", required=True, help="MME_Benchmark_release_version folder")
     parser.add_argument("--scores-file", help="also write the scores as JSON here (for summary.json)")
+    parser.add_argument("--allow-partial", action="store_true", help=ALLOW_PARTIAL_HELP)
     args = parser.parse_args(argv)
     try:
-        scores = score_mme(args.question_file, args.result_file, args.gt_dir)
-    except MMEScoringError as error:
+        scores = score_mme(args.question_file, args.result_file, args.gt_dir, args.allow_partial)
+        if args.scores_file:
+            write_json(args.scores_file, scores)
+    except ScoringError as error:
         parser.error(str(error))
     _print_scores(scores)
-    write_scores(args.scores_file, scores)
 
 
 if __name__ == "__main__":

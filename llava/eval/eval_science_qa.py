@@ -1,38 +1,43 @@
 """Score ScienceQA answers: accuracy over a split and over its IMG subset (the number LLaVA reports).
 
     python -m llava.eval.eval_science_qa --base-dir DIR --result-file merge.jsonl \
-        --output-file out.json --output-result out_result.json [--split test] [--scores-file scores.json]
+        --output-file out.json --output-result out_result.json [--split test] [--scores-file scores.json] \
+        [--allow-partial]
 
 DIR holds ScienceQA's problems.json and pid_splits.json. The option letter is read from each answer
-with `llava.eval.option_letters`; an answer without a readable letter, or a problem without an
-answer, counts as wrong. The IMG subset is the problems that have an image in problems.json.
+with `llava.eval.option_letters`; an answer without a readable letter counts as wrong. Accuracy is over
+every problem of the split (and of its IMG subset, the problems with an image in problems.json): each
+needs an answer, unless --allow-partial is given, which counts the unanswered ones wrong, as LLaVA does.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llava.eval.answers_file import read_jsonl
 from llava.eval.option_letters import (
     FAILED,
     OPTION_LETTERS,
     option_letters,
     parse_option_letter,
 )
+from llava.eval.result_file import (
+    ALLOW_PARTIAL_HELP,
+    ScoringError,
+    read_json,
+    read_results,
+    unanswered_line,
+    write_json,
+)
 
 PROBLEMS_FILE = "problems.json"
 SPLITS_FILE = "pid_splits.json"
 MISSING_PROMPT = "Unknown"  # LLaVA's prompt for a problem the result file does not answer
 NO_PREDICTION = -1  # LLaVA's predicted index when no option was chosen
-
-
-class ScienceQAScoringError(ValueError):
-    """A problem with the inputs that the user must fix; the CLI prints it without a traceback."""
+PERCENT = 100.0
 
 
 @dataclass
@@ -46,46 +51,26 @@ class Graded:
     pred: str
     is_multimodal: bool
     correct: bool
+    answered: bool
 
     def analysis(self) -> dict[str, Any]:
         return {"question_id": self.question_id, "parsed_ans": self.parsed_ans, "ground_truth": self.ground_truth,
                 "question": self.question, "pred": self.pred, "is_multimodal": self.is_multimodal}
 
 
-def _read_json(path: Path, what: str) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ScienceQAScoringError(f"cannot read {what} {str(path)!r}: {error}") from error
-
-
 def load_split_problems(base_dir: str | Path, split: str) -> dict[str, dict[str, Any]]:
     """The problems of one split, by problem id, in pid_splits.json order."""
     base = Path(base_dir)
-    problems = _read_json(base / PROBLEMS_FILE, "problems file")
-    splits = _read_json(base / SPLITS_FILE, "splits file")
+    problems = read_json(base / PROBLEMS_FILE, "problems file")
+    splits = read_json(base / SPLITS_FILE, "splits file")
     if not isinstance(problems, dict) or not isinstance(splits, dict):
-        raise ScienceQAScoringError(f"{str(base)!r}: {PROBLEMS_FILE} and {SPLITS_FILE} must be JSON objects")
+        raise ScoringError(f"{str(base)!r}: {PROBLEMS_FILE} and {SPLITS_FILE} must be JSON objects")
     if split not in splits:
-        raise ScienceQAScoringError(f"split {split!r} is not in {str(base / SPLITS_FILE)!r}; it has {sorted(splits)}")
+        raise ScoringError(f"split {split!r} is not in {str(base / SPLITS_FILE)!r}; it has {sorted(splits)}")
     missing = [pid for pid in splits[split] if pid not in problems]
     if missing:
-        raise ScienceQAScoringError(f"{str(base / PROBLEMS_FILE)!r} lacks problems {missing[:5]} of split {split!r}")
+        raise ScoringError(f"{str(base / PROBLEMS_FILE)!r} lacks problems {missing[:5]} of split {split!r}")
     return {pid: problems[pid] for pid in splits[split]}
-
-
-def load_predictions(result_file: str | Path) -> dict[str, dict[str, Any]]:
-    """The answers by question id (as a string, the way problems.json keys them)."""
-    try:
-        records = read_jsonl(result_file, "result file")
-    except (OSError, ValueError) as error:
-        raise ScienceQAScoringError(str(error)) from error
-    predictions = {}
-    for number, record in enumerate(records, start=1):
-        if not isinstance(record, dict) or not {"question_id", "text"} <= set(record):
-            raise ScienceQAScoringError(f"result file {str(result_file)!r} line {number} lacks 'question_id' or 'text'")
-        predictions[str(record["question_id"])] = record
-    return predictions
 
 
 def grade(problem_id: str, problem: dict[str, Any], prediction: dict[str, Any] | None) -> Graded:
@@ -94,42 +79,49 @@ def grade(problem_id: str, problem: dict[str, Any], prediction: dict[str, Any] |
         letters = option_letters(len(problem["choices"]))
         truth = letters[problem["answer"]]
     except (KeyError, TypeError, IndexError, ValueError) as error:
-        raise ScienceQAScoringError(
+        raise ScoringError(
             f"problem {problem_id!r} needs 'choices' and an 'answer' index ({error!r})"
         ) from error
-    text = FAILED if prediction is None else str(prediction["text"])
+    text = FAILED if prediction is None else prediction["text"]
     parsed = parse_option_letter(text, letters)
     return Graded(
         question_id=problem_id, parsed_ans=parsed, ground_truth=truth,
         question=MISSING_PROMPT if prediction is None else prediction.get("prompt", ""), pred=text,
-        is_multimodal=bool(problem.get("image")), correct=parsed == truth,
+        is_multimodal=bool(problem.get("image")), correct=parsed == truth, answered=prediction is not None,
     )
 
 
-def grade_split(base_dir: str | Path, result_file: str | Path, split: str) -> list[Graded]:
+def grade_split(base_dir: str | Path, result_file: str | Path, split: str, allow_partial: bool = False
+                ) -> list[Graded]:
     """Every problem of the split graded; an answers file that answers none of them is an error."""
     problems = load_split_problems(base_dir, split)
-    predictions = load_predictions(result_file)
-    if not predictions.keys() & problems.keys():
-        raise ScienceQAScoringError(f"result file {str(result_file)!r} answers no problem of split {split!r}")
-    return [grade(pid, problem, predictions.get(pid)) for pid, problem in problems.items()]
+    results = read_results(result_file)
+    if not results.answers.keys() & problems.keys():
+        raise ScoringError(f"{results.source} answers no problem of split {split!r}")
+    results.refuse_unknown(problems, f"split {split!r}")
+    results.unanswered(list(problems), allow_partial)
+    records = {pid: answer.record for pid, answer in results.answers.items()}
+    return [grade(pid, problem, records.get(pid)) for pid, problem in problems.items()]
 
 
 def _percent(correct: int, total: int) -> float | None:
-    return 100.0 * correct / total if total else None
+    return PERCENT * correct / total if total else None
 
 
-def summarize(graded: list[Graded]) -> dict[str, Any]:
-    """Counts and accuracies (percent) for the split and its IMG subset."""
+def summarize(graded: list[Graded], allow_partial: bool = False) -> dict[str, Any]:
+    """Counts and accuracies (percent) for the split and its IMG subset (+ "unanswered" when partial)."""
     with_image = [item for item in graded if item.is_multimodal]
     correct = sum(item.correct for item in graded)
     img_correct = sum(item.correct for item in with_image)
-    return {
+    scores = {
         "samples": len(graded), "correct": correct, "accuracy": _percent(correct, len(graded)),
         "img_samples": len(with_image), "img_correct": img_correct,
         "img_accuracy": _percent(img_correct, len(with_image)),
         "failed_parses": sum(item.parsed_ans == FAILED for item in graded),
     }
+    if allow_partial:
+        scores["unanswered"] = sum(not item.answered for item in graded)
+    return scores
 
 
 def llava_outputs(graded: list[Graded], scores: dict[str, Any]) -> tuple[dict, dict]:
@@ -148,17 +140,6 @@ def _predicted_index(letter: str) -> int:
     return NO_PREDICTION if letter == FAILED else OPTION_LETTERS.index(letter)
 
 
-def write_json(path: str | None, content: dict[str, Any]) -> None:
-    """Write one output file (skipped when its flag was not given), creating its folder."""
-    if not path:
-        return
-    try:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(content, indent=2) + "\n")
-    except OSError as error:
-        raise ScienceQAScoringError(f"cannot write {path!r}: {error}") from error
-
-
 def _format_percent(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}%"
 
@@ -171,17 +152,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--output-result", help="write accuracy and per-problem predictions here (JSON)")
     parser.add_argument("--split", default="test")
     parser.add_argument("--scores-file", help="also write the scores as JSON here (for summary.json)")
+    parser.add_argument("--allow-partial", action="store_true", help=ALLOW_PARTIAL_HELP)
     args = parser.parse_args(argv)
     try:
-        graded = grade_split(args.base_dir, args.result_file, args.split)
-        scores = summarize(graded)
+        graded = grade_split(args.base_dir, args.result_file, args.split, args.allow_partial)
+        scores = summarize(graded, args.allow_partial)
         analyses, result = llava_outputs(graded, scores)
-        for path, content in ((args.output_file, analyses), (args.output_result, result), (args.scores_file, scores)):
-            write_json(path, content)
-    except ScienceQAScoringError as error:
+        outputs = ((args.output_file, analyses, "output file"), (args.output_result, result, "output result file"),
+                   (args.scores_file, scores, "scores file"))
+        for path, content, what in outputs:
+            if path:
+                write_json(path, content, what)
+    except ScoringError as error:
         parser.error(str(error))
     print(f"Total: {scores['samples']}, Correct: {scores['correct']}, Accuracy: {_format_percent(scores['accuracy'])}, "
           f"IMG-Accuracy: {_format_percent(scores['img_accuracy'])}")
+    if "unanswered" in scores:
+        print(unanswered_line(scores["unanswered"], scores["samples"]))
 
 
 if __name__ == "__main__":

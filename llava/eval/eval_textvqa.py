@@ -1,38 +1,49 @@
 """Score LLaVA TextVQA answer files against TextVQA_0.5.1 annotations (VQA accuracy).
 
-    python -m llava.eval.eval_textvqa --annotation-file A --result-file R [--result-dir D]
+    python -m llava.eval.eval_textvqa --annotation-file A --result-file R [--result-dir D] [--allow-partial]
 
 LLaVA's TextVQA question file uses the image id as `question_id`, so an answer is matched to its
-annotation by (image id, question text), the question being recovered from the prompt.
+annotation by (image id, question text), the question being recovered from the prompt; that pair is
+also what makes two answers answer the same question. Every annotated question needs an answer unless
+--allow-partial is given; accuracy is then, as in LLaVA's scorer, the mean over the answered questions
+("samples"), and the scores say how many were left unanswered.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import re
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from llava.eval.answers_file import write_scores
 from llava.eval.m4c_evaluator import (
     HUMAN_ANSWERS_PER_QUESTION,
     TextVQAAccuracyEvaluator,
 )
+from llava.eval.result_file import (
+    ALLOW_PARTIAL_HELP,
+    AnswerKey,
+    Results,
+    ScoringError,
+    read_json,
+    read_results,
+    unanswered_line,
+    write_json,
+)
 
 RESULT_FILE_SUFFIX = ".jsonl"
+RESULT_FIELDS = ("question_id", "prompt", "text")
 REFERENCE_OCR_PREFIX = "Reference OCR token:"
 OCR_TOKENS_PREFIX = "OCR tokens: "
 SHORT_ANSWER_QUESTION = re.compile(r"Question: (.*?) Short answer:", re.DOTALL)
 LINES_WITH_OCR_REFERENCE = 3  # question, OCR tokens, answer instruction (either of the first two may lead)
 LINES_WITHOUT_OCR_REFERENCE = 2  # question, answer instruction
+PERCENT = 100.0
 
-AnnotationKey = tuple[str, str]
-
-
-class TextVQAScoringError(ValueError):
-    """A problem with the inputs that the user must fix; the CLI prints it without a traceback."""
+AnnotationKey = tuple[str, str]  # image id, lower-cased question
+OccurrenceKey = tuple[str, str, int]  # ... and which repeat of that pair
 
 
 def question_from_prompt(prompt: str) -> str:
@@ -41,8 +52,8 @@ def question_from_prompt(prompt: str) -> str:
     if prompt.startswith(OCR_TOKENS_PREFIX):
         match = SHORT_ANSWER_QUESTION.search(prompt)
         if match is None:
-            raise TextVQAScoringError(
-                f"prompt starts with {OCR_TOKENS_PREFIX!r} but has no 'Question: ... Short answer:'"
+            raise ScoringError(
+                f"prompt {prompt!r} starts with {OCR_TOKENS_PREFIX!r} but has no 'Question: ... Short answer:'"
             )
         question = match.group(1)
     elif f"{REFERENCE_OCR_PREFIX} " in prompt and len(lines) == LINES_WITH_OCR_REFERENCE:
@@ -50,7 +61,7 @@ def question_from_prompt(prompt: str) -> str:
     elif len(lines) == LINES_WITHOUT_OCR_REFERENCE:
         question = lines[0]
     else:
-        raise TextVQAScoringError("prompt is not in a known TextVQA layout")
+        raise ScoringError(f"prompt {prompt!r} is not in a known TextVQA layout")
     return question.lower()
 
 
@@ -59,74 +70,86 @@ def annotation_key(image_id: Any, question: str) -> AnnotationKey:
     return str(image_id), question.lower()
 
 
-def _read_text(path: Path, kind: str) -> str:
+def occurrence_key() -> AnswerKey:
+    """(image id, question, n) for the n-th answer (from 0) to the same image and question text.
+
+    An annotation file may ask the same question twice about one image; LLaVA's question file then asks
+    it twice too, so each of those answers is a question of its own. Numbering the repeats lets the
+    checks below allow exactly as many answers as the annotation file asks, and not one more.
+    """
+    seen: Counter[AnnotationKey] = Counter()
+
+    def key_of(record: dict[str, Any]) -> OccurrenceKey:
+        key = annotation_key(record["question_id"], question_from_prompt(record["prompt"]))
+        seen[key] += 1
+        return (*key, seen[key] - 1)
+
+    return AnswerKey("image id, question and repeat", key_of)
+
+
+def load_annotations(annotation_file: str | Path) -> dict[AnnotationKey, list[dict[str, Any]]]:
+    """Group a TextVQA_0.5.1 annotation file's questions by `annotation_key`, in file order."""
+    grouped: dict[AnnotationKey, list[dict[str, Any]]] = defaultdict(list)
     try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise TextVQAScoringError(f"cannot read {kind} file {str(path)!r}: {error}") from error
+        for entry in read_json(annotation_file, "annotation file")["data"]:
+            grouped[annotation_key(entry["image_id"], entry["question"])].append(entry)
+    except (KeyError, TypeError, AttributeError) as error:
+        raise ScoringError(
+            f"annotation file {annotation_file} is not TextVQA JSON with a 'data' list of questions: {error!r}"
+        ) from None
+    return dict(grouped)
 
 
-def load_annotations(annotation_file: str | Path) -> dict[AnnotationKey, dict[str, Any]]:
-    """Index a TextVQA_0.5.1 annotation file by `annotation_key` (a later duplicate wins, as in LLaVA)."""
-    path = Path(annotation_file)
-    text = _read_text(path, "annotation")
-    try:
-        entries = json.loads(text)["data"]
-        return {annotation_key(entry["image_id"], entry["question"]): entry for entry in entries}
-    except (ValueError, KeyError, TypeError, AttributeError) as error:
-        raise TextVQAScoringError(
-            f"annotation file {str(path)!r} is not TextVQA JSON with a 'data' list of questions: {error!r}"
-        ) from error
-
-
-def load_results(result_file: str | Path) -> list[dict[str, Any]]:
-    """Read a LLaVA answers file: one JSON object per non-blank line."""
-    path = Path(result_file)
-    results = []
-    for line_number, line in enumerate(_read_text(path, "result").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            result = json.loads(line)
-        except ValueError as error:
-            raise TextVQAScoringError(f"{str(path)!r} line {line_number} is not JSON: {error}") from error
-        missing = {"question_id", "prompt", "text"} - set(result) if isinstance(result, dict) else {"an object"}
-        if missing:
-            raise TextVQAScoringError(f"{str(path)!r} line {line_number} lacks {sorted(missing)}")
-        results.append(result)
-    if not results:
-        raise TextVQAScoringError(f"result file {str(path)!r} holds no answers")
+def load_results(result_file: str | Path, annotations: dict[AnnotationKey, list[dict[str, Any]]]) -> Results:
+    """A LLaVA answers file with no more answers per (image id, question) than the annotations ask."""
+    results = read_results(result_file, occurrence_key(), RESULT_FIELDS)
+    lines: dict[AnnotationKey, list[int]] = defaultdict(list)
+    for answer in results.answers.values():
+        key = answer.key[:2]
+        if key not in annotations:
+            raise ScoringError(f"{results.source}, line {answer.line}: image id and question {key!r} is not in the "
+                               "annotation file")
+        lines[key].append(answer.line)
+    for key, answered_on in lines.items():
+        asked = len(annotations[key])
+        if len(answered_on) > asked:
+            shown = answered_on[: asked + 1]  # up to the first answer too many
+            raise ScoringError(f"{results.source}: image id and question {key!r} is answered {_times(len(shown))}, "
+                               f"on lines {', '.join(map(str, shown[:-1]))} and {shown[-1]}, but the annotation "
+                               f"file asks it {_times(asked)}")
     return results
 
 
-def _pair_with_annotation(result: dict[str, Any], annotations: dict[AnnotationKey, dict[str, Any]]) -> dict[str, Any]:
-    """The evaluator's entry for one answer; errors name the question id and prompt."""
-    where = f"question_id {result['question_id']!r} with prompt {result['prompt']!r}"
-    try:
-        key = annotation_key(result["question_id"], question_from_prompt(result["prompt"]))
-    except TextVQAScoringError as error:
-        raise TextVQAScoringError(f"{where}: {error}") from error
-    annotation = annotations.get(key)
-    if annotation is None:
-        raise TextVQAScoringError(f"{where}: no annotation with image_id {key[0]!r} and question {key[1]!r}")
+def _times(count: int) -> str:
+    return {1: "once", 2: "twice"}.get(count, f"{count} times")
+
+
+def _human_answers(annotation: dict[str, Any]) -> list[str]:
     answers = annotation.get("answers")
     if not isinstance(answers, list) or len(answers) != HUMAN_ANSWERS_PER_QUESTION:
-        raise TextVQAScoringError(
-            f"{where}: annotation {annotation.get('question_id')!r} needs {HUMAN_ANSWERS_PER_QUESTION} answers, "
-            f"has {answers!r}"
-        )
-    return {"pred_answer": result["text"], "gt_answers": answers}
+        raise ScoringError(f"annotation {annotation.get('question_id')!r} needs {HUMAN_ANSWERS_PER_QUESTION} "
+                           f"answers, has {answers!r}")
+    return answers
 
 
-def _score_results(annotations: dict[AnnotationKey, dict[str, Any]], result_file: str | Path) -> dict[str, float]:
-    pred_list = [_pair_with_annotation(result, annotations) for result in load_results(result_file)]
-    accuracy = TextVQAAccuracyEvaluator().eval_pred_list(pred_list)
-    return {"samples": len(pred_list), "accuracy": 100.0 * accuracy}
+def _score_results(annotations: dict[AnnotationKey, dict[str, Any]], result_file: str | Path,
+                   allow_partial: bool) -> dict[str, Any]:
+    results = load_results(result_file, annotations)
+    asked = [(*key, repeat) for key, entries in annotations.items() for repeat in range(len(entries))]
+    unanswered = results.unanswered(asked, allow_partial)
+    # As in LLaVA's scorer, a repeated question is graded against its last annotation.
+    pred_list = [{"pred_answer": answer.text, "gt_answers": _human_answers(annotations[answer.key[:2]][-1])}
+                 for answer in results.answers.values()]
+    scores: dict[str, Any] = {"samples": len(pred_list),
+                              "accuracy": PERCENT * TextVQAAccuracyEvaluator().eval_pred_list(pred_list)}
+    if allow_partial:
+        scores["unanswered"] = unanswered
+    return scores
 
 
-def score_textvqa(annotation_file: str | Path, result_file: str | Path) -> dict[str, float]:
-    """`{"samples": N, "accuracy": percent}` for one answers file; raises TextVQAScoringError on bad input."""
-    return _score_results(load_annotations(annotation_file), result_file)
+def score_textvqa(annotation_file: str | Path, result_file: str | Path, allow_partial: bool = False) -> dict[str, Any]:
+    """`{"samples": answered, "accuracy": percent over them}` (+ "unanswered" when partial files are allowed)."""
+    return _score_results(load_annotations(annotation_file), result_file, allow_partial)
 
 
 def _result_files(result_file: str | None, result_dir: str | None) -> list[Path]:
@@ -135,12 +158,20 @@ def _result_files(result_file: str | None, result_dir: str | None) -> list[Path]
     if result_dir:
         directory = Path(result_dir)
         if not directory.is_dir():
-            raise TextVQAScoringError(f"result directory {result_dir!r} does not exist")
+            raise ScoringError(f"result directory {result_dir} does not exist")
         found = sorted(path for path in directory.iterdir() if path.suffix == RESULT_FILE_SUFFIX)
         if not found:
-            raise TextVQAScoringError(f"result directory {result_dir!r} holds no *{RESULT_FILE_SUFFIX} files")
+            raise ScoringError(f"result directory {result_dir} holds no *{RESULT_FILE_SUFFIX} files")
         files.extend(found)
     return files
+
+
+def _print_scores(result_file: Path, scores: dict[str, Any]) -> None:
+    print(result_file.stem)
+    print(f"Samples: {scores['samples']}\nAccuracy: {scores['accuracy']:.2f}%")
+    if "unanswered" in scores:
+        print(unanswered_line(scores["unanswered"], scores["samples"] + scores["unanswered"]))
+    print()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -149,20 +180,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--result-file", help="LLaVA answers JSONL")
     parser.add_argument("--result-dir", help="score every *.jsonl answers file in this directory")
     parser.add_argument("--scores-file", help="also write the scores of --result-file as JSON here (for summary.json)")
+    parser.add_argument("--allow-partial", action="store_true", help=ALLOW_PARTIAL_HELP)
     args = parser.parse_args(argv)
     if not args.result_file and not args.result_dir:
         parser.error("give --result-file and/or --result-dir")
     try:
-        result_files = _result_files(args.result_file, args.result_dir)
         annotations = load_annotations(args.annotation_file)
-        for result_file in result_files:
-            scores = _score_results(annotations, result_file)
-            print(result_file.stem)
-            print(f"Samples: {scores['samples']}\nAccuracy: {scores['accuracy']:.2f}%\n")
-            if args.scores_file and args.result_file and result_file == Path(args.result_file):
-                write_scores(args.scores_file, scores)
-    except TextVQAScoringError as error:
+        scored = [(path, _score_results(annotations, path, args.allow_partial))
+                  for path in _result_files(args.result_file, args.result_dir)]
+        if args.scores_file and args.result_file:
+            write_json(args.scores_file, scored[0][1])
+    except ScoringError as error:
         parser.error(str(error))
+    for result_file, scores in scored:
+        _print_scores(result_file, scores)
 
 
 if __name__ == "__main__":

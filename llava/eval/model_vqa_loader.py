@@ -15,7 +15,8 @@ from pathlib import Path
 from llava.eval.question_loop import (
     Question,
     add_model_args,
-    read_question_file,
+    question_field,
+    read_question_lines,
     run_cli,
 )
 
@@ -29,11 +30,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def questions_from_file(args: argparse.Namespace) -> list[Question]:
-    """LLaVA's question lines: {"question_id", "image", "text", ...}; the prompt is the text as is."""
+    """LLaVA's question lines: {"question_id", "image", "text", ...}; the prompt is the text as is.
+
+    `question_id` (string or integer) and `text` are required; `image` is optional (text-only question).
+    """
     questions = []
-    for line in read_question_file(args.question_file):
-        image = Path(args.image_folder) / line["image"] if line.get("image") else None
-        questions.append(Question(question_id=line.get("question_id"), text=line["text"], image_path=image))
+    for number, line in read_question_lines(args.question_file):
+        where = f"question file {args.question_file}, line {number}"
+        question_id = question_field(line, "question_id", (str, int), where)
+        text = question_field(line, "text", (str,), where)
+        image = question_field(line, "image", (str,), where, required=False)
+        image_path = Path(args.image_folder) / image if image else None
+        questions.append(Question(question_id=question_id, text=text, image_path=image_path))
     return questions
 
 

@@ -102,7 +102,7 @@ def questions_from_file(args: argparse.Namespace) -> list[Question]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_cli(build_parser(), questions_from_file, argv)
+    run_cli(build_parser(), questions_from_file, argv, identity_args=("lang", "single_pred_prompt", "all_rounds"))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from llava.eval.question_loop import (
     Question,
     RunError,
     add_model_args,
+    question_field,
     run_cli,
 )
 
@@ -54,11 +55,14 @@ def question_text(problem: dict, single_pred_prompt: bool) -> str:
     return f"{text}\n{SINGLE_PRED_PROMPT}" if single_pred_prompt else text
 
 
-def to_question(problem: dict, image_folder: str, single_pred_prompt: bool) -> Question:
+def to_question(problem: dict, image_folder: str, single_pred_prompt: bool, where: str) -> Question:
+    if not isinstance(problem, dict):
+        raise RunError(f"{where}: expected a JSON object, got {type(problem).__name__}")
+    question_id = question_field(problem, "id", (str, int), where)
+    image = question_field(problem, "image", (str,), where, required=False)
     text = question_text(problem, single_pred_prompt)
-    image = problem.get("image")
     return Question(
-        question_id=problem["id"],
+        question_id=question_id,
         text=text,
         image_path=Path(image_folder) / image if image else None,
         record={"prompt": f"{DEFAULT_IMAGE_TOKEN}\n{text}" if image else text},
@@ -66,10 +70,14 @@ def to_question(problem: dict, image_folder: str, single_pred_prompt: bool) -> Q
 
 
 def questions_from_file(args: argparse.Namespace) -> list[Question]:
+    problems = read_problem_list(args.question_file)
+    if not problems:
+        raise RunError(f"question file {args.question_file} holds no questions")
     questions = []
-    for number, problem in enumerate(read_problem_list(args.question_file), start=1):
+    for number, problem in enumerate(problems, start=1):
+        where = f"question file {args.question_file}, question {number}"
         try:
-            questions.append(to_question(problem, args.image_folder, args.single_pred_prompt))
+            questions.append(to_question(problem, args.image_folder, args.single_pred_prompt, where))
         except (KeyError, IndexError, TypeError, AttributeError) as error:
             raise RunError(
                 f"question file {args.question_file}, question {number}: needs 'id' and 'conversations' "
@@ -79,7 +87,7 @@ def questions_from_file(args: argparse.Namespace) -> list[Question]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_cli(build_parser(), questions_from_file, argv)
+    run_cli(build_parser(), questions_from_file, argv, identity_args=("single_pred_prompt",))
 
 
 if __name__ == "__main__":

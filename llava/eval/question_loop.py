@@ -8,7 +8,8 @@ the run summary line) lives here once.
 from __future__ import annotations
 
 import argparse
-import sys
+import dataclasses
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,21 +33,21 @@ from llava.drop.generate import SamplingConfig
 from llava.drop.methods import DropMethod, create_method, parse_method_args
 from llava.eval.answering import Answerer
 from llava.eval.answers_file import (
+    RUN_KEY,
     get_chunk,
+    locked_answers_file,
     open_for_append,
-    read_jsonl,
     resume_position,
     write_line,
 )
+from llava.eval.cli_errors import RunError, main_guard  # noqa: F401  (re-exported for the CLIs)
+from llava.eval.jsonl import iter_jsonl, read_jsonl
 from llava.eval.sharding import launcher_shard, merge_if_complete, shard_path
 from llava.eval.summary import summarize_answers, summary_line
 from llava.mm_utils import load_image
-from llava.model.builder import load_pretrained_model
+from llava.model.builder import default_device, load_pretrained_model, resolve_dtype
 from llava.model.checkpoint_files import CheckpointError
-
-
-class RunError(Exception):
-    """A problem with the run's inputs; `main_guard` prints it and exits without a traceback."""
+from llava.model.geometry import read_geometry
 
 
 @dataclass
@@ -155,11 +156,32 @@ def validate_args(args: argparse.Namespace) -> tuple[SamplingConfig, DropMethod]
     return sampling, drop
 
 
-def read_question_file(path: str, what: str = "question file") -> list[dict]:
+def read_question_lines(path: str, what: str = "question file") -> list[tuple[int, dict]]:
+    """Every question of a JSONL question file as (1-based line number, object); an empty file or a
+    line that is not a JSON object stops the run, naming the file and line."""
     try:
-        return read_jsonl(path, what)
-    except (OSError, ValueError) as error:
+        lines = list(iter_jsonl(path, what))
+    except ValueError as error:
         raise RunError(str(error)) from None
+    if not lines:
+        raise RunError(f"{what} {path} holds no questions")
+    for number, record in lines:
+        if not isinstance(record, dict):
+            raise RunError(f"{what} {path}, line {number}: expected a JSON object, got {type(record).__name__}")
+    return lines
+
+
+def question_field(record: dict, name: str, types: tuple[type, ...], where: str, required: bool = True) -> Any:
+    """`record[name]` checked against `types` (bool is never accepted as an int); `where` names file and line."""
+    if name not in record or record[name] is None:
+        if required:
+            raise RunError(f"{where}: lacks {name!r}")
+        return None
+    value = record[name]
+    if isinstance(value, bool) or not isinstance(value, types):
+        expected = " or ".join(kind.__name__ for kind in types)
+        raise RunError(f"{where}: {name!r} must be {expected}, got {type(value).__name__} {value!r}")
+    return value
 
 
 def load_model(args: argparse.Namespace):
@@ -172,12 +194,49 @@ def load_model(args: argparse.Namespace):
         raise RunError(str(error)) from None
 
 
+def run_identity(args: argparse.Namespace, drop: DropMethod, extra_args: tuple[str, ...] = ()) -> dict:
+    """The settings that decide what an answer is, recorded in every answers line so that a resumed
+    file never mixes two runs; `extra_args` are a CLI's own prompt options (e.g. MMBench's --lang)."""
+    options = getattr(drop, "options", None)
+    try:
+        dtype = resolve_dtype(args.dtype, args.device or default_device())
+    except ValueError as error:
+        raise RunError(str(error)) from None
+    quantization = "8bit" if args.load_8bit else "4bit" if args.load_4bit else None
+    identity = {
+        "model_path": str(Path(args.model_path).expanduser()),
+        "model_base": args.model_base,
+        "method": drop.name,
+        "method_options": dataclasses.asdict(options) if options is not None else {},
+        "conv_mode": args.conv_mode,
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "seed": args.seed,
+        "dtype": str(dtype).removeprefix("torch."),
+        "quantization": quantization,
+        **{name: getattr(args, name) for name in extra_args},
+    }
+    return json.loads(json.dumps(identity))  # tuples become lists, as they read back from the file
+
+
+def check_model_fits(args: argparse.Namespace, drop: DropMethod) -> None:
+    """Refuse layers and budgets the checkpoint cannot honour, from its config alone (before the load)."""
+    try:
+        geometry = read_geometry(args.model_path, args.vision_tower)
+        drop.check_model(geometry)
+    except CheckpointError as error:
+        raise RunError(str(error)) from None
+    except ValueError as error:
+        raise RunError(f"--method {drop.name}: {error}") from None
+
+
 def answer_id(model_id: str, question_id: Any, position: int) -> str:
     """A stable id per (model, question, position), so sharded and single runs write the same lines."""
     return shortuuid.uuid(name=f"{model_id}/{position}/{question_id}")
 
 
-def run_questions(args: argparse.Namespace, questions: list[Question]) -> Path:
+def run_questions(args: argparse.Namespace, questions: list[Question], identity_args: tuple[str, ...] = ()) -> Path:
     """Answer this chunk's questions into --answers-file, resuming after any finished lines.
 
     Under `torchrun` / `accelerate launch` (WORLD_SIZE > 1) each process takes the chunk of its
@@ -193,7 +252,7 @@ def run_questions(args: argparse.Namespace, questions: list[Question]) -> Path:
             args.device = f"cuda:{shard.local_rank % torch.cuda.device_count()}"
     first_position = len(get_chunk(questions, num_chunks, 0)) * chunk_idx
     chunk = get_chunk(questions, num_chunks, chunk_idx)
-    answer_chunk(args, chunk, chunk_path, first_position, sampling, drop)
+    answer_chunk(args, chunk, chunk_path, first_position, sampling, drop, identity_args)
     if shard is not None and merge_if_complete(answers_path, questions, shard.count):
         print(f"all {shard.count} shards complete: merged into {answers_path}")
     print(summary_line(summarize_answers(read_jsonl(chunk_path))))
@@ -201,22 +260,34 @@ def run_questions(args: argparse.Namespace, questions: list[Question]) -> Path:
 
 
 def answer_chunk(args: argparse.Namespace, chunk: list[Question], path: Path, first_position: int,
-                 sampling: SamplingConfig, drop: DropMethod) -> None:
-    """The loop proper: skip finished lines, answer the rest, flush each line as it is written."""
+                 sampling: SamplingConfig, drop: DropMethod, identity_args: tuple[str, ...] = ()) -> None:
+    """The loop proper: lock the file, skip finished lines, answer the rest, flush each line as written."""
+    identity = run_identity(args, drop, identity_args)
     try:
-        start = resume_position(path, [q.question_id for q in chunk])
-    except ValueError as error:
+        with locked_answers_file(path):
+            start = resume_position(path, [q.question_id for q in chunk], identity)
+            if start == len(chunk):
+                print(f"{path}: all {len(chunk)} questions already answered")
+                return
+            check_model_fits(args, drop)
+            answer_remaining(args, chunk, path, start, first_position, sampling, drop, identity)
+    except ValueError as error:  # answers-file problems (lock, resume); RunError passes through
         raise RunError(str(error)) from None
-    if start == len(chunk):
-        print(f"{path}: all {len(chunk)} questions already answered")
-        return
+
+
+def answer_remaining(args: argparse.Namespace, chunk: list[Question], path: Path, start: int, first_position: int,
+                     sampling: SamplingConfig, drop: DropMethod, identity: dict) -> None:
     tokenizer, model, image_processor, _ = load_model(args)
     answerer = Answerer(tokenizer, model, image_processor, args.conv_mode, sampling, drop)
     model_id = Path(args.model_path.rstrip("/")).name
     with open_for_append(path) as handle:
         for offset in tqdm(range(start, len(chunk)), initial=start, total=len(chunk), desc="answering", unit="q"):
             question = chunk[offset]
-            answer = answerer.answer(question.text, question.load_image())
+            try:
+                answer = answerer.answer(question.text, question.load_image())
+            except ValueError as error:  # e.g. a prompt longer than the context: stop, keeping what is done
+                raise RunError(f"question {question.question_id!r} (question {first_position + offset + 1} of the "
+                               f"question file): {error}; the {offset} answers before it are kept in {path}") from None
             write_line(handle, {
                 "question_id": question.question_id,
                 "prompt": question.text,
@@ -224,25 +295,20 @@ def answer_chunk(args: argparse.Namespace, chunk: list[Question], path: Path, fi
                 "text": answer.text,
                 "answer_id": answer_id(model_id, question.question_id, first_position + offset),
                 "model_id": model_id,
-                "metadata": answer.stats,
+                "metadata": {**answer.stats, RUN_KEY: identity},
             })
 
 
 def run_cli(parser: argparse.ArgumentParser, questions_from_args: Callable[[argparse.Namespace], list[Question]],
-            argv: list[str] | None = None) -> None:
-    """A benchmark CLI's whole main(): parse, check flags before reading questions, answer them."""
+            argv: list[str] | None = None, identity_args: tuple[str, ...] = ()) -> None:
+    """A benchmark CLI's whole main(): parse, check flags before reading questions, answer them.
+
+    `identity_args` names the CLI's own flags that change its prompts; resuming checks them too.
+    """
     args = parser.parse_args(argv)
 
     def run() -> None:
         validate_args(args)  # fail on bad flags before reading a large question file
-        run_questions(args, questions_from_args(args))
+        run_questions(args, questions_from_args(args), identity_args)
 
     main_guard(run)
-
-
-def main_guard(run: Callable[[], Any]) -> None:
-    """Run a CLI body; input problems end the program with one clear line instead of a traceback."""
-    try:
-        run()
-    except RunError as error:
-        sys.exit(f"error: {error}")

@@ -10,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from llava.eval.question_loop import RunError, main_guard
+from llava.eval.cli_errors import RunError, main_guard
 
 SUMMARY_NAME = "summary.json"
 COLUMNS = ("benchmark", "model", "method", "setting", "questions", "scores", "vision tokens",

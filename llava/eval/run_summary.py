@@ -15,7 +15,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from llava.eval.answers_file import read_jsonl
-from llava.eval.question_loop import RunError, main_guard
+from llava.eval.cli_errors import RunError, main_guard
 from llava.eval.summary import summarize_answers
 
 VERSIONED_PACKAGES = ("mustdrop", "torch", "transformers", "accelerate")

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from llava.eval.answers_file import complete_lines, get_chunk
+from llava.eval.answers_file import finished_lines, get_chunk
 
 WORLD_SIZE_ENV, RANK_ENV, LOCAL_RANK_ENV = "WORLD_SIZE", "RANK", "LOCAL_RANK"
 
@@ -43,7 +43,7 @@ def merge_if_complete(answers_file: Path, questions: list, count: int) -> bool:
     for index in range(count):
         path = shard_path(answers_file, Shard(index, count, index))
         expected = len(get_chunk(questions, count, index))
-        if not path.is_file() or len(complete_lines(path)) != expected:
+        if not path.is_file() or len(finished_lines(path)) != expected:
             return False
         parts.append(path.read_bytes())
     temporary = answers_file.with_name(f".{answers_file.name}.{os.getpid()}.tmp")

@@ -24,6 +24,7 @@ def summarize_answers(records: list[dict]) -> dict:
     new_tokens = sum(m["new_tokens"] - 1 for m in with_stats)  # the first token comes from prefill
     decode_time = sum(m["decode_seconds"] for m in with_stats)
     summary["decode_tokens_per_second"] = new_tokens / decode_time if decode_time > 0 else None
+    summary["answers_stopped_at_context"] = sum(bool(m.get("stopped_at_context")) for m in with_stats)
     for key in ("peak_memory_bytes", "peak_rss_bytes"):
         values = [m[key] for m in with_stats if key in m]
         if values:
@@ -34,8 +35,11 @@ def summarize_answers(records: list[dict]) -> dict:
 def summary_line(summary: dict) -> str:
     if not summary.get("answers_with_stats"):
         return f"{summary['answers']} answers (no token statistics recorded)"
-    return (
+    line = (
         f"{summary['answers']} answers: mean vision tokens per layer {summary['mean_vision_tokens']:.1f}, "
         f"mean prefill FLOPs ratio {summary['mean_prefill_flops_ratio']:.3f}, "
         f"mean prefill time {1000 * summary['mean_prefill_seconds']:.1f} ms"
     )
+    if summary.get("answers_stopped_at_context"):
+        line += f"; {summary['answers_stopped_at_context']} answers stopped at the model's context length"
+    return line

@@ -11,24 +11,22 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import (
-    AutoTokenizer,
-    LlavaForConditionalGeneration,
-    PreTrainedTokenizerBase,
-)
+from safetensors import SafetensorError
+from transformers import LlavaForConditionalGeneration, PreTrainedTokenizerBase
 
 from llava.constants import (
     DEFAULT_IM_END_TOKEN,
     DEFAULT_IM_START_TOKEN,
     DEFAULT_IMAGE_PATCH_TOKEN,
 )
-from llava.model.checkpoint_files import CheckpointError
+from llava.model.checkpoint_files import CheckpointError, check_weight_files, weight_files
 from llava.model.image_processor import load_image_processor
 from llava.model.original_layout import (
     LLAVA_DEFAULTS,
     is_original_layout,
     load_original_layout,
 )
+from llava.model.tokenizer import load_llava_tokenizer
 from llava.model.vision_tower import resolve_vision_tower
 
 DEFAULT_CONTEXT_LEN = 2048
@@ -85,10 +83,14 @@ def resolve_model_dir(model_path: str) -> Path:
 
 
 def load_tokenizer(model_dir: Path, options: dict) -> PreTrainedTokenizerBase:
-    """Load the tokenizer and add LLaVA's image start/end tokens when the checkpoint used them."""
+    """Load the tokenizer and add LLaVA's image start/end tokens when the checkpoint used them.
+
+    Llama checkpoints get transformers 4.37's slow SentencePiece tokenizer, as LLaVA's `use_fast=False`
+    did (see llava/model/tokenizer.py); others transformers' AutoTokenizer.
+    """
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    except (OSError, ValueError) as error:
+        tokenizer = load_llava_tokenizer(model_dir)
+    except (OSError, ValueError, RuntimeError) as error:  # RuntimeError: a corrupt tokenizer.model
         raise CheckpointError(f"cannot load the tokenizer of {model_dir}: {error}") from error
     extra = []
     if options["mm_use_im_patch_token"]:
@@ -171,10 +173,11 @@ def load_hf_layout(
         kwargs["device_map"] = device_map or "auto"
     elif device_map is not None:
         kwargs["device_map"] = device_map
+    check_weight_files(weight_files(model_dir))
     try:
         model = LlavaForConditionalGeneration.from_pretrained(model_dir, **kwargs)
-    except OSError as error:
-        raise CheckpointError(f"cannot load {model_dir}: {error}") from error
+    except (OSError, SafetensorError) as error:
+        raise CheckpointError(f"cannot load {model_dir}: {error}") from None
     return model.eval(), "device_map" in kwargs
 
 

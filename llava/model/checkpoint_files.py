@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -28,7 +28,10 @@ def weight_files(checkpoint_dir: Path) -> list[Path]:
     for index_name, single_name in ((SAFETENSORS_INDEX, SAFETENSORS_SINGLE), (BIN_INDEX, BIN_SINGLE)):
         index_path = checkpoint_dir / index_name
         if index_path.is_file():
-            weight_map = json.loads(index_path.read_text())["weight_map"]
+            try:
+                weight_map = json.loads(index_path.read_text())["weight_map"]
+            except (OSError, ValueError, KeyError, TypeError) as error:
+                raise CheckpointError(f"cannot read the shard index {index_path} ({error!r}); download it again") from None
             shards = [checkpoint_dir / name for name in dict.fromkeys(weight_map.values())]
             missing = [str(s) for s in shards if not s.is_file()]
             if missing:
@@ -45,17 +48,36 @@ def weight_files(checkpoint_dir: Path) -> list[Path]:
     )
 
 
+def unreadable(path: Path, error: Exception) -> CheckpointError:
+    return CheckpointError(f"cannot read weight file {path}: {error}; it is truncated or corrupt, download it again")
+
+
+def check_weight_files(files: list[Path]) -> None:
+    """Open every safetensors shard's header before the (long) load starts: safetensors checks there
+    that the file covers every tensor, so a truncated download fails at once, naming the shard."""
+    for path in files:
+        if path.suffix == ".safetensors":
+            try:
+                with safe_open(str(path), framework="pt", device="cpu"):
+                    pass
+            except (SafetensorError, OSError) as error:
+                raise unreadable(path, error) from None
+
+
 def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, tensor) pairs from safetensors or torch .bin files without holding them all."""
     for path in files:
         if path.suffix == ".safetensors":
-            with safe_open(str(path), framework="pt", device="cpu") as handle:
-                for name in handle.keys():
-                    yield name, handle.get_tensor(name)
+            try:
+                with safe_open(str(path), framework="pt", device="cpu") as handle:
+                    for name in handle.keys():
+                        yield name, handle.get_tensor(name)
+            except (SafetensorError, OSError) as error:
+                raise unreadable(path, error) from None
         else:
             try:
                 state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
             except Exception as error:  # torch raises several types for a corrupt pickle/zip
-                raise CheckpointError(f"cannot read weight file {path}: {error}") from error
+                raise unreadable(path, error) from None
             yield from state.items()
             del state

@@ -1,7 +1,8 @@
 """Loading the CLIP image processor that LLaVA-1.5's vision tower expects.
 
-We always use transformers' PIL-based CLIP processor: SPEC.md asks for the pixels of the PIL
-("slow") processor, and the torchvision-based fast one cannot be imported beside our torch build.
+We always use transformers' PIL-based CLIP processor: LLaVA-1.5 is evaluated on the pixels of the PIL
+("slow") processor (docs/algorithm.md, "Evaluation conventions"), and the torchvision-based fast one
+cannot be imported beside our torch build.
 """
 
 from __future__ import annotations

@@ -21,7 +21,12 @@ from transformers import (
     LlavaForConditionalGeneration,
 )
 
-from llava.model.checkpoint_files import CheckpointError, iter_tensors, weight_files
+from llava.model.checkpoint_files import (
+    CheckpointError,
+    check_weight_files,
+    iter_tensors,
+    weight_files,
+)
 
 MLP_PROJECTOR = "mlp2x_gelu"
 LINEAR_PROJECTOR = "linear"
@@ -135,11 +140,13 @@ def load_original_layout(
         set_module_tensor_to_device(model, name, "cpu", value=tensor, dtype=dtype)
         loaded.add(name)
 
-    for name, tensor in iter_tensors(weight_files(tower_dir)):
-        place(vision_tower_name(name), tensor)
+    tower_files = weight_files(tower_dir)
     language_sources = [base_dir, model_dir] if base_dir is not None else [model_dir]
-    for source in language_sources:
-        files = projector_only_files(source) or weight_files(source)
+    language_files = [projector_only_files(source) or weight_files(source) for source in language_sources]
+    check_weight_files(tower_files + [path for files in language_files for path in files])
+    for name, tensor in iter_tensors(tower_files):
+        place(vision_tower_name(name), tensor)
+    for files in language_files:
         for name, tensor in iter_tensors(files):
             place(language_model_name(name, config.mm_projector_type), tensor)
     missing = sorted(expected - loaded)

@@ -16,6 +16,7 @@ import torch
 from llava.drop.cache import LayerKVCache
 from llava.drop.prefill import TokenLayout, rows_to_vision_attention
 from llava.drop.vision import VisionOutput, encode_image
+from llava.model.geometry import ModelGeometry
 
 TEXT_QUERIES = "text"  # every token after the image: the question and the template's tail
 LAST_QUERY = "last"  # the last prompt token, which FastV / PyramidDrop rank by
@@ -85,6 +86,18 @@ class DropMethod:
 
     def after_prefill(self, cache: LayerKVCache, drops: list[tuple[int, torch.Tensor]]) -> None:
         """Change the KV cache before decoding (default: keep what each layer saw)."""
+
+    def check_model(self, geometry: ModelGeometry) -> None:
+        """Raise ValueError for settings this model cannot honour, before anything runs: a scoring layer
+        beyond its decoder, or a `budget` option above its vision tokens. Methods add their own floors."""
+        layers = self.prefill_layers()
+        if layers and max(layers) >= geometry.decoder_layers:
+            raise ValueError(f"dropping after layer {max(layers)} (0-based) is impossible in a model "
+                             f"with {geometry.decoder_layers} decoder layers; use layers 0..{geometry.decoder_layers - 1}")
+        budget = getattr(getattr(self, "options", None), "budget", None)
+        if budget is not None and budget > geometry.vision_tokens:
+            raise ValueError(f"budget {budget:g} exceeds the {geometry.vision_tokens} vision tokens "
+                             "this model gives an image")
 
     @property
     def enabled(self) -> bool:

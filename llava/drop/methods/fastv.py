@@ -26,6 +26,7 @@ import torch
 
 from llava.drop.methods.base import LAST_QUERY, DropMethod, LayerContext
 from llava.drop.methods.registry import register
+from llava.model.geometry import ModelGeometry
 
 DEFAULT_FILTER_LAYER = 2  # the paper's K: layers before it see every image token
 DEFAULT_RATIO = 0.5  # the paper's R: share of image tokens pruned
@@ -101,6 +102,12 @@ class FastV(DropMethod):
 
     def prefill_layers(self) -> tuple[int, ...]:
         return (self.options.k - 1,)
+
+    def check_model(self, geometry: ModelGeometry) -> None:
+        """Also refuse a budget below what the first k layers alone average (the closed form raises)."""
+        super().check_model(geometry)
+        if self.options.budget is not None:
+            fastv_budget_keep(self.options.budget, geometry.vision_tokens, self.options.k, geometry.decoder_layers)
 
     def keep_count(self, context: LayerContext) -> int:
         """From the ratio, or solved from the budget for this prompt's vision count."""

@@ -1,10 +1,10 @@
-"""MustDrop (Liu et al., 2024): SPEC.md stages 1-3 as a method of the engine."""
+"""MustDrop (Liu et al., 2024): the three stages of docs/algorithm.md as a method of the engine."""
 
 from __future__ import annotations
 
 import torch
 
-from llava.drop.budget import geometric_keep_counts, ranked_keep
+from llava.drop.budget import geometric_keep_counts, mustdrop_budget_floor, ranked_keep
 from llava.drop.cache import LayerKVCache
 from llava.drop.config import DropConfig
 from llava.drop.decode import apply_output_aware_cache
@@ -12,6 +12,7 @@ from llava.drop.methods.base import TEXT_QUERIES, DropMethod, LayerContext
 from llava.drop.methods.registry import register
 from llava.drop.prefill import dual_attention_keep
 from llava.drop.vision import VisionOutput, encode_image
+from llava.model.geometry import ModelGeometry
 
 
 @register
@@ -45,6 +46,20 @@ class MustDrop(DropMethod):
             return dual_attention_keep(attention, self.options.global_thr, self.options.individual_thr,
                                        context.key_indices)
         return ranked_keep(attention.sum(dim=0), context.key_indices, self.budget_count(context))
+
+    def check_model(self, geometry: ModelGeometry) -> None:
+        """Also refuse a budget below what merging every window and keeping only the key set reaches."""
+        super().check_model(geometry)
+        options = self.options
+        if options.budget is None or not options.drop_layers:
+            return
+        floor = mustdrop_budget_floor(geometry.patch_tokens, options.merge_window, options.vision_merge,
+                                      options.drop_layers, geometry.decoder_layers, options.key_token_rate)
+        if options.budget < floor:
+            how = "" if options.vision_merge else "; without --no_merge stage 1 could merge further"
+            raise ValueError(f"budget {options.budget:g} is below {floor:.1f}, the lowest layer average "
+                             f"it can reach with drop_layers {options.drop_layers} and key_rate "
+                             f"{options.key_token_rate} on {geometry.patch_tokens} patches{how}")
 
     def budget_count(self, context: LayerContext) -> int:
         """Budget variant: this layer's share of a geometric schedule over the dropping layers."""

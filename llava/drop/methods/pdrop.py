@@ -36,6 +36,7 @@ from llava.drop.methods.fastv import (
     top_positions,
 )
 from llava.drop.methods.registry import register
+from llava.model.geometry import ModelGeometry
 
 DEFAULT_STAGE_LAYERS = (8, 16, 24)  # the first layer of stages 2, 3, 4 in the paper's LLaVA-1.5 setting
 # Our choice, not the paper's: with a budget below what the default stages can reach (their first stage
@@ -150,6 +151,11 @@ class PDrop(DropMethod):
         if self.options.budget is None:
             return [round_half_up(count) for count in pyramid(vision_count, self.options.ratio, len(layers) + 1)[1:]]
         return budget_counts(self.options.budget, vision_count, layers, num_layers)
+
+    def check_model(self, geometry: ModelGeometry) -> None:
+        """Also refuse a budget below the first stage's share (planning the counts raises)."""
+        super().check_model(geometry)
+        self.plan(geometry.vision_tokens, geometry.decoder_layers)
 
     def select(self, context: LayerContext) -> torch.Tensor:
         stage = self.prefill_layers().index(context.layer_idx)

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from llava.drop.budget import layer_average, ranked_keep, stage_lengths
 from llava.drop.methods.base import TEXT_QUERIES, DropMethod, LayerContext
 from llava.drop.methods.registry import register
+from llava.model.geometry import ModelGeometry
 
 DEFAULT_LAYERS = (2, 6, 15)
 DEFAULT_KEEP = (66, 30, 17)  # the released code's "64 tokens" schedule for LLaVA-1.5
@@ -169,6 +170,13 @@ def budget_keep_counts(vision_count: int, num_layers: int, options: SparseVLMOpt
     return tuple(min(candidates, key=error))
 
 
+def budget_floor(vision_count: int, num_layers: int, options: SparseVLMOptions) -> float:
+    """The lowest layer average a budget can reach: every drop keeping nothing, so only the layers up to
+    the first drop and the merged recycled tokens count."""
+    zero_keeps = [0] * len(options.layers)
+    return layer_average(stage_counts(vision_count, zero_keeps, options), stage_lengths(options.layers, num_layers))
+
+
 def merge_clusters(hidden: torch.Tensor, scores: torch.Tensor, clusters: int) -> torch.Tensor:
     """[clusters, hidden]: the best-scored rows are centres (in row order); every row joins its most
     cosine-similar centre (a centre joins itself) and each cluster is the mean of its rows."""
@@ -197,6 +205,17 @@ class SparseVLM(DropMethod):
 
     def prefill_layers(self) -> tuple[int, ...]:
         return self.options.layers
+
+    def check_model(self, geometry: ModelGeometry) -> None:
+        """Also refuse a budget below `budget_floor`, which the bisection would silently stop at."""
+        super().check_model(geometry)
+        if self.options.budget is None:
+            return
+        floor = budget_floor(geometry.vision_tokens, geometry.decoder_layers, self.options)
+        if self.options.budget < floor:
+            raise ValueError(f"budget {self.options.budget:g} is below {floor:.1f}, the layer average of "
+                             f"layers {self.options.layers} keeping no token and recycling {self.options.recycle_ratio:g} "
+                             "of the dropped ones; lower recycle_ratio or start dropping at an earlier layer")
 
     def keep_count(self, context: LayerContext, rater_attention: torch.Tensor) -> int:
         """The schedule floored by the rank term, or in budget mode the plan for this prompt's vision count."""

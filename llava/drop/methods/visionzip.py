@@ -36,6 +36,7 @@ from llava.drop.vision import (
     run_tower_to,
     selected_layer_count,
 )
+from llava.model.geometry import ModelGeometry
 
 # The paper's LLaVA-1.5 settings (192 = 162 + 30, 128 = 108 + 20, 64 = 54 + 10) all share this split.
 DEFAULT_DOMINANT = 54
@@ -135,6 +136,13 @@ class VisionZip(DropMethod):
 
     def __init__(self, options: VisionZipOptions | None = None):
         self.options = options or VisionZipOptions()
+
+    def check_model(self, geometry: ModelGeometry) -> None:
+        super().check_model(geometry)
+        dominant, contextual = self.options.counts()
+        if dominant + contextual > geometry.patch_tokens:
+            raise ValueError(f"dominant + contextual = {dominant} + {contextual} exceeds the "
+                             f"{geometry.patch_tokens} patches this model gives an image")
 
     @torch.no_grad()
     def encode_image(self, model, pixel_values: torch.Tensor) -> VisionOutput:

@@ -8,9 +8,13 @@ IMAGE_FOLDER="${IMAGE_FOLDER:-$DATA/data/images}"
 GQA_QUESTIONS="${GQA_QUESTIONS:-$DATA/data/testdev_balanced_questions.json}"
 PREDICTIONS_FILE="${PREDICTIONS_FILE:-$ANSWER_DIR/testdev_balanced_predictions.json}"
 
+require_file "GQA question file" "$QUESTION_FILE"
+require_dir "GQA image folder" "$IMAGE_FOLDER"
+require_file "GQA testdev-balanced questions" "$GQA_QUESTIONS"
+
 run_sharded llava.eval.model_vqa_loader --model-path "$MODEL_PATH" \
     --question-file "$QUESTION_FILE" --image-folder "$IMAGE_FOLDER"
 
 "$PYTHON" -m llava.eval.eval_gqa --questions "$GQA_QUESTIONS" --result-file "$ANSWER_DIR/merge.jsonl" \
-    --predictions "$PREDICTIONS_FILE" --scores-file "$ANSWER_DIR/scores.json"
+    --predictions "$PREDICTIONS_FILE" --scores-file "$SCORES_FILE"
 write_summary

@@ -10,9 +10,11 @@ UPLOAD_DIR="${UPLOAD_DIR:-$DATA/answers_upload/$SPLIT}"
 ROUND_FLAGS=()
 [ "${ALL_ROUNDS:-0}" = 1 ] && ROUND_FLAGS=(--all-rounds)
 
+require_file "MMBench question file" "$QUESTION_FILE"
+
 run_sharded llava.eval.model_vqa_mmbench --model-path "$MODEL_PATH" \
     --question-file "$QUESTION_FILE" --lang en --single-pred-prompt "${ROUND_FLAGS[@]}"
 
 "$PYTHON" -m llava.eval.eval_mmbench --question-file "$QUESTION_FILE" --result-file "$ANSWER_DIR/merge.jsonl" \
-    --upload-file "$UPLOAD_DIR/$MODEL_NAME-$SETTING.xlsx" --scores-file "$ANSWER_DIR/scores.json"
+    --upload-file "$UPLOAD_DIR/$MODEL_NAME-$SETTING.xlsx" --scores-file "$SCORES_FILE"
 write_summary

@@ -7,9 +7,13 @@ QUESTION_FILE="${QUESTION_FILE:-$DATA/llava_mme.jsonl}"
 IMAGE_FOLDER="${IMAGE_FOLDER:-$DATA/MME_Benchmark_release_version}"
 GT_DIR="${GT_DIR:-$DATA/MME_Benchmark_release_version}"
 
+require_file "MME question file" "$QUESTION_FILE"
+require_dir "MME image folder" "$IMAGE_FOLDER"
+require_dir "MME ground-truth folder" "$GT_DIR"
+
 run_sharded llava.eval.model_vqa_loader --model-path "$MODEL_PATH" \
     --question-file "$QUESTION_FILE" --image-folder "$IMAGE_FOLDER"
 
 "$PYTHON" -m llava.eval.eval_mme --question-file "$QUESTION_FILE" --result-file "$ANSWER_DIR/merge.jsonl" \
-    --gt-dir "$GT_DIR" --scores-file "$ANSWER_DIR/scores.json"
+    --gt-dir "$GT_DIR" --scores-file "$SCORES_FILE"
 write_summary

@@ -8,8 +8,12 @@ QUESTION_FILE="${QUESTION_FILE:-$DATA/llava-mm-vet.jsonl}"
 IMAGE_FOLDER="${IMAGE_FOLDER:-$DATA/images}"
 RESULTS_FILE="$DATA/results/$MODEL_NAME-$SETTING.json"
 
+require_file "MM-Vet question file" "$QUESTION_FILE"
+require_dir "MM-Vet image folder" "$IMAGE_FOLDER"
+
 run_sharded llava.eval.model_vqa --model-path "$MODEL_PATH" \
     --question-file "$QUESTION_FILE" --image-folder "$IMAGE_FOLDER"
 
-"$PYTHON" -m llava.eval.convert_mmvet_for_eval --src "$ANSWER_DIR/merge.jsonl" --dst "$RESULTS_FILE"
+"$PYTHON" -m llava.eval.convert_mmvet_for_eval --src "$ANSWER_DIR/merge.jsonl" --dst "$RESULTS_FILE" \
+    --question-file "$QUESTION_FILE"
 write_summary

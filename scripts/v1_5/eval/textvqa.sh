@@ -6,9 +6,13 @@ QUESTION_FILE="${QUESTION_FILE:-$DATA/llava_textvqa_val_v051_ocr.jsonl}"
 IMAGE_FOLDER="${IMAGE_FOLDER:-$DATA/train_images}"
 ANNOTATION_FILE="${ANNOTATION_FILE:-$DATA/TextVQA_0.5.1_val.json}"
 
+require_file "TextVQA question file" "$QUESTION_FILE"
+require_dir "TextVQA image folder" "$IMAGE_FOLDER"
+require_file "TextVQA annotation file" "$ANNOTATION_FILE"
+
 run_sharded llava.eval.model_vqa_loader --model-path "$MODEL_PATH" \
     --question-file "$QUESTION_FILE" --image-folder "$IMAGE_FOLDER"
 
 "$PYTHON" -m llava.eval.eval_textvqa --annotation-file "$ANNOTATION_FILE" \
-    --result-file "$ANSWER_DIR/merge.jsonl" --scores-file "$ANSWER_DIR/scores.json"
+    --result-file "$ANSWER_DIR/merge.jsonl" --scores-file "$SCORES_FILE"
 write_summary

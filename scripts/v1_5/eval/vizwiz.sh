@@ -9,10 +9,13 @@ QUESTION_FILE="${QUESTION_FILE:-$DATA/llava_test.jsonl}"
 IMAGE_FOLDER="${IMAGE_FOLDER:-$DATA/test}"
 UPLOAD_FILE="${UPLOAD_FILE:-$DATA/answers_upload/$MODEL_NAME-$SETTING.json}"
 
+require_file "VizWiz question file" "$QUESTION_FILE"
+require_dir "VizWiz image folder" "$IMAGE_FOLDER"
+
 run_sharded llava.eval.model_vqa_loader --model-path "$MODEL_PATH" \
     --question-file "$QUESTION_FILE" --image-folder "$IMAGE_FOLDER"
 
 "$PYTHON" -m llava.eval.convert_vizwiz_for_submission --annotation-file "$QUESTION_FILE" \
     --result-file "$ANSWER_DIR/merge.jsonl" --result-upload-file "$UPLOAD_FILE" \
-    --scores-file "$ANSWER_DIR/scores.json"
+    --scores-file "$SCORES_FILE"
 write_summary

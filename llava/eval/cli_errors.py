@@ -1,0 +1,22 @@
+"""How every CLI of the project reports bad input: one `error:` line and exit code 1, no traceback.
+
+Kept free of heavy imports so that small tools (summaries, reports) start in a blink.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+
+class RunError(Exception):
+    """A problem with the run's inputs; `main_guard` prints it and exits without a traceback."""
+
+
+def main_guard(run: Callable[[], Any]) -> None:
+    """Run a CLI body; input problems end the program with one clear line instead of a traceback."""
+    try:
+        run()
+    except RunError as error:
+        sys.exit(f"error: {error}")

@@ -1,0 +1,197 @@
+"""The one reader of LLaVA answers files for every scorer, so no score is inflated or silently shrunk.
+
+A result file holds one JSON object per line (`question_id`, `prompt`, `text`, ...). `read_results`
+refuses what would distort a score: a line that is not an object, a missing field, an answer `text`
+that is not a string (a `null` would score as a wrong answer, a number might score as a right one),
+and a second answer to a question already answered (twelve copies of one right answer must not score
+100 %). A question is what the benchmark's own key says it is (`AnswerKey`): MME asks two questions
+per image id, MMBench one per round. `check_coverage` then says how many questions of the benchmark
+are unanswered and refuses a partial file unless the user passed `--allow-partial`.
+
+Every error is a `ScoringError` whose message names the file and the 1-based line, so each scorer's
+CLI prints it as one `error:` line and exits non-zero without a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Collection, Hashable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llava.eval.jsonl import JsonlError, iter_jsonl
+
+ANSWER_FIELDS = ("question_id", "text")
+SHOWN_KEYS = 5  # unanswered questions named in an error; the count says how many there are in all
+ALLOW_PARTIAL_HELP = "score a result file that leaves questions unanswered (the count is reported)"
+JSON_TYPE_NAMES = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", str: "a string",
+                   list: "a list", dict: "an object"}
+
+
+class ScoringError(ValueError):
+    """A scorer input the user must fix; the message names the file (and line), CLIs print it as one line."""
+
+
+@dataclass(frozen=True)
+class AnswerKey:
+    """What makes two answers answer the same question: `of(record)` is the key, `name` says what it is."""
+
+    name: str
+    of: Callable[[dict[str, Any]], Hashable]
+
+    def show(self, key: Hashable) -> str:
+        return key if isinstance(key, str) else repr(key)
+
+
+def question_id(record: dict[str, Any]) -> str:
+    """The question id as a string: LLaVA's files spell the same id as a number or a string."""
+    return str(record["question_id"])
+
+
+QUESTION_ID = AnswerKey("question_id", question_id)
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One answers-file line: where it is, the question it answers, and the record itself."""
+
+    line: int
+    key: Hashable
+    record: dict[str, Any]
+
+    @property
+    def text(self) -> str:
+        return self.record["text"]
+
+
+@dataclass
+class Results:
+    """A checked result file: at most one answer per question, in file order."""
+
+    path: Path
+    key: AnswerKey
+    what: str
+    answers: dict[Hashable, Answer] = field(default_factory=dict)
+
+    @property
+    def source(self) -> str:
+        return f"{self.what} {self.path}"
+
+    def texts(self) -> dict[Hashable, str]:
+        return {key: answer.text for key, answer in self.answers.items()}
+
+    def refuse_unknown(self, known: Collection[Hashable], where: str) -> None:
+        """Refuse an answer to a question that `where` (e.g. "the annotation file") does not ask."""
+        for answer in self.answers.values():
+            if answer.key not in known:
+                raise ScoringError(f"{self.source}, line {answer.line}: {self.key.name} "
+                                   f"{self.key.show(answer.key)} is not in {where}")
+
+    def unanswered(self, expected: Sequence[Hashable], allow_partial: bool) -> int:
+        """How many `expected` questions this file leaves unanswered (see `check_coverage`)."""
+        return check_coverage(self.answers, expected, allow_partial, self.source, self.key)
+
+
+def json_type(value: Any) -> str:
+    """How JSON spells the type of `value` ("null", "a number", ...), for error messages."""
+    return JSON_TYPE_NAMES.get(type(value), type(value).__name__)
+
+
+def read_records(path: str | Path, what: str, required: Iterable[str] = ()) -> list[dict[str, Any]]:
+    """Every line of a JSONL question or annotation file, each an object with the `required` fields
+    (`question_id` a string or an integer, any other a string)."""
+    return [record for _, record in _numbered_objects(path, what, tuple(required))]
+
+
+def _numbered_objects(path: str | Path, what: str, required: tuple[str, ...]) -> list[tuple[int, dict[str, Any]]]:
+    """`(line, object)` for every line of a JSONL file whose lines must be objects with `required` fields."""
+    try:
+        lines = list(iter_jsonl(path, what))
+    except JsonlError as error:
+        raise ScoringError(str(error)) from None
+    for number, record in lines:
+        if not isinstance(record, dict):
+            raise ScoringError(f"{what} {path}, line {number}: expected a JSON object, got {json_type(record)}")
+        missing = [name for name in required if name not in record]
+        if missing:
+            raise ScoringError(f"{what} {path}, line {number}: lacks {', '.join(map(repr, missing))}")
+        _check_types(record, required, f"{what} {path}, line {number}")
+    return lines
+
+
+def read_results(path: str | Path, key: AnswerKey = QUESTION_ID, required: Sequence[str] = ANSWER_FIELDS,
+                 what: str = "result file") -> Results:
+    """Read and check a LLaVA answers file: one answer per question, by the benchmark's `key`.
+
+    `question_id` must be a string or an integer; every other `required` field (the answer `text`, the
+    `prompt` where the key reads it) must be a string. An empty file is an error: it answers nothing.
+    """
+    results = Results(Path(path), key, what)
+    for number, record in _numbered_objects(path, what, tuple(required)):
+        try:
+            answer_key = key.of(record)
+        except ValueError as error:
+            raise ScoringError(f"{what} {path}, line {number}: {error}") from None
+        first = results.answers.get(answer_key)
+        if first is not None:
+            raise ScoringError(f"{what} {path}: {key.name} {key.show(answer_key)} is answered twice, on lines "
+                               f"{first.line} and {number}")
+        results.answers[answer_key] = Answer(number, answer_key, record)
+    if not results.answers:
+        raise ScoringError(f"{what} {path} holds no answers")
+    return results
+
+
+def _check_types(record: dict[str, Any], required: Sequence[str], where: str) -> None:
+    """A `null` or a number where a string belongs would be scored, not refused, further on."""
+    for name in required:
+        value = record[name]
+        if name == "question_id":
+            if isinstance(value, bool) or not isinstance(value, (str, int)):
+                raise ScoringError(f"{where}: question_id must be a string or an integer, got {json_type(value)}")
+        elif not isinstance(value, str):
+            raise ScoringError(f"{where}: {name!r} must be a string, got {json_type(value)}")
+
+
+def check_coverage(answered: Collection[Hashable], expected: Sequence[Hashable], allow_partial: bool,
+                   source: str, key: AnswerKey = QUESTION_ID) -> int:
+    """The number of `expected` questions not in `answered`; more than none is an error unless allowed."""
+    missing = [question for question in expected if question not in answered]
+    if missing and not allow_partial:
+        shown = ", ".join(key.show(question) for question in missing[:SHOWN_KEYS])
+        raise ScoringError(f"{source}: {len(missing)} of {len(expected)} questions unanswered, e.g. {key.name} "
+                           f"{shown}; pass --allow-partial to score the answered ones")
+    return len(missing)
+
+
+def unanswered_line(unanswered: int, expected: int) -> str:
+    """The line a scorer prints when --allow-partial let it score a partial file."""
+    return f"Unanswered: {unanswered} of {expected} questions"
+
+
+def read_json(path: str | Path, what: str) -> Any:
+    """A JSON annotation file's content; unreadable or invalid JSON is a ScoringError naming the file."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ScoringError(f"{what} {path}, line {error.lineno}: not valid JSON ({error.msg}: column "
+                           f"{error.colno})") from None
+    except UnicodeDecodeError as error:
+        raise ScoringError(f"{what} {path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    except OSError as error:
+        raise ScoringError(f"cannot read {what} {path}: {error.strerror or error}") from None
+
+
+def write_json(path: str | Path, content: Any, what: str = "scores file") -> None:
+    """Write a scorer's JSON output (its scores, for summary.json), indented for people to read."""
+    write_output(path, json.dumps(content, indent=2) + "\n", what)
+
+
+def write_output(path: str | Path, text: str, what: str) -> None:
+    """Write one of a scorer's output files, creating its folder; a failure is a ScoringError."""
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text, encoding="utf-8")
+    except OSError as error:
+        raise ScoringError(f"cannot write {what} {path}: {error.strerror or error}") from None

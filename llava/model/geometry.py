@@ -1,0 +1,58 @@
+"""The few numbers of a model that dropping settings depend on, read once from its configuration.
+
+Decoder depth, vision tokens per image and context length decide whether a setting can work at all
+(a drop layer beyond the last layer, a budget below what the first layers alone average, a prompt
+longer than the context). Reading them from config.json lets the CLIs refuse such settings before
+the weights load; the engine reads the same numbers from a loaded model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import LlavaConfig
+
+from llava.model.builder import read_config, resolve_model_dir
+from llava.model.original_layout import build_llava_config, is_original_layout
+from llava.model.vision_tower import resolve_vision_tower
+
+FULL_FEATURES = "full"  # vision_feature_select_strategy that keeps CLIP's CLS token
+
+
+@dataclass(frozen=True)
+class ModelGeometry:
+    decoder_layers: int
+    vision_tokens: int  # per image, as the vision tower hands them to the projector
+    patch_tokens: int  # the square grid of patches among them (no CLS)
+    context_length: int  # positions the decoder was trained for (max_position_embeddings)
+
+
+def geometry_of_config(config: LlavaConfig) -> ModelGeometry:
+    """The geometry of a transformers LlavaConfig (what a loaded model carries as `model.config`)."""
+    vision = config.vision_config
+    patch_tokens = (vision.image_size // vision.patch_size) ** 2
+    with_cls = config.vision_feature_select_strategy == FULL_FEATURES
+    return ModelGeometry(
+        decoder_layers=config.text_config.num_hidden_layers,
+        vision_tokens=patch_tokens + int(with_cls),
+        patch_tokens=patch_tokens,
+        context_length=config.text_config.max_position_embeddings,
+    )
+
+
+def geometry_of_model(model) -> ModelGeometry:
+    return geometry_of_config(model.config)
+
+
+def read_geometry(model_path: str, vision_tower: str | None = None) -> ModelGeometry:
+    """The geometry of a checkpoint in either layout, from its config files alone (no weights read).
+
+    Raises `CheckpointError` with the loader's own message when the checkpoint or its tower is missing.
+    """
+    model_dir: Path = resolve_model_dir(model_path)
+    raw_config = read_config(model_dir)
+    if is_original_layout(raw_config):
+        tower_dir = resolve_vision_tower(raw_config["mm_vision_tower"], model_dir, vision_tower)
+        return geometry_of_config(build_llava_config(raw_config, tower_dir))
+    return geometry_of_config(LlavaConfig.from_pretrained(model_dir))
