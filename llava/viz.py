@@ -33,22 +33,16 @@ from llava.drop.cache import LayerKVCache
 from llava.drop.generate import (
     MultimodalPrompt,
     PrefillResult,
-    SamplingConfig,
     build_prompt,
     prefill,
 )
 from llava.drop.methods import DropMethod, create_method, parse_method_args
 from llava.drop.vision import VisionOutput
-from llava.eval.answering import Answerer
 from llava.eval.cli_errors import RunError, main_guard
-from llava.mm_utils import (
-    PAD_ASPECT_RATIO,
-    load_image,
-    process_images,
-    tokenizer_image_token,
-)
+from llava.mm_utils import load_image
 from llava.model.builder import load_pretrained_model
-from llava.model.geometry import geometry_of_model
+from llava.model.geometry import decoder_layer_count, geometry_of_model
+from llava.model.inputs import encode_question
 
 NUM_PATCHES = 576  # LLaVA-1.5's 24 x 24 grid
 DEFAULT_METHOD = "mustdrop"
@@ -250,7 +244,7 @@ def trace_stages(model, method: DropMethod, input_ids: torch.Tensor, pixel_value
     method.check_model(geometry_of_model(model))
     vision = method.encode_image(model, pixel_values)
     prompt = build_prompt(model, input_ids, vision)
-    prefilled = prefill(model, prompt, LayerKVCache(len(model.model.language_model.layers)), method)
+    prefilled = prefill(model, prompt, LayerKVCache(decoder_layer_count(model)), method)
     vision_config = model.config.vision_config
     num_patches = (vision_config.image_size // vision_config.patch_size) ** 2
     return kept_patches_per_stage(vision, prefilled, prompt, num_patches)
@@ -278,15 +272,11 @@ def run(args: argparse.Namespace) -> list[Path]:
         image = load_image(args.image)
         tokenizer, model, image_processor, _ = load_pretrained_model(args.model_path, device=args.device,
                                                                      torch_dtype=args.dtype)
-        answerer = Answerer(tokenizer, model, image_processor, args.conv_mode, SamplingConfig(), method)
-        prompt, _ = answerer.build_prompt(args.question, with_image=True)
-        input_ids = tokenizer_image_token(prompt, tokenizer, return_tensors="pt")
-        aspect_ratio = getattr(model.config, "image_aspect_ratio", PAD_ASPECT_RATIO)
-        pixel_values = process_images([image], image_processor, aspect_ratio)
-        stages = trace_stages(model, method, input_ids, pixel_values)
+        inputs = encode_question(args.question, image, model, tokenizer, image_processor, args.conv_mode)
+        stages = trace_stages(model, method, inputs.input_ids, inputs.pixel_values)
     except ValueError as error:  # bad inputs, checkpoint problems (CheckpointError) included
         raise RunError(str(error)) from None
-    paths = save_figures(model_view_image(pixel_values, image_processor), stages, method.name, Path(args.out_dir))
+    paths = save_figures(model_view_image(inputs.pixel_values, image_processor), stages, method.name, Path(args.out_dir))
     for path in paths:
         print(path)
     return paths

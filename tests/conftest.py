@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -45,3 +48,38 @@ def loaded_hf(tiny_hf):
 @pytest.fixture(scope="session")
 def demo_images() -> list[Path]:
     return sorted((DEMO_DIR / "images").glob("*.png"))
+
+
+def vicuna_prompt(question: str, with_image: bool = True) -> str:
+    """The vicuna_v1 template around one question, with the <image> placeholder first."""
+    from llava.conversation import get_conv_template
+
+    conversation = get_conv_template("vicuna_v1")
+    conversation.append_message(conversation.roles[0], ("<image>\n" if with_image else "") + question)
+    conversation.append_message(conversation.roles[1], None)
+    return conversation.get_prompt()
+
+
+def answer(loaded, image_path, drop, question="What is the word?"):
+    """Ten greedy tokens about one image, dropping per `drop` (a DropConfig, a DropMethod or None)."""
+    from llava.drop.generate import SamplingConfig, generate
+    from llava.drop.methods import as_method
+    from llava.mm_utils import load_image, process_images, tokenizer_image_token
+
+    tokenizer, model, image_processor, _ = loaded
+    input_ids = tokenizer_image_token(vicuna_prompt(question), tokenizer, return_tensors="pt")
+    pixel_values = process_images([load_image(image_path)], image_processor)
+    return generate(model, input_ids, pixel_values, SamplingConfig(max_new_tokens=10), {tokenizer.eos_token_id},
+                    drop=as_method(drop))
+
+
+SCRIPT_TIMEOUT_S = 600
+
+
+def run_benchmark_script(script: str, setting: str, model: Path, extra_env: dict[str, str]):
+    """`bash scripts/v1_5/eval/<script> <setting>` on CPU with this Python, 2 new tokens, `extra_env` on top."""
+    env = {**os.environ, "MODEL_PATH": str(model), "PYTHON": sys.executable,
+           "EXTRA_ARGS": "--max_new_tokens 2 --device cpu", "CUDA_VISIBLE_DEVICES": "", **extra_env}
+    return subprocess.run(["bash", f"scripts/v1_5/eval/{script}", setting], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=SCRIPT_TIMEOUT_S)
+

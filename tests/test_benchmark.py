@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from benchmarks.prefill_decode import BASELINE, RATIO_OF, SETTINGS, main
+from llava.bench.prefill_decode import SETTINGS, main
+from llava.bench.workload import BASELINE, RATIO_OF
 
 QUICK_ARGS = ["--quick", "--new-tokens", "3"]
 OUTPUT_FILES = ("results.json", "results.md", "results.png")

@@ -5,16 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llava.drop.budget import (
-    geometric_keep_counts,
-    layer_average,
-    merge_count_bounds,
-    ranked_keep,
-    stage_lengths,
-)
-from llava.drop.config import DropConfig
-from llava.drop.methods.mustdrop import MustDrop
-from tests.test_drop_prefill import answer
+from llava.drop.blocks import layer_average, ranked_keep, stage_lengths
+from llava.drop.methods.mustdrop import DropConfig, MustDrop, geometric_keep_counts, merge_count_bounds
+from tests.conftest import answer
 
 MUSTDROP_LAYERS = (2, 6, 10, 14)
 
@@ -77,7 +70,7 @@ def test_mustdrop_budgets_on_the_demo_set(loaded_original, demo_images):
     from llava.drop.cache import LayerKVCache
     from llava.drop.generate import build_prompt, prefill
     from llava.mm_utils import load_image, process_images, tokenizer_image_token
-    from tests.test_generation import vicuna_prompt
+    from tests.conftest import vicuna_prompt
 
     tokenizer, model, image_processor, _ = loaded_original
     input_ids = tokenizer_image_token(vicuna_prompt("What is the word?"), tokenizer, return_tensors="pt")

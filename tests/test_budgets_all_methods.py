@@ -10,7 +10,7 @@ from llava.drop.generate import build_prompt, prefill
 from llava.drop.methods import METHODS, create_method
 from llava.drop.methods.registry import discover_methods
 from llava.mm_utils import load_image, process_images, tokenizer_image_token
-from tests.test_generation import vicuna_prompt
+from tests.conftest import vicuna_prompt
 
 BUDGETS = (192, 128, 64)
 discover_methods()

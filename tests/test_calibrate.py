@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from llava.drop.calibrate import (
+from llava.eval.calibrate import (
     HIGHEST_GLOBAL_THR,
     LOWEST_GLOBAL_THR,
     Probe,
@@ -20,7 +20,7 @@ from llava.drop.calibrate import (
     prepare_prompts,
     sample_questions,
 )
-from llava.drop.config import DropConfig
+from llava.drop.methods import DropConfig
 from llava.eval.model_vqa_loader import questions_from_file
 from tests.conftest import DEMO_DIR
 

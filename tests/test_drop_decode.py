@@ -5,9 +5,8 @@ from __future__ import annotations
 import torch
 
 from llava.drop.cache import LayerKVCache
-from llava.drop.config import DropConfig
-from llava.drop.decode import apply_output_aware_cache, compose_keeps
-from tests.test_drop_prefill import answer
+from llava.drop.methods.mustdrop import DropConfig, apply_output_aware_cache, compose_keeps
+from tests.conftest import answer
 
 NUM_LAYERS = 8
 

@@ -6,18 +6,12 @@ import pytest
 import torch
 
 from llava.drop.cache import LayerKVCache
-from llava.drop.config import DropConfig
-from llava.drop.generate import SamplingConfig, build_prompt, generate, prefill
-from llava.drop.prefill import (
-    TokenLayout,
-    dual_attention_keep,
-    remap_key_indices,
-    sequence_keep,
-    text_to_vision_attention,
-)
-from llava.drop.vision import encode_image
+from llava.drop.generate import build_prompt, prefill
+from llava.drop.methods import as_method
+from llava.drop.methods.mustdrop import DropConfig, dual_attention_keep
+from llava.drop.probe import TokenLayout, remap_key_indices, sequence_keep, text_to_vision_attention
 from llava.mm_utils import load_image, process_images, tokenizer_image_token
-from tests.test_generation import vicuna_prompt
+from tests.conftest import answer, vicuna_prompt
 
 SYSTEM, VISION, TEXT = 5, 40, 9
 
@@ -97,10 +91,11 @@ def test_sequence_keep_keeps_system_and_text():
 def mustdrop_prefill(loaded, image_path, drop: DropConfig):
     tokenizer, model, image_processor, _ = loaded
     input_ids = tokenizer_image_token(vicuna_prompt("What is the word?"), tokenizer, return_tensors="pt")
+    method = as_method(drop)
     with torch.no_grad():
-        vision = encode_image(model, process_images([load_image(image_path)], image_processor), drop)
+        vision = method.encode_image(model, process_images([load_image(image_path)], image_processor))
         prompt = build_prompt(model, input_ids, vision)
-        return prompt, prefill(model, prompt, LayerKVCache(32), drop)
+        return prompt, prefill(model, prompt, LayerKVCache(32), method)
 
 
 def test_key_set_survives_every_drop(loaded_original, demo_images):
@@ -124,13 +119,6 @@ def test_vision_counts_per_layer(loaded_original, demo_images):
     for layer in range(32):  # a drop at layer L shows from layer L + 1 on
         previous_drops = [count for drop_layer, count in result.vision_tokens_after_layer.items() if drop_layer < layer]
         assert counts[layer] == (previous_drops[-1] if previous_drops else prompt.vision_count)
-
-
-def answer(loaded, image_path, drop, question="What is the word?"):
-    tokenizer, model, image_processor, _ = loaded
-    input_ids = tokenizer_image_token(vicuna_prompt(question), tokenizer, return_tensors="pt")
-    pixel_values = process_images([load_image(image_path)], image_processor)
-    return generate(model, input_ids, pixel_values, SamplingConfig(max_new_tokens=10), {tokenizer.eos_token_id}, drop=drop)
 
 
 @pytest.mark.parametrize("compact_positions", [True, False])

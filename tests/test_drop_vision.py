@@ -12,16 +12,16 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers.models.clip.modeling_clip import eager_attention_forward
 
-from llava.drop.config import DropConfig
-from llava.drop.vision import (
-    cls_attention_to_patches,
-    encode_image,
+from llava.drop.methods import as_method
+from llava.drop.methods.mustdrop import (
+    DropConfig,
     merge_windows,
     merge_windows_in_order,
     merged_patch_groups,
     top_key_indices,
     window_similarity,
 )
+from llava.drop.vision import cls_attention_to_patches
 from llava.mm_utils import load_image, process_images
 from llava.model.tiny import write_tiny_checkpoint
 
@@ -61,6 +61,11 @@ def model(loaded):
 @pytest.fixture(scope="module")
 def demo_pixels(loaded) -> torch.Tensor:
     return process_images([load_image(DEMO_IMAGE)], loaded[2])
+
+
+def encode(model, pixel_values: torch.Tensor, drop: DropConfig | None = None):
+    """The vision stage of the method `drop` stands for (None or a disabled config: the unpruned model)."""
+    return as_method(drop).encode_image(model, pixel_values)
 
 
 def _window_of(patch: int) -> int:
@@ -181,15 +186,15 @@ def test_disabled_matches_transformers_exactly(model, demo_pixels: torch.Tensor)
     reference = model.model.get_image_features(pixel_values=demo_pixels, vision_feature_layer=-2,
                                                vision_feature_select_strategy="default").pooler_output[0]
     for drop in (None, DropConfig.disabled()):
-        out = encode_image(model, demo_pixels, drop)
+        out = encode(model, demo_pixels, drop)
         assert torch.equal(out.features, reference)
         assert out.key_indices is None
         assert out.stats == {"vision_tokens_in": NUM_PATCHES, "vision_tokens": NUM_PATCHES}
 
 
 def test_key_set_without_merge_keeps_features(model, demo_pixels: torch.Tensor) -> None:
-    plain = encode_image(model, demo_pixels)
-    out = encode_image(model, demo_pixels, DropConfig(vision_merge=False))
+    plain = encode(model, demo_pixels)
+    out = encode(model, demo_pixels, DropConfig(vision_merge=False))
     assert torch.equal(out.features, plain.features)
     keys = out.key_indices
     assert keys.dtype == torch.long and keys.numel() == FULL_KEY_COUNT
@@ -202,17 +207,17 @@ def test_key_set_comes_from_last_layer_whatever_layer_is_selected(model, demo_pi
                                                                   monkeypatch: pytest.MonkeyPatch,
                                                                   feature_layer: int) -> None:
     drop = DropConfig(vision_merge=False)
-    default_keys = encode_image(model, demo_pixels, drop).key_indices
+    default_keys = encode(model, demo_pixels, drop).key_indices
     monkeypatch.setattr(model.config, "vision_feature_layer", feature_layer)
     reference = model.model.get_image_features(pixel_values=demo_pixels, vision_feature_layer=feature_layer,
                                                vision_feature_select_strategy="default").pooler_output[0]
-    out = encode_image(model, demo_pixels, drop)
+    out = encode(model, demo_pixels, drop)
     assert torch.equal(out.features, reference)
     assert torch.equal(out.key_indices, default_keys)
 
 
 def test_merge_on_demo_image(model, demo_pixels: torch.Tensor) -> None:
-    out = encode_image(model, demo_pixels, DropConfig())
+    out = encode(model, demo_pixels, DropConfig())
     r = out.stats["merged_windows"]
     assert 0 < r < WINDOWS_PER_SIDE**2
     kept = NUM_PATCHES - (TOKENS_PER_WINDOW - 1) * r
@@ -227,7 +232,7 @@ def test_constant_image_merges_every_window(loaded) -> None:
     """All patches share one colour, so only position embeddings differ: every window scores ~0.99."""
     model, processor = loaded[1], loaded[2]
     pixels = process_images([Image.new("RGB", (IMAGE_SIDE, IMAGE_SIDE), GREY)], processor)
-    out = encode_image(model, pixels, DropConfig())
+    out = encode(model, pixels, DropConfig())
     windows = WINDOWS_PER_SIDE**2
     assert out.stats["merged_windows"] == windows
     assert out.features.shape[0] == windows
@@ -236,9 +241,9 @@ def test_constant_image_merges_every_window(loaded) -> None:
 
 def test_full_strategy_keeps_cls_and_shifts_keys(model, demo_pixels: torch.Tensor,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    default = encode_image(model, demo_pixels, DropConfig())
+    default = encode(model, demo_pixels, DropConfig())
     monkeypatch.setattr(model.config, "vision_feature_select_strategy", "full")
-    full = encode_image(model, demo_pixels, DropConfig())
+    full = encode(model, demo_pixels, DropConfig())
     assert full.features.shape[0] == default.features.shape[0] + 1
     assert torch.equal(full.features[1:], default.features)
     assert torch.equal(full.key_indices, default.key_indices + 1)
@@ -247,7 +252,7 @@ def test_full_strategy_keeps_cls_and_shifts_keys(model, demo_pixels: torch.Tenso
 
 def test_batch_of_two_is_rejected(model, demo_pixels: torch.Tensor) -> None:
     with pytest.raises(ValueError, match="batch size 1"):
-        encode_image(model, demo_pixels.repeat(2, 1, 1, 1), DropConfig())
+        encode(model, demo_pixels.repeat(2, 1, 1, 1), DropConfig())
 
 
 def _assert_partition(groups: list[list[int]]) -> None:
@@ -273,19 +278,19 @@ def test_no_merge_gives_identity_groups() -> None:
 
 
 def test_encode_image_reports_patch_groups(model, demo_pixels: torch.Tensor) -> None:
-    out = encode_image(model, demo_pixels, DropConfig())
+    out = encode(model, demo_pixels, DropConfig())
     r = out.stats["merged_windows"]
     assert len(out.patch_groups) == out.features.shape[0]
     assert all(len(group) == TOKENS_PER_WINDOW for group in out.patch_groups[:r])
     assert all(len(group) == 1 for group in out.patch_groups[r:])
     _assert_partition(out.patch_groups)
-    assert encode_image(model, demo_pixels).patch_groups is None
-    unmerged = encode_image(model, demo_pixels, DropConfig(vision_merge=False)).patch_groups
+    assert encode(model, demo_pixels).patch_groups is None
+    unmerged = encode(model, demo_pixels, DropConfig(vision_merge=False)).patch_groups
     assert unmerged == [[patch] for patch in range(NUM_PATCHES)]
 
 
 def test_full_strategy_gives_cls_no_patches(model, demo_pixels: torch.Tensor,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    default = encode_image(model, demo_pixels, DropConfig()).patch_groups
+    default = encode(model, demo_pixels, DropConfig()).patch_groups
     monkeypatch.setattr(model.config, "vision_feature_select_strategy", "full")
-    assert encode_image(model, demo_pixels, DropConfig()).patch_groups == [[]] + default
+    assert encode(model, demo_pixels, DropConfig()).patch_groups == [[]] + default

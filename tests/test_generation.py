@@ -6,21 +6,14 @@ import pytest
 import torch
 
 from llava.constants import IMAGE_TOKEN_INDEX
-from llava.conversation import get_conv_template
 from llava.drop.cache import LayerKVCache
 from llava.drop.generate import SamplingConfig, build_prompt, generate, prefill
 from llava.drop.vision import encode_image
 from llava.mm_utils import load_image, process_images, tokenizer_image_token
+from tests.conftest import vicuna_prompt
 
 NEW_TOKENS = 12
 QUESTIONS = ["What is the word?", "Describe the colour of the background.", "How many letters are there?"]
-
-
-def vicuna_prompt(question: str, with_image: bool = True) -> str:
-    conversation = get_conv_template("vicuna_v1")
-    conversation.append_message(conversation.roles[0], ("<image>\n" if with_image else "") + question)
-    conversation.append_message(conversation.roles[1], None)
-    return conversation.get_prompt()
 
 
 def hf_input_ids(input_ids: torch.Tensor, image_token_id: int, vision_tokens: int) -> torch.Tensor:

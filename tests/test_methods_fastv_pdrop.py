@@ -3,27 +3,28 @@
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import pytest
 import torch
 
-from llava.drop.budget import layer_average, stage_lengths
+from llava.drop.blocks import layer_average, stage_lengths
 from llava.drop.cache import LayerKVCache
 from llava.drop.generate import build_prompt, prefill
 from llava.drop.methods import DropMethod, create_method
 from llava.drop.methods.base import LAST_QUERY
 from llava.drop.methods.fastv import FastV, FastVOptions, fastv_budget_keep
 from llava.drop.methods.pdrop import PDrop, PDropOptions, budget_counts
-from llava.drop.prefill import TokenLayout
+from llava.drop.probe import TokenLayout
 from llava.mm_utils import load_image, process_images, tokenizer_image_token
+from llava.model.geometry import ModelGeometry
 from tests.conftest import DEMO_DIR
-from tests.test_drop_prefill import answer
-from tests.test_generation import vicuna_prompt
+from tests.conftest import answer, vicuna_prompt
 
 NUM_LAYERS = 32
 FULL_VISION = 576
 BUDGETS = (64, 128, 192)
+GEOMETRY = ModelGeometry(decoder_layers=NUM_LAYERS, vision_tokens=FULL_VISION, patch_tokens=FULL_VISION,
+                         context_length=2048)
 EARLY_STAGES = (2, 6, 12)  # PDrop layers that can reach 64 tokens: the default (8, 16, 24) averages >= 144
 
 
@@ -35,7 +36,7 @@ class FixedAttention:
         self.layer_idx = layer_idx
         self.prompt_vision_count = len(row) if prompt_vision_count is None else prompt_vision_count
         self.layout = TokenLayout(vision_start=3, vision_count=len(row), seq_len=3 + len(row) + 4)
-        self.model = SimpleNamespace(model=SimpleNamespace(language_model=SimpleNamespace(layers=[None] * NUM_LAYERS)))
+        self.geometry = GEOMETRY
         self.queries: list[str] = []
 
     def attention(self, queries: str) -> torch.Tensor:
@@ -58,7 +59,7 @@ def test_ties_go_to_the_earlier_position():
 
 def test_pdrop_keeps_lambda_of_the_prompt_at_each_stage_end():
     method = PDrop(PDropOptions(layers=(8, 16, 24), ratio=0.5))
-    assert method.prefill_layers() == (7, 15, 23)
+    assert method.prefill_layers(GEOMETRY) == (7, 15, 23)
     first = FixedAttention([0.05, 0.20, 0.10, 0.01, 0.30, 0.02, 0.25, 0.07], layer_idx=7)
     assert method.select(first).tolist() == [1, 2, 4, 6]  # 8 -> 4
     second = FixedAttention([0.1, 0.4, 0.3, 0.2], layer_idx=15, prompt_vision_count=8)
@@ -98,7 +99,7 @@ def test_budget_follows_each_prompts_vision_count():
     for vision_count in (576, 400):
         expected = budget_counts(64, vision_count, EARLY_STAGES, NUM_LAYERS)
         kept = vision_count
-        for layer_idx, count in zip(pdrop.prefill_layers(), expected):
+        for layer_idx, count in zip(pdrop.prefill_layers(GEOMETRY), expected):
             kept = pdrop.select(FixedAttention([0.1] * kept, layer_idx, vision_count)).numel()
             assert kept == count
     assert expected != budget_counts(64, 576, EARLY_STAGES, NUM_LAYERS)  # the plan was redone for V = 400
@@ -187,5 +188,5 @@ def test_created_from_strings():
     assert isinstance(fastv, FastV) and fastv.options == FastVOptions(ratio=0.25)
     pdrop = create_method("pdrop", {"layers": "2;6;12", "ratio": "0.4"})
     assert isinstance(pdrop, PDrop) and pdrop.options == PDropOptions(layers=(2, 6, 12), ratio=0.4)
-    assert pdrop.prefill_layers() == (1, 5, 11)
+    assert pdrop.prefill_layers(GEOMETRY) == (1, 5, 11)
     assert create_method("pdrop", {"budget": "64", "layers": "2;6;12"}).options.budget == 64.0  # what --budget passes

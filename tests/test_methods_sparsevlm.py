@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from llava.drop.budget import layer_average, stage_lengths
+from llava.drop.blocks import layer_average, stage_lengths
 from llava.drop.methods import DropMethod, create_method
 from llava.drop.methods.sparsevlm import (
     SparseVLM,
@@ -17,8 +17,9 @@ from llava.drop.methods.sparsevlm import (
     text_raters,
     vision_scores,
 )
-from llava.drop.prefill import TokenLayout
-from tests.test_drop_prefill import answer
+from llava.drop.probe import TokenLayout
+from llava.model.geometry import ModelGeometry
+from tests.conftest import answer
 
 # The engine inserts recycled tokens only once sparsevlm_engine.patch gives DropMethod its `recycle` hook.
 needs_recycle_hook = pytest.mark.skipif(not hasattr(DropMethod, "recycle"), reason="engine has no recycle hook yet")
@@ -143,7 +144,7 @@ def test_invalid_options_are_refused(options):
 def test_registered_with_command_line_options():
     method = create_method("sparsevlm", {"keep": "300 200 110", "rank_scale": "none", "budget": "none"})
     assert method.options == SparseVLMOptions(keep=(300, 200, 110), rank_scale=None)
-    assert method.prefill_layers() == (2, 6, 15)
+    assert method.prefill_layers(ModelGeometry(32, 576, 576, 2048)) == (2, 6, 15)
 
 
 def test_keeping_everything_equals_the_unpruned_model(loaded_original, demo_images):

@@ -15,7 +15,7 @@ from llava.drop.methods.visionzip import (
 )
 from llava.drop.vision import cls_attention_to_patches, encode_image
 from llava.mm_utils import load_image, process_images
-from tests.test_drop_prefill import answer
+from tests.conftest import answer
 
 PATCHES = 576
 SELECT_LAYER_INPUT = 22  # hidden_states index entering CLIP layer 22, whose output LLaVA-1.5 selects

@@ -6,26 +6,15 @@ Tiny-model answers are gibberish, so these tests check counts and file formats, 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 from openpyxl import load_workbook
 from PIL import Image
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import run_benchmark_script as run_script
 from tests.test_eval_mmbench import sample_rows, write_tsv
 
-SCRIPT_TIMEOUT_S = 600
 MMBENCH_ROUNDS = 3 + 4 + 2  # sample_rows' option counts
-
-
-def run_script(script: str, setting: str, model: Path, extra_env: dict[str, str]) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MODEL_PATH": str(model), "PYTHON": sys.executable,
-           "EXTRA_ARGS": "--max_new_tokens 2 --device cpu", "CUDA_VISIBLE_DEVICES": "", **extra_env}
-    return subprocess.run(["bash", f"scripts/v1_5/eval/{script}", setting], cwd=REPO_ROOT, env=env,
-                          capture_output=True, text=True, timeout=SCRIPT_TIMEOUT_S)
 
 
 def write_scienceqa(folder: Path) -> None:

@@ -17,14 +17,12 @@ from transformers.generation.logits_process import TopPLogitsWarper
 
 from llava.constants import IMAGE_TOKEN_INDEX
 from llava.drop.cache import LayerKVCache
-from llava.drop.config import DropConfig
 from llava.drop.flops import prefill_flops
-from llava.drop.methods import DropMethod, LayerContext
-from llava.drop.methods.mustdrop import MustDrop
-from llava.drop.prefill import TokenLayout, remap_key_indices, sequence_keep
+from llava.drop.methods.base import DropMethod, LayerContext
+from llava.drop.probe import TokenLayout, remap_key_indices, sequence_keep
 from llava.drop.timing import now
 from llava.drop.vision import VisionOutput
-from llava.model.geometry import geometry_of_model
+from llava.model.geometry import decoder_layer_count, geometry_of_model
 
 EAGER = "eager"
 RU_MAXRSS_UNIT = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
@@ -128,13 +126,15 @@ class PrefillResult:
     scoring_seconds: float = 0.0
 
 
-def as_method(drop: DropConfig | DropMethod | None) -> DropMethod:
-    """Accept MustDrop's DropConfig (the original API) as well as any registered method."""
-    if isinstance(drop, DropMethod):
-        return drop
-    if isinstance(drop, DropConfig) and drop.enabled:
-        return MustDrop(drop)
-    return DropMethod()
+def method_or_none(method: DropMethod | None) -> DropMethod:
+    """The method to run; None is the unpruned model. (`llava.drop.methods.as_method` turns a DropConfig
+    into MustDrop.)"""
+    if method is None:
+        return DropMethod()
+    if not isinstance(method, DropMethod):
+        raise TypeError(f"expected a DropMethod or None, got {type(method).__name__}; "
+                        "wrap a DropConfig with llava.drop.methods.as_method")
+    return method
 
 
 def can_drop(layout: TokenLayout) -> bool:
@@ -152,17 +152,18 @@ def insert_tokens(
     return hidden, torch.cat([positions[:at], shared, positions[at:]])
 
 
-def prefill(model, prompt: MultimodalPrompt, cache: LayerKVCache, drop: DropConfig | DropMethod | None = None) -> PrefillResult:
+def prefill(model, prompt: MultimodalPrompt, cache: LayerKVCache, method: DropMethod | None = None) -> PrefillResult:
     """Run the prompt through every layer; after each of the method's layers keep what it selects."""
-    method = as_method(drop)
-    drop_layers = set(method.prefill_layers())
+    method = method_or_none(method)
+    geometry = geometry_of_model(model)
+    drop_layers = set(method.prefill_layers(geometry))
     hidden = prompt.embeds
     positions = torch.arange(hidden.shape[1], device=hidden.device)
     layout = TokenLayout(prompt.vision_start, prompt.vision_count, hidden.shape[1])
     key_indices = prompt.key_indices
     result = PrefillResult(logits=torch.empty(0))
     position_embeddings = rotary(model, hidden, positions)  # recomputed only when a drop changes positions
-    for layer_idx in range(len(model.model.language_model.layers)):
+    for layer_idx in range(decoder_layer_count(model)):
         result.vision_tokens_per_layer.append(layout.vision_count)
         result.tokens_per_layer.append(layout.seq_len)
         layer_input = hidden
@@ -171,7 +172,7 @@ def prefill(model, prompt: MultimodalPrompt, cache: LayerKVCache, drop: DropConf
             continue
         started = now(hidden.device)
         context = LayerContext(model, layer_idx, layer_input, hidden, cache.keys[layer_idx], positions, layout,
-                               key_indices, prompt.vision_count)
+                               key_indices, prompt.vision_count, geometry)
         kept = method.select(context)
         recycled = method.recycle(context, kept)
         key_indices = remap_key_indices(key_indices, kept)
@@ -197,7 +198,7 @@ def decode_one_token(model, token: int, cache: LayerKVCache, positions: list[int
     embed_tokens = model.get_input_embeddings()
     hidden = embed_tokens(torch.tensor([[token]], device=embed_tokens.weight.device))
     rotations: dict[int, tuple] = {}  # layers at the same position (most of them) share one RoPE
-    for layer_idx in range(len(model.model.language_model.layers)):
+    for layer_idx in range(decoder_layer_count(model)):
         position = torch.tensor([positions[layer_idx]], device=hidden.device)
         if positions[layer_idx] not in rotations:
             rotations[positions[layer_idx]] = rotary(model, hidden, position)
@@ -259,10 +260,10 @@ def generate(
     sampling: SamplingConfig,
     eos_token_ids: set[int],
     should_stop: Callable[[list[int]], bool] | None = None,
-    drop: DropConfig | DropMethod | None = None,
+    drop: DropMethod | None = None,
 ) -> GenerationOutput:
     """Encode the image, prefill the prompt, decode the answer (batch size 1), dropping per `drop`."""
-    method = as_method(drop)
+    method = method_or_none(drop)
     geometry = geometry_of_model(model)
     method.check_model(geometry)
     device = model.lm_head.weight.device
@@ -278,7 +279,7 @@ def generate(
             f"model's context holds {geometry.context_length}"
         )
     vision_done = now(device)
-    cache = LayerKVCache(len(model.model.language_model.layers))
+    cache = LayerKVCache(decoder_layer_count(model))
     prefilled = prefill(model, prompt, cache, method)
     method.after_prefill(cache, prefilled.drops)
     first = sample(prefilled.logits, sampling, generator)

@@ -9,16 +9,10 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from llava.constants import (
-    DEFAULT_IM_END_TOKEN,
-    DEFAULT_IM_START_TOKEN,
-    DEFAULT_IMAGE_TOKEN,
-)
 from llava.conversation import get_conv_template
-from llava.drop.config import DropConfig
 from llava.drop.generate import SamplingConfig, generate
-from llava.drop.methods import DropMethod
-from llava.mm_utils import process_images, tokenizer_image_token
+from llava.drop.methods import DropConfig, DropMethod, as_method
+from llava.model.inputs import encode_question, templated_prompt
 
 STOP_CHECK_TOKENS = 16  # stop strings are a few tokens long: decode only the tail at each step
 
@@ -49,32 +43,20 @@ class Answerer:
 
     def build_prompt(self, question: str, with_image: bool) -> tuple[str, str]:
         """The templated prompt and the template's stop string."""
-        if with_image:
-            image_tokens = DEFAULT_IMAGE_TOKEN
-            if getattr(self.model.config, "mm_use_im_start_end", False):
-                image_tokens = DEFAULT_IM_START_TOKEN + DEFAULT_IMAGE_TOKEN + DEFAULT_IM_END_TOKEN
-            question = image_tokens + "\n" + question
-        conversation = get_conv_template(self.conv_mode)
-        conversation.append_message(conversation.roles[0], question)
-        conversation.append_message(conversation.roles[1], None)
-        return conversation.get_prompt(), conversation.stop_str
+        return templated_prompt(question, self.conv_mode, with_image, self.model.config)
 
     def answer(self, question: str, image: Image.Image | None) -> Answer:
-        prompt, stop_str = self.build_prompt(question, with_image=image is not None)
-        input_ids = tokenizer_image_token(prompt, self.tokenizer, return_tensors="pt")
-        pixel_values = None
-        if image is not None:
-            aspect_ratio = getattr(self.model.config, "image_aspect_ratio", "pad")
-            pixel_values = process_images([image], self.image_processor, aspect_ratio)
+        inputs = encode_question(question, image, self.model, self.tokenizer, self.image_processor, self.conv_mode)
+        stop_str = inputs.stop_str
 
         def stopped_by_string(tokens: list[int]) -> bool:
             tail = self.tokenizer.decode(tokens[-STOP_CHECK_TOKENS:], skip_special_tokens=True)
             return bool(stop_str) and tail.rstrip().endswith(stop_str)
 
         output = generate(
-            self.model, input_ids, pixel_values, self.sampling, self.eos_token_ids, stopped_by_string, self.drop
+            self.model, inputs.input_ids, inputs.pixel_values, self.sampling, self.eos_token_ids, stopped_by_string, as_method(self.drop)
         )
         text = self.tokenizer.decode(output.token_ids, skip_special_tokens=True).strip()
         if stop_str and text.endswith(stop_str):
             text = text[: -len(stop_str)].strip()
-        return Answer(text=text, prompt=prompt, stats=output.stats)
+        return Answer(text=text, prompt=inputs.prompt, stats=output.stats)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 
 from llava.eval import model_vqa_loader
+from llava.eval.model_vqa_loader import questions_from_file
 from llava.eval.question_loop import run_cli
 
 
@@ -20,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_cli(build_parser(), model_vqa_loader.questions_from_file, argv)
+    run_cli(build_parser(), questions_from_file, argv)
 
 
 if __name__ == "__main__":

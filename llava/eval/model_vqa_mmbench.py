@@ -38,6 +38,7 @@ SINGLE_PRED_PROMPTS = {
     "en": "Answer with the option's letter from the given choices directly.",
     "cn": "请直接回答选项字母。",
 }
+IDENTITY_ARGS = ("lang", "single_pred_prompt", "all_rounds")  # prompt flags a resumed run must share
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,7 +103,7 @@ def questions_from_file(args: argparse.Namespace) -> list[Question]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_cli(build_parser(), questions_from_file, argv, identity_args=("lang", "single_pred_prompt", "all_rounds"))
+    run_cli(build_parser(), questions_from_file, argv, identity_args=IDENTITY_ARGS)
 
 
 if __name__ == "__main__":

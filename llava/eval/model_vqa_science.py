@@ -24,6 +24,7 @@ from llava.eval.question_loop import (
 )
 
 SINGLE_PRED_PROMPT = "Answer with the option's letter from the given choices directly."
+IDENTITY_ARGS = ("single_pred_prompt",)  # prompt flags a resumed run must share
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,7 +88,7 @@ def questions_from_file(args: argparse.Namespace) -> list[Question]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_cli(build_parser(), questions_from_file, argv, identity_args=("single_pred_prompt",))
+    run_cli(build_parser(), questions_from_file, argv, identity_args=IDENTITY_ARGS)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from llava.conversation import get_conv_template
-from llava.drop.config import (
+from llava.drop.methods.mustdrop import (
     DEFAULT_GLOBAL_THR,
     DEFAULT_INDIVIDUAL_THR,
     DROP_LAYERS,

@@ -55,7 +55,7 @@ def read_config(model_dir: Path) -> dict:
     if not model_dir.is_dir():
         raise CheckpointError(
             f"model path {model_dir} is not a directory; download the checkpoint first "
-            "(e.g. `huggingface-cli download liuhaotian/llava-v1.5-7b --local-dir <dir>`)"
+            "(e.g. `hf download liuhaotian/llava-v1.5-7b --local-dir <dir>`)"
         )
     if not config_path.is_file():
         raise CheckpointError(f"{model_dir} has no config.json; is this a LLaVA checkpoint?")
@@ -78,7 +78,7 @@ def resolve_model_dir(model_path: str) -> Path:
     except (LocalEntryNotFoundError, ValueError, OSError):
         raise CheckpointError(
             f"model '{model_path}' is neither a local directory nor in the Hugging Face cache; download it "
-            f"first, e.g. `huggingface-cli download {model_path}`"
+            f"first, e.g. `hf download {model_path}`"
         ) from None
 
 

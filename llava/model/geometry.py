@@ -45,6 +45,11 @@ def geometry_of_model(model) -> ModelGeometry:
     return geometry_of_config(model.config)
 
 
+def decoder_layer_count(model) -> int:
+    """Decoder layers of a loaded model, as the engine runs them."""
+    return len(model.model.language_model.layers)
+
+
 def read_geometry(model_path: str, vision_tower: str | None = None) -> ModelGeometry:
     """The geometry of a checkpoint in either layout, from its config files alone (no weights read).
 

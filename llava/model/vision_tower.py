@@ -38,6 +38,6 @@ def resolve_vision_tower(name: str, model_dir: Path, override: str | None = None
         pass
     raise CheckpointError(
         f"vision tower '{name}' (mm_vision_tower of {model_dir / 'config.json'}) was not found locally. "
-        f"Download it first, e.g. `huggingface-cli download {name}` (it then sits in the Hugging Face "
+        f"Download it first, e.g. `hf download {name}` (it then sits in the Hugging Face "
         "cache), or pass --vision-tower /path/to/the/tower/directory."
     )

@@ -14,7 +14,7 @@ from typing import ClassVar
 import torch
 
 from llava.drop.cache import LayerKVCache
-from llava.drop.prefill import TokenLayout, rows_to_vision_attention
+from llava.drop.probe import TokenLayout, rows_to_vision_attention
 from llava.drop.vision import VisionOutput, encode_image
 from llava.model.geometry import ModelGeometry
 
@@ -39,6 +39,7 @@ class LayerContext:
     layout: TokenLayout
     key_indices: torch.Tensor | None
     prompt_vision_count: int  # vision tokens the decoder started with (after the vision stage)
+    geometry: ModelGeometry
     _cache: dict = field(default_factory=dict)
 
     def attention(self, queries: str = TEXT_QUERIES) -> torch.Tensor:
@@ -61,6 +62,11 @@ class LayerContext:
         return self.layer_output[0, self.layout.vision_start : self.layout.text_start]
 
 
+def last_token_scores(context: LayerContext) -> torch.Tensor:
+    """Head-averaged attention [V] of the last prompt token on the current vision tokens."""
+    return context.attention(LAST_QUERY)[0]
+
+
 class DropMethod:
     """The unpruned model. Subclasses override the stages they change."""
 
@@ -70,8 +76,8 @@ class DropMethod:
     def encode_image(self, model, pixel_values: torch.Tensor) -> VisionOutput:
         return encode_image(model, pixel_values)
 
-    def prefill_layers(self) -> tuple[int, ...]:
-        """Decoder layers after which `select` is called."""
+    def prefill_layers(self, geometry: ModelGeometry) -> tuple[int, ...]:
+        """Decoder layers after which `select` is called, in a model of this geometry."""
         return ()
 
     def select(self, context: LayerContext) -> torch.Tensor:
@@ -90,7 +96,7 @@ class DropMethod:
     def check_model(self, geometry: ModelGeometry) -> None:
         """Raise ValueError for settings this model cannot honour, before anything runs: a scoring layer
         beyond its decoder, or a `budget` option above its vision tokens. Methods add their own floors."""
-        layers = self.prefill_layers()
+        layers = self.prefill_layers(geometry)
         if layers and max(layers) >= geometry.decoder_layers:
             raise ValueError(f"dropping after layer {max(layers)} (0-based) is impossible in a model "
                              f"with {geometry.decoder_layers} decoder layers; use layers 0..{geometry.decoder_layers - 1}")

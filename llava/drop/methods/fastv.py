@@ -19,40 +19,17 @@ Choices, where the paper leaves room:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
-from llava.drop.methods.base import LAST_QUERY, DropMethod, LayerContext
+from llava.drop.blocks import round_half_up, top_positions
+from llava.drop.methods.base import DropMethod, LayerContext, last_token_scores
 from llava.drop.methods.registry import register
 from llava.model.geometry import ModelGeometry
 
 DEFAULT_FILTER_LAYER = 2  # the paper's K: layers before it see every image token
 DEFAULT_RATIO = 0.5  # the paper's R: share of image tokens pruned
-
-
-def round_half_up(value: float) -> int:
-    """Rounding that does not depend on parity (Python's round(288.5) is 288, round(289.5) is 290)."""
-    return math.floor(value + 0.5)
-
-
-def decoder_layer_count(model) -> int:
-    return len(model.model.language_model.layers)
-
-
-def top_positions(scores: torch.Tensor, count: int) -> torch.Tensor:
-    """Positions of the `count` highest scores, ascending; equal scores prefer the earlier position.
-
-    A stable descending sort makes the tie rule explicit (torch.topk leaves tie order unspecified).
-    """
-    order = torch.sort(scores, descending=True, stable=True).indices[:count]
-    return order.sort().values
-
-
-def last_token_scores(context: LayerContext) -> torch.Tensor:
-    """Head-averaged attention [V] of the last prompt token on the current vision tokens."""
-    return context.attention(LAST_QUERY)[0]
 
 
 @dataclass(frozen=True)
@@ -100,7 +77,7 @@ class FastV(DropMethod):
     def __init__(self, options: FastVOptions | None = None):
         self.options = options or FastVOptions()
 
-    def prefill_layers(self) -> tuple[int, ...]:
+    def prefill_layers(self, geometry: ModelGeometry) -> tuple[int, ...]:
         return (self.options.k - 1,)
 
     def check_model(self, geometry: ModelGeometry) -> None:
@@ -114,7 +91,7 @@ class FastV(DropMethod):
         vision_count = context.layout.vision_count
         if self.options.budget is None:
             return round_half_up((1.0 - self.options.ratio) * vision_count)
-        return fastv_budget_keep(self.options.budget, vision_count, self.options.k, decoder_layer_count(context.model))
+        return fastv_budget_keep(self.options.budget, vision_count, self.options.k, context.geometry.decoder_layers)
 
     def select(self, context: LayerContext) -> torch.Tensor:
         return top_positions(last_token_scores(context), self.keep_count(context))

@@ -1,18 +1,349 @@
-"""MustDrop (Liu et al., 2024): the three stages of docs/algorithm.md as a method of the engine."""
+"""MustDrop (Liu et al., 2024), all three stages of docs/algorithm.md in one method of the engine.
+
+- Options: `DropConfig`, every knob with the reference code's defaults and validation. Constants the
+  reference hard-codes are fields so that they can be studied, but a user who only passes
+  `--sparse --global_thr G --individual_thr I` gets the paper.
+- Vision stage: the local spatial merge after the first CLIP layer and the CLS-attention key set.
+- Prefill stage: dual attention filtering at the dropping layers (the key set is never dropped).
+- Decode stage: the output-aware KV-cache policy.
+- Budget variant (ours, not the reference's): fixed keep counts per dropping layer from a geometric
+  schedule that reaches a target layer-averaged count, and the merge bounds that make it reachable.
+"""
 
 from __future__ import annotations
 
-import torch
+import math
+from dataclasses import dataclass
 
-from llava.drop.budget import geometric_keep_counts, mustdrop_budget_floor, ranked_keep
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+from llava.drop.blocks import (
+    bisect,
+    last_count_nudges,
+    layer_average,
+    ranked_keep,
+    stable_top_k,
+    stage_lengths,
+    top_positions,
+)
 from llava.drop.cache import LayerKVCache
-from llava.drop.config import DropConfig
-from llava.drop.decode import apply_output_aware_cache
 from llava.drop.methods.base import TEXT_QUERIES, DropMethod, LayerContext
 from llava.drop.methods.registry import register
-from llava.drop.prefill import dual_attention_keep
-from llava.drop.vision import VisionOutput, encode_image
-from llava.model.geometry import ModelGeometry
+from llava.drop.timing import timed
+from llava.drop.vision import (
+    PATCHES_START,
+    VisionOutput,
+    check_feature_layer,
+    cls_attention_to_patches,
+    embed_patches,
+    project_features,
+    run_tower_to,
+    selected_layer_count,
+    vision_token_offset,
+)
+from llava.model.geometry import ModelGeometry, decoder_layer_count
+
+# Stage 1 (vision encoding), fixed in the reference code.
+MERGE_AFTER_LAYER = 0
+MERGE_WINDOW = 3
+MERGE_THRESHOLD = 0.8
+KEY_TOKEN_RATE = 0.08
+# Stage 2 (prefill), fixed in the reference code.
+DROP_LAYERS = (2, 6, 10, 14)
+# Defaults when --sparse comes without thresholds: stage 2 then drops nothing.
+DEFAULT_GLOBAL_THR = 1.0
+DEFAULT_INDIVIDUAL_THR = 0.0
+# Window layout on the patch grid: grid rows/cols split into (window index, offset inside the window).
+WINDOW_PATTERN = "... (gh wh gw ww) d -> ... (gh gw) (wh ww) d"
+WINDOW_MASK_PATTERN = "(gh gw) (wh ww) -> (gh wh gw ww)"
+
+
+def _check_unit_interval(name: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be between 0 and 1, got {value}")
+
+
+@dataclass(frozen=True)
+class DropConfig:
+    """MustDrop's settings. `enabled=False` (no `--sparse`) leaves the model untouched."""
+
+    enabled: bool = True
+    # Stage 1: local spatial merge after the first CLIP layer, and the CLS-attention key set.
+    vision_merge: bool = True
+    merge_window: int = MERGE_WINDOW
+    merge_threshold: float = MERGE_THRESHOLD
+    key_token_rate: float = KEY_TOKEN_RATE
+    # Stage 2: dual attention filtering at these decoder layers (0-based).
+    drop_layers: tuple[int, ...] = DROP_LAYERS
+    global_thr: float = DEFAULT_GLOBAL_THR
+    individual_thr: float = DEFAULT_INDIVIDUAL_THR
+    budget: float | None = None  # target layer-averaged vision tokens: rank by global score instead of thresholds
+    compact_positions: bool = True  # the reference gives the shorter sequence positions 0..len-1
+    # Stage 3: shrink the KV caches of layers drop_layers[0]..drop_layers[-1] to the final token set.
+    decode_cache_policy: bool = True
+
+    def __post_init__(self):
+        _check_unit_interval("global_thr", self.global_thr)
+        _check_unit_interval("individual_thr", self.individual_thr)
+        _check_unit_interval("key_token_rate", self.key_token_rate)
+        if not -1.0 <= self.merge_threshold <= 1.0:
+            raise ValueError(f"merge_threshold is a cosine similarity and must be in [-1, 1], got {self.merge_threshold}")
+        if self.merge_window < 1:
+            raise ValueError(f"merge_window must be >= 1, got {self.merge_window}")
+        if self.budget is not None and self.budget <= 0:
+            raise ValueError(f"budget must be a positive number of tokens, got {self.budget}")
+        if any(layer < 0 for layer in self.drop_layers) or list(self.drop_layers) != sorted(set(self.drop_layers)):
+            raise ValueError(f"drop_layers must be distinct, ascending and >= 0, got {self.drop_layers}")
+
+    @classmethod
+    def disabled(cls) -> "DropConfig":
+        return cls(enabled=False)
+
+
+# Stage 1: local spatial merge and key set.
+
+def patch_grid_side(num_patches: int, window: int) -> int:
+    """Side of the square patch grid; the merge needs it to be cut exactly into windows."""
+    side = math.isqrt(num_patches)
+    if side * side != num_patches:
+        raise ValueError(f"{num_patches} patch tokens do not form a square grid")
+    if side % window != 0:
+        raise ValueError(f"a {side} x {side} patch grid cannot be cut into {window} x {window} windows")
+    return side
+
+
+def window_similarity(patches: torch.Tensor, grid: int, window: int) -> torch.Tensor:
+    """Mean cosine similarity over ordered pairs of distinct tokens, per window (row-major windows).
+
+    `patches` is [..., grid * grid, dim] in row-major grid order; the result is [..., num_windows],
+    computed in float32 so that half-precision models score the same as fp32 ones.
+    """
+    tokens_per_window = window * window
+    if tokens_per_window < 2:
+        raise ValueError(f"a {window} x {window} window has no pair of distinct tokens to compare")
+    windows = rearrange(patches.float(), WINDOW_PATTERN, wh=window, ww=window, gh=grid // window)
+    unit = F.normalize(windows, dim=-1)
+    cosine = unit @ unit.transpose(-1, -2)
+    off_diagonal = ~torch.eye(tokens_per_window, dtype=torch.bool, device=cosine.device)
+    pair_count = tokens_per_window * (tokens_per_window - 1)
+    return cosine.masked_fill(~off_diagonal, 0.0).sum(dim=(-1, -2)) / pair_count
+
+
+def merge_windows(hidden: torch.Tensor, threshold: float, window: int) -> tuple[torch.Tensor, int]:
+    """MustDrop's local spatial merge: similar windows collapse into one mean token each.
+
+    `hidden` is [1, 1 + num_patches, dim] with CLS first. Returns the new sequence
+    `[CLS] + [merged tokens, best window first] + [tokens of unmerged windows, grid order]` and r.
+    """
+    merged, top = merge_windows_in_order(hidden, threshold, window)
+    return merged, top.numel()
+
+
+def merge_windows_in_order(
+    hidden: torch.Tensor, threshold: float, window: int, count_bounds: tuple[int, int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`merge_windows`, returning the merged windows' row-major indices (best first) instead of r.
+
+    The indices are what `merged_patch_groups` needs to map the merged tokens back to the grid.
+    `count_bounds` (least, most) clamps r, for the budget variant; the threshold alone decides otherwise.
+    """
+    if hidden.shape[0] != 1:
+        raise ValueError(f"the vision merge supports batch size 1, got {hidden.shape[0]}")
+    cls, patches = hidden[:, :PATCHES_START], hidden[:, PATCHES_START:]
+    grid = patch_grid_side(patches.shape[1], window)
+    scores = window_similarity(patches[0], grid, window)
+    r = int((scores >= threshold).sum())
+    if count_bounds is not None:
+        r = min(max(r, count_bounds[0]), count_bounds[1])
+    top = stable_top_k(scores, r)  # windows with equal scores are merged in window order
+    if r == 0:
+        return hidden, top
+    windows = rearrange(patches[0], WINDOW_PATTERN, wh=window, ww=window, gh=grid // window)
+    merged = windows[top].float().mean(dim=1).to(hidden.dtype)
+    merged_window = torch.zeros_like(scores, dtype=torch.bool)
+    merged_window[top] = True
+    in_merged_window = rearrange(merged_window[:, None].expand(-1, window * window), WINDOW_MASK_PATTERN,
+                                 wh=window, ww=window, gh=grid // window)
+    kept = patches[0][~in_merged_window]
+    return torch.cat([cls[0], merged, kept], dim=0)[None], top
+
+
+def window_patches(window_index: int, grid: int, window: int) -> list[int]:
+    """Row-major grid patches of one row-major window, in row-major order inside the window."""
+    row, col = divmod(window_index, grid // window)
+    return [(row * window + i) * grid + col * window + j for i in range(window) for j in range(window)]
+
+
+def merged_patch_groups(merged_windows: list[int], num_patches: int, window: int) -> list[list[int]]:
+    """Patches behind each token after the merge: each merged window (in merge order), then the
+    patches of the unmerged windows one by one in grid order, matching `merge_windows`' sequence."""
+    grid = math.isqrt(num_patches)
+    groups = [window_patches(index, grid, window) for index in merged_windows]
+    covered = {patch for group in groups for patch in group}
+    return groups + [[patch] for patch in range(num_patches) if patch not in covered]
+
+
+def top_key_indices(attn_row: torch.Tensor, rate: float) -> torch.Tensor:
+    """Positions of the `ceil(rate * len(attn_row))` most attended patches, ascending (ties to the earlier)."""
+    return top_positions(attn_row, math.ceil(rate * attn_row.numel()))
+
+
+def _merge_early(model, hidden: torch.Tensor, drop: DropConfig) -> tuple[torch.Tensor, int, list[int], float]:
+    """Run the tower up to the merge point and merge there.
+
+    Returns the merged hidden states, their `hidden_states` index, the merged windows (best first)
+    and the merge's wall time.
+    """
+    layers = model.model.vision_tower.encoder.layers
+    merge_index = MERGE_AFTER_LAYER + 1
+    if selected_layer_count(len(layers), model.config.vision_feature_layer) < merge_index:
+        raise ValueError(f"vision_feature_layer {model.config.vision_feature_layer} selects features from "
+                         "before the merge")
+    hidden = run_tower_to(layers, hidden, 0, {merge_index})[merge_index]
+    bounds = None
+    if drop.budget is not None:
+        bounds = merge_count_bounds(hidden.shape[1] - PATCHES_START, drop.merge_window, drop.budget, drop.drop_layers,
+                                    decoder_layer_count(model), drop.key_token_rate)
+    (hidden, top), seconds = timed(
+        lambda: merge_windows_in_order(hidden, drop.merge_threshold, drop.merge_window, bounds), hidden.device)
+    return hidden, merge_index, top.tolist(), seconds
+
+
+@torch.no_grad()
+def encode_mustdrop(model, pixel_values: torch.Tensor, drop: DropConfig) -> VisionOutput:
+    """Stage 1 (docs/algorithm.md): optional merge after layer 0, features as usual, CLS-attention key set."""
+    check_feature_layer(model.config)
+    if pixel_values.shape[0] != 1:
+        raise ValueError(f"MustDrop's vision stage supports batch size 1, got {pixel_values.shape[0]}")
+    layers = model.model.vision_tower.encoder.layers
+    selected = selected_layer_count(len(layers), model.config.vision_feature_layer)
+    key_input = len(layers) - 1  # hidden_states index of the input to the tower's last layer
+    offset = vision_token_offset(model.config)
+    hidden = embed_patches(model.model.vision_tower, pixel_values)
+    num_patches = hidden.shape[1] - PATCHES_START
+    tokens_in = num_patches + offset
+    start, merged_windows, merge_seconds = 0, [], 0.0
+    if drop.vision_merge:
+        hidden, start, merged_windows, merge_seconds = _merge_early(model, hidden, drop)
+    states = run_tower_to(layers, hidden, start, {selected, key_input})
+    key_row, key_seconds = timed(
+        lambda: top_key_indices(cls_attention_to_patches(layers[key_input], states[key_input]),
+                                drop.key_token_rate), hidden.device)
+    features = project_features(model, states[selected])
+    key_indices = key_row + offset
+    stats = {"vision_tokens_in": tokens_in, "vision_tokens": features.shape[0],
+             "merged_windows": len(merged_windows), "key_tokens": key_indices.numel(),
+             "merge_seconds": merge_seconds, "key_seconds": key_seconds}
+    patch_groups = [[]] * offset + merged_patch_groups(merged_windows, num_patches, drop.merge_window)
+    return VisionOutput(features=features, key_indices=key_indices, stats=stats, patch_groups=patch_groups)
+
+
+# Stage 2: dual attention filter.
+
+def dual_attention_keep(
+    attention: torch.Tensor, global_thr: float, individual_thr: float, key_indices: torch.Tensor | None
+) -> torch.Tensor:
+    """Vision positions to keep (ascending): drop j only if BOTH its summed attention over text queries
+    is below `global_thr` times the total AND its largest single attention is below `individual_thr`;
+    the key set is never dropped."""
+    global_score = attention.sum(dim=0)
+    individual_score = attention.max(dim=0).values
+    dropped = (global_score < global_thr * global_score.sum()) & (individual_score < individual_thr)
+    keep = ~dropped
+    if key_indices is not None and key_indices.numel():
+        keep[key_indices.to(keep.device)] = True
+    return keep.nonzero().flatten()
+
+
+# Stage 3: output-aware KV cache. After prefill, layer l's cache holds the tokens that entered layer l.
+# Every layer from the first through the last dropping layer is cut down to the tokens that survived
+# all prefill drops, so decoding attends to the same final token set in those layers. Layers before
+# the first drop keep the full prompt; layers after the last drop already hold the final set.
+
+def compose_keeps(keeps: list[torch.Tensor]) -> torch.Tensor:
+    """Map successive keep lists (each indexing the sequence left by the previous) to the first one's
+    coordinates: the positions, in the sequence before `keeps[0]`, of the tokens left after the last."""
+    composed = keeps[-1]
+    for keep in reversed(keeps[:-1]):
+        composed = keep[composed]
+    return composed
+
+
+def apply_output_aware_cache(cache: LayerKVCache, drops: list[tuple[int, torch.Tensor]]) -> None:
+    """Shrink the caches of layers drops[0].layer .. drops[-1].layer to the final token set.
+
+    `drops` lists (dropping layer, sequence keep positions) in layer order, as prefill made them.
+    """
+    if not drops:
+        return
+    first_layer, last_layer = drops[0][0], drops[-1][0]
+    for layer_idx in range(first_layer, last_layer + 1):
+        later_keeps = [keep for drop_layer, keep in drops if drop_layer >= layer_idx]
+        cache.keep(layer_idx, compose_keeps(later_keeps))
+
+
+# Budget variant: layer l sees the vision count of its stage; a geometric schedule k_i = V * rho^i
+# (each drop keeps the same share of what is left), rho solved by bisection, then rounded so that
+# the integer layer average is closest to the target.
+
+def geometric_keep_counts(
+    vision_count: int, budget: float, drop_layers: tuple[int, ...], num_layers: int, minimum: int = 0
+) -> list[int]:
+    """Tokens to keep after each drop so that the layer average is as close to `budget` as integers allow.
+
+    No count goes below `minimum` (e.g. the key set, which is never dropped); when even that floor
+    averages above the budget, the floor is returned and the budget cannot be met for this image.
+    """
+    lengths = stage_lengths(drop_layers, num_layers)
+    if budget >= vision_count:
+        return [vision_count] * len(drop_layers)
+
+    def counts_for(rho: float) -> list[float]:
+        return [vision_count] + [max(minimum, vision_count * rho**i) for i in range(1, len(lengths))]
+
+    low, _ = bisect(lambda rho: layer_average(counts_for(rho), lengths) < budget, 0.0, 1.0)
+    counts = [round(count) for count in counts_for(low)[1:]]
+
+    def error(candidate: list[int]) -> float:
+        return abs(layer_average([vision_count, *candidate], lengths) - budget)
+
+    ceiling = counts[-2] if len(counts) > 1 else vision_count
+    return min([counts, *last_count_nudges(counts, minimum, ceiling)], key=error)
+
+
+def merge_count_bounds(
+    num_patches: int, window: int, budget: float, drop_layers: tuple[int, ...], num_layers: int, key_rate: float
+) -> tuple[int, int]:
+    """How many windows MustDrop's stage 1 must merge (at least) and may merge (at most) for a budget.
+
+    Each merged window turns window^2 tokens into one. Merging too few leaves so many tokens that the
+    layers up to the first drop plus the key set (never dropped) already average above the budget;
+    merging too many leaves fewer tokens than the budget. Within the bounds the threshold decides.
+    """
+    saved_per_window = window * window - 1
+    num_windows = num_patches // (window * window)
+    lengths = stage_lengths(drop_layers, num_layers)
+    most = max(0, min(num_windows, math.floor((num_patches - budget) / saved_per_window)))
+    least = next((r for r in range(num_windows + 1)
+                  if key_set_floor(num_patches - saved_per_window * r, lengths, key_rate) <= budget), num_windows)
+    return min(least, most), most
+
+
+def key_set_floor(vision_count: int, lengths: list[int], key_rate: float) -> float:
+    """The lowest layer average MustDrop can reach from `vision_count` tokens: every layer up to the first
+    drop sees them all, every later one at least the key set, which is never dropped."""
+    floor = math.ceil(key_rate * vision_count)
+    return layer_average([vision_count] + [floor] * (len(lengths) - 1), lengths)
+
+
+def mustdrop_budget_floor(num_patches: int, window: int, merge: bool, drop_layers: tuple[int, ...], num_layers: int,
+                          key_rate: float) -> float:
+    """The smallest budget MustDrop's budget variant can reach: stage 1 merging every window (when
+    merging is on), then only the key set left after the first drop."""
+    merged = num_patches // (window * window) * (window * window - 1) if merge else 0
+    return key_set_floor(num_patches - merged, stage_lengths(drop_layers, num_layers), key_rate)
 
 
 @register
@@ -24,7 +355,7 @@ class MustDrop(DropMethod):
     score (summed text attention), the key set always kept first. Stage 1 then merges at least the
     windows that make the budget reachable under the key-set rule (the layers before the first drop
     see every vision token, and the key set is never dropped) and at most those that keep `budget`
-    tokens; between those bounds its threshold decides as usual (`budget.merge_count_bounds`).
+    tokens; between those bounds its threshold decides as usual (`merge_count_bounds`).
     """
 
     name = "mustdrop"
@@ -35,9 +366,11 @@ class MustDrop(DropMethod):
         self.compact_positions = self.options.compact_positions
 
     def encode_image(self, model, pixel_values: torch.Tensor) -> VisionOutput:
-        return encode_image(model, pixel_values, self.options)
+        if not self.options.enabled:
+            return super().encode_image(model, pixel_values)
+        return encode_mustdrop(model, pixel_values, self.options)
 
-    def prefill_layers(self) -> tuple[int, ...]:
+    def prefill_layers(self, geometry: ModelGeometry) -> tuple[int, ...]:
         return self.options.drop_layers
 
     def select(self, context: LayerContext) -> torch.Tensor:
@@ -63,10 +396,9 @@ class MustDrop(DropMethod):
 
     def budget_count(self, context: LayerContext) -> int:
         """Budget variant: this layer's share of a geometric schedule over the dropping layers."""
-        num_layers = len(context.model.model.language_model.layers)
         key_count = 0 if context.key_indices is None else context.key_indices.numel()
         counts = geometric_keep_counts(context.prompt_vision_count, self.options.budget, self.options.drop_layers,
-                                       num_layers, minimum=key_count)
+                                       context.geometry.decoder_layers, minimum=key_count)
         return counts[self.options.drop_layers.index(context.layer_idx)]
 
     def after_prefill(self, cache: LayerKVCache, drops: list[tuple[int, torch.Tensor]]) -> None:

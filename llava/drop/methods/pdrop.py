@@ -27,25 +27,17 @@ from dataclasses import dataclass
 
 import torch
 
-from llava.drop.budget import layer_average, stage_lengths
-from llava.drop.methods.base import DropMethod, LayerContext
-from llava.drop.methods.fastv import (
-    decoder_layer_count,
-    last_token_scores,
-    round_half_up,
-    top_positions,
-)
+from llava.drop.blocks import bisect, layer_average, round_half_up, stage_lengths, top_positions
+from llava.drop.methods.base import DropMethod, LayerContext, last_token_scores
 from llava.drop.methods.registry import register
 from llava.model.geometry import ModelGeometry
 
 DEFAULT_STAGE_LAYERS = (8, 16, 24)  # the first layer of stages 2, 3, 4 in the paper's LLaVA-1.5 setting
 # Our choice, not the paper's: with a budget below what the default stages can reach (their first stage
-# alone averages 8/32 of the vision tokens, 144 of LLaVA-1.5's 576), budget mode starts the pyramid here.
+# alone averages 8 / L of the V vision tokens, 144 of LLaVA-1.5's 576 over 32 layers), budget mode
+# starts the pyramid here.
 EARLY_STAGE_LAYERS = (2, 6, 12)
-LLAVA_VISION_TOKENS, LLAVA_DECODER_LAYERS = 576, 32
-DEFAULT_STAGES_FLOOR = DEFAULT_STAGE_LAYERS[0] * LLAVA_VISION_TOKENS / LLAVA_DECODER_LAYERS  # 144
 DEFAULT_RATIO = 0.5  # the paper's lambda
-BISECTION_STEPS = 60  # halves [0, 1] below float resolution
 
 
 @dataclass(frozen=True)
@@ -74,13 +66,8 @@ def pyramid(vision_count: int, ratio: float, stages: int) -> list[float]:
 
 def solve_ratio(budget: float, vision_count: int, lengths: list[int]) -> float:
     """lambda in [0, 1] whose pyramid averages `budget` (the average grows with lambda)."""
-    low, high = 0.0, 1.0
-    for _ in range(BISECTION_STEPS):
-        middle = (low + high) / 2
-        if layer_average(pyramid(vision_count, middle, len(lengths)), lengths) < budget:
-            low = middle
-        else:
-            high = middle
+    low, high = bisect(lambda ratio: layer_average(pyramid(vision_count, ratio, len(lengths)), lengths) < budget,
+                       0.0, 1.0)
     return (low + high) / 2
 
 
@@ -105,6 +92,11 @@ def nudge_counts(counts: list[int], lengths: list[int], budget: float) -> list[i
         if error(best) >= error(counts):
             return counts
         counts = best
+
+
+def default_stages_floor(geometry: ModelGeometry) -> float:
+    """The layer average the default stages' first stage alone gives this model's vision tokens."""
+    return DEFAULT_STAGE_LAYERS[0] * geometry.vision_tokens / geometry.decoder_layers
 
 
 def budget_counts(budget: float, vision_count: int, layers: tuple[int, ...], num_layers: int) -> list[int]:
@@ -135,29 +127,30 @@ class PDrop(DropMethod):
     def __init__(self, options: PDropOptions | None = None):
         self.options = options or PDropOptions()
 
-    def stage_layers(self) -> tuple[int, ...]:
-        """The configured stages, or the default for this budget (see EARLY_STAGE_LAYERS)."""
+    def stage_layers(self, geometry: ModelGeometry) -> tuple[int, ...]:
+        """The configured stages, or the default for this budget and model (see EARLY_STAGE_LAYERS)."""
         if self.options.layers is not None:
             return self.options.layers
         budget = self.options.budget
-        return EARLY_STAGE_LAYERS if budget is not None and budget < DEFAULT_STAGES_FLOOR else DEFAULT_STAGE_LAYERS
+        early = budget is not None and budget < default_stages_floor(geometry)
+        return EARLY_STAGE_LAYERS if early else DEFAULT_STAGE_LAYERS
 
-    def prefill_layers(self) -> tuple[int, ...]:
-        return tuple(layer - 1 for layer in self.stage_layers())
+    def prefill_layers(self, geometry: ModelGeometry) -> tuple[int, ...]:
+        return tuple(layer - 1 for layer in self.stage_layers(geometry))
 
-    def plan(self, vision_count: int, num_layers: int) -> list[int]:
+    def plan(self, vision_count: int, geometry: ModelGeometry) -> list[int]:
         """Keep counts after each drop, from lambda or from the budget."""
-        layers = self.stage_layers()
+        layers = self.stage_layers(geometry)
         if self.options.budget is None:
             return [round_half_up(count) for count in pyramid(vision_count, self.options.ratio, len(layers) + 1)[1:]]
-        return budget_counts(self.options.budget, vision_count, layers, num_layers)
+        return budget_counts(self.options.budget, vision_count, layers, geometry.decoder_layers)
 
     def check_model(self, geometry: ModelGeometry) -> None:
         """Also refuse a budget below the first stage's share (planning the counts raises)."""
         super().check_model(geometry)
-        self.plan(geometry.vision_tokens, geometry.decoder_layers)
+        self.plan(geometry.vision_tokens, geometry)
 
     def select(self, context: LayerContext) -> torch.Tensor:
-        stage = self.prefill_layers().index(context.layer_idx)
-        counts = self.plan(context.prompt_vision_count, decoder_layer_count(context.model))
+        stage = self.prefill_layers(context.geometry).index(context.layer_idx)
+        counts = self.plan(context.prompt_vision_count, context.geometry)
         return top_positions(last_token_scores(context), counts[stage])

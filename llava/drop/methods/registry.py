@@ -19,6 +19,11 @@ def discover_methods() -> None:
 
 
 def register(method_class: type) -> type:
+    """Add `method_class` under its `name`; a name already taken is refused, not silently replaced."""
+    taken = METHODS.get(method_class.name)
+    if taken is not None:
+        raise ValueError(f"method name {method_class.name!r} is already registered by "
+                         f"{taken.__module__}.{taken.__qualname__}")
     METHODS[method_class.name] = method_class
     return method_class
 

@@ -42,9 +42,16 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from llava.drop.budget import layer_average, ranked_keep, stage_lengths
+from llava.drop.blocks import (
+    bisect,
+    grouped_mean,
+    last_count_nudges,
+    layer_average,
+    nearest_centres,
+    ranked_keep,
+    stage_lengths,
+)
 from llava.drop.methods.base import TEXT_QUERIES, DropMethod, LayerContext
 from llava.drop.methods.registry import register
 from llava.model.geometry import ModelGeometry
@@ -54,8 +61,6 @@ DEFAULT_KEEP = (66, 30, 17)  # the released code's "64 tokens" schedule for LLaV
 DEFAULT_RECYCLE_RATIO = 0.3
 DEFAULT_CLUSTER_SIZE = 10  # recycled tokens per merged token
 DEFAULT_RANK_SCALE = 1.0  # the paper's lambda
-BISECTION_STEPS = 60
-NUDGES = (-2, -1, 1, 2)  # fine steps on the last keep count after bisection
 
 
 @dataclass(frozen=True)
@@ -160,13 +165,12 @@ def budget_keep_counts(vision_count: int, num_layers: int, options: SparseVLMOpt
     def scaled(scale: float) -> list[int]:
         return [round(scale * count) for count in options.keep]
 
-    low, high = 0.0, float(vision_count)
-    for _ in range(BISECTION_STEPS):
-        middle = (low + high) / 2
-        below = layer_average(stage_counts(vision_count, scaled(middle), options), lengths) < options.budget
-        low, high = (middle, high) if below else (low, middle)
+    def below(scale: float) -> bool:
+        return layer_average(stage_counts(vision_count, scaled(scale), options), lengths) < options.budget
+
+    low, high = bisect(below, 0.0, float(vision_count))
     candidates = [scaled(low), scaled(high)]
-    candidates += [[*keeps[:-1], max(0, keeps[-1] + delta)] for keeps in candidates[:2] for delta in NUDGES]
+    candidates += [nudged for keeps in candidates[:2] for nudged in last_count_nudges(keeps)]
     return tuple(min(candidates, key=error))
 
 
@@ -180,17 +184,7 @@ def budget_floor(vision_count: int, num_layers: int, options: SparseVLMOptions) 
 def merge_clusters(hidden: torch.Tensor, scores: torch.Tensor, clusters: int) -> torch.Tensor:
     """[clusters, hidden]: the best-scored rows are centres (in row order); every row joins its most
     cosine-similar centre (a centre joins itself) and each cluster is the mean of its rows."""
-    centres = ranked_keep(scores, None, clusters)
-    unit = F.normalize(hidden.float(), dim=-1)
-    labels = (unit @ unit[centres].T).argmax(dim=1)
-    labels[centres] = torch.arange(clusters, device=labels.device)
-    sums = torch.zeros(clusters, hidden.shape[1], device=hidden.device).index_add_(0, labels, hidden.float())
-    sizes = torch.bincount(labels, minlength=clusters)
-    return (sums / sizes[:, None]).to(hidden.dtype)
-
-
-def decoder_layer_count(model) -> int:
-    return len(model.model.language_model.layers)
+    return grouped_mean(hidden, nearest_centres(hidden, ranked_keep(scores, None, clusters)), clusters)
 
 
 @register
@@ -203,7 +197,7 @@ class SparseVLM(DropMethod):
     def __init__(self, options: SparseVLMOptions | None = None):
         self.options = options or SparseVLMOptions()
 
-    def prefill_layers(self) -> tuple[int, ...]:
+    def prefill_layers(self, geometry: ModelGeometry) -> tuple[int, ...]:
         return self.options.layers
 
     def check_model(self, geometry: ModelGeometry) -> None:
@@ -223,7 +217,7 @@ class SparseVLM(DropMethod):
         stage = self.options.layers.index(context.layer_idx)
         if self.options.budget is None:
             return rank_bounded_keep(vision_count, self.options.keep[stage], rater_attention, self.options.rank_scale)
-        plan = budget_keep_counts(context.prompt_vision_count, decoder_layer_count(context.model), self.options)
+        plan = budget_keep_counts(context.prompt_vision_count, context.geometry.decoder_layers, self.options)
         return min(plan[stage], vision_count)
 
     def select(self, context: LayerContext) -> torch.Tensor:

@@ -22,8 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
+from llava.drop.blocks import grouped_mean, nearest_centres, top_positions
 from llava.drop.methods.base import DropMethod
 from llava.drop.methods.registry import register
 from llava.drop.vision import (
@@ -74,8 +74,7 @@ class VisionZipOptions:
 
 def dominant_indices(cls_row: torch.Tensor, count: int) -> torch.Tensor:
     """Positions of the `count` patches the CLS query attends to most, ascending (original order)."""
-    best = torch.sort(cls_row, descending=True, stable=True).indices[:count]
-    return best.sort().values
+    return top_positions(cls_row, count)
 
 
 def target_positions(remaining: int, count: int) -> torch.Tensor:
@@ -87,11 +86,7 @@ def target_positions(remaining: int, count: int) -> torch.Tensor:
 
 def contextual_groups(keys: torch.Tensor, count: int) -> torch.Tensor:
     """Group index (0..count-1) of each of the R tokens: its most key-similar uniform target."""
-    targets = target_positions(keys.shape[0], count).to(keys.device)
-    unit = F.normalize(keys.float(), dim=-1)
-    groups = (unit @ unit[targets].T).argmax(dim=-1)
-    groups[targets] = torch.arange(count, device=keys.device)  # a target always leads its own group
-    return groups
+    return nearest_centres(keys, target_positions(keys.shape[0], count).to(keys.device))
 
 
 def contextual_merge(tokens: torch.Tensor, keys: torch.Tensor, count: int) -> torch.Tensor:
@@ -102,10 +97,7 @@ def contextual_merge(tokens: torch.Tensor, keys: torch.Tensor, count: int) -> to
     """
     if count == 0:
         return tokens[:0]
-    groups = contextual_groups(keys, count)
-    sums = torch.zeros(count, tokens.shape[1], device=tokens.device).index_add_(0, groups, tokens.float())
-    sizes = torch.bincount(groups, minlength=count)
-    return (sums / sizes[:, None]).to(tokens.dtype)
+    return grouped_mean(tokens, contextual_groups(keys, count), count)
 
 
 @torch.no_grad()

@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # Shared by the benchmark scripts: token settings, paths, input checks, and LLaVA-style sharding over GPUs.
-# A script sets BENCHMARK (its folder under playground/data/eval) and optionally THR_192/THR_128/THR_64
-# ("global individual"), then sources this file with its arguments:
+# A script sets BENCHMARK (its folder under playground/data/eval, which also picks the published
+# thresholds of llava/eval/thresholds.py), then sources this file with its arguments:
 #     BENCHMARK=gqa; source "$(dirname "$0")/common.sh" "$@"
-# It provides SETTING, MODEL_PATH, MODEL_NAME, PYTHON, DATA, ANSWER_DIR, SCORES_FILE, DROP_FLAGS,
+# It provides SETTING, MODEL_PATH, MODEL_NAME, PYTHON, DATA, ANSWER_DIR, SCORES_FILE,
 # require_file / require_dir / require_match (call them for every input before run_sharded),
-# run_sharded and write_summary.
-# Environment: MODEL_PATH (default liuhaotian/llava-v1.5-7b), PYTHON (default: the repository's .venv,
-# else python3), EVAL_DIR (default: the repository's playground/data/eval), CUDA_VISIBLE_DEVICES (one
-# shard per listed GPU), EXTRA_ARGS (added to every inference command), METHOD (another method of
-# llava/drop/methods, e.g. fastv: the setting then becomes its --budget instead of MustDrop's thresholds).
+# run_sharded (which sets DROP_FLAGS) and write_summary.
+# Environment: THR_192/THR_128/THR_64 ("global individual": MustDrop's thresholds for that setting
+# instead of the published ones), MODEL_PATH (default liuhaotian/llava-v1.5-7b), PYTHON (default: the
+# repository's .venv, else python3), EVAL_DIR (default: the repository's playground/data/eval),
+# CUDA_VISIBLE_DEVICES (one shard per listed GPU), EXTRA_ARGS (added to every inference command),
+# METHOD (another method of llava/drop/methods, e.g. fastv: the setting then becomes its --budget
+# instead of MustDrop's thresholds).
 # Bad input stops a script with one `error: ...` line before anything is loaded or written.
 set -euo pipefail
 
@@ -50,26 +52,8 @@ MODEL_PATH="${MODEL_PATH:-liuhaotian/llava-v1.5-7b}"
 MODEL_NAME="$(basename "${MODEL_PATH%/}")"
 METHOD="${METHOD:-}"
 
-# Default thresholds: the reference code's published TextVQA settings for LLaVA-1.5-7B (docs/algorithm.md).
-# The authors published no others except VizWiz-64; re-calibrate for another benchmark or model with
-# `python -m llava.drop.calibrate`.
-THR_192="${THR_192:-0.001 0.001}"
-THR_128="${THR_128:-0.0012 0.001}"
-THR_64="${THR_64:-0.011 0.01}"
-NUMBER='^([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?$'
-
 case "$SETTING" in
-    full) DROP_FLAGS=() ;;
-    192|128|64)
-        if [ -n "$METHOD" ]; then
-            DROP_FLAGS=(--method "$METHOD" --budget "$SETTING")
-        else
-            THRESHOLDS="THR_$SETTING"
-            read -r G I REST <<< "${!THRESHOLDS}" || true
-            [[ "${G:-}" =~ $NUMBER && "${I:-}" =~ $NUMBER && -z "${REST:-}" ]] ||
-                fail "$THRESHOLDS must be two numbers \"global individual\", got '${!THRESHOLDS}'" "$EXIT_USAGE"
-            DROP_FLAGS=(--sparse --global_thr "$G" --individual_thr "$I")
-        fi ;;
+    full|192|128|64) ;;
     *) fail "unknown setting '$SETTING': choose full, 192, 128 or 64 ($USAGE)" "$EXIT_USAGE" ;;
 esac
 
@@ -169,6 +153,32 @@ answered_lines() {
     echo "$total"
 }
 
+# set_drop_flags: DROP_FLAGS for the setting (run_sharded calls it before it writes anything). Another
+# METHOD takes the setting as its budget; MustDrop takes THR_<setting> ("global individual") when set,
+# else the published thresholds (llava/eval/thresholds.py: the reference code's for LLaVA-1.5-7B,
+# TextVQA's where the authors published none for this benchmark); re-calibrate for another benchmark
+# or model with `python -m llava.eval.calibrate`.
+NUMBER='^([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?$'
+DROP_FLAGS=()
+set_drop_flags() {
+    local name="THR_$SETTING" pair G I REST
+    if [ "$SETTING" = full ]; then
+        DROP_FLAGS=()
+    elif [ -n "$METHOD" ]; then
+        DROP_FLAGS=(--method "$METHOD" --budget "$SETTING")
+    else
+        pair="${!name:-}"
+        if [ -z "$pair" ]; then
+            pair="$("$PYTHON" -m llava.eval.thresholds "$BENCHMARK" "$SETTING")" ||
+                fail "$PYTHON -m llava.eval.thresholds $BENCHMARK $SETTING failed"
+        fi
+        read -r G I REST <<< "$pair" || true
+        [[ "${G:-}" =~ $NUMBER && "${I:-}" =~ $NUMBER && -z "${REST:-}" ]] ||
+            fail "$name must be two numbers \"global individual\", got '$pair'" "$EXIT_USAGE"
+        DROP_FLAGS=(--sparse --global_thr "$G" --individual_thr "$I")
+    fi
+}
+
 # run_sharded MODULE ARGS...: run `python -m MODULE ARGS` once per GPU in CUDA_VISIBLE_DEVICES (once
 # on a machine without them), each on its chunk $ANSWER_DIR/<chunks>_<idx>.jsonl, then concatenate the
 # chunks in order into $ANSWER_DIR/merge.jsonl. A chunk that fails stops the script; once answering
@@ -176,6 +186,7 @@ answered_lines() {
 # (the Python CLI has said why in one line) leaves no answers folder behind.
 run_sharded() {
     local module="$1"; shift
+    set_drop_flags
     local gpus=() pids=() idx pid status first_failure=0
     IFS=',' read -ra gpus <<< "${CUDA_VISIBLE_DEVICES:-}"
     local chunks=${#gpus[@]}

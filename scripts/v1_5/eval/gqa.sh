@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GQA (testdev-balanced) with MustDrop.   bash scripts/v1_5/eval/gqa.sh [full|192|128|64]
-# Thresholds: reused from TextVQA (common.sh defaults); calibrate with `python -m llava.drop.calibrate`.
+# Thresholds: reused from TextVQA (llava/eval/thresholds.py); calibrate with `python -m llava.eval.calibrate`.
 # The predictions file goes next to the answers (not into $DATA/data) so settings do not overwrite it.
 BENCHMARK=gqa; source "$(dirname "$0")/common.sh" "$@"
 QUESTION_FILE="${QUESTION_FILE:-$DATA/llava_gqa_testdev_balanced.jsonl}"

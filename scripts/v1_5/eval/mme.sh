@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # MME with MustDrop.   bash scripts/v1_5/eval/mme.sh [full|192|128|64]
-# Thresholds: reused from TextVQA (common.sh defaults); calibrate with `python -m llava.drop.calibrate`.
+# Thresholds: reused from TextVQA (llava/eval/thresholds.py); calibrate with `python -m llava.eval.calibrate`.
 # Data in LLaVA's layout: playground/data/eval/MME/{llava_mme.jsonl,MME_Benchmark_release_version/}.
 BENCHMARK=MME; source "$(dirname "$0")/common.sh" "$@"
 QUESTION_FILE="${QUESTION_FILE:-$DATA/llava_mme.jsonl}"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # MM-Vet with MustDrop.   bash scripts/v1_5/eval/mmvet.sh [full|192|128|64]
-# Thresholds: reused from TextVQA (the common.sh defaults); the authors published none for MM-Vet,
-# calibrate with `python -m llava.drop.calibrate`. MM-Vet is graded by GPT-4 with the official
+# Thresholds: reused from TextVQA (llava/eval/thresholds.py); the authors published none for MM-Vet,
+# calibrate with `python -m llava.eval.calibrate`. MM-Vet is graded by GPT-4 with the official
 # evaluator (github.com/yuweihao/MM-Vet): give it the results file this script writes.
 BENCHMARK=mm-vet; source "$(dirname "$0")/common.sh" "$@"
 QUESTION_FILE="${QUESTION_FILE:-$DATA/llava-mm-vet.jsonl}"

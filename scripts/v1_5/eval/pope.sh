@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # POPE (COCO adversarial/popular/random) with MustDrop.   bash scripts/v1_5/eval/pope.sh [full|192|128|64]
-# Thresholds: reused from TextVQA (common.sh defaults); calibrate with `python -m llava.drop.calibrate`.
+# Thresholds: reused from TextVQA (llava/eval/thresholds.py); calibrate with `python -m llava.eval.calibrate`.
 BENCHMARK=pope; source "$(dirname "$0")/common.sh" "$@"
 QUESTION_FILE="${QUESTION_FILE:-$DATA/llava_pope_test.jsonl}"
 IMAGE_FOLDER="${IMAGE_FOLDER:-$DATA/val2014}"

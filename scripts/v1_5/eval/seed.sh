@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # SEED-Bench (image) with MustDrop.   bash scripts/v1_5/eval/seed.sh [full|192|128|64]
-# Thresholds: reused from TextVQA (the common.sh defaults); the authors published none for SEED-Bench,
-# calibrate with `python -m llava.drop.calibrate`.
+# Thresholds: reused from TextVQA (llava/eval/thresholds.py); the authors published none for SEED-Bench,
+# calibrate with `python -m llava.eval.calibrate`.
 BENCHMARK=seed_bench; source "$(dirname "$0")/common.sh" "$@"
 QUESTION_FILE="${QUESTION_FILE:-$DATA/llava-seed-bench.jsonl}"
 IMAGE_FOLDER="${IMAGE_FOLDER:-$DATA}"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # ScienceQA-IMG with MustDrop.   bash scripts/v1_5/eval/sqa.sh [full|192|128|64]
-# Thresholds: reused from TextVQA (the common.sh defaults); calibrate with `python -m llava.drop.calibrate`.
+# Thresholds: reused from TextVQA (llava/eval/thresholds.py); calibrate with `python -m llava.eval.calibrate`.
 # Environment (besides common.sh's): QUESTION_FILE, IMAGE_FOLDER, BASE_DIR (problems.json + pid_splits.json).
 BENCHMARK=scienceqa; source "$(dirname "$0")/common.sh" "$@"
 QUESTION_FILE="${QUESTION_FILE:-$DATA/llava_test_CQM-A.json}"

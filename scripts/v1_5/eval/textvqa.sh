@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # TextVQA with MustDrop.   bash scripts/v1_5/eval/textvqa.sh [full|192|128|64]
-# Thresholds: the reference code's published LLaVA-1.5-7B TextVQA settings (the common.sh defaults).
+# Thresholds: the reference code's published LLaVA-1.5-7B TextVQA settings (llava/eval/thresholds.py).
 BENCHMARK=textvqa; source "$(dirname "$0")/common.sh" "$@"
 QUESTION_FILE="${QUESTION_FILE:-$DATA/llava_textvqa_val_v051_ocr.jsonl}"
 IMAGE_FOLDER="${IMAGE_FOLDER:-$DATA/train_images}"

@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
 # VizWiz (test-dev) with MustDrop.   bash scripts/v1_5/eval/vizwiz.sh [full|192|128|64]
-# Thresholds: 64 is the reference code's published VizWiz setting (0.005 / 0.001); 192 and 128 are
-# reused from TextVQA (common.sh); calibrate with `python -m llava.drop.calibrate`.
+# Thresholds: 64 is the reference code's published VizWiz setting; 192 and 128 are reused from TextVQA
+# (both in llava/eval/thresholds.py); calibrate with `python -m llava.eval.calibrate`.
 # VizWiz test answers are scored by the evaluation server: upload $UPLOAD_FILE there.
-THR_64="${THR_64:-0.005 0.001}"
 BENCHMARK=vizwiz; source "$(dirname "$0")/common.sh" "$@"
 QUESTION_FILE="${QUESTION_FILE:-$DATA/llava_test.jsonl}"
 IMAGE_FOLDER="${IMAGE_FOLDER:-$DATA/test}"

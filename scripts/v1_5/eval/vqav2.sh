@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # VQAv2 (test-dev) with MustDrop.   bash scripts/v1_5/eval/vqav2.sh [full|192|128|64]
-# Thresholds: reused from TextVQA (the common.sh defaults); the authors published none for VQAv2,
-# calibrate with `python -m llava.drop.calibrate`. The score comes from EvalAI: upload the file this
+# Thresholds: reused from TextVQA (llava/eval/thresholds.py); the authors published none for VQAv2,
+# calibrate with `python -m llava.eval.calibrate`. The score comes from EvalAI: upload the file this
 # script names.
 BENCHMARK=vqav2; source "$(dirname "$0")/common.sh" "$@"
 SPLIT="${SPLIT:-llava_vqav2_mscoco_test-dev2015}"

@@ -1,6 +1,6 @@
 """Find MustDrop thresholds that give a wanted number of vision tokens (the paper's 192 / 128 / 64).
 
-    python -m llava.drop.calibrate --model-path M --question-file Q --image-folder I \
+    python -m llava.eval.calibrate --model-path M --question-file Q --image-folder I \
         [--num-questions 32] [--targets 192,128,64] [--ratio 1.0] [--out thresholds.json]
 
 The paper names its settings by "tokens": vision tokens present at each of the 32 decoder layers,
@@ -9,10 +9,10 @@ on TextVQA (and VizWiz-64); for another model or benchmark this tool finds a pai
 target on a sample of the questions.
 
 Two thresholds are one too many to search, so we walk the path `individual_thr = ratio * global_thr`.
-The default ratio 1.0 follows the published pairs, whose two thresholds are close (0.001 / 0.001,
-0.0012 / 0.001, 0.011 / 0.01). Along the path the token count falls (in practice; nothing guarantees
-it) as the thresholds rise, so we bisect on log(global_thr) in [1e-6, 1] with a fixed number of
-steps and report the closest pair seen. Only the prefill runs (no decoding), and stage 1 (which does
+The default ratio 1.0 follows the published pairs (llava/eval/thresholds.py), whose two thresholds
+are close. Along the path the token count falls (in practice; nothing guarantees it) as the
+thresholds rise, so we bisect on log(global_thr) in [1e-6, 1] with a fixed number of steps and
+report the closest pair seen. Only the prefill runs (no decoding), and stage 1 (which does
 not depend on the thresholds) runs once per question.
 
 What the path can reach is bounded: at the top end every vision token outside the key set goes at
@@ -34,20 +34,9 @@ import torch
 
 from llava.conversation import get_conv_template
 from llava.drop.cache import LayerKVCache
-from llava.drop.config import (
-    DEFAULT_GLOBAL_THR,
-    DEFAULT_INDIVIDUAL_THR,
-    DropConfig,
-)
-from llava.drop.generate import (
-    MultimodalPrompt,
-    SamplingConfig,
-    as_method,
-    build_prompt,
-    prefill,
-)
-from llava.drop.vision import encode_image
-from llava.eval.answering import Answerer
+from llava.drop.generate import MultimodalPrompt, build_prompt, prefill
+from llava.drop.methods import as_method
+from llava.drop.methods.mustdrop import DEFAULT_GLOBAL_THR, DEFAULT_INDIVIDUAL_THR, DropConfig
 from llava.eval.model_vqa_loader import questions_from_file
 from llava.eval.question_loop import (
     Question,
@@ -58,13 +47,14 @@ from llava.eval.question_loop import (
     load_model,
     main_guard,
 )
-from llava.mm_utils import PAD_ASPECT_RATIO, process_images, tokenizer_image_token
-from llava.model.geometry import geometry_of_model
+from llava.eval.thresholds import TOKEN_SETTINGS
+from llava.model.geometry import decoder_layer_count, geometry_of_model
+from llava.model.inputs import ModelInputs, encode_question
 
 LOWEST_GLOBAL_THR = 1e-6
 HIGHEST_GLOBAL_THR = 1.0
 SIGNIFICANT_DIGITS = 3  # thresholds are probed already rounded, so the reported pair is the one measured
-DEFAULT_TARGETS = (192, 128, 64)
+DEFAULT_TARGETS = TOKEN_SETTINGS
 DEFAULT_NUM_QUESTIONS = 32
 DEFAULT_RATIO = 1.0
 DEFAULT_TOLERANCE = 1.0
@@ -108,15 +98,12 @@ def path_point(log_global_thr: float, ratio: float) -> tuple[float, float]:
     return global_thr, min(1.0, round_significant(ratio * global_thr))
 
 
-def question_inputs(answerer: Answerer, question: Question) -> tuple[torch.Tensor, torch.Tensor]:
+def question_inputs(model, tokenizer, image_processor, question: Question, conv_mode: str) -> ModelInputs:
     """Token ids and pixel values exactly as the answering CLIs build them."""
     image = question.load_image()
     if image is None:
         raise ValueError(f"question {question.question_id!r} has no image; calibration needs vision tokens")
-    prompt, _ = answerer.build_prompt(question.text, with_image=True)
-    input_ids = tokenizer_image_token(prompt, answerer.tokenizer, return_tensors="pt")
-    aspect_ratio = getattr(answerer.model.config, "image_aspect_ratio", PAD_ASPECT_RATIO)
-    return input_ids, process_images([image], answerer.image_processor, aspect_ratio)
+    return encode_question(question.text, image, model, tokenizer, image_processor, conv_mode)
 
 
 @torch.inference_mode()
@@ -124,11 +111,10 @@ def prepare_prompts(
     model, tokenizer, image_processor, questions: Sequence[Question], conv_mode: str, drop: DropConfig
 ) -> list[MultimodalPrompt]:
     """Stage 1 once per question: the spliced prompts every threshold pair then prefills."""
-    answerer = Answerer(tokenizer, model, image_processor, conv_mode, SamplingConfig(), drop)
     prompts = []
     for question in questions:
-        input_ids, pixel_values = question_inputs(answerer, question)
-        prompts.append(build_prompt(model, input_ids, encode_image(model, pixel_values, drop)))
+        inputs = question_inputs(model, tokenizer, image_processor, question, conv_mode)
+        prompts.append(build_prompt(model, inputs.input_ids, as_method(drop).encode_image(model, inputs.pixel_values)))
     return prompts
 
 
@@ -137,10 +123,10 @@ def mean_tokens(model, prompts: Sequence[MultimodalPrompt], global_thr: float, i
                 drop: DropConfig | None = None) -> float:
     """The paper's "tokens": vision tokens per decoder layer in prefill, averaged over layers and prompts."""
     drop = replace(drop or DropConfig(), enabled=True, global_thr=global_thr, individual_thr=individual_thr)
-    num_layers = len(model.model.language_model.layers)
+    num_layers = decoder_layer_count(model)
     per_prompt = []
     for prompt in prompts:
-        counts = prefill(model, prompt, LayerKVCache(num_layers), drop).vision_tokens_per_layer
+        counts = prefill(model, prompt, LayerKVCache(num_layers), as_method(drop)).vision_tokens_per_layer
         per_prompt.append(sum(counts) / len(counts))
     return sum(per_prompt) / len(per_prompt)
 

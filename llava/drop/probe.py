@@ -1,9 +1,10 @@
-"""Prefill stage: dual attention filtering of vision tokens at chosen decoder layers.
+"""The attention probe: what the text queries of one decoder layer give the vision keys, and where the
+vision tokens sit in the (possibly shortened) sequence.
 
-At a dropping layer we need the attention probabilities of the text queries (the tokens after the image)
-on the vision keys, exactly as an eager attention of that layer would give them. We compute only that
-block: the text rows' queries against every key the layer cached, so the layer itself keeps running on
-SDPA / FlashAttention.
+At a dropping layer a method needs the attention probabilities of some queries (usually the text tokens
+after the image) on the vision keys, exactly as an eager attention of that layer would give them. We
+compute only that block: those rows' queries against every key the layer cached, so the layer itself
+keeps running on SDPA / FlashAttention.
 """
 
 from __future__ import annotations
@@ -58,21 +59,6 @@ def rows_to_vision_attention(
     probs = torch.softmax(scores, dim=-1)
     vision_columns = slice(layout.vision_start, layout.text_start)
     return probs[0, :, :, vision_columns].mean(dim=0)
-
-
-def dual_attention_keep(
-    attention: torch.Tensor, global_thr: float, individual_thr: float, key_indices: torch.Tensor | None
-) -> torch.Tensor:
-    """Vision positions to keep (ascending): drop j only if BOTH its summed attention over text queries
-    is below `global_thr` times the total AND its largest single attention is below `individual_thr`;
-    the key set is never dropped."""
-    global_score = attention.sum(dim=0)
-    individual_score = attention.max(dim=0).values
-    dropped = (global_score < global_thr * global_score.sum()) & (individual_score < individual_thr)
-    keep = ~dropped
-    if key_indices is not None and key_indices.numel():
-        keep[key_indices.to(keep.device)] = True
-    return keep.nonzero().flatten()
 
 
 def remap_key_indices(key_indices: torch.Tensor | None, kept: torch.Tensor) -> torch.Tensor | None:

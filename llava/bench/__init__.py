@@ -1,0 +1,1 @@
+"""Speed and memory benchmarks of the dropping methods (`python -m llava.bench.prefill_decode`, `... .compare`)."""

@@ -1,0 +1,107 @@
+"""Prefill time, decode speed and memory of MustDrop's published settings against no dropping.
+
+All settings run in one process on one model, interleaved per repeat after a warm-up, so that a busy
+machine slows them alike; ratios to "none" are what to read. Without `--model-path` the model is a
+seeded random LLaVA-1.5 (real CLIP ViT-L/14-336 tower, real 32 decoder layers, narrow decoder).
+
+    python -m llava.bench.prefill_decode [--quick] [--model-path P] [--device cpu|cuda] [--dtype D]
+                                         [--repeats N] [--new-tokens N] [--threads N] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from llava.bench.output import ratio_bars, save_results
+from llava.bench.workload import (
+    BASELINE,
+    MIB,
+    RESULTS_DIR,
+    add_workload_args,
+    load_workload,
+    measure,
+    memory_note,
+    run_once,
+    summarize,
+)
+from llava.drop.methods import DropConfig
+from llava.eval.thresholds import PUBLISHED, REFERENCE_BENCHMARK
+from llava.model.builder import resolve_dtype
+
+# The published LLaVA-1.5-7B TextVQA settings (target tokens -> thresholds), after the unpruned baseline.
+SETTINGS: dict[str, DropConfig] = {
+    BASELINE: DropConfig.disabled(),
+    **{str(tokens): DropConfig(global_thr=pair.global_thr, individual_thr=pair.individual_thr)
+       for tokens, pair in PUBLISHED[REFERENCE_BENCHMARK].items()},
+}
+OUTPUT_STEM = "results"
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """Absolute medians with the ratio to "none" in parentheses."""
+    columns = [
+        ("prefill (vision+LLM) s", "prefill_total_s", "prefill_total_ratio", "{:.3f}"),
+        ("vision s", "vision_s", "vision_ratio", "{:.3f}"),
+        ("LLM prefill s", "llm_prefill_s", "llm_prefill_ratio", "{:.3f}"),
+        ("decode tok/s", "decode_tok_s", "decode_tok_s_ratio", "{:.1f}"),
+        ("KV cache MiB", "kv_cache_bytes", "kv_cache_ratio", "{:.2f}"),
+        ("peak extra MiB", "peak_memory_bytes", "peak_memory_ratio", "{:.1f}"),
+        ("avg vision tokens", "avg_vision_tokens", "avg_vision_tokens_ratio", "{:.1f}"),
+    ]
+    header = ["setting", *(c[0] for c in columns), "tokens after merge", "FLOPs ratio", "scoring share"]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for row in rows:
+        cells = [row["setting"]]
+        for _, key, ratio, fmt in columns:
+            value = row[key] / MIB if key.endswith("bytes") else row[key]
+            cells.append(f"{fmt.format(value)} ({row[ratio]:.2f}x)")
+        cells += [f"{row['vision_tokens_after_merge']:.0f}", f"{row['flops_ratio']:.3f}", f"{100 * row['scoring_share']:.2f} %"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="narrow random model, 1 repeat, 4 new tokens (CI)")
+    add_workload_args(parser)
+    parser.add_argument("--repeats", type=int, help="timed runs per setting (default 3, quick 1)")
+    parser.add_argument("--new-tokens", type=int, help="tokens decoded per run (default 32, quick 4)")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
+    args = parser.parse_args(argv)
+    args.repeats = args.repeats or (1 if args.quick else 3)
+    args.new_tokens = args.new_tokens or (4 if args.quick else 32)
+    if args.new_tokens < 2:
+        parser.error("--new-tokens must be >= 2: the first token comes from prefill, decode needs one more")
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Run the benchmark, print the table and write results.json, results.md and results.png."""
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    dtype = resolve_dtype(args.dtype, args.device)
+    started = time.perf_counter()
+    work = load_workload(args, dtype)
+    for drop in SETTINGS.values():  # warm-up
+        run_once(work, drop, args.new_tokens)
+    rows = summarize(measure(work, SETTINGS, args.repeats, args.new_tokens))
+    header = (f"Model: {work.description}.\n\nDevice {args.device} ({platform.processor() or platform.machine()}, "
+              f"{torch.get_num_threads()} threads), dtype {dtype}, {args.new_tokens} new tokens (EOS off), "
+              f"median of {args.repeats} interleaved repeat(s) after a warm-up. Ratios to \"none\" in "
+              f"parentheses. Peak extra memory: {memory_note(args.device)}, one extra run per setting. Scoring share: "
+              f"stage-1 merge + key set + stage-2 scoring, over vision + LLM prefill time.")
+    table = markdown_table(rows)
+    title = "MustDrop vs no dropping: " + ("random model" if not args.model_path else args.model_path)
+    title = f"{title} ({args.device}, {dtype}, {args.new_tokens} new tokens)"
+    save_results(args, OUTPUT_STEM, header, table, {"rows": rows},
+                 lambda path: ratio_bars(rows, title, path), started)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""Building blocks the methods share, written once: stable top-k, budget arithmetic over decoder stages
+(stage lengths, layer averages, bisection, rounding), and grouping tokens around centres.
+
+Model geometry (decoder depth, vision tokens per image) lives in `llava.model.geometry`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+BISECTION_STEPS = 60  # halves an interval below float resolution
+NUDGES = (-2, -1, 1, 2)  # fine steps on the last keep count after rounding a solved schedule
+
+
+def stable_top_k(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Positions of the `count` highest scores, best first; equal scores prefer the earlier position.
+
+    A stable descending sort makes the tie rule explicit (torch.topk leaves tie order unspecified), so
+    results do not depend on the backend.
+    """
+    return torch.sort(scores, descending=True, stable=True).indices[:count]
+
+
+def top_positions(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """`stable_top_k`, in ascending (original) order."""
+    return stable_top_k(scores, count).sort().values
+
+
+def ranked_keep(scores: torch.Tensor, key_indices: torch.Tensor | None, count: int) -> torch.Tensor:
+    """The key set first, then the best-scored other tokens, `count` in all (ascending positions).
+
+    If the key set alone is larger than `count`, the key set is kept whole (it is never dropped).
+    """
+    chosen = torch.zeros_like(scores, dtype=torch.bool)
+    if key_indices is not None and key_indices.numel():
+        chosen[key_indices.to(scores.device)] = True
+    remaining = max(0, count - int(chosen.sum()))
+    chosen[stable_top_k(scores.masked_fill(chosen, float("-inf")), remaining)] = True
+    return chosen.nonzero().flatten()
+
+
+def round_half_up(value: float) -> int:
+    """Rounding that does not depend on parity (Python's round(288.5) is 288, round(289.5) is 290)."""
+    return math.floor(value + 0.5)
+
+
+def stage_lengths(drop_layers: tuple[int, ...], num_layers: int) -> list[int]:
+    """How many layers see each token count: before/at the first drop, between drops, after the last."""
+    bounds = [-1, *drop_layers, num_layers - 1]
+    return [bounds[i + 1] - bounds[i] for i in range(len(bounds) - 1)]
+
+
+def layer_average(counts: list[float], lengths: list[int]) -> float:
+    """The token count averaged over layers, `counts[i]` lasting `lengths[i]` layers."""
+    return sum(c * n for c, n in zip(counts, lengths)) / sum(lengths)
+
+
+def bisect(below: Callable[[float], bool], low: float, high: float) -> tuple[float, float]:
+    """Shrink [low, high] onto the point where `below` (true at low, false at high) turns false."""
+    for _ in range(BISECTION_STEPS):
+        middle = (low + high) / 2
+        low, high = (middle, high) if below(middle) else (low, middle)
+    return low, high
+
+
+def last_count_nudges(counts: list[int], minimum: int = 0, ceiling: int | None = None) -> list[list[int]]:
+    """`counts` with the last count moved by each of NUDGES, kept within [minimum, ceiling].
+
+    The last count lasts the most layers, so it moves a layer average most finely per token.
+    """
+    def moved(delta: int) -> int:
+        value = counts[-1] + delta
+        return max(minimum, value if ceiling is None else min(ceiling, value))
+
+    return [[*counts[:-1], moved(delta)] for delta in NUDGES]
+
+
+def nearest_centres(features: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """Group index of each row of `features` [N, dim]: the most cosine-similar centre row (ties to the
+    earlier centre); a centre always leads its own group."""
+    unit = F.normalize(features.float(), dim=-1)
+    groups = (unit @ unit[centres].T).argmax(dim=-1)
+    groups[centres] = torch.arange(centres.numel(), device=groups.device)
+    return groups
+
+
+def grouped_mean(tokens: torch.Tensor, groups: torch.Tensor, count: int) -> torch.Tensor:
+    """[count, dim]: the mean of the rows of `tokens` in each group, in float32, returned in `tokens`' dtype."""
+    sums = torch.zeros(count, tokens.shape[1], device=tokens.device).index_add_(0, groups, tokens.float())
+    sizes = torch.bincount(groups, minlength=count)
+    return (sums / sizes[:, None]).to(tokens.dtype)

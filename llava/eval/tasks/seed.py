@@ -1,0 +1,15 @@
+"""SEED-Bench (image questions): accuracy per question type and the leaderboard upload file. The question
+file names images as SEED-Bench-image/..., so the image folder given to the CLI is the task's own."""
+
+from llava.eval.tasks.base import DataInput, Task, question_inputs
+from llava.eval.tasks.registry import register_task
+
+register_task(Task(
+    name="seed", folder="seed_bench", answer_cli="llava.eval.model_vqa_loader",
+    inputs=(*question_inputs("SEED-Bench", "llava-seed-bench.jsonl", "SEED-Bench-image"),
+            DataInput("annotations", "SEED-Bench annotation file", "SEED-Bench.json")),
+    answer_flags=("--question-file", "{questions}", "--image-folder", "{data}"),
+    scorer="llava.eval.convert_seed_for_submission",
+    score_flags=("--annotation-file", "{annotations}", "--result-file", "{answers}",
+                 "--result-upload-file", "{data}/answers_upload/{run}.jsonl", "--scores-file", "{scores}"),
+))

@@ -1,0 +1,58 @@
+"""One question (text + optional image) as the model's inputs, with LLaVA-1.5's prompt and image rules.
+
+Answering, calibration, the stage pictures and the speed benchmarks all encode through `encode_question`,
+so that a prompt and its pixels are built the same way everywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from llava.constants import (
+    DEFAULT_IM_END_TOKEN,
+    DEFAULT_IM_START_TOKEN,
+    DEFAULT_IMAGE_TOKEN,
+)
+from llava.conversation import get_conv_template
+from llava.mm_utils import PAD_ASPECT_RATIO, process_images, tokenizer_image_token
+
+
+@dataclass
+class ModelInputs:
+    input_ids: torch.Tensor  # [1, L], IMAGE_TOKEN_INDEX where the image goes
+    pixel_values: torch.Tensor | None  # [1, 3, H, W]; None for a text-only question
+    prompt: str  # the full templated prompt, as the model sees it
+    stop_str: str  # the string that ends the answer in this template
+
+
+def templated_prompt(question: str, conv_mode: str, with_image: bool, model_config=None) -> tuple[str, str]:
+    """The conversation template's prompt for one user turn, and the template's stop string.
+
+    With an image, `<image>` goes on its own line before the question, as LLaVA's CLIs put it, wrapped
+    in `<im_start>`/`<im_end>` when the model config's `mm_use_im_start_end` says so.
+    """
+    if with_image:
+        image_tokens = DEFAULT_IMAGE_TOKEN
+        if getattr(model_config, "mm_use_im_start_end", False):
+            image_tokens = DEFAULT_IM_START_TOKEN + DEFAULT_IMAGE_TOKEN + DEFAULT_IM_END_TOKEN
+        question = image_tokens + "\n" + question
+    conversation = get_conv_template(conv_mode)
+    conversation.append_message(conversation.roles[0], question)
+    conversation.append_message(conversation.roles[1], None)
+    return conversation.get_prompt(), conversation.stop_str
+
+
+def encode_question(question: str, image: Image.Image | None, model, tokenizer, image_processor,
+                    conv_mode: str) -> ModelInputs:
+    """Token ids and pixel values for one question, following the model config's
+    `mm_use_im_start_end` and `image_aspect_ratio` (LLaVA-1.5: no im_start/end, pad to square)."""
+    prompt, stop_str = templated_prompt(question, conv_mode, image is not None, model.config)
+    input_ids = tokenizer_image_token(prompt, tokenizer, return_tensors="pt")
+    pixel_values = None
+    if image is not None:
+        aspect_ratio = getattr(model.config, "image_aspect_ratio", PAD_ASPECT_RATIO)
+        pixel_values = process_images([image], image_processor, aspect_ratio)
+    return ModelInputs(input_ids, pixel_values, prompt, stop_str)
