@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import base64
+import csv
 import os
 import subprocess
 import sys
+from io import BytesIO
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from llava.model.tiny import write_tiny_checkpoint
 
@@ -83,3 +87,60 @@ def run_benchmark_script(script: str, setting: str, model: Path, extra_env: dict
     return subprocess.run(["bash", f"scripts/v1_5/eval/{script}", setting], cwd=REPO_ROOT, env=env,
                           capture_output=True, text=True, timeout=SCRIPT_TIMEOUT_S)
 
+
+# --- helpers shared by several test modules ---------------------------------------------------------
+
+DEMO_QUESTION_FILE = DEMO_DIR / "llava_textvqa_demo.jsonl"
+DEMO_IMAGE_FOLDER = DEMO_DIR / "images"
+
+
+def cli_args(model: Path, questions: Path, answers: Path, *extra: str) -> list[str]:
+    return [
+        "--model-path", str(model), "--question-file", str(questions), "--image-folder", str(DEMO_IMAGE_FOLDER),
+        "--answers-file", str(answers), "--temperature", "0", "--conv-mode", "vicuna_v1",
+        "--max_new_tokens", "4", "--device", "cpu", *extra,
+    ]
+
+
+def first_questions(tmp_path: Path, count: int) -> Path:
+    lines = DEMO_QUESTION_FILE.read_text().splitlines()[:count]
+    path = tmp_path / "questions.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run_demo_script(script: str, setting: str, model: Path, extra_env: dict[str, str]):
+    """`run_benchmark_script` on the bundled TextVQA-format demo questions and images."""
+    return run_benchmark_script(script, setting, model, {
+        "QUESTION_FILE": str(DEMO_QUESTION_FILE), "IMAGE_FOLDER": str(DEMO_IMAGE_FOLDER), **extra_env})
+
+
+MMBENCH_COLUMNS = ["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "l2-category", "image"]
+
+
+def image_base64(color: tuple[int, int, int] = (200, 30, 30), size: tuple[int, int] = (24, 16)) -> str:
+    buffer = BytesIO()
+    Image.new("RGB", size, color).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def sample_rows() -> list[dict[str, str]]:
+    """Three questions with 3, 4 and 2 options; the hint is text, pandas' "nan", and empty."""
+    return [
+        {"index": "0", "question": "What color is the sign?", "hint": "A sign by the road.", "A": "red", "B": "blue",
+         "C": "green", "D": "", "answer": "A", "category": "color", "l2-category": "attribute"},
+        {"index": "1", "question": "How many cars?", "hint": "nan", "A": "1", "B": "2", "C": "3", "D": "4",
+         "answer": "C", "category": "count", "l2-category": "instance"},
+        {"index": "2", "question": "Is it day?", "hint": "", "A": "yes", "B": "no", "C": "", "D": "",
+         "answer": "B", "category": "color", "l2-category": "attribute"},
+    ]
+
+
+def write_tsv(path: Path, rows: list[dict[str, str]], columns: list[str] = MMBENCH_COLUMNS) -> Path:
+    """An MMBench-style TSV; every row gets an image unless it brings its own."""
+    with path.open("w", encoding="utf-8", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, delimiter="\t", extrasaction="ignore")
+        writer.writeheader()
+        for index, row in enumerate(rows):
+            writer.writerow({"image": image_base64((40 * index, 90, 160)), **row})
+    return path

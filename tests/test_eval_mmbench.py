@@ -26,39 +26,10 @@ from llava.eval.eval_mmbench import (
 from llava.eval.model_vqa_mmbench import build_parser, questions_from_file
 from llava.eval.question_loop import RunError
 from llava.eval.result_file import ScoringError
-from tests.conftest import REPO_ROOT
+from tests.conftest import MMBENCH_COLUMNS, REPO_ROOT, sample_rows, write_tsv
 
-COLUMNS = ["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "l2-category", "image"]
 INSTRUCTION = "Answer with the option's letter from the given choices directly."
 NOISE_SIDE = 256  # a random-noise PNG this size is ~260k base64 characters, beyond csv's default field limit
-
-
-def image_base64(color: tuple[int, int, int] = (200, 30, 30), size: tuple[int, int] = (24, 16)) -> str:
-    buffer = BytesIO()
-    Image.new("RGB", size, color).save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def sample_rows() -> list[dict[str, str]]:
-    """Three questions with 3, 4 and 2 options; the hint is text, pandas' "nan", and empty."""
-    return [
-        {"index": "0", "question": "What color is the sign?", "hint": "A sign by the road.", "A": "red", "B": "blue",
-         "C": "green", "D": "", "answer": "A", "category": "color", "l2-category": "attribute"},
-        {"index": "1", "question": "How many cars?", "hint": "nan", "A": "1", "B": "2", "C": "3", "D": "4",
-         "answer": "C", "category": "count", "l2-category": "instance"},
-        {"index": "2", "question": "Is it day?", "hint": "", "A": "yes", "B": "no", "C": "", "D": "",
-         "answer": "B", "category": "color", "l2-category": "attribute"},
-    ]
-
-
-def write_tsv(path: Path, rows: list[dict[str, str]], columns: list[str] = COLUMNS) -> Path:
-    """An MMBench-style TSV; every row gets an image unless it brings its own."""
-    with path.open("w", encoding="utf-8", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns, delimiter="\t", extrasaction="ignore")
-        writer.writeheader()
-        for index, row in enumerate(rows):
-            writer.writerow({"image": image_base64((40 * index, 90, 160)), **row})
-    return path
 
 
 # Answers for every round. Question 0 (answer red): all right. Question 1 (answer "3"): round 2 wrong.
@@ -195,7 +166,7 @@ def test_upload_sheet_has_llava_columns_and_parsed_letters(tsv: Path, tmp_path: 
 
 
 def test_test_split_without_answers_only_writes_the_sheet(tmp_path: Path, capsys) -> None:
-    columns = [column for column in COLUMNS if column != "answer"]
+    columns = [column for column in MMBENCH_COLUMNS if column != "answer"]
     tsv = write_tsv(tmp_path / "mmbench_test.tsv", sample_rows(), columns)
     result = write_answers(tmp_path / "merge.jsonl", [(0, 0, "B"), (1, 0, "D"), (2, 0, "A")])
     scores_file = tmp_path / "scores.json"

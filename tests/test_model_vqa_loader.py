@@ -13,26 +13,11 @@ from pathlib import Path
 import pytest
 
 from llava.eval.model_vqa_loader import main
-from tests.conftest import DEMO_DIR, REPO_ROOT
+from tests.conftest import DEMO_DIR, REPO_ROOT, cli_args, first_questions
 
 QUESTION_FILE = DEMO_DIR / "llava_textvqa_demo.jsonl"
 IMAGE_FOLDER = DEMO_DIR / "images"
 ANSWER_KEYS = {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}
-
-
-def cli_args(model: Path, questions: Path, answers: Path, *extra: str) -> list[str]:
-    return [
-        "--model-path", str(model), "--question-file", str(questions), "--image-folder", str(IMAGE_FOLDER),
-        "--answers-file", str(answers), "--temperature", "0", "--conv-mode", "vicuna_v1",
-        "--max_new_tokens", "4", "--device", "cpu", *extra,
-    ]
-
-
-def first_questions(tmp_path: Path, count: int) -> Path:
-    lines = QUESTION_FILE.read_text().splitlines()[:count]
-    path = tmp_path / "questions.jsonl"
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 def read_answers(path: Path) -> list[dict]:

@@ -32,7 +32,7 @@ from llava.eval import (
 )
 from llava.eval.make_demo_data import ANNOTATION_FILE, QUESTION_FILE
 from tests.conftest import DEMO_DIR, REPO_ROOT
-from tests.test_eval_mmbench import write_tsv
+from tests.conftest import write_tsv
 
 QUESTIONS = 6
 BROKEN_LINE = 6

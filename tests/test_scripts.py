@@ -3,28 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import DEMO_DIR, REPO_ROOT
-
-
-def run_script(script: str, setting: str, model, data_dir, extra_env: dict) -> subprocess.CompletedProcess:
-    env = {
-        **os.environ,
-        "MODEL_PATH": str(model),
-        "PYTHON": sys.executable,
-        "QUESTION_FILE": str(DEMO_DIR / "llava_textvqa_demo.jsonl"),
-        "IMAGE_FOLDER": str(DEMO_DIR / "images"),
-        "EXTRA_ARGS": "--max_new_tokens 2 --device cpu",
-        "CUDA_VISIBLE_DEVICES": "",
-        **extra_env,
-    }
-    return subprocess.run(["bash", f"scripts/v1_5/eval/{script}", setting], cwd=REPO_ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+from tests.conftest import DEMO_DIR, run_demo_script
 
 
 def average_tokens(answers_file) -> float:
@@ -35,7 +17,7 @@ def average_tokens(answers_file) -> float:
 def test_textvqa_script_settings(tiny_original, tmp_path):
     averages = {}
     for setting in ("full", "64"):
-        done = run_script("textvqa.sh", setting, tiny_original, tmp_path, {
+        done = run_demo_script("textvqa.sh", setting, tiny_original, {
             "EVAL_DIR": str(tmp_path), "ANNOTATION_FILE": str(DEMO_DIR / "TextVQA_demo_annotations.json"),
         })
         assert done.returncode == 0, done.stderr
@@ -46,20 +28,20 @@ def test_textvqa_script_settings(tiny_original, tmp_path):
 
 
 def test_vizwiz_script(tiny_original, tmp_path):
-    done = run_script("vizwiz.sh", "64", tiny_original, tmp_path, {"EVAL_DIR": str(tmp_path)})
+    done = run_demo_script("vizwiz.sh", "64", tiny_original, {"EVAL_DIR": str(tmp_path)})
     assert done.returncode == 0, done.stderr
     assert len((tmp_path / "vizwiz" / "answers" / f"{tiny_original.name}-64" / "merge.jsonl").read_text().splitlines()) == 12
 
 
 @pytest.mark.parametrize("script,setting", [("textvqa.sh", "100"), ("vizwiz.sh", "32")])
 def test_unknown_setting_is_refused(tmp_path, script, setting):
-    done = run_script(script, setting, tmp_path, tmp_path, {})
+    done = run_demo_script(script, setting, tmp_path, {})
     assert done.returncode == 2 and f"unknown setting '{setting}'" in done.stderr
 
 
 def test_method_setting_runs_another_method_at_a_budget(tiny_original, tmp_path):
     """METHOD=fastv turns the setting into --method fastv --budget N; the summary names the method."""
-    done = run_script("textvqa.sh", "128", tiny_original, tmp_path, {
+    done = run_demo_script("textvqa.sh", "128", tiny_original, {
         "EVAL_DIR": str(tmp_path), "ANNOTATION_FILE": str(DEMO_DIR / "TextVQA_demo_annotations.json"),
         "METHOD": "fastv",
     })

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from tests.test_scripts import run_script
+from tests.conftest import run_demo_script
 
 HINT = "\nAnswer the question using a single word or phrase."
 QUESTIONS = {"201307251": ("n161313", "Is it a dog?", "yes", "verify"),
@@ -33,7 +33,7 @@ def _gqa_fixture(root: Path) -> Path:
 def test_gqa_script_scores_and_summarises(tiny_original, tmp_path):
     data = _gqa_fixture(tmp_path)
     # the default paths are the ones LLaVA's layout uses under EVAL_DIR/gqa
-    done = run_script("gqa.sh", "full", tiny_original, tmp_path, {
+    done = run_demo_script("gqa.sh", "full", tiny_original, {
         "EVAL_DIR": str(tmp_path), "QUESTION_FILE": str(data / "llava_gqa_testdev_balanced.jsonl"),
         "IMAGE_FOLDER": str(data / "data" / "images"),
     })

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from tests.test_scripts import run_script
+from tests.conftest import run_demo_script
 
 HINT = "\nAnswer the question using a single word or phrase."
 # two images of one perception category, two questions each (MME's flat layout: image and .txt side by side)
@@ -36,7 +36,7 @@ def _mme_fixture(root: Path) -> Path:
 
 def test_mme_script_scores_and_summarises(tiny_original, tmp_path):
     data = _mme_fixture(tmp_path)
-    done = run_script("mme.sh", "full", tiny_original, tmp_path, {
+    done = run_demo_script("mme.sh", "full", tiny_original, {
         "EVAL_DIR": str(tmp_path), "QUESTION_FILE": str(data / "llava_mme.jsonl"),
         "IMAGE_FOLDER": str(data / "MME_Benchmark_release_version"),
     })

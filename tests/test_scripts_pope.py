@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from tests.test_scripts import run_script
+from tests.conftest import run_demo_script
 
 HINT = "\nAnswer the question using a single word or phrase."
 # (category, image, object, label)
@@ -38,7 +38,7 @@ def _pope_fixture(root: Path) -> Path:
 
 def test_pope_script_scores_and_summarises(tiny_original, tmp_path):
     data = _pope_fixture(tmp_path)
-    done = run_script("pope.sh", "64", tiny_original, tmp_path, {
+    done = run_demo_script("pope.sh", "64", tiny_original, {
         "EVAL_DIR": str(tmp_path), "QUESTION_FILE": str(data / "llava_pope_test.jsonl"),
         "IMAGE_FOLDER": str(data / "val2014"),
     })

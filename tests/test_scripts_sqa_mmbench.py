@@ -12,7 +12,7 @@ from openpyxl import load_workbook
 from PIL import Image
 
 from tests.conftest import run_benchmark_script as run_script
-from tests.test_eval_mmbench import sample_rows, write_tsv
+from tests.conftest import sample_rows, write_tsv
 
 MMBENCH_ROUNDS = 3 + 4 + 2  # sample_rows' option counts
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from tests.test_scripts import run_script
+from tests.conftest import run_demo_script
 
 PROMPT = ("What is this?\nWhen the provided information is insufficient, respond with 'Unanswerable'.\n"
           "Answer the question using a single word or phrase.")
@@ -29,7 +29,7 @@ def _vizwiz_fixture(root: Path) -> Path:
 
 def test_vizwiz_script_writes_upload_and_summary(tiny_original, tmp_path):
     data = _vizwiz_fixture(tmp_path)
-    done = run_script("vizwiz.sh", "64", tiny_original, tmp_path, {
+    done = run_demo_script("vizwiz.sh", "64", tiny_original, {
         "EVAL_DIR": str(tmp_path), "QUESTION_FILE": str(data / "llava_test.jsonl"), "IMAGE_FOLDER": str(data / "test"),
     })
     assert done.returncode == 0, done.stderr

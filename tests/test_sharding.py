@@ -8,8 +8,7 @@ import subprocess
 import sys
 
 from llava.eval.model_vqa_loader import main
-from tests.conftest import DEMO_DIR, REPO_ROOT
-from tests.test_model_vqa_loader import cli_args, first_questions
+from tests.conftest import DEMO_DIR, REPO_ROOT, cli_args, first_questions
 
 WALL_CLOCK_KEYS = ("_seconds", "peak_")  # measurements that differ between any two runs
 

@@ -14,7 +14,7 @@ from llava.eval.summarize_review import main as summarize_main
 from llava.eval.summarize_review import summarize_review
 from llava.eval.tasks import TASKS, RunPaths, Task, discover_tasks, get_task, register_task
 from tests.conftest import DEMO_DIR, run_benchmark_script
-from tests.test_eval_mmbench import sample_rows, write_tsv
+from tests.conftest import sample_rows, write_tsv
 
 EXPECTED_TASKS = {"textvqa", "vizwiz", "gqa", "pope", "mme", "sqa", "mmbench", "mmbench_cn", "seed", "vqav2",
                   "mmvet", "llavabench"}

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
-from llava.eval.jsonl import parse_line, read_jsonl  # noqa: F401  (read_jsonl re-exported for callers)
+from llava.eval.jsonl import parse_line
 
 RUN_KEY = "run"  # metadata field holding the settings an answer was made with
 LOCK_SUFFIX = ".lock"

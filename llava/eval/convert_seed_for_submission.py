@@ -22,6 +22,7 @@ from llava.eval.result_file import (
     ALLOW_PARTIAL_HELP,
     Results,
     ScoringError,
+    percent,
     read_json,
     read_results,
     unanswered_line,
@@ -33,7 +34,6 @@ SCORED_DATA_TYPE = "image"
 # An upper-case option letter, after any leading spaces or brackets, that does not begin a word:
 # "A", "A.", "(A) cat" parse; "Apple" and "a cat" (the article) do not.
 OPTION_LETTER = re.compile(r"^\W*([A-D])(?![A-Za-z])")
-PERCENT = 100.0
 
 
 @dataclass(frozen=True)
@@ -78,9 +78,6 @@ def read_answers(result_file: str | Path, questions: Sequence[SeedQuestion]) -> 
     return results
 
 
-def _percent(correct: int, total: int) -> float:
-    return PERCENT * correct / total
-
 
 def score_seed(questions: Sequence[SeedQuestion], answers: dict[str, str]) -> dict:
     """`{"samples", "accuracy", "per_type": {type name: accuracy}}` over the answered image questions."""
@@ -91,8 +88,8 @@ def score_seed(questions: Sequence[SeedQuestion], answers: dict[str, str]) -> di
     per_type = {}
     for type_id, name in sorted({(q.type_id, q.type_name) for q in scored}):
         of_type = [q for q in scored if q.type_id == type_id]
-        per_type[name] = _percent(sum(q.question_id in correct for q in of_type), len(of_type))
-    return {"samples": len(scored), "accuracy": _percent(len(correct), len(scored)), "per_type": per_type}
+        per_type[name] = percent(sum(q.question_id in correct for q in of_type), len(of_type))
+    return {"samples": len(scored), "accuracy": percent(len(correct), len(scored)), "per_type": per_type}
 
 
 def upload_records(questions: Sequence[SeedQuestion], answers: dict[str, str]) -> list[dict]:

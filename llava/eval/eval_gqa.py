@@ -27,6 +27,7 @@ from llava.eval.result_file import (
     ScoringError,
     check_coverage,
     json_type,
+    percent,
     read_json,
     read_results,
     unanswered_line,
@@ -37,7 +38,6 @@ from llava.eval.result_file import (
 TYPE_KINDS = ("structural", "semantic")
 PREDICTION_FIELDS = ("questionId", "prediction")
 PREDICTION_KEY = AnswerKey("questionId", str)
-PERCENT = 100.0
 
 
 def load_questions(path: str | Path) -> dict[str, dict[str, Any]]:
@@ -93,9 +93,6 @@ def index_predictions(predictions: list[Any], source: str) -> dict[str, str]:
     return by_id
 
 
-def _percent(correct: int, total: int) -> float:
-    return PERCENT * correct / total
-
 
 def score_predictions(questions: dict[str, dict[str, Any]], predictions: list[Any], source: str = "predictions",
                       allow_partial: bool = False) -> dict[str, Any]:
@@ -120,9 +117,9 @@ def score_predictions(questions: dict[str, dict[str, Any]], predictions: list[An
             if type_name is not None:
                 per_type[kind][type_name][0] += right
                 per_type[kind][type_name][1] += 1
-    scores: dict[str, Any] = {"questions": len(balanced), "accuracy": _percent(correct, len(balanced))}
+    scores: dict[str, Any] = {"questions": len(balanced), "accuracy": percent(correct, len(balanced))}
     for kind in TYPE_KINDS:
-        scores[kind] = {name: _percent(*counts) for name, counts in sorted(per_type[kind].items())}
+        scores[kind] = {name: percent(*counts) for name, counts in sorted(per_type[kind].items())}
     if allow_partial:
         scores["unanswered"] = unanswered
     return scores

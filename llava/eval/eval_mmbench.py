@@ -41,6 +41,7 @@ from llava.eval.result_file import (
     ScoringError,
     check_coverage,
     json_type,
+    percent,
     read_results,
     write_json,
 )
@@ -53,7 +54,6 @@ TSV_FIELD_LIMIT = 2**31 - 1  # base64 images are far longer than csv's 128 KiB d
 SHEET_TITLE = "Sheet1"  # the name pandas' to_excel gives, which LLaVA's converter produced
 UPLOAD_SUFFIX = ".xlsx"
 FIRST_ROUND = 0
-PERCENT = 100.0
 
 RoundKey = tuple[str, int]  # question_id (the TSV index, as a string), round_id
 
@@ -203,9 +203,6 @@ def rounds_right(row: MMBenchRow, texts: dict[int, str]) -> dict[int, bool]:
     return {r: parse_option_letter(text, letters) == round_answer(row, r) for r, text in texts.items()}
 
 
-def _percent(correct: int, total: int) -> float:
-    return PERCENT * correct / total
-
 
 def score_mmbench(rows: list[MMBenchRow], answers: dict[int, dict[int, str]]) -> dict[str, Any]:
     """Circular accuracy (every expected round right; an unanswered round counts wrong), round-0 accuracy,
@@ -229,9 +226,9 @@ def score_mmbench(rows: list[MMBenchRow], answers: dict[int, dict[int, str]]) ->
         "samples": len(scored),
         "unanswered": unanswered,
         "rounds": sum(len(answers.get(row.index, {})) for row in scored),
-        "accuracy": _percent(sum(circular.values()), len(scored)),
-        "single_round_accuracy": _percent(sum(single.values()), len(scored)),
-        "categories": {name: _percent(sum(hits), len(hits)) for name, hits in sorted(by_category.items())},
+        "accuracy": percent(sum(circular.values()), len(scored)),
+        "single_round_accuracy": percent(sum(single.values()), len(scored)),
+        "categories": {name: percent(sum(hits), len(hits)) for name, hits in sorted(by_category.items())},
     }
 
 

@@ -27,6 +27,7 @@ from llava.eval.option_letters import (
 from llava.eval.result_file import (
     ALLOW_PARTIAL_HELP,
     ScoringError,
+    percent,
     read_json,
     read_results,
     unanswered_line,
@@ -37,7 +38,6 @@ PROBLEMS_FILE = "problems.json"
 SPLITS_FILE = "pid_splits.json"
 MISSING_PROMPT = "Unknown"  # LLaVA's prompt for a problem the result file does not answer
 NO_PREDICTION = -1  # LLaVA's predicted index when no option was chosen
-PERCENT = 100.0
 
 
 @dataclass
@@ -104,9 +104,6 @@ def grade_split(base_dir: str | Path, result_file: str | Path, split: str, allow
     return [grade(pid, problem, records.get(pid)) for pid, problem in problems.items()]
 
 
-def _percent(correct: int, total: int) -> float | None:
-    return PERCENT * correct / total if total else None
-
 
 def summarize(graded: list[Graded], allow_partial: bool = False) -> dict[str, Any]:
     """Counts and accuracies (percent) for the split and its IMG subset (+ "unanswered" when partial)."""
@@ -114,9 +111,9 @@ def summarize(graded: list[Graded], allow_partial: bool = False) -> dict[str, An
     correct = sum(item.correct for item in graded)
     img_correct = sum(item.correct for item in with_image)
     scores = {
-        "samples": len(graded), "correct": correct, "accuracy": _percent(correct, len(graded)),
+        "samples": len(graded), "correct": correct, "accuracy": percent(correct, len(graded)),
         "img_samples": len(with_image), "img_correct": img_correct,
-        "img_accuracy": _percent(img_correct, len(with_image)),
+        "img_accuracy": percent(img_correct, len(with_image)),
         "failed_parses": sum(item.parsed_ans == FAILED for item in graded),
     }
     if allow_partial:

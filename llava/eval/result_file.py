@@ -23,6 +23,7 @@ from typing import Any
 from llava.eval.jsonl import JsonlError, iter_jsonl
 
 ANSWER_FIELDS = ("question_id", "text")
+PERCENT = 100.0
 SHOWN_KEYS = 5  # unanswered questions named in an error; the count says how many there are in all
 ALLOW_PARTIAL_HELP = "score a result file that leaves questions unanswered (the count is reported)"
 JSON_TYPE_NAMES = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", str: "a string",
@@ -163,6 +164,12 @@ def check_coverage(answered: Collection[Hashable], expected: Sequence[Hashable],
         raise ScoringError(f"{source}: {len(missing)} of {len(expected)} questions unanswered, e.g. {key.name} "
                            f"{shown}; pass --allow-partial to score the answered ones")
     return len(missing)
+
+
+def percent(part: float, total: float) -> float | None:
+    """`part` of `total` in percent; None when there is nothing to count, so an empty subset (e.g. a split
+    without image questions) never shows as 0 %."""
+    return PERCENT * part / total if total else None
 
 
 def unanswered_line(unanswered: int, expected: int) -> str:

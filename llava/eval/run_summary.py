@@ -14,7 +14,7 @@ import platform
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from llava.eval.answers_file import read_jsonl
+from llava.eval.jsonl import read_jsonl
 from llava.eval.cli_errors import RunError, main_guard
 from llava.eval.summary import summarize_answers
 
