@@ -11,7 +11,7 @@ from llava.drop.blocks import layer_average, stage_lengths
 from llava.drop.cache import LayerKVCache
 from llava.drop.generate import build_prompt, prefill
 from llava.drop.methods import DropMethod, create_method
-from llava.drop.methods.base import LAST_QUERY
+from llava.drop.method import LAST_QUERY
 from llava.drop.methods.fastv import FastV, FastVOptions, fastv_budget_keep
 from llava.drop.methods.pdrop import PDrop, PDropOptions, budget_counts
 from llava.drop.probe import TokenLayout

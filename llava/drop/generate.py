@@ -18,7 +18,7 @@ from transformers.generation.logits_process import TopPLogitsWarper
 from llava.constants import IMAGE_TOKEN_INDEX
 from llava.drop.cache import LayerKVCache
 from llava.drop.flops import prefill_flops
-from llava.drop.methods.base import DropMethod, LayerContext
+from llava.drop.method import DropMethod, LayerContext
 from llava.drop.probe import TokenLayout, remap_key_indices, sequence_keep
 from llava.drop.timing import now
 from llava.drop.vision import VisionOutput

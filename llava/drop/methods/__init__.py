@@ -1,6 +1,6 @@
 """Token-dropping methods, one module each, registered by name (see registry.py)."""
 
-from llava.drop.methods.base import DropMethod, LayerContext
+from llava.drop.method import DropMethod, LayerContext
 from llava.drop.methods.mustdrop import DropConfig, MustDrop
 from llava.drop.methods.registry import (
     METHODS,

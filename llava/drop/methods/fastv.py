@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from llava.drop.blocks import round_half_up, top_positions
-from llava.drop.methods.base import DropMethod, LayerContext, last_token_scores
+from llava.drop.method import DropMethod, LayerContext, last_token_scores
 from llava.drop.methods.registry import register
 from llava.model.geometry import ModelGeometry
 

@@ -29,7 +29,7 @@ from llava.drop.blocks import (
     top_positions,
 )
 from llava.drop.cache import LayerKVCache
-from llava.drop.methods.base import TEXT_QUERIES, DropMethod, LayerContext
+from llava.drop.method import TEXT_QUERIES, DropMethod, LayerContext
 from llava.drop.methods.registry import register
 from llava.drop.timing import timed
 from llava.drop.vision import (

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from llava.drop.blocks import bisect, layer_average, round_half_up, stage_lengths, top_positions
-from llava.drop.methods.base import DropMethod, LayerContext, last_token_scores
+from llava.drop.method import DropMethod, LayerContext, last_token_scores
 from llava.drop.methods.registry import register
 from llava.model.geometry import ModelGeometry
 

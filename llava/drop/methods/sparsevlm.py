@@ -52,7 +52,7 @@ from llava.drop.blocks import (
     ranked_keep,
     stage_lengths,
 )
-from llava.drop.methods.base import TEXT_QUERIES, DropMethod, LayerContext
+from llava.drop.method import TEXT_QUERIES, DropMethod, LayerContext
 from llava.drop.methods.registry import register
 from llava.model.geometry import ModelGeometry
 

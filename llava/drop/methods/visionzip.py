@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from llava.drop.blocks import grouped_mean, nearest_centres, top_positions
-from llava.drop.methods.base import DropMethod
+from llava.drop.method import DropMethod
 from llava.drop.methods.registry import register
 from llava.drop.vision import (
     PATCHES_START,
