@@ -94,11 +94,12 @@ DEMO_QUESTION_FILE = DEMO_DIR / "llava_textvqa_demo.jsonl"
 DEMO_IMAGE_FOLDER = DEMO_DIR / "images"
 
 
-def cli_args(model: Path, questions: Path, answers: Path, *extra: str) -> list[str]:
+def cli_args(model: Path, questions: Path, answers: Path, *extra: str, max_new_tokens: int = 4) -> list[str]:
+    """An answering CLI's flags for a greedy CPU run on the demo images."""
     return [
         "--model-path", str(model), "--question-file", str(questions), "--image-folder", str(DEMO_IMAGE_FOLDER),
         "--answers-file", str(answers), "--temperature", "0", "--conv-mode", "vicuna_v1",
-        "--max_new_tokens", "4", "--device", "cpu", *extra,
+        "--max_new_tokens", str(max_new_tokens), "--device", "cpu", *extra,
     ]
 
 

@@ -17,18 +17,13 @@ import torch
 import llava.eval.question_loop as question_loop
 from llava.eval.answers_file import locked_answers_file
 from llava.eval.model_vqa_loader import main
-from tests.conftest import DEMO_DIR, REPO_ROOT
-
-QUESTION_FILE = DEMO_DIR / "llava_textvqa_demo.jsonl"
-IMAGE_FOLDER = DEMO_DIR / "images"
+from tests.conftest import DEMO_QUESTION_FILE as QUESTION_FILE
+from tests.conftest import REPO_ROOT
+from tests.conftest import cli_args as demo_cli_args
 
 
 def cli_args(model: Path, questions: Path, answers: Path, *extra: str) -> list[str]:
-    return [
-        "--model-path", str(model), "--question-file", str(questions), "--image-folder", str(IMAGE_FOLDER),
-        "--answers-file", str(answers), "--temperature", "0", "--conv-mode", "vicuna_v1",
-        "--max_new_tokens", "2", "--device", "cpu", *extra,
-    ]
+    return demo_cli_args(model, questions, answers, *extra, max_new_tokens=2)
 
 
 def write_questions(path: Path, lines: list[str]) -> Path:
