@@ -21,7 +21,7 @@ from llava.eval.calibrate import (
     sample_questions,
 )
 from llava.drop.methods import DropConfig
-from llava.eval.model_vqa_loader import questions_from_file
+from llava.eval.answering.vqa import questions_from_file
 from tests.conftest import DEMO_DIR
 
 QUESTION_FILE = DEMO_DIR / "llava_textvqa_demo.jsonl"

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from llava.eval.eval_gqa import (
+from llava.eval.scoring.gqa import (
     convert_results,
     main,
     prediction_text,
     score_gqa,
 )
-from llava.eval.result_file import ScoringError
+from llava.eval.scoring.results import ScoringError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

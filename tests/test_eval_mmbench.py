@@ -15,7 +15,9 @@ import pytest
 from openpyxl import load_workbook
 from PIL import Image
 
-from llava.eval.eval_mmbench import (
+from llava.eval.answering.mmbench import build_parser, questions_from_file
+from llava.eval.answering.loop import RunError
+from llava.eval.scoring.mmbench import (
     MMBenchError,
     evaluate,
     main,
@@ -23,9 +25,7 @@ from llava.eval.eval_mmbench import (
     rotate,
     round_answer,
 )
-from llava.eval.model_vqa_mmbench import build_parser, questions_from_file
-from llava.eval.question_loop import RunError
-from llava.eval.result_file import ScoringError
+from llava.eval.scoring.results import ScoringError
 from tests.conftest import MMBENCH_COLUMNS, REPO_ROOT, sample_rows, write_tsv
 
 INSTRUCTION = "Answer with the option's letter from the given choices directly."

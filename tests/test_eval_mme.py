@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from llava.eval.eval_mme import (
+from llava.eval.scoring.mme import (
     load_ground_truth,
     main,
     parse_prediction,
     score_mme,
 )
-from llava.eval.result_file import ScoringError
+from llava.eval.scoring.results import ScoringError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MME_HINT = " Please answer yes or no."

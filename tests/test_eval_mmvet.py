@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from llava.eval import model_vqa, model_vqa_loader
-from llava.eval.convert_mmvet_for_eval import main, mmvet_results
-from llava.eval.result_file import read_results
+from llava.eval.scoring.mmvet import main, mmvet_results
+from llava.eval.scoring.results import read_results
 from tests.conftest import REPO_ROOT
 
 

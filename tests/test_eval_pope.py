@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from llava.eval.eval_pope import answer_is_yes, main, score_pope
-from llava.eval.result_file import ScoringError
+from llava.eval.scoring.pope import answer_is_yes, main, score_pope
+from llava.eval.scoring.results import ScoringError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 HINT = "\nAnswer the question using a single word or phrase."

@@ -9,19 +9,19 @@ from pathlib import Path
 
 import pytest
 
-from llava.eval.eval_science_qa import (
-    grade_split,
-    main,
-    summarize,
-)
-from llava.eval.model_vqa_science import (
+from llava.eval.answering.science import (
     SINGLE_PRED_PROMPT,
     build_parser,
     questions_from_file,
 )
 from llava.eval.option_letters import FAILED, option_letters, parse_option_letter
-from llava.eval.question_loop import RunError
-from llava.eval.result_file import ScoringError
+from llava.eval.answering.loop import RunError
+from llava.eval.scoring.results import ScoringError
+from llava.eval.scoring.science_qa import (
+    grade_split,
+    main,
+    summarize,
+)
 from tests.conftest import REPO_ROOT
 
 ABCD = ["A", "B", "C", "D"]

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from llava.eval.convert_seed_for_submission import (
+from llava.eval.scoring.results import ScoringError
+from llava.eval.scoring.seed import (
     load_annotations,
     main,
     option_letter,
     read_answers,
     score_seed,
 )
-from llava.eval.result_file import ScoringError
 from tests.conftest import REPO_ROOT
 
 QUESTION_TYPES = {"Scene Understanding": 1, "Instance Identity": 2, "Action Recognition": 10}

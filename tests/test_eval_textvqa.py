@@ -11,25 +11,25 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from llava.eval.eval_textvqa import (
-    annotation_key,
-    load_annotations,
-    main,
-    question_from_prompt,
-    score_textvqa,
-)
-from llava.eval.m4c_evaluator import (
-    TextVQAAccuracyEvaluator,
-    normalize_answer,
-    vqa_answer_score,
-)
 from llava.eval.make_demo_data import (
     ANNOTATION_FILE,
     IMAGE_DIR,
     QUESTION_FILE,
     make_demo_data,
 )
-from llava.eval.result_file import ScoringError
+from llava.eval.scoring.results import ScoringError
+from llava.eval.scoring.textvqa import (
+    annotation_key,
+    load_annotations,
+    main,
+    question_from_prompt,
+    score_textvqa,
+)
+from llava.eval.scoring.vqa_accuracy import (
+    TextVQAAccuracyEvaluator,
+    normalize_answer,
+    vqa_answer_score,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_DIR = REPO_ROOT / "playground" / "data" / "eval" / "demo"

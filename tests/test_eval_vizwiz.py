@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from llava.eval.convert_vizwiz_for_submission import (
+from llava.eval.scoring.results import ScoringError
+from llava.eval.scoring.vizwiz import (
     convert_vizwiz,
     main,
     submission_answer,
 )
-from llava.eval.result_file import ScoringError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROMPT = ("What is this?\nWhen the provided information is insufficient, respond with 'Unanswerable'.\n"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from llava.eval.convert_vqav2_for_submission import main, upload_entries
+from llava.eval.scoring.vqav2 import main, upload_entries
 from tests.conftest import REPO_ROOT
 
 SPLIT = "llava_vqav2_mscoco_test-dev2015"

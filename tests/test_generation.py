@@ -106,7 +106,7 @@ def test_sampling_config_validation(kwargs, message):
 def test_prompt_wraps_the_image_in_start_end_tokens_when_the_checkpoint_asks():
     from types import SimpleNamespace
 
-    from llava.eval.answering import Answerer
+    from llava.eval.answering.answerer import Answerer
 
     model = SimpleNamespace(config=SimpleNamespace(mm_use_im_start_end=True),
                             generation_config=SimpleNamespace(eos_token_id=2))

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import llava.eval.question_loop as question_loop
-from llava.eval.answers_file import locked_answers_file
+import llava.eval.answering.loop as question_loop
+from llava.eval.answering.answers_file import locked_answers_file
 from llava.eval.model_vqa_loader import main
 from tests.conftest import DEMO_QUESTION_FILE as QUESTION_FILE
 from tests.conftest import REPO_ROOT
@@ -209,7 +209,7 @@ def test_prompt_longer_than_the_context_stops_and_keeps_earlier_answers(tiny_ori
 
 def test_answers_stop_at_the_context_length_and_say_so(loaded_original):
     from llava.drop.generate import SamplingConfig, generate
-    from llava.eval.answering import Answerer
+    from llava.eval.answering.answerer import Answerer
     from llava.model.geometry import geometry_of_model
 
     tokenizer, model, image_processor, _ = loaded_original
@@ -234,7 +234,7 @@ def test_no_traceback_reaches_the_terminal(tiny_original, tmp_path, extra):
 
 
 def test_science_qa_question_that_is_not_an_object(tiny_original, tmp_path, no_model_load):
-    from llava.eval.model_vqa_science import main as science_main
+    from llava.eval.answering.science import main as science_main
 
     questions = tmp_path / "q.json"
     questions.write_text(json.dumps([{"id": "1", "conversations": [{"value": "Q?"}]}, "oops"]))

@@ -2,7 +2,8 @@
 
 Most cases stop before any model load. The scripts' choice of Python is tested in a copy of the
 repository (its scripts, its llava linked) whose `.venv/bin/python` and PATH `python` are stand-ins
-that log their use; the sharding cases run a stand-in Python whose benchmark CLIs fail on purpose.
+that log their use; the runner's failure paths run on the tiny checkpoint, in one process and on two
+(CPU-only) "GPUs".
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+import llava.eval.run as runner
 from tests.conftest import DEMO_DIR, REPO_ROOT
 
 SCRIPT_TIMEOUT_S = 300
@@ -144,7 +146,8 @@ def test_after_demo_setup_a_script_uses_the_venv_and_names_the_missing_question_
     done = run("textvqa.sh", ["64"], {}, cwd=repo, scripts_root=repo, path_prefix=fake_bin)
     assert_one_error_line(done, 1, "TextVQA question file not found: "
                           "playground/data/eval/textvqa/llava_textvqa_val_v051_ocr.jsonl", "docs/Evaluation.md")
-    assert (tmp_path / "venv-python.log").read_text().strip() == str(repo.resolve() / ".venv" / "bin" / "python")
+    venv_python = str(repo.resolve() / ".venv" / "bin" / "python")
+    assert set((tmp_path / "venv-python.log").read_text().split()) == {venv_python}  # the check, then the runner
     assert not (tmp_path / "system-python.log").exists()
     assert snapshot(repo) == before  # no answers folder, nothing else
 
@@ -169,7 +172,7 @@ def test_without_venv_a_python3_with_the_project_runs_from_any_directory(tmp_pat
     # the default data folder is the repository's, whatever the working directory
     expected = repo.resolve() / "playground" / "data" / "eval" / "textvqa" / "llava_textvqa_val_v051_ocr.jsonl"
     assert_one_error_line(done, 1, f"not found: {expected}")
-    assert (tmp_path / "python3.log").read_text().strip() == str(tmp_path / "bin" / "python3")
+    assert set((tmp_path / "python3.log").read_text().split()) == {str(tmp_path / "bin" / "python3")}
     assert snapshot(elsewhere) == {}
 
 
@@ -241,117 +244,65 @@ def test_a_python_importing_another_llava_is_refused(tmp_path):
     assert snapshot(tmp_path) == before
 
 
-# --- the answering and scoring steps, with a stand-in Python -----------------------------------------
-
-STAND_IN_PYTHON = """#!/bin/sh
-# The benchmark CLIs act as $STAND_IN says; anything else (the environment check) runs the real Python.
-if [ "$1" = -m ]; then
-    module=$2; previous=""
-    for arg in "$@"; do
-        case "$previous" in
-            --answers-file) answers=$arg ;; --scores-file) scores=$arg ;; --out) out=$arg ;; --chunk-idx) chunk=$arg ;;
-        esac
-        previous=$arg
-    done
-    case "$module:$STAND_IN" in
-        llava.eval.model_vqa_loader:refuses)
-            echo "error: unknown method 'nosuch'" >&2; exit 1 ;;
-        llava.eval.model_vqa_loader:locks-then-fails)
-            : > "$answers"; echo 123 > "$answers.lock"; echo "error: checkpoint not found" >&2; exit 1 ;;
-        llava.eval.model_vqa_loader:answers-one-then-fails)
-            echo '{"question_id": 1}' >> "$answers"; echo "error: image not found" >&2; exit 1 ;;
-        llava.eval.model_vqa_loader:killed)
-            kill -9 $$ ;;
-        llava.eval.model_vqa_loader:*)
-            echo 123 > "$answers.lock"; echo "{\\"question_id\\": $chunk}" >> "$answers"; exit 0 ;;
-        llava.eval.eval_textvqa:scorer-fails)
-            echo '{"accur' > "$scores"; echo "error: annotation file is not JSON" >&2; exit 1 ;;
-        llava.eval.eval_textvqa:*)
-            echo '{"accuracy": 50.0}' > "$scores"; exit 0 ;;
-        llava.eval.run_summary:*)
-            echo '{"fresh": true}' > "$out"; exit 0 ;;
-    esac
-fi
-exec "%s" "$@"
-"""
+# --- the runner's answering and scoring steps ------------------------------------------------------
 
 
-@pytest.fixture
-def stand_in(tmp_path) -> dict[str, str]:
-    """EVAL_DIR with a TextVQA set and a stand-in PYTHON (set STAND_IN to choose its behaviour)."""
+@pytest.mark.parametrize("gpus", ["", "0,1"], ids=["one-process", "two-gpus"])
+def test_a_failure_before_any_answer_passes_the_error_through_and_leaves_no_folder(tmp_path, gpus):
+    """A folder that is no checkpoint fails in every answering process before its first answer."""
     demo_textvqa(tmp_path / "eval" / "textvqa")
-    python = write_executable(tmp_path / "bin" / "python", STAND_IN_PYTHON % sys.executable)
-    return {"EVAL_DIR": str(tmp_path / "eval"), "PYTHON": str(python), "MODEL_PATH": "liuhaotian/llava-v1.5-7b"}
-
-
-ANSWERS = Path("textvqa/answers/llava-v1.5-7b-64")
-
-
-@pytest.mark.parametrize("behaviour,gpus", [("refuses", ""), ("locks-then-fails", ""), ("locks-then-fails", "0,1")])
-def test_a_failure_before_any_answer_passes_the_error_through_and_leaves_no_folder(tmp_path, stand_in, behaviour, gpus):
+    (tmp_path / "not-a-checkpoint").mkdir()
     before = snapshot(tmp_path / "eval")
-    done = run("textvqa.sh", ["64"], {**stand_in, "STAND_IN": behaviour, "CUDA_VISIBLE_DEVICES": gpus}, cwd=tmp_path)
+    done = run("textvqa.sh", ["64"], {"EVAL_DIR": str(tmp_path / "eval"), "PYTHON": sys.executable,
+                                      "MODEL_PATH": str(tmp_path / "not-a-checkpoint"), "CUDA_VISIBLE_DEVICES": gpus},
+               cwd=tmp_path)
     assert done.returncode == 1
     assert "re-run" not in done.stderr and "Traceback" not in done.stderr
-    assert set(done.stderr.strip().splitlines()) == {done.stderr.strip().splitlines()[0]}  # the CLI's line, per shard
-    assert snapshot(tmp_path / "eval") == before  # the answers folder, its empty files and locks are gone
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == (2 if gpus else 1) and len(set(lines)) == 1, done.stderr  # one line per process
+    assert lines[0].startswith("error: ") and "not-a-checkpoint" in lines[0]
+    assert snapshot(tmp_path / "eval") == before  # no answers folder, no empty chunk file, no lock
 
 
-def test_a_killed_cli_is_reported(tmp_path, stand_in):
-    before = snapshot(tmp_path / "eval")
-    done = run("textvqa.sh", ["64"], {**stand_in, "STAND_IN": "killed"}, cwd=tmp_path)
-    assert_one_error_line(done, 137, "llava.eval.model_vqa_loader was killed by signal 9 before answering any question")
-    assert snapshot(tmp_path / "eval") == before
+def test_a_killed_gpu_process_is_reported(tmp_path, monkeypatch, capsys):
+    demo_textvqa(tmp_path / "textvqa")
+    monkeypatch.setattr(runner, "run_on_gpus", lambda command, gpus: [0, -9])
+    before = snapshot(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        runner.main(["--tasks", "textvqa", "--model-path", "m", "--eval-dir", str(tmp_path), "--gpus", "3,5"])
+    assert stop.value.code == "error: the process on GPU 5 was killed by signal 9 before answering any question"
+    assert snapshot(tmp_path) == before
 
 
-def test_a_failure_after_answers_were_written_says_how_to_resume(tmp_path, stand_in):
-    done = run("textvqa.sh", ["64"], {**stand_in, "STAND_IN": "answers-one-then-fails"}, cwd=tmp_path)
-    assert done.returncode == 1 and "Traceback" not in done.stderr
-    assert done.stderr.strip().splitlines() == [
-        "error: image not found",
-        f"error: stopped with 1 answers in {tmp_path / 'eval' / ANSWERS}; "
-        "fix the cause and re-run the same command to resume",
-    ]
-    assert (tmp_path / "eval" / ANSWERS / "1_0.jsonl").read_text() == '{"question_id": 1}\n'
-    assert not (tmp_path / "eval" / ANSWERS / "merge.jsonl").exists()
+def test_gpu_processes_run_as_ranks_of_one_run_each_on_its_gpu():
+    report = "import os; print(os.environ['RANK'], os.environ['WORLD_SIZE'], os.environ['CUDA_VISIBLE_DEVICES'])"
+    script = f"import os, sys; {report}; sys.exit(int(os.environ['RANK']) * 3)"
+    codes = runner.run_on_gpus([sys.executable, "-c", script], ["4", "7"])
+    assert codes == [0, 3]
+    assert runner.worker_argv(["--gpus", "4,7", "--tasks=a,b", "--budget", "64"], "a") == ["--budget", "64", "--tasks", "a"]
 
 
-def test_the_merge_takes_the_chunks_in_order_and_not_their_locks(tmp_path, stand_in):
-    done = run("textvqa.sh", ["64"], {**stand_in, "STAND_IN": "answers", "CUDA_VISIBLE_DEVICES": "3,5"}, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr
-    answers = tmp_path / "eval" / ANSWERS
-    assert (answers / "merge.jsonl").read_text() == '{"question_id": 0}\n{"question_id": 1}\n'
-    assert json.loads((answers / "scores.json").read_text()) == {"accuracy": 50.0}
-    assert json.loads((answers / "summary.json").read_text()) == {"fresh": True}
-    assert sorted(path.name for path in answers.iterdir()) == [
-        "2_0.jsonl", "2_0.jsonl.lock", "2_1.jsonl", "2_1.jsonl.lock", "merge.jsonl", "scores.json", "summary.json"]
-
-
-def test_a_failing_scorer_leaves_the_answers_and_no_summary_claiming_success(tmp_path, stand_in):
-    answers = tmp_path / "eval" / ANSWERS
-    answers.mkdir(parents=True)  # an earlier run, scored, whose answers were since redone
-    (answers / "merge.jsonl").write_text('{"question_id": "old"}\n')
-    (answers / "scores.json").write_text('{"accuracy": 99.0}')
-    (answers / "summary.json").write_text('{"stale": true}')
-    done = run("textvqa.sh", ["64"], {**stand_in, "STAND_IN": "scorer-fails"}, cwd=tmp_path)
-    assert_one_error_line(done, 1, "annotation file is not JSON")
-    assert (answers / "merge.jsonl").read_text() == '{"question_id": 0}\n'
-    assert sorted(path.name for path in answers.iterdir()) == ["1_0.jsonl", "1_0.jsonl.lock", "merge.jsonl"]
-
-
-def test_a_failing_scorer_keeps_the_summary_of_the_same_answers(tmp_path, stand_in):
-    answers = tmp_path / "eval" / ANSWERS
-    answers.mkdir(parents=True)  # an earlier scored run; the stand-in CLI writes the same answer again
-    (answers / "1_0.jsonl").write_text("")
-    (answers / "merge.jsonl").write_text('{"question_id": 0}\n')
-    (answers / "scores.json").write_text('{"accuracy": 50.0}')
-    (answers / "summary.json").write_text('{"scored": true}')
-    done = run("textvqa.sh", ["64"], {**stand_in, "STAND_IN": "scorer-fails"}, cwd=tmp_path)
-    assert_one_error_line(done, 1, "annotation file is not JSON")
-    assert (answers / "merge.jsonl").read_text() == '{"question_id": 0}\n'
-    assert (answers / "scores.json").read_text() == '{"accuracy": 50.0}'
-    assert (answers / "summary.json").read_text() == '{"scored": true}'
-    assert not list(answers.glob(".*.pending"))
+def test_a_failing_scorer_never_leaves_scores_of_other_answers(tiny_original, tmp_path, capsys):
+    """Scores and summary always describe merge.jsonl as it is: a scorer that fails keeps those of the
+    same answers, and removes those of answers since redone."""
+    demo_textvqa(tmp_path / "textvqa")
+    argv = ["--tasks", "textvqa", "--model-path", str(tiny_original), "--eval-dir", str(tmp_path),
+            "--max_new_tokens", "2", "--device", "cpu"]
+    runner.main(argv)
+    answers = tmp_path / "textvqa" / "answers" / f"{tiny_original.name}-full"
+    scored = {name: (answers / name).read_bytes() for name in ("merge.jsonl", "scores.json", "summary.json")}
+    (tmp_path / "textvqa" / "TextVQA_0.5.1_val.json").write_text('{"accur')  # the scorer now fails
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        runner.main(argv)  # nothing to answer; the same answers, which keep their scores
+    assert "annotation file" in capsys.readouterr().err
+    assert {name: (answers / name).read_bytes() for name in scored} == scored
+    (answers / "merge.jsonl").write_text('{"question_id": "an earlier run"}\n')  # scored answers, since redone
+    with pytest.raises(SystemExit) as stop:
+        runner.main(argv)
+    assert "did not score" in str(stop.value.code) and "the answers are kept" in str(stop.value.code)
+    assert (answers / "merge.jsonl").read_bytes() == scored["merge.jsonl"]
+    assert sorted(path.name for path in answers.iterdir()) == ["1_0.jsonl", "merge.jsonl"]
 
 
 # --- real runs on the tiny checkpoint ------------------------------------------------------------------
@@ -367,18 +318,21 @@ def test_the_python_cli_refusing_its_flags_leaves_nothing_behind(tmp_path):
     assert snapshot(tmp_path) == before
 
 
-def test_a_run_stopped_after_some_answers_says_how_to_resume(tiny_original, tmp_path):
+@pytest.mark.parametrize("gpus,chunk_lines", [("", {"1_0.jsonl": 1}), ("0,1", {"2_0.jsonl": 1, "2_1.jsonl": 1})],
+                         ids=["one-process", "two-gpus"])
+def test_a_run_stopped_after_some_answers_says_how_to_resume(tiny_original, tmp_path, gpus, chunk_lines):
     images = demo_textvqa(tmp_path / "textvqa")
-    (tmp_path / "textvqa" / "train_images" / images[1]).unlink()
+    (tmp_path / "textvqa" / "train_images" / images[1]).unlink()  # in the first chunk of two, after one answer
     done = run("textvqa.sh", ["64"], {"EVAL_DIR": str(tmp_path), "PYTHON": sys.executable,
-                                      "MODEL_PATH": str(tiny_original),
+                                      "MODEL_PATH": str(tiny_original), "CUDA_VISIBLE_DEVICES": gpus,
                                       "EXTRA_ARGS": "--max_new_tokens 2 --device cpu"}, cwd=tmp_path)
     assert done.returncode == 1 and "Traceback" not in done.stderr
     answers = tmp_path / "textvqa" / "answers" / f"{tiny_original.name}-64"
     assert images[1] in done.stderr
+    answered = sum(chunk_lines.values())
     assert done.stderr.strip().splitlines()[-1] == (
-        f"error: stopped with 1 answers in {answers}; fix the cause and re-run the same command to resume")
-    assert len((answers / "1_0.jsonl").read_text().splitlines()) == 1
+        f"error: stopped with {answered} answers in {answers}; fix the cause and re-run the same command to resume")
+    assert {name: len((answers / name).read_text().splitlines()) for name in chunk_lines} == chunk_lines
     assert not (answers / "merge.jsonl").exists()
 
 

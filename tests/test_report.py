@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from llava.eval import report, run_summary
-from llava.eval.summary import summarize_answers
+from llava.eval import report
+from llava.eval.scoring import run_summary
+from llava.eval.scoring.summary import summarize_answers
 
 
 def answer(avg_tokens, flops, prefill, new_tokens, decode, rss):

@@ -11,7 +11,7 @@ import pytest
 
 from llava.eval.run import main as run_main
 from llava.eval.summarize_review import main as summarize_main
-from llava.eval.summarize_review import summarize_review
+from llava.eval.scoring.llavabench import summarize_review
 from llava.eval.tasks import TASKS, RunPaths, Task, discover_tasks, get_task, register_task
 from tests.conftest import DEMO_DIR, run_benchmark_script
 from tests.conftest import sample_rows, write_tsv
@@ -32,8 +32,8 @@ def test_every_benchmark_is_a_registered_task():
 def test_a_second_task_with_a_taken_name_is_refused():
     textvqa = get_task("textvqa")
     with pytest.raises(ValueError, match="task 'textvqa' is already registered"):
-        register_task(Task(name="textvqa", folder="x", answer_cli="llava.eval.model_vqa_loader", inputs=(),
-                           answer_flags=(), scorer="llava.eval.eval_textvqa", score_flags=()))
+        register_task(Task(name="textvqa", folder="x", answer_cli="llava.eval.answering.vqa", inputs=(),
+                           answer_flags=(), scorer="llava.eval.scoring.textvqa", score_flags=()))
     assert TASKS["textvqa"] is textvqa
 
 
@@ -115,7 +115,8 @@ def test_mmbench_cn_asks_with_llavas_chinese_prompt_rules(tmp_path):
     folder.mkdir()
     write_tsv(folder / "mmbench_dev_cn_20231003.tsv", rows)
     task = get_task("mmbench_cn")
-    args = task.answer_args(tmp_path, tmp_path / "answers.jsonl", "model")
+    values = task.resolve(tmp_path, RunPaths(folder / "answers" / "model-full", "model-full"))
+    args = task.answer_args(values, tmp_path / "answers.jsonl", "model")
     questions = task.questions(args)
     assert questions[0].text == f"路边的一个标志。\n标志是什么颜色？\nA. 红色\nB. 蓝色\nC. 绿色\n{CN_INSTRUCTION}"
     assert questions[0].record["prompt"] == "路边的一个标志。\n标志是什么颜色？\nA. 红色\nB. 蓝色\nC. 绿色"
@@ -222,12 +223,12 @@ def test_llavabench_review_step_waits_for_a_judge_then_runs_it(tmp_path, capsys,
     paths.answers.write_text("".join(json.dumps({"question_id": index, "text": "x"}) + "\n" for index in range(2)))
     task = get_task("llavabench")
     monkeypatch.delenv("JUDGE_CMD", raising=False)
-    assert task.score(tmp_path, paths) is False
+    assert task.score(task.resolve(tmp_path, paths), paths) is False
     assert f"no review file {folder}/reviews/m-full.jsonl: set JUDGE_CMD" in capsys.readouterr().out
     judge = tmp_path / "judge.py"
     judge.write_text(FAKE_JUDGE)
     monkeypatch.setenv("JUDGE_CMD", f"{sys.executable} {judge}")
-    assert task.score(tmp_path, paths) is True
+    assert task.score(task.resolve(tmp_path, paths), paths) is True
     scores = json.loads(paths.scores.read_text())
     assert scores["all"] == {"relative": 50.0, "reference": 80.0, "model": 40.0, "reviews": 2}
     assert set(scores) == {"all", "llava_bench_conv", "llava_bench_detail", "unparsed_reviews"}
@@ -257,3 +258,33 @@ def test_mmbench_cn_script_names_its_missing_question_file(tmp_path):
     assert done.returncode == 1
     assert done.stderr.strip() == (f"error: MMBench-CN question file not found: {tmp_path}/mmbench_cn/"
                                    "mmbench_dev_cn_20231003.tsv (download it as LLaVA's docs/Evaluation.md describes)")
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--tasks", "textvqa", "--set", "nope=1"], "task textvqa has no value or input 'nope'; it has: questions, images"),
+    (["--tasks", "textvqa,vizwiz", "--set", "questions=q.jsonl"], "name the task, e.g. --set textvqa.questions=q.jsonl"),
+    (["--tasks", "textvqa", "--set", "questions"], "expected KEY=VALUE or TASK.KEY=VALUE"),
+    (["--tasks", "mmbench", "--set", "split=mmbench_test_20230712"], "mmbench/mmbench_test_20230712.tsv"),
+    (["--tasks", "textvqa", "--preset", "64", "--method", "fastv"], "--preset picks MustDrop's published thresholds"),
+])
+def test_runner_set_and_preset_refusals_name_the_problem(tmp_path, argv, message):
+    demo_textvqa(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        run_main([*argv, "--model-path", "m", "--eval-dir", str(tmp_path)])
+    assert message in str(stop.value.code)
+
+
+def test_set_replaces_inputs_and_values_and_preset_picks_each_tasks_thresholds(tmp_path):
+    from llava.eval.run import build_parser, drop_args_for, drop_flags_of, overrides_for, run_paths
+
+    folder = demo_textvqa(tmp_path)
+    moved = tmp_path / "elsewhere.jsonl"
+    moved.write_text((folder / "llava_textvqa_val_v051_ocr.jsonl").read_text())
+    args = build_parser().parse_args(["--tasks", "textvqa", "--model-path", "m", "--preset", "64",
+                                      "--set", f"textvqa.questions={moved}", "--set", "gqa.questions=unused"])
+    textvqa, vizwiz = get_task("textvqa"), get_task("vizwiz")
+    values = textvqa.resolve(tmp_path, run_paths(textvqa, tmp_path, args), overrides_for(textvqa, args, 2))
+    assert values["questions"] == str(moved) and values["images"] == str(folder / "train_images")
+    assert drop_flags_of(drop_args_for(textvqa, args)) == "--sparse --global_thr 0.011 --individual_thr 0.01"
+    assert drop_flags_of(drop_args_for(vizwiz, args)) == "--sparse --global_thr 0.005 --individual_thr 0.001"
+    assert run_paths(textvqa, tmp_path, args).run == "m-64"

@@ -20,7 +20,7 @@ from sentencepiece import sentencepiece_model_pb2
 from llava.constants import IMAGE_TOKEN_INDEX
 from llava.conversation import get_conv_template
 from llava.drop.generate import SamplingConfig, generate
-from llava.eval.answering import Answerer
+from llava.eval.answering.answerer import Answerer
 from llava.mm_utils import load_image, process_images, tokenizer_image_token
 from llava.model.builder import load_tokenizer
 from llava.model.tokenizer import SentencePieceLlamaTokenizer, load_llava_tokenizer
@@ -233,7 +233,7 @@ def test_answer_text_is_the_sentencepiece_decode_of_its_ids(request, loaded_name
 def test_byte_fallback_answer_text_is_the_sentencepiece_decode(monkeypatch, loaded_original, sp, pieces):
     """The tiny model rarely emits byte pieces, so the answer path is fed chosen ids (ending in EOS)."""
     from llava.drop.generate import GenerationOutput
-    from llava.eval import answering
+    from llava.eval.answering import answerer
 
     tokenizer, model, image_processor, _ = loaded_original
     ids = [*reference_encode(sp, "The word", {}), *map(sp.piece_to_id, pieces), sp.eos_id()]
@@ -242,7 +242,7 @@ def test_byte_fallback_answer_text_is_the_sentencepiece_decode(monkeypatch, load
         assert not any(should_stop(ids[:end]) for end in range(1, len(ids) + 1))
         return GenerationOutput(token_ids=ids)
 
-    monkeypatch.setattr(answering, "generate", generate_these_ids)
+    monkeypatch.setattr(answerer, "generate", generate_these_ids)
     answer = Answerer(tokenizer, model, image_processor, "vicuna_v1", SamplingConfig()).answer("Word?", None)
     assert answer.text == reference_decode(sp, ids, special_ids(tokenizer)).strip()
 

@@ -37,8 +37,8 @@ from llava.drop.cache import LayerKVCache
 from llava.drop.generate import MultimodalPrompt, build_prompt, prefill
 from llava.drop.methods import as_method
 from llava.drop.methods.mustdrop import DEFAULT_GLOBAL_THR, DEFAULT_INDIVIDUAL_THR, DropConfig
-from llava.eval.model_vqa_loader import questions_from_file
-from llava.eval.question_loop import (
+from llava.eval.answering.vqa import questions_from_file
+from llava.eval.answering.loop import (
     Question,
     RunError,
     add_loading_args,

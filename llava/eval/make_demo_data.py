@@ -17,7 +17,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont, features
 
-from llava.eval.m4c_evaluator import HUMAN_ANSWERS_PER_QUESTION
+from llava.eval.scoring.vqa_accuracy import HUMAN_ANSWERS_PER_QUESTION
 
 SEED = 1234
 QUESTION_FILE = "llava_textvqa_demo.jsonl"

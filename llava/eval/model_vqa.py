@@ -1,28 +1,9 @@
-"""LLaVA's `model_vqa` CLI (used for MM-Vet): the same flags, question lines and answers file as
-`model_vqa_loader`, which it reuses; LLaVA kept two entry points, so scripts written for either work.
+"""LLaVA's command name for open-ended answering (MM-Vet, LLaVA-Bench): llava/eval/answering/open_ended.py."""
 
-    python -m llava.eval.model_vqa --model-path M --question-file Q --image-folder I \
-        --answers-file A --temperature 0 --conv-mode vicuna_v1 [--sparse --global_thr G --individual_thr T]
-"""
+# also importable under LLaVA's module name, as code written for LLaVA expects
+from llava.eval.answering.open_ended import build_parser, main, questions_from_file
 
-from __future__ import annotations
-
-import argparse
-
-from llava.eval import model_vqa_loader
-from llava.eval.model_vqa_loader import questions_from_file
-from llava.eval.question_loop import run_cli
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = model_vqa_loader.build_parser()
-    parser.description = __doc__
-    return parser
-
-
-def main(argv: list[str] | None = None) -> None:
-    run_cli(build_parser(), questions_from_file, argv)
-
+__all__ = ["build_parser", "main", "questions_from_file"]
 
 if __name__ == "__main__":
     main()

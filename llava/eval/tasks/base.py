@@ -1,11 +1,14 @@
 """What a benchmark task is: its data under playground/data/eval, how it is asked, how it is scored.
 
 A task names LLaVA's answering CLI for its question format and the scorer (or submission converter)
-for its answers, and gives both their flags as templates over its data paths, so that the runner asks
-and scores exactly as `scripts/v1_5/eval/<benchmark>.sh` does. Placeholders in the flag templates:
-`{data}` (the task's folder), one per input (`{questions}`, `{images}`, ...), and for the scorer
-`{answers}` (the merged answers file), `{answer_dir}`, `{run}` (the answers folder's name, e.g.
-`llava-v1.5-7b-64`) and `{scores}` (where the scorer writes its scores JSON).
+for its answers, and gives both their flags as templates, so that the runner (and through it
+`scripts/v1_5/eval/<benchmark>.sh`) asks and scores exactly as LLaVA's scripts do.
+
+Placeholders in the templates: `{data}` (the task's folder), `{answer_dir}`, `{answers}` (the merged
+answers file), `{run}` (the answers folder's name, e.g. `llava-v1.5-7b-64`), `{scores}` (where the
+scorer writes its scores JSON), one per named value of the task (`values`, e.g. MMBench's `{split}`),
+and one per input (`{questions}`, `{images}`, ...). A run may override any value or input by key
+(`python -m llava.eval.run --set questions=PATH`); an override is used as given.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,7 +24,7 @@ from typing import TYPE_CHECKING
 from llava.eval.cli_errors import RunError
 
 if TYPE_CHECKING:  # the answering loop (and torch) load only when a task is asked
-    from llava.eval.question_loop import Question
+    from llava.eval.answering.loop import Question
 
 DATA_HINT = "download it as LLaVA's docs/Evaluation.md describes"
 QUESTION_IMAGE_FLAGS = ("--question-file", "{questions}", "--image-folder", "{images}")  # LLaVA's VQA CLIs
@@ -28,8 +32,9 @@ QUESTION_IMAGE_FLAGS = ("--question-file", "{questions}", "--image-folder", "{im
 
 @dataclass(frozen=True)
 class DataInput:
-    """One input of a task: `path` relative to the task's folder; `kind` is "file" or "dir";
-    `match` (a glob) asks that the folder hold at least one such file."""
+    """One input of a task. `path` is relative to the task's folder, unless it holds a placeholder
+    (then it names its own root, e.g. "{data}/{split}.tsv"); `kind` is "file" or "dir"; `match` (a
+    glob) asks that the folder hold at least one such file."""
 
     key: str
     what: str
@@ -37,9 +42,11 @@ class DataInput:
     kind: str = "file"
     match: str | None = None
 
-    def check(self, folder: Path) -> Path:
-        """The input's path, or a RunError naming the path LLaVA's layout expects."""
-        path = folder / self.path
+    def default_path(self, folder: Path, values: Mapping[str, str]) -> Path:
+        return Path(self.path.format(**values)) if "{" in self.path else folder / self.path
+
+    def check(self, path: Path) -> Path:
+        """`path`, or a RunError naming it when it is missing or of the wrong kind."""
         if self.kind == "file":
             if path.is_file():
                 return path
@@ -82,7 +89,9 @@ class Task:
     """A benchmark, registered by `name` (see registry.py). `folder` is its directory under the eval
     directory (LLaVA's layout), `answer_cli` the module that answers its questions (it provides
     `build_parser` and `questions_from_file`), `scorer` the module that scores or converts the answers
-    (its `main(argv)`), and the two flag tuples the templates described in this module's docstring."""
+    (its `main(argv)`), the two flag tuples the templates described in this module's docstring (a
+    flag that formats to "" is left out), and `values` the task's named values with their defaults,
+    in order (a default may use the values before it, `{data}` and the run's paths)."""
 
     name: str
     folder: str
@@ -91,16 +100,33 @@ class Task:
     answer_flags: tuple[str, ...]
     scorer: str
     score_flags: tuple[str, ...]
+    values: tuple[tuple[str, str], ...] = ()
 
-    def data_paths(self, eval_dir: Path) -> dict[str, str]:
-        """Every input's path, checked (a RunError names the first missing one), plus `data`."""
+    def keys(self) -> list[str]:
+        """What a run may override: the task's values and inputs."""
+        return [name for name, _ in self.values] + [item.key for item in self.inputs]
+
+    def resolve(self, eval_dir: Path, run: RunPaths, overrides: Mapping[str, str] | None = None) -> dict[str, str]:
+        """Every value the templates may name, each input checked (a RunError names the first
+        missing one), `overrides` (by key) used as given."""
+        overrides = dict(overrides or {})
+        unknown = sorted(set(overrides) - set(self.keys()))
+        if unknown:
+            raise RunError(f"task {self.name} has no value or input {', '.join(map(repr, unknown))}; "
+                           f"it has: {', '.join(self.keys())}")
         folder = eval_dir / self.folder
-        paths = {item.key: str(item.check(folder)) for item in self.inputs}
-        return {"data": str(folder), **paths}
+        values = {"data": str(folder), "answer_dir": str(run.answer_dir), "answers": str(run.answers),
+                  "run": run.run, "scores": str(run.scores)}
+        for name, default in self.values:
+            values[name] = overrides[name] if name in overrides else default.format(**values)
+        for item in self.inputs:
+            path = Path(overrides[item.key]) if item.key in overrides else item.default_path(folder, values)
+            values[item.key] = str(item.check(path))
+        return values
 
-    def answer_args(self, eval_dir: Path, answers_file: Path, model_path: str) -> argparse.Namespace:
+    def answer_args(self, values: Mapping[str, str], answers_file: Path, model_path: str) -> argparse.Namespace:
         """The answering CLI's parsed flags for this task (its defaults for every model flag)."""
-        flags = [flag.format(**self.data_paths(eval_dir)) for flag in self.answer_flags]
+        flags = format_flags(self.answer_flags, values)
         parser = self.cli_module().build_parser()
         return parser.parse_args([*flags, "--answers-file", str(answers_file), "--model-path", model_path])
 
@@ -115,17 +141,11 @@ class Task:
         """The task's questions, prompt rules applied, read by its answering CLI's reader."""
         return self.cli_module().questions_from_file(args)
 
-    def run_values(self, eval_dir: Path, run: RunPaths) -> dict[str, str]:
-        """What the score flag templates may name: the data paths and the run's own paths."""
-        return {**self.data_paths(eval_dir), "answers": str(run.answers), "answer_dir": str(run.answer_dir),
-                "run": run.run, "scores": str(run.scores)}
-
-    def score(self, eval_dir: Path, run: RunPaths) -> bool:
+    def score(self, values: Mapping[str, str], run: RunPaths) -> bool:
         """Score (or convert) `run.answers` with the task's scorer, which prints its scores and writes
         them to `run.scores`; a refusal is a RunError after the scorer's own message. False when the
         scores wait for a step outside this run (a task that needs one says which)."""
-        values = self.run_values(eval_dir, run)
-        self.run_scorer([flag.format(**values) for flag in self.score_flags], run)
+        self.run_scorer(format_flags(self.score_flags, values), run)
         return True
 
     def run_scorer(self, argv: list[str], run: RunPaths) -> None:
@@ -137,3 +157,9 @@ class Task:
                     print(stop.code, file=sys.stderr)
                 raise RunError(f"task {self.name}: {self.scorer} did not score {run.answers} "
                                "(see above); the answers are kept") from None
+
+
+def format_flags(templates: tuple[str, ...], values: Mapping[str, str]) -> list[str]:
+    """The flags with their placeholders filled; a flag that is empty once filled is left out."""
+    flags = [template.format(**values) for template in templates]
+    return [flag for flag in flags if flag]

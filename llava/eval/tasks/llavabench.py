@@ -5,7 +5,7 @@ No judge is reachable from here, so the review step is a command the user config
 is run once, with LLaVA's `eval_gpt_review_bench.py` flags appended:
 `$JUDGE_CMD --question Q --context C --answer-list answers_gpt4.jsonl ANSWERS --output REVIEW`, and must
 write one review line per question (`{"question_id", "category", "tuple": [gpt4, model]}`) to REVIEW,
-`<data>/reviews/<run>.jsonl`. LLaVA's own script works as the judge:
+`<data>/reviews/<run>.jsonl` unless the run sets `review`. LLaVA's own script works as the judge:
 `JUDGE_CMD="python LLaVA/llava/eval/eval_gpt_review_bench.py --rule LLaVA/llava/eval/table/rule.json"`.
 Without JUDGE_CMD and without a review file, the run stops after answering and says how to make one.
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import shlex
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
 
 from llava.eval.cli_errors import RunError
@@ -22,15 +23,13 @@ from llava.eval.tasks.base import QUESTION_IMAGE_FLAGS, DataInput, RunPaths, Tas
 from llava.eval.tasks.registry import register_task
 
 JUDGE_ENV = "JUDGE_CMD"
-REVIEW_FILE = "{data}/reviews/{run}.jsonl"
 
 
 class ReviewedTask(Task):
     """A task whose scorer reads a review file that an external judge writes from the answers."""
 
-    def score(self, eval_dir: Path, run: RunPaths) -> bool:
-        values = self.run_values(eval_dir, run)
-        review = Path(REVIEW_FILE.format(**values))
+    def score(self, values: Mapping[str, str], run: RunPaths) -> bool:
+        review = Path(values["review"])
         if not review.is_file():
             judge = os.environ.get(JUDGE_ENV, "").strip()
             if not judge:
@@ -41,7 +40,7 @@ class ReviewedTask(Task):
         self.run_scorer(["--review-file", str(review), "--scores-file", str(run.scores)], run)
         return True
 
-    def run_judge(self, judge: str, values: dict[str, str], review: Path) -> None:
+    def run_judge(self, judge: str, values: Mapping[str, str], review: Path) -> None:
         review.parent.mkdir(parents=True, exist_ok=True)
         command = [*shlex.split(judge), "--question", values["questions"], "--context", values["context"],
                    "--answer-list", values["reference_answers"], values["answers"], "--output", str(review)]
@@ -55,11 +54,12 @@ class ReviewedTask(Task):
 
 
 register_task(ReviewedTask(
-    name="llavabench", folder="llava-bench-in-the-wild", answer_cli="llava.eval.model_vqa",
+    name="llavabench", folder="llava-bench-in-the-wild", answer_cli="llava.eval.answering.open_ended",
     inputs=(*question_inputs("LLaVA-Bench", "questions.jsonl", "images"),
             DataInput("context", "LLaVA-Bench context file", "context.jsonl"),
             DataInput("reference_answers", "LLaVA-Bench GPT-4 answers", "answers_gpt4.jsonl")),
     answer_flags=QUESTION_IMAGE_FLAGS,
-    scorer="llava.eval.summarize_review",
+    values=(("review", "{data}/reviews/{run}.jsonl"),),
+    scorer="llava.eval.scoring.llavabench",
     score_flags=(),
 ))

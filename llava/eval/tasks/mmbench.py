@@ -9,12 +9,14 @@ SPLIT = "mmbench_dev_20230712"
 def mmbench_task(name: str, what: str, split: str, lang: str) -> Task:
     """An MMBench split (a TSV in the task's folder named after it) asked with `--lang`'s prompt rules."""
     return Task(
-        name=name, folder=name, answer_cli="llava.eval.model_vqa_mmbench",
-        inputs=(DataInput("questions", f"{what} question file", f"{split}.tsv"),),
-        answer_flags=("--question-file", "{questions}", "--lang", lang, "--single-pred-prompt"),
-        scorer="llava.eval.eval_mmbench",
+        name=name, folder=name, answer_cli="llava.eval.answering.mmbench",
+        # rounds: "--all-rounds" asks every circular round (LLaVA's script asks round 0 only)
+        values=(("split", split), ("upload_dir", "{data}/answers_upload/{split}"), ("rounds", "")),
+        inputs=(DataInput("questions", f"{what} question file", "{data}/{split}.tsv"),),
+        answer_flags=("--question-file", "{questions}", "--lang", lang, "--single-pred-prompt", "{rounds}"),
+        scorer="llava.eval.scoring.mmbench",
         score_flags=("--question-file", "{questions}", "--result-file", "{answers}",
-                     "--upload-file", f"{{data}}/answers_upload/{split}/{{run}}.xlsx", "--scores-file", "{scores}"),
+                     "--upload-file", "{upload_dir}/{run}.xlsx", "--scores-file", "{scores}"),
     )
 
 

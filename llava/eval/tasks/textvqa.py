@@ -4,10 +4,10 @@ from llava.eval.tasks.base import QUESTION_IMAGE_FLAGS, DataInput, Task, questio
 from llava.eval.tasks.registry import register_task
 
 register_task(Task(
-    name="textvqa", folder="textvqa", answer_cli="llava.eval.model_vqa_loader",
+    name="textvqa", folder="textvqa", answer_cli="llava.eval.answering.vqa",
     inputs=(*question_inputs("TextVQA", "llava_textvqa_val_v051_ocr.jsonl", "train_images"),
             DataInput("annotations", "TextVQA annotation file", "TextVQA_0.5.1_val.json")),
     answer_flags=QUESTION_IMAGE_FLAGS,
-    scorer="llava.eval.eval_textvqa",
+    scorer="llava.eval.scoring.textvqa",
     score_flags=("--annotation-file", "{annotations}", "--result-file", "{answers}", "--scores-file", "{scores}"),
 ))

@@ -8,34 +8,6 @@
 # An existing REVIEW_FILE is scored as it is; without one and without JUDGE_CMD the script stops after
 # answering and says so. Scores: `python -m llava.eval.summarize_review`, as LLaVA's summary computes them.
 # Environment (besides common.sh's): QUESTION_FILE, IMAGE_FOLDER, CONTEXT_FILE, GPT4_ANSWERS, REVIEW_FILE.
-BENCHMARK=llava-bench-in-the-wild; source "$(dirname "$0")/common.sh" "$@"
-QUESTION_FILE="${QUESTION_FILE:-$DATA/questions.jsonl}"
-IMAGE_FOLDER="${IMAGE_FOLDER:-$DATA/images}"
-CONTEXT_FILE="${CONTEXT_FILE:-$DATA/context.jsonl}"
-GPT4_ANSWERS="${GPT4_ANSWERS:-$DATA/answers_gpt4.jsonl}"
-REVIEW_FILE="${REVIEW_FILE:-$DATA/reviews/$(basename "$ANSWER_DIR").jsonl}"
-
-require_file "LLaVA-Bench question file" "$QUESTION_FILE"
-require_dir "LLaVA-Bench image folder" "$IMAGE_FOLDER"
-require_file "LLaVA-Bench context file" "$CONTEXT_FILE"
-require_file "LLaVA-Bench GPT-4 answers" "$GPT4_ANSWERS"
-
-run_sharded llava.eval.model_vqa --model-path "$MODEL_PATH" \
-    --question-file "$QUESTION_FILE" --image-folder "$IMAGE_FOLDER"
-
-if [ ! -f "$REVIEW_FILE" ]; then
-    if [ -z "${JUDGE_CMD:-}" ]; then
-        echo "answers in $ANSWER_DIR/merge.jsonl; no review file $REVIEW_FILE: set JUDGE_CMD to a judge command\
- (see this script's header) or write the review file, then run the same command again"
-        exit 0
-    fi
-    read -ra JUDGE <<< "$JUDGE_CMD"
-    mkdir -p "$(dirname "$REVIEW_FILE")"
-    "${JUDGE[@]}" --question "$QUESTION_FILE" --context "$CONTEXT_FILE" \
-        --answer-list "$GPT4_ANSWERS" "$ANSWER_DIR/merge.jsonl" --output "$REVIEW_FILE" ||
-        fail "JUDGE_CMD '$JUDGE_CMD' failed; the answers are kept in $ANSWER_DIR"
-    [ -f "$REVIEW_FILE" ] || fail "JUDGE_CMD '$JUDGE_CMD' wrote no review file $REVIEW_FILE"
-fi
-
-"$PYTHON" -m llava.eval.summarize_review --review-file "$REVIEW_FILE" --scores-file "$SCORES_FILE"
-write_summary
+source "$(dirname "$0")/common.sh" "$@"
+run_task llavabench questions=QUESTION_FILE images=IMAGE_FOLDER context=CONTEXT_FILE \
+    reference_answers=GPT4_ANSWERS review=REVIEW_FILE

@@ -1,6 +1,6 @@
 """Write a run's `summary.json`: what was run, its scores and its efficiency figures, in one file.
 
-    python -m llava.eval.run_summary --answers-file A --benchmark gqa --setting 64 --model-path M \
+    python -m llava.eval.scoring.run_summary --answers-file A --benchmark gqa --setting 64 --model-path M \
         [--scores-file scores.json] [--drop-flags "--sparse --global_thr 0.011 --individual_thr 0.01"] --out summary.json
 
 `python -m llava.eval.report DIR...` turns many of these into one table.
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from llava.eval.jsonl import read_jsonl
 from llava.eval.cli_errors import RunError, main_guard
-from llava.eval.summary import summarize_answers
+from llava.eval.scoring.summary import summarize_answers
 
 VERSIONED_PACKAGES = ("mustdrop", "torch", "transformers", "accelerate")
 

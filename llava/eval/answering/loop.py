@@ -31,8 +31,8 @@ from llava.drop.methods.mustdrop import (
 )
 from llava.drop.generate import SamplingConfig
 from llava.drop.methods import DropMethod, create_method, parse_method_args
-from llava.eval.answering import Answerer
-from llava.eval.answers_file import (
+from llava.eval.answering.answerer import Answerer
+from llava.eval.answering.answers_file import (
     RUN_KEY,
     get_chunk,
     locked_answers_file,
@@ -42,8 +42,8 @@ from llava.eval.answers_file import (
 )
 from llava.eval.cli_errors import RunError, main_guard  # noqa: F401  (re-exported for the CLIs)
 from llava.eval.jsonl import iter_jsonl, read_jsonl
-from llava.eval.sharding import launcher_shard, merge_if_complete, shard_path
-from llava.eval.summary import summarize_answers, summary_line
+from llava.eval.answering.sharding import Shard, launcher_shard, merged_answers, replace_if_changed, shard_path
+from llava.eval.scoring.summary import summarize_answers, summary_line
 from llava.mm_utils import load_image
 from llava.model.builder import default_device, load_pretrained_model, resolve_dtype
 from llava.model.checkpoint_files import CheckpointError
@@ -242,21 +242,32 @@ def run_questions(args: argparse.Namespace, questions: list[Question], identity_
     Under `torchrun` / `accelerate launch` (WORLD_SIZE > 1) each process takes the chunk of its
     RANK, writes a shard file and the last one to finish writes the merged --answers-file.
     """
-    sampling, drop = validate_args(args)
     answers_path = Path(args.answers_file).expanduser()
     shard = launcher_shard()
-    num_chunks, chunk_idx, chunk_path = args.num_chunks, args.chunk_idx, answers_path
-    if shard is not None:
-        num_chunks, chunk_idx, chunk_path = shard.count, shard.index, shard_path(answers_path, shard)
-        if args.device is None and torch.cuda.is_available():
-            args.device = f"cuda:{shard.local_rank % torch.cuda.device_count()}"
-    first_position = len(get_chunk(questions, num_chunks, 0)) * chunk_idx
-    chunk = get_chunk(questions, num_chunks, chunk_idx)
-    answer_chunk(args, chunk, chunk_path, first_position, sampling, drop, identity_args)
-    if shard is not None and merge_if_complete(answers_path, questions, shard.count):
-        print(f"all {shard.count} shards complete: merged into {answers_path}")
+    if shard is None:  # LLaVA's --num-chunks / --chunk-idx: this process's chunk is the answers file
+        answer_shard(args, questions, Shard(args.chunk_idx, args.num_chunks, 0), answers_path, identity_args)
+        print(summary_line(summarize_answers(read_jsonl(answers_path))))
+        return answers_path
+    chunk_path = shard_path(answers_path, shard)
+    answer_shard(args, questions, shard, chunk_path, identity_args)
+    with locked_answers_file(answers_path, wait=True):
+        merged = merged_answers(answers_path, questions, shard.count)
+        if merged is not None:
+            replace_if_changed(answers_path, merged)
+            print(f"all {shard.count} shards complete: merged into {answers_path}")
     print(summary_line(summarize_answers(read_jsonl(chunk_path))))
     return chunk_path
+
+
+def answer_shard(args: argparse.Namespace, questions: list[Question], shard: Shard, path: Path,
+                 identity_args: tuple[str, ...] = ()) -> None:
+    """Answer `shard`'s chunk of `questions` into `path`, resuming; a launched shard uses its own GPU."""
+    sampling, drop = validate_args(args)
+    if launcher_shard() is not None and args.device is None and torch.cuda.is_available():
+        args.device = f"cuda:{shard.local_rank % torch.cuda.device_count()}"
+    first_position = len(get_chunk(questions, shard.count, 0)) * shard.index
+    chunk = get_chunk(questions, shard.count, shard.index)
+    answer_chunk(args, chunk, path, first_position, sampling, drop, identity_args)
 
 
 def answer_chunk(args: argparse.Namespace, chunk: list[Question], path: Path, first_position: int,

@@ -127,34 +127,38 @@ def first_difference(recorded: dict, current: dict, prefix: str = "") -> tuple[s
 
 
 @contextmanager
-def locked_answers_file(path: Path) -> Iterator[None]:
+def locked_answers_file(path: Path, wait: bool = False) -> Iterator[None]:
     """Hold an exclusive lock on `path` for the whole run, so that a second run on the same answers
-    file stops at once instead of interleaving lines.
+    file stops at once (or, with `wait`, waits its turn) instead of interleaving lines.
 
     The lock is `flock` on a sidecar `<name>.lock` holding the owner's pid. The kernel releases it when
-    its process dies, so a lock file left by a killed run is simply taken over. POSIX only.
+    its process dies, so a lock file left by a killed run is simply taken over. POSIX only. A run that
+    stops before its first answer leaves neither the answers file nor the folders it created.
     """
     if path.is_dir():
         raise AnswersFileError(f"--answers-file {path} is a directory; give a file path such as {path / 'answers.jsonl'}")
     lock_path = path.with_name(path.name + LOCK_SUFFIX)
     created = [folder for folder in path.parents if not folder.exists()]
+    existed = path.exists()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise AnswersFileError(f"cannot create the folder of --answers-file {path}: {error.strerror or error}") from None
     try:
-        handle = _acquire(lock_path, path)
+        handle = _acquire(lock_path, path, wait)
         try:
             yield
         finally:
+            if not existed and path.is_file() and path.stat().st_size == 0:
+                path.unlink()
             lock_path.unlink(missing_ok=True)
             fcntl.flock(handle, fcntl.LOCK_UN)
             handle.close()
     finally:
-        _remove_if_empty(created)
+        remove_if_empty(created)
 
 
-def _remove_if_empty(folders: list[Path]) -> None:
+def remove_if_empty(folders: list[Path]) -> None:
     """Take back the folders a run created when it stopped before writing anything into them."""
     for folder in folders:  # innermost first
         try:
@@ -163,12 +167,12 @@ def _remove_if_empty(folders: list[Path]) -> None:
             return
 
 
-def _acquire(lock_path: Path, answers_path: Path) -> IO[str]:
+def _acquire(lock_path: Path, answers_path: Path, wait: bool) -> IO[str]:
     """Open and lock the sidecar; retry if another process replaced it between our open and lock."""
     while True:
         handle = lock_path.open("a+", encoding="utf-8")
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
             owner = handle.read().strip() or "unknown"

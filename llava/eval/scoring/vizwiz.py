@@ -1,0 +1,85 @@
+"""Turn LLaVA VizWiz answers into the JSON list the VizWiz test-dev server accepts.
+
+    python -m llava.eval.convert_vizwiz_for_submission --annotation-file llava_test.jsonl \
+        --result-file merge.jsonl --result-upload-file answers_upload/<model>.json [--scores-file S] \
+        [--allow-partial]
+
+The upload holds one `{"image", "answer"}` per question of the question file, in its order, so every
+question needs an answer; with --allow-partial the unanswered ones are left out of the upload (and
+counted). Answers are normalised with the EvalAI VQA processor; one that normalises to nothing (e.g.
+"." or "The") is sent as "unanswerable", VizWiz's label for questions the image cannot answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from llava.eval.scoring.results import (
+    ALLOW_PARTIAL_HELP,
+    ScoringError,
+    question_id,
+    read_records,
+    read_results,
+    unanswered_line,
+    write_json,
+    write_output,
+)
+from llava.eval.scoring.vqa_accuracy import normalize_answer
+
+UNANSWERABLE = "unanswerable"
+
+
+def submission_answer(text: str) -> str:
+    """The answer as the server should see it: EvalAI-normalised, never empty."""
+    return normalize_answer(text) or UNANSWERABLE
+
+
+def build_submission(questions: list[dict[str, Any]], answers: dict[str, str]) -> list[dict[str, str]]:
+    """One upload entry per answered question, in question order."""
+    return [
+        {"image": question["image"], "answer": submission_answer(answers[question_id(question)])}
+        for question in questions if question_id(question) in answers
+    ]
+
+
+def convert_vizwiz(annotation_file: str | Path, result_file: str | Path, upload_file: str | Path,
+                   allow_partial: bool = False) -> dict[str, int]:
+    """Write the upload file; returns `{"answers": n, "unanswerable": k}` (+ "unanswered" when partial)."""
+    questions = read_records(annotation_file, "question file", ("question_id", "image"))
+    results = read_results(result_file)
+    results.refuse_unknown({question_id(question) for question in questions}, "the question file")
+    unanswered = results.unanswered([question_id(question) for question in questions], allow_partial)
+    submission = build_submission(questions, results.texts())
+    write_output(upload_file, json.dumps(submission), "upload file")
+    counts = {"answers": len(submission), "unanswerable": sum(entry["answer"] == UNANSWERABLE for entry in submission)}
+    if allow_partial:
+        counts["unanswered"] = unanswered
+    return counts
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--annotation-file", required=True, help="VizWiz question file (llava_test.jsonl)")
+    parser.add_argument("--result-file", required=True, help="LLaVA answers JSONL")
+    parser.add_argument("--result-upload-file", required=True, help="JSON file to upload to the VizWiz server")
+    parser.add_argument("--scores-file", help="also write the answer counts as JSON here (for summary.json)")
+    parser.add_argument("--allow-partial", action="store_true", help=ALLOW_PARTIAL_HELP)
+    args = parser.parse_args(argv)
+    try:
+        counts = convert_vizwiz(args.annotation_file, args.result_file, args.result_upload_file, args.allow_partial)
+        if args.scores_file:
+            write_json(args.scores_file, counts)
+    except ScoringError as error:
+        parser.error(str(error))
+    print(f"Answers: {counts['answers']}\nUnanswerable: {counts['unanswerable']}")
+    if "unanswered" in counts:
+        print(unanswered_line(counts["unanswered"], counts["answers"] + counts["unanswered"]))
+    print(f"Upload file: {args.result_upload_file}")
+
+
+if __name__ == "__main__":
+    main()
