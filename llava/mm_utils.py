@@ -1,4 +1,4 @@
-"""Image loading, LLaVA-1.5 image preprocessing and `<image>`-aware prompt tokenization."""
+"""Image loading, LLaVA's image preprocessing (1.5: pad to square; NeXT: anyres) and `<image>`-aware prompt tokenization."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from transformers import PreTrainedTokenizerBase
 from transformers.image_processing_utils import BaseImageProcessor
 
 from llava.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
+from llava.model.anyres import ANYRES_ASPECT_RATIO, process_anyres_batch
 
 PIXEL_MAX = 255
 PAD_ASPECT_RATIO = "pad"
@@ -53,15 +54,24 @@ def process_images(
     images: Sequence[Image.Image],
     image_processor: BaseImageProcessor,
     image_aspect_ratio: str | None = PAD_ASPECT_RATIO,
+    grid_pinpoints=None,
 ) -> torch.Tensor:
-    """Preprocess RGB images the way LLaVA-1.5 does; returns pixel values of shape [N, 3, H, W]."""
+    """Preprocess RGB images the way LLaVA does for the checkpoint's `image_aspect_ratio`.
+
+    'pad' (LLaVA-1.5) and 'square'/None give pixel values [N, 3, H, W]. 'anyres' (LLaVA-NeXT) gives
+    [N, 1 + K, 3, H, W]: each image's base view and K crops, cut on the best of `grid_pinpoints`
+    ([width, height] pairs). Images whose crop counts differ cannot share one tensor, so they are
+    refused together and must be processed one call each.
+    """
+    if image_aspect_ratio == ANYRES_ASPECT_RATIO:
+        return process_anyres_batch(images, image_processor, grid_pinpoints)
     if image_aspect_ratio == PAD_ASPECT_RATIO:
         background = mean_color(image_processor)
         images = [expand2square(image, background) for image in images]
     elif image_aspect_ratio not in SQUARE_ASPECT_RATIOS:
         raise ValueError(
-            f"unsupported image_aspect_ratio {image_aspect_ratio!r}; expected 'pad', 'square' or None "
-            "('anyres' is LLaVA-NeXT's tiling and is not supported yet)"
+            f"unsupported image_aspect_ratio {image_aspect_ratio!r}; "
+            "expected 'pad', 'square', None or 'anyres'"
         )
     return image_processor(list(images), return_tensors="pt")["pixel_values"]
 

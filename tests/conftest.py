@@ -34,19 +34,21 @@ def tiny_hf(tmp_path_factory) -> Path:
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "llava-tiny-hf", layout="hf")
 
 
-@pytest.fixture(scope="session")
-def loaded_original(tiny_original):
-    """(tokenizer, model, image_processor, context_len) of the original-layout tiny model, fp32 on CPU."""
+def load_on_cpu(checkpoint: Path):
+    """(tokenizer, model, image_processor, context_len) of a tiny checkpoint, fp32 on CPU."""
     from llava.model.builder import load_pretrained_model
 
-    return load_pretrained_model(str(tiny_original), device="cpu", torch_dtype="fp32")
+    return load_pretrained_model(str(checkpoint), device="cpu", torch_dtype="fp32")
+
+
+@pytest.fixture(scope="session")
+def loaded_original(tiny_original):
+    return load_on_cpu(tiny_original)
 
 
 @pytest.fixture(scope="session")
 def loaded_hf(tiny_hf):
-    from llava.model.builder import load_pretrained_model
-
-    return load_pretrained_model(str(tiny_hf), device="cpu", torch_dtype="fp32")
+    return load_on_cpu(tiny_hf)
 
 
 @pytest.fixture(scope="session")
@@ -145,3 +147,25 @@ def write_tsv(path: Path, rows: list[dict[str, str]], columns: list[str] = MMBEN
         for index, row in enumerate(rows):
             writer.writerow({"image": image_base64((40 * index, 90, 160)), **row})
     return path
+
+
+# --- LLaVA-NeXT (v1.6) tiny checkpoints ---------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def tiny_next_original(tmp_path_factory) -> Path:
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "llava-next-tiny", layout="original", arch="next")
+
+
+@pytest.fixture(scope="session")
+def tiny_next_hf(tmp_path_factory) -> Path:
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "llava-next-tiny-hf", layout="hf", arch="next")
+
+
+@pytest.fixture(scope="session")
+def loaded_next_original(tiny_next_original):
+    return load_on_cpu(tiny_next_original)
+
+
+@pytest.fixture(scope="session")
+def loaded_next_hf(tiny_next_hf):
+    return load_on_cpu(tiny_next_hf)

@@ -118,8 +118,10 @@ def test_process_images_square_resizes_and_crops(aspect_ratio):
         np.testing.assert_allclose(got.numpy(), reference_clip_pixels(image), rtol=0, atol=TOLERANCE)
 
 
-def test_process_images_rejects_unknown_aspect_ratio():
-    with pytest.raises(ValueError, match="'anyres'.*LLaVA-NeXT"):
+def test_process_images_rejects_unknown_aspect_ratio_and_anyres_without_pinpoints():
+    with pytest.raises(ValueError, match="unsupported image_aspect_ratio 'tiles'"):
+        process_images([random_image(4, 4)], default_clip_image_processor(), "tiles")
+    with pytest.raises(ValueError, match="'anyres'.*needs grid_pinpoints"):
         process_images([random_image(4, 4)], default_clip_image_processor(), "anyres")
 
 

@@ -179,16 +179,37 @@ def test_without_venv_a_python3_with_the_project_runs_from_any_directory(tmp_pat
 # --- missing benchmark data ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("script,missing", [(script, index) for script, entries in INPUTS.items()
-                                            for index in range(len(entries))])
-def test_a_missing_input_is_named_before_anything_is_written(tmp_path, script, missing):
+TASK_OF_SCRIPT = {"sqa.sh": "sqa", "seed.sh": "seed", "mmvet.sh": "mmvet"}  # else the script's own name
+
+
+def missing_input_case(tmp_path: Path, script: str, missing: int) -> tuple[Path, str]:
+    """Every input of `script` but one in LLaVA's layout; the eval folder and the path the error must name."""
     eval_dir = tmp_path / "eval"
     entries = INPUTS[script]
     make_inputs(eval_dir, entries[:missing] + entries[missing + 1:])
+    named = NAMED_WHEN_MISSING.get(entries[missing], entries[missing].rstrip("/"))
+    return eval_dir, f": {eval_dir / named} (download it as LLaVA's docs/Evaluation.md describes)"
+
+
+@pytest.mark.parametrize("script,missing", [(script, index) for script, entries in INPUTS.items()
+                                            for index in range(len(entries))])
+def test_a_missing_input_is_named_before_anything_is_written(tmp_path, capsys, script, missing):
+    """What each script's task checks (the runner, in this process; the next test runs scripts)."""
+    eval_dir, message = missing_input_case(tmp_path, script, missing)
+    before = snapshot(tmp_path)
+    task = TASK_OF_SCRIPT.get(script, script.removesuffix(".sh"))
+    with pytest.raises(SystemExit) as stop:
+        runner.main(["--tasks", task, "--model-path", "m", "--eval-dir", str(eval_dir), "--preset", "64"])
+    assert str(stop.value.code).startswith("error: ") and message in str(stop.value.code)
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("script", ["textvqa.sh", "pope.sh", "seed.sh"])
+def test_a_scripts_missing_input_is_named_before_anything_is_written(tmp_path, script):
+    eval_dir, message = missing_input_case(tmp_path, script, len(INPUTS[script]) - 1)
     before = snapshot(tmp_path)
     done = run(script, ["64"], {"EVAL_DIR": str(eval_dir), "PYTHON": sys.executable}, cwd=tmp_path)
-    named = NAMED_WHEN_MISSING.get(entries[missing], entries[missing].rstrip("/"))
-    assert_one_error_line(done, 1, f": {eval_dir / named} (download it as LLaVA's docs/Evaluation.md describes)")
+    assert_one_error_line(done, 1, message)
     assert snapshot(tmp_path) == before
 
 

@@ -21,7 +21,7 @@ from llava.drop.flops import prefill_flops
 from llava.drop.method import DropMethod, LayerContext
 from llava.drop.probe import TokenLayout, remap_key_indices, sequence_keep
 from llava.drop.timing import now
-from llava.drop.vision import VisionOutput
+from llava.drop.vision import VisionOutput, encode_next_image, is_next
 from llava.model.geometry import decoder_layer_count, geometry_of_model
 
 EAGER = "eager"
@@ -261,8 +261,10 @@ def generate(
     eos_token_ids: set[int],
     should_stop: Callable[[list[int]], bool] | None = None,
     drop: DropMethod | None = None,
+    image_sizes: torch.Tensor | None = None,
 ) -> GenerationOutput:
-    """Encode the image, prefill the prompt, decode the answer (batch size 1), dropping per `drop`."""
+    """Encode the image, prefill the prompt, decode the answer (batch size 1), dropping per `drop`.
+    LLaVA-NeXT also takes the image's size (`image_sizes`, [[height, width]])."""
     method = method_or_none(drop)
     geometry = geometry_of_model(model)
     method.check_model(geometry)
@@ -271,7 +273,7 @@ def generate(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     started = now(device)
-    vision = method.encode_image(model, pixel_values) if pixel_values is not None else None
+    vision = encode_vision(model, method, pixel_values, image_sizes) if pixel_values is not None else None
     prompt = build_prompt(model, input_ids, vision)
     if prompt.embeds.shape[1] > geometry.context_length:
         raise ContextLengthError(
@@ -305,6 +307,16 @@ def generate(
     return GenerationOutput(token_ids=tokens, stats=stats)
 
 
+def encode_vision(model, method: DropMethod, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None) -> VisionOutput:
+    """The image as vision tokens: the method's vision stage, or for LLaVA-NeXT the unpruned features
+    (methods do not run on NeXT yet; `DropMethod.check_model` refuses them before anything runs)."""
+    if is_next(model):
+        if image_sizes is None:
+            raise ValueError("a LLaVA-NeXT model needs the image's size: pass image_sizes [[height, width]]")
+        return encode_next_image(model, pixel_values, image_sizes)
+    return method.encode_image(model, pixel_values)
+
+
 def peak_memory(device: torch.device) -> dict:
     """CUDA: peak bytes allocated during this answer. CPU: the process's peak resident set so far
     (the OS only keeps a high-water mark per process, so compare settings in separate processes)."""
@@ -322,7 +334,9 @@ def generation_stats(model, prompt: MultimodalPrompt, vision: VisionOutput | Non
     text_config = model.config.text_config
     unpruned_flops = prefill_flops(text_config, [unpruned_len] * len(prefilled.tokens_per_layer))
     per_layer = prefilled.vision_tokens_per_layer
+    image_counts = {key: vision_stats[key] for key in ("images", "crops") if key in vision_stats}  # NeXT
     return {
+        **image_counts,
         "vision_tokens_in": vision_in,
         "vision_tokens": prompt.vision_count,
         "vision_tokens_after_layer": {str(layer): count for layer, count in prefilled.vision_tokens_after_layer.items()},

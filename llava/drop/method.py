@@ -96,6 +96,9 @@ class DropMethod:
     def check_model(self, geometry: ModelGeometry) -> None:
         """Raise ValueError for settings this model cannot honour, before anything runs: a scoring layer
         beyond its decoder, or a `budget` option above its vision tokens. Methods add their own floors."""
+        if getattr(geometry, "max_crops", 0) and self.enabled:
+            raise ValueError(f"dropping with {self.name} does not run on LLaVA-NeXT checkpoints yet; run them "
+                             "without --sparse / --method, or use a LLaVA-1.5 checkpoint")
         layers = self.prefill_layers(geometry)
         if layers and max(layers) >= geometry.decoder_layers:
             raise ValueError(f"dropping after layer {max(layers)} (0-based) is impossible in a model "

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from llava.model.builder import NEXT_MODEL_TYPE
+
 CLS_INDEX = 0
 PATCHES_START = CLS_INDEX + 1
 DROP_CLS_STRATEGY = "default"  # transformers' name for LLaVA's `select_feature = patch`
@@ -103,3 +105,49 @@ def encode_image(model, pixel_values: torch.Tensor) -> VisionOutput:
     features = project_features(model, hidden)
     count = features.shape[0]
     return VisionOutput(features=features, stats={"vision_tokens_in": count, "vision_tokens": count})
+
+
+FLAT_MERGE = "flat"  # mm_patch_merge_type: every image's features in order, no unpad, no newline tokens
+
+
+def is_next(model) -> bool:
+    """A LLaVA-NeXT model: one image arrives as a base image plus crops, with its original size."""
+    return getattr(model.config, "model_type", None) == NEXT_MODEL_TYPE
+
+
+@torch.no_grad()
+def encode_next_image(model, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> VisionOutput:
+    """LLaVA-NeXT's vision tokens for one image ([1, 1 + crops, 3, H, W] and its [[height, width]]), laid
+    out per the checkpoint's `mm_patch_merge_type`: "spatial_unpad" exactly as transformers'
+    `LlavaNextModel` packs them (the base image's features, then the crops' features as one grid with
+    the padding rows and columns removed and a newline token after each row), "flat" as the images'
+    features one after the other."""
+    check_feature_layer(model.config)
+    if pixel_values.dim() != 5 or pixel_values.shape[0] != 1 or image_sizes is None or image_sizes.shape[0] != 1:
+        raise ValueError("LLaVA-NeXT takes one image per prompt: pixel values [1, 1 + crops, 3, H, W] and its "
+                         f"size [[height, width]]; got {tuple(pixel_values.shape)} and {image_sizes}")
+    config = model.config
+    weight = model.model.vision_tower.embeddings.patch_embedding.weight
+    pixel_values = pixel_values.to(device=weight.device, dtype=weight.dtype)
+    if getattr(config, "mm_patch_merge_type", None) == FLAT_MERGE:
+        features = flat_next_features(model, pixel_values[0])
+    else:
+        output = model.model.get_image_features(pixel_values, image_sizes.to(weight.device),
+                                                vision_feature_layer=config.vision_feature_layer,
+                                                vision_feature_select_strategy=config.vision_feature_select_strategy)
+        features = output.pooler_output[0]
+    count = features.shape[0]
+    stats = {"vision_tokens_in": count, "vision_tokens": count, "images": pixel_values.shape[1],
+             "crops": pixel_values.shape[1] - 1}
+    return VisionOutput(features=features, stats=stats)
+
+
+def flat_next_features(model, images: torch.Tensor) -> torch.Tensor:
+    """Every image's projected patch features, base image first, flattened into one sequence."""
+    tower = model.model.vision_tower
+    hidden = embed_patches(tower, images)
+    for layer in tower.encoder.layers[:selected_layer_count(len(tower.encoder.layers), model.config.vision_feature_layer)]:
+        hidden = layer(hidden, None)
+    if model.config.vision_feature_select_strategy == DROP_CLS_STRATEGY:
+        hidden = hidden[:, PATCHES_START:]
+    return model.model.multi_modal_projector(hidden).flatten(0, 1)

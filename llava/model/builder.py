@@ -1,8 +1,11 @@
 """`load_pretrained_model`: LLaVA's loading entry point, for both checkpoint layouts.
 
-Returns `(tokenizer, model, image_processor, context_len)` like LLaVA's builder. The model is always
-transformers' own `LlavaForConditionalGeneration`; `model.config` additionally carries LLaVA's
-options (`image_aspect_ratio`, `mm_use_im_start_end`, ...) that the prompt and image code read.
+Returns `(tokenizer, model, image_processor, context_len)` like LLaVA's builder. The model is
+transformers' own `LlavaForConditionalGeneration`, or `LlavaNextForConditionalGeneration` for LLaVA-NeXT
+(v1.6) checkpoints; `model.config` additionally carries LLaVA's options (`image_aspect_ratio`,
+`mm_use_im_start_end`, and for NeXT `mm_patch_merge_type`) that the prompt and image code read. A NeXT
+config's `image_grid_pinpoints` are in transformers' [height, width] order (original checkpoints'
+[width, height] pairs are swapped when they load).
 """
 
 from __future__ import annotations
@@ -12,7 +15,11 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from transformers import LlavaForConditionalGeneration, PreTrainedTokenizerBase
+from transformers import (
+    LlavaForConditionalGeneration,
+    LlavaNextForConditionalGeneration,
+    PreTrainedTokenizerBase,
+)
 
 from llava.constants import (
     DEFAULT_IM_END_TOKEN,
@@ -20,9 +27,11 @@ from llava.constants import (
     DEFAULT_IMAGE_PATCH_TOKEN,
 )
 from llava.model.checkpoint_files import CheckpointError, check_weight_files, weight_files
-from llava.model.image_processor import load_image_processor
+from llava.model.image_processor import load_image_processor, load_next_image_processor
 from llava.model.original_layout import (
+    ANYRES,
     LLAVA_DEFAULTS,
+    SPATIAL_UNPAD,
     is_original_layout,
     load_original_layout,
 )
@@ -31,6 +40,8 @@ from llava.model.vision_tower import resolve_vision_tower
 
 DEFAULT_CONTEXT_LEN = 2048
 HF_LAYOUT_DEFAULTS = {**LLAVA_DEFAULTS, "image_aspect_ratio": "pad"}  # LLaVA-1.5 evaluation pads
+HF_NEXT_LAYOUT_DEFAULTS = {**LLAVA_DEFAULTS, "image_aspect_ratio": ANYRES}
+NEXT_MODEL_TYPE = "llava_next"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
@@ -114,7 +125,7 @@ def load_pretrained_model(
     vision_tower: str | None = None,
     attn_implementation: str = "sdpa",
 ):
-    """Load a LLaVA-1.5 checkpoint in either layout; see the module docstring for what is returned.
+    """Load a LLaVA-1.5 or LLaVA-NeXT checkpoint in either layout; see the module docstring for what is returned.
 
     `model_name` is accepted for LLaVA compatibility (LLaVA dispatches on it; we read config.json).
     `device_map="auto"` spreads the model over the visible GPUs with accelerate.
@@ -140,11 +151,15 @@ def load_pretrained_model(
         image_processor = load_image_processor(tower_dir)
     else:
         model, placed = load_hf_layout(model_dir, dtype, load_8bit, load_4bit, device_map, attn_implementation)
-        options = {key: raw_config.get(key, default) for key, default in HF_LAYOUT_DEFAULTS.items()}
+        is_next = is_next_hf_config(raw_config)
+        defaults = HF_NEXT_LAYOUT_DEFAULTS if is_next else HF_LAYOUT_DEFAULTS
+        options = {key: raw_config.get(key, default) for key, default in defaults.items()}
         for key, value in options.items():
             setattr(model.config, key, value)
+        if is_next:
+            model.config.mm_patch_merge_type = SPATIAL_UNPAD  # the only merging transformers implements
         tokenizer = load_tokenizer(model_dir, options)
-        image_processor = load_image_processor(model_dir)
+        image_processor = load_next_image_processor(model_dir) if is_next else load_image_processor(model_dir)
     model.config._attn_implementation = attn_implementation
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         raise CheckpointError(
@@ -152,14 +167,27 @@ def load_pretrained_model(
             f"{model.get_input_embeddings().num_embeddings} embeddings"
         )
     model = place_model(model, device, device_map, already_placed=placed)
-    context_len = raw_config.get("tokenizer_model_max_length") or raw_config.get("max_sequence_length") or DEFAULT_CONTEXT_LEN
-    return tokenizer, model, image_processor, context_len
+    return tokenizer, model, image_processor, context_length(raw_config)
+
+
+def is_next_hf_config(config: dict) -> bool:
+    return config.get("model_type") == NEXT_MODEL_TYPE
+
+
+def context_length(raw_config: dict) -> int:
+    """LLaVA's tokenizer limit; a transformers-layout NeXT config only knows its decoder's positions."""
+    explicit = raw_config.get("tokenizer_model_max_length") or raw_config.get("max_sequence_length")
+    if explicit:
+        return explicit
+    if is_next_hf_config(raw_config):
+        return raw_config.get("text_config", {}).get("max_position_embeddings") or DEFAULT_CONTEXT_LEN
+    return DEFAULT_CONTEXT_LEN
 
 
 def load_hf_layout(
     model_dir: Path, dtype: torch.dtype, load_8bit: bool, load_4bit: bool, device_map, attn_implementation: str
-) -> tuple[LlavaForConditionalGeneration, bool]:
-    """transformers' own loader; quantisation through bitsandbytes when asked.
+) -> tuple[LlavaForConditionalGeneration | LlavaNextForConditionalGeneration, bool]:
+    """transformers' own loader (Llava or LlavaNext by model_type); quantisation through bitsandbytes when asked.
 
     Returns the model and whether transformers already placed it on devices (device_map given).
     """
@@ -174,8 +202,10 @@ def load_hf_layout(
     elif device_map is not None:
         kwargs["device_map"] = device_map
     check_weight_files(weight_files(model_dir))
+    is_next = is_next_hf_config(read_config(model_dir))
+    model_class = LlavaNextForConditionalGeneration if is_next else LlavaForConditionalGeneration
     try:
-        model = LlavaForConditionalGeneration.from_pretrained(model_dir, **kwargs)
+        model = model_class.from_pretrained(model_dir, **kwargs)
     except (OSError, SafetensorError) as error:
         raise CheckpointError(f"cannot load {model_dir}: {error}") from None
     return model.eval(), "device_map" in kwargs

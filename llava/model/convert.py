@@ -5,6 +5,12 @@
 The transformers layout needs an `<image>` token in the vocabulary (and a `<pad>` token); we add both
 and pad the vocabulary to a multiple of 64 as llava-hf does. New embedding rows are the mean of the
 existing ones, so the converted model gives the same logits on every original token.
+
+LLaVA-NeXT (v1.6) checkpoints become `llava-hf/llava-v1.6-*-hf` style ones: a LlavaNext config, the
+newline weight, and a LlavaNext processor whose anyres image processor keeps the tower's CLIP settings.
+The grid pinpoints are written in transformers' [height, width] order (llava-hf copied LLaVA's
+[width, height] pairs unswapped), so the converted checkpoint tiles and lays out every image as the
+original does, ties included.
 """
 
 from __future__ import annotations
@@ -15,11 +21,12 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import LlavaProcessor
+from transformers import LlavaNextForConditionalGeneration, LlavaNextProcessor, LlavaProcessor
 
 from llava.constants import DEFAULT_IMAGE_TOKEN
 from llava.model.builder import load_pretrained_model
 from llava.model.checkpoint_files import CheckpointError
+from llava.model.image_processor import next_image_processor_from_clip
 from llava.model.original_layout import LINEAR_PROJECTOR, LLAVA_DEFAULTS
 
 PAD_TOKEN = "<pad>"
@@ -52,20 +59,27 @@ def convert_checkpoint(src_dir: str | Path, dst_dir: str | Path, vision_tower: s
     model.config.image_token_id = tokenizer.convert_tokens_to_ids(DEFAULT_IMAGE_TOKEN)
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.text_config.pad_token_id = tokenizer.pad_token_id
-    for key in [*LLAVA_DEFAULTS, "mm_projector_type"]:
+    for key in [*LLAVA_DEFAULTS, "mm_projector_type", "mm_patch_merge_type"]:
         if hasattr(model.config, key):
             delattr(model.config, key)
     dst_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(dst_dir)
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=model.config.vision_config.patch_size,
-        vision_feature_select_strategy=model.config.vision_feature_select_strategy,
-        num_additional_image_tokens=1,
-    )
-    processor.save_pretrained(dst_dir)
+    build_processor(model, tokenizer, image_processor).save_pretrained(dst_dir)
     return dst_dir
+
+
+def build_processor(model, tokenizer, image_processor) -> LlavaProcessor | LlavaNextProcessor:
+    """The processor llava-hf ships beside the weights: Llava's, or LlavaNext's with an anyres image processor."""
+    kwargs = {
+        "tokenizer": tokenizer,
+        "patch_size": model.config.vision_config.patch_size,
+        "vision_feature_select_strategy": model.config.vision_feature_select_strategy,
+        "num_additional_image_tokens": 1,
+    }
+    if isinstance(model, LlavaNextForConditionalGeneration):
+        next_processor = next_image_processor_from_clip(image_processor, model.config.image_grid_pinpoints)
+        return LlavaNextProcessor(image_processor=next_processor, **kwargs)
+    return LlavaProcessor(image_processor=image_processor, **kwargs)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,7 +3,8 @@
 Decoder depth, vision tokens per image and context length decide whether a setting can work at all
 (a drop layer beyond the last layer, a budget below what the first layers alone average, a prompt
 longer than the context). Reading them from config.json lets the CLIs refuse such settings before
-the weights load; the engine reads the same numbers from a loaded model.
+the weights load; the engine reads the same numbers from a loaded model. LLaVA-NeXT configs (either
+layout) also say how many crops one image can be tiled into.
 """
 
 from __future__ import annotations
@@ -11,10 +12,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from transformers import LlavaConfig
+from transformers import LlavaConfig, LlavaNextConfig
 
-from llava.model.builder import read_config, resolve_model_dir
-from llava.model.original_layout import build_llava_config, is_original_layout
+from llava.model.builder import is_next_hf_config, read_config, resolve_model_dir
+from llava.model.original_layout import (
+    build_llava_config,
+    build_llava_next_config,
+    is_next_config,
+    is_original_layout,
+)
 from llava.model.vision_tower import resolve_vision_tower
 
 FULL_FEATURES = "full"  # vision_feature_select_strategy that keeps CLIP's CLS token
@@ -26,10 +32,11 @@ class ModelGeometry:
     vision_tokens: int  # per image, as the vision tower hands them to the projector
     patch_tokens: int  # the square grid of patches among them (no CLS)
     context_length: int  # positions the decoder was trained for (max_position_embeddings)
+    max_crops: int = 0  # most grid crops one image can be tiled into (LLaVA-NeXT); 0 without tiling
 
 
-def geometry_of_config(config: LlavaConfig) -> ModelGeometry:
-    """The geometry of a transformers LlavaConfig (what a loaded model carries as `model.config`)."""
+def geometry_of_config(config: LlavaConfig | LlavaNextConfig) -> ModelGeometry:
+    """The geometry of a transformers Llava/LlavaNext config (what a loaded model carries as `model.config`)."""
     vision = config.vision_config
     patch_tokens = (vision.image_size // vision.patch_size) ** 2
     with_cls = config.vision_feature_select_strategy == FULL_FEATURES
@@ -38,7 +45,17 @@ def geometry_of_config(config: LlavaConfig) -> ModelGeometry:
         vision_tokens=patch_tokens + int(with_cls),
         patch_tokens=patch_tokens,
         context_length=config.text_config.max_position_embeddings,
+        max_crops=max_crops(config),
     )
+
+
+def max_crops(config: LlavaConfig | LlavaNextConfig) -> int:
+    """Crops of the largest grid pinpoint: each crop is one tower image (`image_size` square)."""
+    pinpoints = getattr(config, "image_grid_pinpoints", None)
+    if not pinpoints:
+        return 0
+    side = config.vision_config.image_size
+    return max((first // side) * (second // side) for first, second in pinpoints)
 
 
 def geometry_of_model(model) -> ModelGeometry:
@@ -59,5 +76,7 @@ def read_geometry(model_path: str, vision_tower: str | None = None) -> ModelGeom
     raw_config = read_config(model_dir)
     if is_original_layout(raw_config):
         tower_dir = resolve_vision_tower(raw_config["mm_vision_tower"], model_dir, vision_tower)
-        return geometry_of_config(build_llava_config(raw_config, tower_dir))
-    return geometry_of_config(LlavaConfig.from_pretrained(model_dir))
+        build = build_llava_next_config if is_next_config(raw_config) else build_llava_config
+        return geometry_of_config(build(raw_config, tower_dir))
+    config_class = LlavaNextConfig if is_next_hf_config(raw_config) else LlavaConfig
+    return geometry_of_config(config_class.from_pretrained(model_dir))

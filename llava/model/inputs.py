@@ -1,4 +1,5 @@
-"""One question (text + optional image) as the model's inputs, with LLaVA-1.5's prompt and image rules.
+"""One question (text + optional image) as the model's inputs, with LLaVA's prompt and image rules
+(LLaVA-1.5: one padded square image; LLaVA-NeXT: the base image and its anyres crops, with the image size).
 
 Answering, calibration, the stage pictures and the speed benchmarks all encode through `encode_question`,
 so that a prompt and its pixels are built the same way everywhere.
@@ -18,14 +19,17 @@ from llava.constants import (
 )
 from llava.conversation import get_conv_template
 from llava.mm_utils import PAD_ASPECT_RATIO, process_images, tokenizer_image_token
+from llava.model.anyres import ANYRES_ASPECT_RATIO
+from llava.model.original_layout import swap_pairs
 
 
 @dataclass
 class ModelInputs:
     input_ids: torch.Tensor  # [1, L], IMAGE_TOKEN_INDEX where the image goes
-    pixel_values: torch.Tensor | None  # [1, 3, H, W]; None for a text-only question
+    pixel_values: torch.Tensor | None  # [1, 3, H, W] (NeXT: [1, 1 + crops, 3, H, W]); None without an image
     prompt: str  # the full templated prompt, as the model sees it
     stop_str: str  # the string that ends the answer in this template
+    image_sizes: torch.Tensor | None = None  # NeXT: [[height, width]] of the original image
 
 
 def templated_prompt(question: str, conv_mode: str, with_image: bool, model_config=None) -> tuple[str, str]:
@@ -51,8 +55,22 @@ def encode_question(question: str, image: Image.Image | None, model, tokenizer, 
     `mm_use_im_start_end` and `image_aspect_ratio` (LLaVA-1.5: no im_start/end, pad to square)."""
     prompt, stop_str = templated_prompt(question, conv_mode, image is not None, model.config)
     input_ids = tokenizer_image_token(prompt, tokenizer, return_tensors="pt")
-    pixel_values = None
-    if image is not None:
-        aspect_ratio = getattr(model.config, "image_aspect_ratio", PAD_ASPECT_RATIO)
-        pixel_values = process_images([image], image_processor, aspect_ratio)
-    return ModelInputs(input_ids, pixel_values, prompt, stop_str)
+    if image is None:
+        return ModelInputs(input_ids, None, prompt, stop_str)
+    pixel_values, image_sizes = image_inputs(image, model.config, image_processor)
+    return ModelInputs(input_ids, pixel_values, prompt, stop_str, image_sizes)
+
+
+def image_inputs(image: Image.Image, config, image_processor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Pixel values (and, for LLaVA-NeXT, the image size) as the checkpoint's own code prepares them:
+    an original NeXT checkpoint tiles with LLaVA's anyres rules (its processor is CLIP's), a
+    transformers one with its own LLaVA-NeXT image processor, which knows the grid pinpoints."""
+    aspect_ratio = getattr(config, "image_aspect_ratio", PAD_ASPECT_RATIO)
+    if aspect_ratio != ANYRES_ASPECT_RATIO:
+        return process_images([image], image_processor, aspect_ratio), None
+    if hasattr(image_processor, "image_grid_pinpoints"):
+        processed = image_processor([image], return_tensors="pt")
+        return processed["pixel_values"], processed["image_sizes"]
+    pinpoints = swap_pairs(config.image_grid_pinpoints)  # LLaVA's [width, height] order
+    pixel_values = process_images([image], image_processor, ANYRES_ASPECT_RATIO, pinpoints)
+    return pixel_values, torch.tensor([[image.height, image.width]])

@@ -1,11 +1,14 @@
-"""Tiny LLaVA-1.5 checkpoints with random weights, for tests and the offline demo.
+"""Tiny LLaVA-1.5 and LLaVA-NeXT (v1.6) checkpoints with random weights, for tests and the offline demo.
 
 The checkpoint has the real architecture and the real file formats of `liuhaotian/llava-v1.5-7b`
 (original LLaVA layout: `config.json` with `mm_*` keys, sharded weights with `model.mm_projector.*`,
 a Llama SentencePiece tokenizer) and of `openai/clip-vit-large-patch14-336` (the vision tower, in
-its own sub-directory), only with small widths, so that nothing needs a download.
+its own sub-directory), only with small widths, so that nothing needs a download. With `--arch next`
+the checkpoint is shaped like `liuhaotian/llava-v1.6-vicuna-7b` instead: anyres settings, a 4096
+context, a `model.image_newline` weight and a fine-tuned copy of the tower inside the shards.
 
-    python -m llava.model.tiny --out DIR [--layout original|hf] [--seed 0] [--weights-format safetensors|bin]
+    python -m llava.model.tiny --out DIR [--arch llava|next] [--layout original|hf] [--seed 0]
+                               [--weights-format safetensors|bin]
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import TYPE_CHECKING
 
 import sentencepiece as spm
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 if TYPE_CHECKING:  # transformers is imported lazily: it is slow to import and only the tower needs it
     from transformers import CLIPConfig
@@ -88,10 +91,19 @@ TOKENIZER_CORPUS_LINES = 3000
 OCR_NUMBER_SHARE, OCR_PRICE_SHARE = 0.15, 0.15  # the rest of the OCR tokens are words
 MAX_OCR_NUMBER, MAX_OCR_PRICE = 9999, 99
 
+# --- LLaVA-NeXT (v1.6): anyres tiling on a 2x2 grid at most, so tests stay fast ---
+NEXT_GRID_PINPOINTS = [[336, 672], [672, 336], [672, 672]]  # LLaVA writes [width, height]
+NEXT_MAX_POSITIONS = 4096  # a 2x2 grid gives up to 5 x 576 vision tokens plus newline tokens
+NEXT_MERGE_TYPE = "spatial_unpad"
+NEXT_TOWER_LR = 2e-06  # v1.6 fine-tunes the tower, so its weights ship inside the shards
+TOWER_TUNING_STD = 0.01  # how far the fine-tuned tower copy moves from the stand-alone tower
+ORIGINAL_TOWER_PREFIX = "model.vision_tower.vision_tower."  # LLaVA's CLIPVisionTower wraps CLIPVisionModel
+
 # --- Files ---
 NUM_SHARDS = 2
 COMPLETE_MARKER = ".tiny-checkpoint-complete.json"
 LAYOUTS = ("original", "hf")
+ARCHS = ("llava", "next")
 WEIGHTS_FORMATS = ("safetensors", "bin")
 SEED_STREAMS = 2  # independent RNG streams per seed: language model, vision tower
 LLM_STREAM, VISION_STREAM = 0, 1
@@ -131,7 +143,7 @@ ANSWERS = ["yes", "no", "unanswerable", "A", "B", "C", "D", "one", "two", "three
 
 
 def write_tiny_checkpoint(out_dir: str | os.PathLike, layout: str = "original", seed: int = 0,
-                          weights_format: str = "safetensors") -> Path:
+                          weights_format: str = "safetensors", arch: str = "llava") -> Path:
     """Write a tiny checkpoint to `out_dir` (no-op when a complete one with these settings is there).
 
     Everything is built in a hidden sibling directory and renamed into place only after the completion
@@ -139,14 +151,15 @@ def write_tiny_checkpoint(out_dir: str | os.PathLike, layout: str = "original", 
     """
     _check_choice("layout", layout, LAYOUTS)
     _check_choice("weights_format", weights_format, WEIGHTS_FORMATS)
+    _check_choice("arch", arch, ARCHS)
     out = Path(out_dir)
-    settings = {"layout": layout, "seed": seed, "weights_format": weights_format}
+    settings = {"layout": layout, "seed": seed, "weights_format": weights_format, "arch": arch}
     if _is_complete(out, settings):
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        built = _build(staging, layout, seed, weights_format)
+        built = _build(staging, layout, seed, weights_format, arch)
         _write_json(built / COMPLETE_MARKER, settings)
         _move_into_place(built, out, settings)
     finally:
@@ -154,10 +167,13 @@ def write_tiny_checkpoint(out_dir: str | os.PathLike, layout: str = "original", 
     return out
 
 
-def _build(staging: Path, layout: str, seed: int, weights_format: str) -> Path:
+def _build(staging: Path, layout: str, seed: int, weights_format: str, arch: str = "llava") -> Path:
     """Write the original layout under `staging`; convert it when the transformers layout is asked."""
     original = staging / "original"
-    _write_original(original, seed, weights_format)
+    if arch == "next":
+        _write_original_next(original, seed, weights_format)
+    else:
+        _write_original(original, seed, weights_format)
     if layout == "original":
         return original
     from llava.model.convert import (
@@ -180,6 +196,58 @@ def _write_original(model_dir: Path, seed: int, weights_format: str) -> None:
     tensors = llm_tensors(vocab_size, _generator(seed, LLM_STREAM))
     _write_shards(model_dir, tensors, weights_format)
     write_vision_tower(model_dir / VISION_TOWER_DIRNAME, _generator(seed, VISION_STREAM))
+
+
+def _write_original_next(model_dir: Path, seed: int, weights_format: str) -> None:
+    """Write every file of the original LLaVA-NeXT layout into `model_dir`.
+
+    The language model and projector equal the LLaVA-1.5 ones of the same seed; the newline weight
+    and the fine-tuned tower copy are drawn afterwards from the same stream.
+    """
+    model_dir.mkdir(parents=True)
+    vocab_size = write_tokenizer(model_dir, NEXT_MAX_POSITIONS)
+    _write_json(model_dir / "config.json", llava_next_config(vocab_size))
+    _write_json(model_dir / "generation_config.json",
+                {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID,
+                 "max_length": NEXT_MAX_POSITIONS})
+    tower_dir = model_dir / VISION_TOWER_DIRNAME
+    write_vision_tower(tower_dir, _generator(seed, VISION_STREAM))
+    gen = _generator(seed, LLM_STREAM)
+    tensors = llm_tensors(vocab_size, gen)
+    extra = {"model.image_newline": _normal((LLM_HIDDEN,), 1 / math.sqrt(LLM_HIDDEN), gen)}
+    extra.update(fine_tuned_tower_tensors(tower_dir, gen))
+    _write_shards(model_dir, next_tensor_order(tensors, extra), weights_format)
+
+
+def llava_next_config(vocab_size: int) -> dict:
+    """The `config.json` of a v1.6 checkpoint: LLaVA-1.5's keys plus the anyres settings."""
+    return {
+        **llava_config(vocab_size),
+        "_name_or_path": "tiny-llava-v1.6",
+        "max_position_embeddings": NEXT_MAX_POSITIONS,
+        "tokenizer_model_max_length": NEXT_MAX_POSITIONS,
+        "image_aspect_ratio": "anyres",
+        "image_grid_pinpoints": NEXT_GRID_PINPOINTS,
+        "mm_patch_merge_type": NEXT_MERGE_TYPE,
+        "unfreeze_mm_vision_tower": True,
+        "mm_vision_tower_lr": NEXT_TOWER_LR,
+    }
+
+
+def fine_tuned_tower_tensors(tower_dir: Path, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """The tower's vision weights, slightly moved, under the names LLaVA saves them inside its shards."""
+    tower = load_file(str(tower_dir / "model.safetensors"))
+    return {ORIGINAL_TOWER_PREFIX + name: tensor + _normal(tuple(tensor.shape), TOWER_TUNING_STD, gen)
+            for name, tensor in tower.items() if name.startswith("vision_model.")}
+
+
+def next_tensor_order(llm: dict[str, torch.Tensor], extra: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Order as LLaVA's model saves them: Llama body, then tower, projector, newline, then lm_head."""
+    body = {name: t for name, t in llm.items() if not name.startswith(("model.mm_projector.", "lm_head."))}
+    tower = {name: t for name, t in extra.items() if name.startswith(ORIGINAL_TOWER_PREFIX)}
+    projector = {name: t for name, t in llm.items() if name.startswith("model.mm_projector.")}
+    return {**body, **tower, **projector, "model.image_newline": extra["model.image_newline"],
+            "lm_head.weight": llm["lm_head.weight"]}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -383,14 +451,14 @@ def clip_image_processor() -> CLIPImageProcessorPil:
 # Tokenizer
 # ---------------------------------------------------------------------------------------------------
 
-def write_tokenizer(model_dir: Path) -> int:
+def write_tokenizer(model_dir: Path, model_max_length: int = MAX_POSITIONS) -> int:
     """Train the SentencePiece model and write LLaVA's tokenizer files; returns the vocab size."""
     model_bytes = train_sentencepiece()
     (model_dir / "tokenizer.model").write_bytes(model_bytes)
     _write_json(model_dir / "tokenizer_config.json", {
         "add_bos_token": True, "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>",
         "unk_token": "<unk>", "pad_token": "<unk>", "clean_up_tokenization_spaces": False,
-        "legacy": False, "model_max_length": MAX_POSITIONS, "padding_side": "right",
+        "legacy": False, "model_max_length": model_max_length, "padding_side": "right",
         "sp_model_kwargs": {}, "tokenizer_class": "LlamaTokenizer"})
     _write_json(model_dir / "special_tokens_map.json", {
         "bos_token": _special_token("<s>"), "eos_token": _special_token("</s>"),
@@ -504,10 +572,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="directory to write the checkpoint to")
     parser.add_argument("--layout", choices=LAYOUTS, default="original")
+    parser.add_argument("--arch", choices=ARCHS, default="llava", help="llava: LLaVA-1.5; next: LLaVA-NeXT (v1.6)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--weights-format", choices=WEIGHTS_FORMATS, default="safetensors")
     args = parser.parse_args(argv)
-    print(write_tiny_checkpoint(args.out, args.layout, args.seed, args.weights_format))
+    print(write_tiny_checkpoint(args.out, args.layout, args.seed, args.weights_format, args.arch))
 
 
 if __name__ == "__main__":

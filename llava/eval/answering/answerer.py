@@ -53,9 +53,8 @@ class Answerer:
             tail = self.tokenizer.decode(tokens[-STOP_CHECK_TOKENS:], skip_special_tokens=True)
             return bool(stop_str) and tail.rstrip().endswith(stop_str)
 
-        output = generate(
-            self.model, inputs.input_ids, inputs.pixel_values, self.sampling, self.eos_token_ids, stopped_by_string, as_method(self.drop)
-        )
+        output = generate(self.model, inputs.input_ids, inputs.pixel_values, self.sampling, self.eos_token_ids,
+                          stopped_by_string, as_method(self.drop), image_sizes=inputs.image_sizes)
         text = self.tokenizer.decode(output.token_ids, skip_special_tokens=True).strip()
         if stop_str and text.endswith(stop_str):
             text = text[: -len(stop_str)].strip()
