@@ -308,13 +308,14 @@ def generate(
 
 
 def encode_vision(model, method: DropMethod, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None) -> VisionOutput:
-    """The image as vision tokens: the method's vision stage, or for LLaVA-NeXT the unpruned features
-    (methods do not run on NeXT yet; `DropMethod.check_model` refuses them before anything runs)."""
-    if is_next(model):
-        if image_sizes is None:
-            raise ValueError("a LLaVA-NeXT model needs the image's size: pass image_sizes [[height, width]]")
-        return encode_next_image(model, pixel_values, image_sizes)
-    return method.encode_image(model, pixel_values)
+    """The image as vision tokens: the method's vision stage. On LLaVA-NeXT a method that supports it gets
+    the base image and crops [1, 1 + K, 3, H, W]; otherwise the unpruned features (`DropMethod.check_model`
+    refuses other methods there before anything runs)."""
+    if not is_next(model) or (method.enabled and method.supports_next):
+        return method.encode_image(model, pixel_values)
+    if image_sizes is None:
+        raise ValueError("a LLaVA-NeXT model needs the image's size: pass image_sizes [[height, width]]")
+    return encode_next_image(model, pixel_values, image_sizes)
 
 
 def peak_memory(device: torch.device) -> dict:
@@ -323,6 +324,19 @@ def peak_memory(device: torch.device) -> dict:
     if device.type == "cuda":
         return {"peak_memory_bytes": torch.cuda.max_memory_allocated(device)}
     return {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * RU_MAXRSS_UNIT}
+
+
+NEXT_STATS = ("images", "crops", "vision_tokens_per_image_in", "vision_tokens_per_image", "merged_windows",
+              "key_tokens")
+
+
+def next_image_stats(vision_stats: dict, avg_vision_tokens: float) -> dict:
+    """LLaVA-NeXT's per-image figures (the reference reports the layer average divided by the images);
+    empty for a one-image model."""
+    if "images" not in vision_stats:
+        return {}
+    counts = {key: vision_stats[key] for key in NEXT_STATS if key in vision_stats}
+    return {**counts, "avg_vision_tokens_per_image": avg_vision_tokens / vision_stats["images"]}
 
 
 def generation_stats(model, prompt: MultimodalPrompt, vision: VisionOutput | None, prefilled: PrefillResult,
@@ -334,7 +348,7 @@ def generation_stats(model, prompt: MultimodalPrompt, vision: VisionOutput | Non
     text_config = model.config.text_config
     unpruned_flops = prefill_flops(text_config, [unpruned_len] * len(prefilled.tokens_per_layer))
     per_layer = prefilled.vision_tokens_per_layer
-    image_counts = {key: vision_stats[key] for key in ("images", "crops") if key in vision_stats}  # NeXT
+    image_counts = next_image_stats(vision_stats, sum(per_layer) / len(per_layer))
     return {
         **image_counts,
         "vision_tokens_in": vision_in,

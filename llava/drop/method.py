@@ -72,6 +72,7 @@ class DropMethod:
 
     name: ClassVar[str] = "none"
     compact_positions: bool = True  # give the shorter sequence positions 0..len-1 (the reference's rule)
+    supports_next: ClassVar[bool] = False  # its vision stage takes LLaVA-NeXT's base image + crops
 
     def encode_image(self, model, pixel_values: torch.Tensor) -> VisionOutput:
         return encode_image(model, pixel_values)
@@ -95,8 +96,9 @@ class DropMethod:
 
     def check_model(self, geometry: ModelGeometry) -> None:
         """Raise ValueError for settings this model cannot honour, before anything runs: a scoring layer
-        beyond its decoder, or a `budget` option above its vision tokens. Methods add their own floors."""
-        if getattr(geometry, "max_crops", 0) and self.enabled:
+        beyond its decoder, or a `budget` option above its vision tokens, or a LLaVA-NeXT model for a method
+        without `supports_next`. Methods add their own floors."""
+        if getattr(geometry, "max_crops", 0) and self.enabled and not self.supports_next:
             raise ValueError(f"dropping with {self.name} does not run on LLaVA-NeXT checkpoints yet; run them "
                              "without --sparse / --method, or use a LLaVA-1.5 checkpoint")
         layers = self.prefill_layers(geometry)

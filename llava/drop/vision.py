@@ -76,10 +76,15 @@ def run_tower_to(layers, hidden: torch.Tensor, start: int, wanted: set[int]) -> 
 
 
 def project_features(model, hidden: torch.Tensor) -> torch.Tensor:
-    """Drop CLS when LLaVA does, then project into the LLM's embedding space."""
+    """Drop CLS when LLaVA does, then project into the LLM's embedding space (one image)."""
+    return project_batch(model, hidden)[0]
+
+
+def project_batch(model, hidden: torch.Tensor) -> torch.Tensor:
+    """`project_features` for each image of a batch: [B, tokens per image, llm_hidden]."""
     if model.config.vision_feature_select_strategy == DROP_CLS_STRATEGY:
         hidden = hidden[:, PATCHES_START:]
-    return model.model.multi_modal_projector(hidden)[0]
+    return model.model.multi_modal_projector(hidden)
 
 
 def vision_token_offset(config) -> int:
@@ -144,10 +149,7 @@ def encode_next_image(model, pixel_values: torch.Tensor, image_sizes: torch.Tens
 
 def flat_next_features(model, images: torch.Tensor) -> torch.Tensor:
     """Every image's projected patch features, base image first, flattened into one sequence."""
-    tower = model.model.vision_tower
-    hidden = embed_patches(tower, images)
-    for layer in tower.encoder.layers[:selected_layer_count(len(tower.encoder.layers), model.config.vision_feature_layer)]:
-        hidden = layer(hidden, None)
-    if model.config.vision_feature_select_strategy == DROP_CLS_STRATEGY:
-        hidden = hidden[:, PATCHES_START:]
-    return model.model.multi_modal_projector(hidden).flatten(0, 1)
+    layers = model.model.vision_tower.encoder.layers
+    selected = selected_layer_count(len(layers), model.config.vision_feature_layer)
+    hidden = run_tower_to(layers, embed_patches(model.model.vision_tower, images), 0, {selected})[selected]
+    return project_batch(model, hidden).flatten(0, 1)

@@ -3,7 +3,8 @@
 - Options: `DropConfig`, every knob with the reference code's defaults and validation. Constants the
   reference hard-codes are fields so that they can be studied, but a user who only passes
   `--sparse --global_thr G --individual_thr I` gets the paper.
-- Vision stage: the local spatial merge after the first CLIP layer and the CLS-attention key set.
+- Vision stage: the local spatial merge after the first CLIP layer and the CLS-attention key set; on
+  LLaVA-NeXT the base image and its crops as one batch, in the reference's flat layout.
 - Prefill stage: dual attention filtering at the dropping layers (the key set is never dropped).
 - Decode stage: the output-aware KV-cache policy.
 - Budget variant (ours, not the reference's): fixed keep counts per dropping layer from a geometric
@@ -38,6 +39,7 @@ from llava.drop.vision import (
     check_feature_layer,
     cls_attention_to_patches,
     embed_patches,
+    project_batch,
     project_features,
     run_tower_to,
     selected_layer_count,
@@ -55,6 +57,9 @@ DROP_LAYERS = (2, 6, 10, 14)
 # Defaults when --sparse comes without thresholds: stage 2 then drops nothing.
 DEFAULT_GLOBAL_THR = 1.0
 DEFAULT_INDIVIDUAL_THR = 0.0
+# LLaVA-NeXT feature layouts under MustDrop: the reference's flat one, or the model's own (not implemented).
+FLAT_LAYOUT, SPATIAL_LAYOUT = "flat", "spatial"
+NEXT_LAYOUTS = (FLAT_LAYOUT, SPATIAL_LAYOUT)
 # Window layout on the patch grid: grid rows/cols split into (window index, offset inside the window).
 WINDOW_PATTERN = "... (gh wh gw ww) d -> ... (gh gw) (wh ww) d"
 WINDOW_MASK_PATTERN = "(gh gw) (wh ww) -> (gh wh gw ww)"
@@ -83,6 +88,8 @@ class DropConfig:
     compact_positions: bool = True  # the reference gives the shorter sequence positions 0..len-1
     # Stage 3: shrink the KV caches of layers drop_layers[0]..drop_layers[-1] to the final token set.
     decode_cache_policy: bool = True
+    # LLaVA-NeXT: "flat" (base image, then each crop, all the same length) as the reference ran it.
+    next_layout: str = FLAT_LAYOUT
 
     def __post_init__(self):
         _check_unit_interval("global_thr", self.global_thr)
@@ -94,6 +101,8 @@ class DropConfig:
             raise ValueError(f"merge_window must be >= 1, got {self.merge_window}")
         if self.budget is not None and self.budget <= 0:
             raise ValueError(f"budget must be a positive number of tokens, got {self.budget}")
+        if self.next_layout not in NEXT_LAYOUTS:
+            raise ValueError(f"next_layout must be one of {', '.join(NEXT_LAYOUTS)}, got {self.next_layout!r}")
         if any(layer < 0 for layer in self.drop_layers) or list(self.drop_layers) != sorted(set(self.drop_layers)):
             raise ValueError(f"drop_layers must be distinct, ascending and >= 0, got {self.drop_layers}")
 
@@ -151,23 +160,42 @@ def merge_windows_in_order(
     """
     if hidden.shape[0] != 1:
         raise ValueError(f"the vision merge supports batch size 1, got {hidden.shape[0]}")
-    cls, patches = hidden[:, :PATCHES_START], hidden[:, PATCHES_START:]
+    merged, tops = merge_windows_per_image(hidden, threshold, window, count_bounds)
+    return merged, tops[0]
+
+
+def merge_windows_per_image(
+    hidden: torch.Tensor, threshold: float, window: int, count_bounds: tuple[int, int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The merge on a batch of images [B, 1 + num_patches, dim] with one r for all of them.
+
+    r is the fewest windows any image has at or above `threshold` (the reference's batch rule, which
+    keeps the batch rectangular); each image then merges its own top-r windows. Returns the merged
+    batch and each image's merged windows [B, r], best first.
+    """
+    patches = hidden[:, PATCHES_START:]
     grid = patch_grid_side(patches.shape[1], window)
-    scores = window_similarity(patches[0], grid, window)
-    r = int((scores >= threshold).sum())
+    scores = [window_similarity(image, grid, window) for image in patches]  # per image, as with batch size 1
+    r = min(int((image_scores >= threshold).sum()) for image_scores in scores)
     if count_bounds is not None:
         r = min(max(r, count_bounds[0]), count_bounds[1])
-    top = stable_top_k(scores, r)  # windows with equal scores are merged in window order
+    tops = torch.stack([stable_top_k(image_scores, r) for image_scores in scores])  # ties: window order
     if r == 0:
-        return hidden, top
-    windows = rearrange(patches[0], WINDOW_PATTERN, wh=window, ww=window, gh=grid // window)
-    merged = windows[top].float().mean(dim=1).to(hidden.dtype)
-    merged_window = torch.zeros_like(scores, dtype=torch.bool)
+        return hidden, tops
+    return torch.stack([merge_image_windows(image, top, grid, window) for image, top in zip(hidden, tops)]), tops
+
+
+def merge_image_windows(sequence: torch.Tensor, top: torch.Tensor, grid: int, window: int) -> torch.Tensor:
+    """One image's [1 + num_patches, dim] as `[CLS] + [mean of each window in top] + [the other windows'
+    tokens, grid order]`: the merged sequence's order, which the key set and patch groups index."""
+    cls, patches = sequence[:PATCHES_START], sequence[PATCHES_START:]
+    windows = rearrange(patches, WINDOW_PATTERN, wh=window, ww=window, gh=grid // window)
+    merged = windows[top].float().mean(dim=1).to(sequence.dtype)
+    merged_window = torch.zeros(windows.shape[0], dtype=torch.bool, device=sequence.device)
     merged_window[top] = True
     in_merged_window = rearrange(merged_window[:, None].expand(-1, window * window), WINDOW_MASK_PATTERN,
                                  wh=window, ww=window, gh=grid // window)
-    kept = patches[0][~in_merged_window]
-    return torch.cat([cls[0], merged, kept], dim=0)[None], top
+    return torch.cat([cls, merged, patches[~in_merged_window]], dim=0)
 
 
 def window_patches(window_index: int, grid: int, window: int) -> list[int]:
@@ -190,11 +218,11 @@ def top_key_indices(attn_row: torch.Tensor, rate: float) -> torch.Tensor:
     return top_positions(attn_row, math.ceil(rate * attn_row.numel()))
 
 
-def _merge_early(model, hidden: torch.Tensor, drop: DropConfig) -> tuple[torch.Tensor, int, list[int], float]:
-    """Run the tower up to the merge point and merge there.
+def _merge_early(model, hidden: torch.Tensor, drop: DropConfig) -> tuple[torch.Tensor, int, torch.Tensor, float]:
+    """Run the tower up to the merge point and merge there (one r for a batch of images).
 
-    Returns the merged hidden states, their `hidden_states` index, the merged windows (best first)
-    and the merge's wall time.
+    Returns the merged hidden states, their `hidden_states` index, each image's merged windows
+    [B, r] (best first) and the merge's wall time.
     """
     layers = model.model.vision_tower.encoder.layers
     merge_index = MERGE_AFTER_LAYER + 1
@@ -206,9 +234,40 @@ def _merge_early(model, hidden: torch.Tensor, drop: DropConfig) -> tuple[torch.T
     if drop.budget is not None:
         bounds = merge_count_bounds(hidden.shape[1] - PATCHES_START, drop.merge_window, drop.budget, drop.drop_layers,
                                     decoder_layer_count(model), drop.key_token_rate)
-    (hidden, top), seconds = timed(
-        lambda: merge_windows_in_order(hidden, drop.merge_threshold, drop.merge_window, bounds), hidden.device)
-    return hidden, merge_index, top.tolist(), seconds
+    (hidden, tops), seconds = timed(
+        lambda: merge_windows_per_image(hidden, drop.merge_threshold, drop.merge_window, bounds), hidden.device)
+    return hidden, merge_index, tops, seconds
+
+
+@dataclass
+class TowerPass:
+    """Stage 1's pass through the tower for a batch of images: what features and key set come from."""
+
+    feature_states: torch.Tensor  # hidden states of the feature layer, [B, 1 + tokens per image, dim]
+    key_states: torch.Tensor  # hidden states entering the tower's last layer, same shape
+    merged_windows: torch.Tensor  # [B, r], each image's merged windows, best first
+    num_patches: int  # patches per image before the merge
+    merge_seconds: float
+
+
+def run_mustdrop_tower(model, pixel_values: torch.Tensor, drop: DropConfig) -> TowerPass:
+    """Embed the images, merge after layer 0 when asked, and run on to the feature layer and the
+    last layer's input (the key set is scored there)."""
+    layers = model.model.vision_tower.encoder.layers
+    selected = selected_layer_count(len(layers), model.config.vision_feature_layer)
+    key_input = len(layers) - 1  # hidden_states index of the input to the tower's last layer
+    hidden = embed_patches(model.model.vision_tower, pixel_values)
+    num_patches = hidden.shape[1] - PATCHES_START
+    start, merged_windows, merge_seconds = 0, torch.empty(hidden.shape[0], 0, dtype=torch.long), 0.0
+    if drop.vision_merge:
+        hidden, start, merged_windows, merge_seconds = _merge_early(model, hidden, drop)
+    states = run_tower_to(layers, hidden, start, {selected, key_input})
+    return TowerPass(states[selected], states[key_input], merged_windows, num_patches, merge_seconds)
+
+
+def image_key_indices(model, key_states: torch.Tensor, rate: float) -> torch.Tensor:
+    """One image's key set: its most CLS-attended patches at the tower's last layer (`key_states` [1, N, dim])."""
+    return top_key_indices(cls_attention_to_patches(model.model.vision_tower.encoder.layers[-1], key_states), rate)
 
 
 @torch.no_grad()
@@ -217,27 +276,48 @@ def encode_mustdrop(model, pixel_values: torch.Tensor, drop: DropConfig) -> Visi
     check_feature_layer(model.config)
     if pixel_values.shape[0] != 1:
         raise ValueError(f"MustDrop's vision stage supports batch size 1, got {pixel_values.shape[0]}")
-    layers = model.model.vision_tower.encoder.layers
-    selected = selected_layer_count(len(layers), model.config.vision_feature_layer)
-    key_input = len(layers) - 1  # hidden_states index of the input to the tower's last layer
     offset = vision_token_offset(model.config)
-    hidden = embed_patches(model.model.vision_tower, pixel_values)
-    num_patches = hidden.shape[1] - PATCHES_START
-    tokens_in = num_patches + offset
-    start, merged_windows, merge_seconds = 0, [], 0.0
-    if drop.vision_merge:
-        hidden, start, merged_windows, merge_seconds = _merge_early(model, hidden, drop)
-    states = run_tower_to(layers, hidden, start, {selected, key_input})
-    key_row, key_seconds = timed(
-        lambda: top_key_indices(cls_attention_to_patches(layers[key_input], states[key_input]),
-                                drop.key_token_rate), hidden.device)
-    features = project_features(model, states[selected])
+    tower = run_mustdrop_tower(model, pixel_values, drop)
+    key_row, key_seconds = timed(lambda: image_key_indices(model, tower.key_states, drop.key_token_rate),
+                                 tower.key_states.device)
+    features = project_features(model, tower.feature_states)
     key_indices = key_row + offset
-    stats = {"vision_tokens_in": tokens_in, "vision_tokens": features.shape[0],
+    merged_windows = tower.merged_windows[0].tolist()
+    stats = {"vision_tokens_in": tower.num_patches + offset, "vision_tokens": features.shape[0],
              "merged_windows": len(merged_windows), "key_tokens": key_indices.numel(),
-             "merge_seconds": merge_seconds, "key_seconds": key_seconds}
-    patch_groups = [[]] * offset + merged_patch_groups(merged_windows, num_patches, drop.merge_window)
+             "merge_seconds": tower.merge_seconds, "key_seconds": key_seconds}
+    patch_groups = [[]] * offset + merged_patch_groups(merged_windows, tower.num_patches, drop.merge_window)
     return VisionOutput(features=features, key_indices=key_indices, stats=stats, patch_groups=patch_groups)
+
+
+def flat_key_indices(model, key_states: torch.Tensor, rate: float, tokens_per_image: int, offset: int) -> torch.Tensor:
+    """Every image's key set, image i's shifted by i * tokens_per_image so that it indexes the flat span."""
+    return torch.cat([image_key_indices(model, key_states[i : i + 1], rate) + offset + i * tokens_per_image
+                      for i in range(key_states.shape[0])])
+
+
+@torch.no_grad()
+def encode_mustdrop_next(model, pixel_values: torch.Tensor, drop: DropConfig) -> VisionOutput:
+    """Stage 1 on LLaVA-NeXT in the reference's flat layout: the base image and its crops
+    ([1, 1 + K, 3, H, W]) go through the tower as one batch, all merging the same r windows, and their
+    features are concatenated in order (no unpad, no newline tokens)."""
+    check_feature_layer(model.config)
+    if pixel_values.dim() != 5 or pixel_values.shape[0] != 1:
+        raise ValueError("MustDrop on LLaVA-NeXT takes one image per prompt: pixel values [1, 1 + crops, 3, H, W], "
+                         f"got {tuple(pixel_values.shape)}")
+    images = pixel_values.shape[1]
+    offset = vision_token_offset(model.config)
+    tower = run_mustdrop_tower(model, pixel_values[0], drop)
+    per_image = project_batch(model, tower.feature_states)
+    tokens_per_image = per_image.shape[1]
+    key_indices, key_seconds = timed(
+        lambda: flat_key_indices(model, tower.key_states, drop.key_token_rate, tokens_per_image, offset),
+        tower.key_states.device)
+    stats = {"vision_tokens_in": images * (tower.num_patches + offset), "vision_tokens": images * tokens_per_image,
+             "images": images, "crops": images - 1, "vision_tokens_per_image_in": tower.num_patches + offset,
+             "vision_tokens_per_image": tokens_per_image, "merged_windows": tower.merged_windows.shape[1],
+             "key_tokens": key_indices.numel(), "merge_seconds": tower.merge_seconds, "key_seconds": key_seconds}
+    return VisionOutput(features=per_image.flatten(0, 1), key_indices=key_indices, stats=stats)
 
 
 # Stage 2: dual attention filter.
@@ -346,6 +426,14 @@ def mustdrop_budget_floor(num_patches: int, window: int, merge: bool, drop_layer
     return key_set_floor(num_patches - merged, stage_lengths(drop_layers, num_layers), key_rate)
 
 
+def check_next_options(options: DropConfig) -> None:
+    """LLaVA-NeXT runs the reference's flat layout with thresholds; refuse the rest before anything runs."""
+    if options.next_layout != FLAT_LAYOUT:
+        raise ValueError(f"--next_layout {options.next_layout} is not implemented yet; use {FLAT_LAYOUT}")
+    if options.budget is not None:
+        raise ValueError("--budget is not yet on LLaVA-NeXT; use --global_thr / --individual_thr there")
+
+
 @register
 class MustDrop(DropMethod):
     """Local spatial merge + key set in CLIP, dual attention filtering in prefill, output-aware cache.
@@ -356,10 +444,14 @@ class MustDrop(DropMethod):
     windows that make the budget reachable under the key-set rule (the layers before the first drop
     see every vision token, and the key set is never dropped) and at most those that keep `budget`
     tokens; between those bounds its threshold decides as usual (`merge_count_bounds`).
+
+    On LLaVA-NeXT stage 1 takes the base image and its crops in the reference's flat layout
+    (`encode_mustdrop_next`); the model's own layout and the budget variant are refused there for now.
     """
 
     name = "mustdrop"
     options_class = DropConfig
+    supports_next = True
 
     def __init__(self, options: DropConfig | None = None):
         self.options = options or DropConfig()
@@ -368,7 +460,14 @@ class MustDrop(DropMethod):
     def encode_image(self, model, pixel_values: torch.Tensor) -> VisionOutput:
         if not self.options.enabled:
             return super().encode_image(model, pixel_values)
+        if pixel_values.dim() == 5:  # LLaVA-NeXT: the base image and its crops
+            return encode_mustdrop_next(model, pixel_values, self.options)
         return encode_mustdrop(model, pixel_values, self.options)
+
+    @property
+    def enabled(self) -> bool:
+        """A disabled config (no `--sparse`) is the unpruned model, on LLaVA-NeXT too."""
+        return self.options.enabled
 
     def prefill_layers(self, geometry: ModelGeometry) -> tuple[int, ...]:
         return self.options.drop_layers
@@ -381,9 +480,12 @@ class MustDrop(DropMethod):
         return ranked_keep(attention.sum(dim=0), context.key_indices, self.budget_count(context))
 
     def check_model(self, geometry: ModelGeometry) -> None:
-        """Also refuse a budget below what merging every window and keeping only the key set reaches."""
-        super().check_model(geometry)
+        """Also refuse a budget below what merging every window and keeping only the key set reaches,
+        and on LLaVA-NeXT what is not implemented there yet."""
         options = self.options
+        if geometry.max_crops and options.enabled:
+            check_next_options(options)
+        super().check_model(geometry)
         if options.budget is None or not options.drop_layers:
             return
         floor = mustdrop_budget_floor(geometry.patch_tokens, options.merge_window, options.vision_merge,

@@ -25,8 +25,10 @@ from llava.drop.methods.mustdrop import (
     DEFAULT_GLOBAL_THR,
     DEFAULT_INDIVIDUAL_THR,
     DROP_LAYERS,
+    FLAT_LAYOUT,
     KEY_TOKEN_RATE,
     MERGE_THRESHOLD,
+    NEXT_LAYOUTS,
     DropConfig,
 )
 from llava.drop.generate import SamplingConfig
@@ -90,6 +92,10 @@ def add_stage_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--key_rate", type=float, default=KEY_TOKEN_RATE, help="share of patches in the key set")
     parser.add_argument("--drop_layers", type=str, default=",".join(map(str, DROP_LAYERS)),
                         help="comma-separated 0-based decoder layers where stage 2 drops")
+    parser.add_argument("--next_layout", choices=NEXT_LAYOUTS, default=FLAT_LAYOUT,
+                        help="LLaVA-NeXT with --sparse: flat = the reference code's layout (base image, then each "
+                             "crop), which produced the paper's NeXT numbers; spatial = the model's own layout, "
+                             "not implemented yet")
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -124,6 +130,7 @@ def drop_config_from_args(args: argparse.Namespace) -> DropConfig:
     return DropConfig(
         vision_merge=not args.no_merge, merge_threshold=args.merge_thr, key_token_rate=args.key_rate,
         drop_layers=drop_layers, global_thr=args.global_thr, individual_thr=args.individual_thr,
+        next_layout=args.next_layout,
     )
 
 
