@@ -112,6 +112,27 @@ def first_questions(tmp_path: Path, count: int) -> Path:
     return path
 
 
+def annotations_for(questions: Path, tmp_path: Path) -> Path:
+    """The demo's TextVQA annotations of just these questions (the scorer wants every one answered)."""
+    import json
+
+    asked = {json.loads(line)["question_id"] for line in questions.read_text().splitlines()}
+    annotations = json.loads((DEMO_DIR / "TextVQA_demo_annotations.json").read_text())
+    annotations["data"] = [entry for entry in annotations["data"] if entry["image_id"] in asked]
+    path = tmp_path / "annotations.json"
+    path.write_text(json.dumps(annotations))
+    return path
+
+
+def hf_input_ids(input_ids: torch.Tensor, image_token_id: int, vision_tokens: int) -> torch.Tensor:
+    """transformers' Llava expects one <image> token per vision token instead of our single sentinel."""
+    from llava.constants import IMAGE_TOKEN_INDEX
+
+    ids = input_ids[0].tolist()
+    at = ids.index(IMAGE_TOKEN_INDEX)
+    return torch.tensor([ids[:at] + [image_token_id] * vision_tokens + ids[at + 1 :]])
+
+
 def run_demo_script(script: str, setting: str, model: Path, extra_env: dict[str, str]):
     """`run_benchmark_script` on the bundled TextVQA-format demo questions and images."""
     return run_benchmark_script(script, setting, model, {

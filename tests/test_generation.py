@@ -5,22 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llava.constants import IMAGE_TOKEN_INDEX
 from llava.drop.cache import LayerKVCache
 from llava.drop.generate import SamplingConfig, build_prompt, generate, prefill
 from llava.drop.vision import encode_image
 from llava.mm_utils import load_image, process_images, tokenizer_image_token
-from tests.conftest import vicuna_prompt
+from tests.conftest import hf_input_ids, vicuna_prompt
 
 NEW_TOKENS = 12
 QUESTIONS = ["What is the word?", "Describe the colour of the background.", "How many letters are there?"]
-
-
-def hf_input_ids(input_ids: torch.Tensor, image_token_id: int, vision_tokens: int) -> torch.Tensor:
-    """transformers' Llava expects one <image> token per vision token instead of our single sentinel."""
-    ids = input_ids[0].tolist()
-    at = ids.index(IMAGE_TOKEN_INDEX)
-    return torch.tensor([ids[:at] + [image_token_id] * vision_tokens + ids[at + 1 :]])
 
 
 @pytest.mark.parametrize("image_index,question", list(enumerate(QUESTIONS)))

@@ -12,8 +12,7 @@ from llava.drop.generate import SamplingConfig, generate
 from llava.eval.model_vqa_loader import main as answer_main
 from llava.mm_utils import load_image
 from llava.model.inputs import encode_question
-from tests.conftest import cli_args, first_questions
-from tests.test_generation import hf_input_ids
+from tests.conftest import cli_args, first_questions, hf_input_ids
 
 NEW_TOKENS = 8
 # demo images (width x height): tall 180x300 -> a column of 2 crops (LLaVA's tie-break: the first pinpoint

@@ -226,7 +226,8 @@ def test_an_input_of_the_wrong_kind_is_named(tmp_path):
 
 
 @pytest.mark.parametrize("args,env,code,fragment", [
-    (["100"], {}, 2, "unknown setting '100': choose full, 192, 128 or 64"),
+    (["100"], {}, 2, "unknown setting '100': choose full, 192, 128 or 64 (LLaVA-1.5), 640, 320 or 160 (LLaVA-NeXT)"),
+    (["320"], {}, 2, "no published MustDrop thresholds for LLaVA-NeXT's 320 setting"),
     (["64", "128"], {}, 2, "expected one token setting, got 2"),
     (["64"], {"THR_64": "0.011"}, 2, "THR_64 must be two numbers \"global individual\", got '0.011'"),
     (["128"], {"THR_128": "0.001 high"}, 2, "THR_128 must be two numbers"),
@@ -234,7 +235,7 @@ def test_an_input_of_the_wrong_kind_is_named(tmp_path):
      "model checkpoint not found: checkpoints/llava-v1.5-13b"),
     (["full"], {"MODEL_PATH": "./missing-model/"}, 1, "model checkpoint not found: ./missing-model/"),
     (["full"], {"PYTHON": "no-such-python"}, 1, "Python not found: 'no-such-python'"),
-], ids=["setting", "two-settings", "one-threshold", "word-threshold", "checkpoints-path", "relative-path", "no-python"])
+], ids=["setting", "next-without-thresholds", "two-settings", "one-threshold", "word-threshold", "checkpoints-path", "relative-path", "no-python"])
 def test_bad_settings_stop_before_anything_is_written(tmp_path, args, env, code, fragment):
     demo_textvqa(tmp_path / "textvqa")
     before = snapshot(tmp_path)

@@ -25,6 +25,8 @@ def summarize_answers(records: list[dict]) -> dict:
     decode_time = sum(m["decode_seconds"] for m in with_stats)
     summary["decode_tokens_per_second"] = new_tokens / decode_time if decode_time > 0 else None
     summary["answers_stopped_at_context"] = sum(bool(m.get("stopped_at_context")) for m in with_stats)
+    if all("avg_vision_tokens_per_image" in m for m in with_stats):  # LLaVA-NeXT: the reference's figure too
+        summary["mean_vision_tokens_per_image"] = mean(m["avg_vision_tokens_per_image"] for m in with_stats)
     for key in ("peak_memory_bytes", "peak_rss_bytes"):
         values = [m[key] for m in with_stats if key in m]
         if values:

@@ -15,7 +15,7 @@
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../../.." && pwd -P)"
-USAGE="usage: bash scripts/v1_5/eval/$(basename "$0") [full|192|128|64]"
+USAGE="usage: bash scripts/v1_5/eval/$(basename "$0") [full|192|128|64|640|320|160]"
 EXIT_USAGE=2
 # pyproject.toml's runtime dependencies, by import name: a Python lacking one is not the project's.
 REQUIRED_MODULES=(torch transformers accelerate tokenizers sentencepiece google.protobuf safetensors PIL einops
@@ -34,13 +34,16 @@ METHOD="${METHOD:-}"
 
 case "$SETTING" in
     full|192|128|64) ;;
-    *) fail "unknown setting '$SETTING': choose full, 192, 128 or 64 ($USAGE)" "$EXIT_USAGE" ;;
+    640|320|160) NEXT_SETTING=1 ;;  # LLaVA-NeXT's settings (total vision tokens of the base image and crops)
+    *) fail "unknown setting '$SETTING': choose full, 192, 128 or 64 (LLaVA-1.5), 640, 320 or 160 (LLaVA-NeXT)\
+ ($USAGE)" "$EXIT_USAGE" ;;
 esac
 
 # drop_flags: the runner's flags for the setting. Another METHOD takes the setting as its budget;
 # MustDrop takes THR_<setting> ("global individual") when set, else the published thresholds of
-# each benchmark (--preset; llava/eval/thresholds.py); re-calibrate for another benchmark or model
-# with `python -m llava.eval.calibrate`.
+# each benchmark (--preset; llava/eval/thresholds.py: LLaVA-1.5's only, so the LLaVA-NeXT settings
+# 640/320/160 need THR_<setting>); re-calibrate for another benchmark or model with
+# `python -m llava.eval.calibrate`.
 NUMBER='^([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?$'
 DROP_FLAGS=(--setting "$SETTING")
 THR_NAME="THR_$SETTING"
@@ -48,6 +51,10 @@ if [ "$SETTING" = full ]; then
     :
 elif [ -n "$METHOD" ]; then
     DROP_FLAGS+=(--method "$METHOD" --budget "$SETTING")
+elif [ -z "${!THR_NAME:-}" ] && [ -n "${NEXT_SETTING:-}" ]; then
+    fail "no published MustDrop thresholds for LLaVA-NeXT's $SETTING setting: find a pair with \
+python -m llava.eval.calibrate --model-path $MODEL_PATH --question-file Q --image-folder I --targets $SETTING, \
+then set $THR_NAME=\"global individual\"" "$EXIT_USAGE"
 elif [ -n "${!THR_NAME:-}" ]; then
     read -r G I REST <<< "${!THR_NAME}" || true
     [[ "${G:-}" =~ $NUMBER && "${I:-}" =~ $NUMBER && -z "${REST:-}" ]] ||

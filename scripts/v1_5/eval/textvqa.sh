@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# TextVQA with MustDrop.   bash scripts/v1_5/eval/textvqa.sh [full|192|128|64]
+# TextVQA with MustDrop.   bash scripts/v1_5/eval/textvqa.sh [full|192|128|64|640|320|160]
 # Thresholds: the reference code's published LLaVA-1.5-7B TextVQA settings (llava/eval/thresholds.py).
 source "$(dirname "$0")/common.sh" "$@"
 run_task textvqa questions=QUESTION_FILE images=IMAGE_FOLDER annotations=ANNOTATION_FILE
