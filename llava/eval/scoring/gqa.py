@@ -22,17 +22,18 @@ from pathlib import Path
 from typing import Any
 
 from llava.eval.scoring.results import (
-    ALLOW_PARTIAL_HELP,
     AnswerKey,
     ScoringError,
+    add_scoring_flags,
     check_coverage,
     json_type,
     percent,
     read_json,
     read_results,
+    run_scorer_cli,
     unanswered_line,
-    write_json,
     write_output,
+    write_scores_if_asked,
 )
 
 TYPE_KINDS = ("structural", "semantic")
@@ -144,12 +145,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--questions", required=True, help="GQA questions JSON (testdev_balanced_questions.json)")
     parser.add_argument("--predictions", help="GQA predictions JSON: read it, or with --result-file write it")
     parser.add_argument("--result-file", help="LLaVA answers JSONL to convert and score")
-    parser.add_argument("--scores-file", help="also write the scores as JSON here (for summary.json)")
-    parser.add_argument("--allow-partial", action="store_true", help=ALLOW_PARTIAL_HELP)
-    args = parser.parse_args(argv)
-    if not args.result_file and not args.predictions:
-        parser.error("give --predictions and/or --result-file")
-    try:
+    add_scoring_flags(parser)
+
+    def run(args: argparse.Namespace) -> None:
+        if not args.result_file and not args.predictions:
+            parser.error("give --predictions and/or --result-file")
         questions = load_questions(args.questions)
         if args.result_file:
             predictions = convert_results(args.result_file, questions)
@@ -160,11 +160,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         scores = score_predictions(questions, predictions, source, args.allow_partial)
         if args.result_file and args.predictions:
             write_output(args.predictions, json.dumps(predictions), "predictions file")
-        if args.scores_file:
-            write_json(args.scores_file, scores)
-    except ScoringError as error:
-        parser.error(str(error))
-    _print_scores(scores)
+        write_scores_if_asked(args, scores)
+        _print_scores(scores)
+
+    run_scorer_cli(parser, argv, run)
 
 
 if __name__ == "__main__":

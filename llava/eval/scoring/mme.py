@@ -26,13 +26,14 @@ from pathlib import Path
 from typing import Any
 
 from llava.eval.scoring.results import (
-    ALLOW_PARTIAL_HELP,
     AnswerKey,
     ScoringError,
+    add_scoring_flags,
     read_records,
     read_results,
+    run_scorer_cli,
     unanswered_line,
-    write_json,
+    write_scores_if_asked,
 )
 
 PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark",
@@ -188,16 +189,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--question-file", required=True, help="llava_mme.jsonl")
     parser.add_argument("--result-file", required=True, help="LLaVA answers JSONL")
     parser.add_argument("--gt-dir", required=True, help="MME_Benchmark_release_version folder")
-    parser.add_argument("--scores-file", help="also write the scores as JSON here (for summary.json)")
-    parser.add_argument("--allow-partial", action="store_true", help=ALLOW_PARTIAL_HELP)
-    args = parser.parse_args(argv)
-    try:
+    add_scoring_flags(parser)
+
+    def run(args: argparse.Namespace) -> None:
         scores = score_mme(args.question_file, args.result_file, args.gt_dir, args.allow_partial)
-        if args.scores_file:
-            write_json(args.scores_file, scores)
-    except ScoringError as error:
-        parser.error(str(error))
-    _print_scores(scores)
+        write_scores_if_asked(args, scores)
+        _print_scores(scores)
+
+    run_scorer_cli(parser, argv, run)
 
 
 if __name__ == "__main__":

@@ -22,13 +22,14 @@ from pathlib import Path
 from typing import Any
 
 from llava.eval.scoring.results import (
-    ALLOW_PARTIAL_HELP,
     ScoringError,
+    add_scoring_flags,
     question_id,
     read_records,
     read_results,
+    run_scorer_cli,
     unanswered_line,
-    write_json,
+    write_scores_if_asked,
 )
 
 NEGATIVE_WORDS = frozenset({"No", "no", "not"})
@@ -146,16 +147,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--annotation-dir", required=True, help="folder with coco_pope_<category>.json")
     parser.add_argument("--question-file", required=True, help="llava_pope_test.jsonl")
     parser.add_argument("--result-file", required=True, help="LLaVA answers JSONL")
-    parser.add_argument("--scores-file", help="also write the scores as JSON here (for summary.json)")
-    parser.add_argument("--allow-partial", action="store_true", help=ALLOW_PARTIAL_HELP)
-    args = parser.parse_args(argv)
-    try:
+    add_scoring_flags(parser)
+
+    def run(args: argparse.Namespace) -> None:
         scores = score_pope(args.annotation_dir, args.question_file, args.result_file, args.allow_partial)
-        if args.scores_file:
-            write_json(args.scores_file, scores)
-    except ScoringError as error:
-        parser.error(str(error))
-    _print_scores(scores)
+        write_scores_if_asked(args, scores)
+        _print_scores(scores)
+
+    run_scorer_cli(parser, argv, run)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ CLI prints it as one `error:` line and exits non-zero without a traceback.
 
 from __future__ import annotations
 
+import argparse
 import json
 from collections.abc import Callable, Collection, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ ANSWER_FIELDS = ("question_id", "text")
 PERCENT = 100.0
 SHOWN_KEYS = 5  # unanswered questions named in an error; the count says how many there are in all
 ALLOW_PARTIAL_HELP = "score a result file that leaves questions unanswered (the count is reported)"
+SCORES_FILE_HELP = "also write the scores as JSON here (for summary.json)"
 JSON_TYPE_NAMES = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", str: "a string",
                    list: "a list", dict: "an object"}
 
@@ -188,6 +190,28 @@ def read_json(path: str | Path, what: str) -> Any:
         raise ScoringError(f"{what} {path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
     except OSError as error:
         raise ScoringError(f"cannot read {what} {path}: {error.strerror or error}") from None
+
+
+def add_scoring_flags(parser: argparse.ArgumentParser, scores_help: str = SCORES_FILE_HELP) -> None:
+    """The two flags every scorer takes: --scores-file and --allow-partial."""
+    parser.add_argument("--scores-file", help=scores_help)
+    parser.add_argument("--allow-partial", action="store_true", help=ALLOW_PARTIAL_HELP)
+
+
+def run_scorer_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
+                   run: Callable[[argparse.Namespace], Any]) -> None:
+    """A scorer's main(): parse the flags and run; a ScoringError becomes the parser's one `error:` line."""
+    args = parser.parse_args(argv)
+    try:
+        run(args)
+    except ScoringError as error:
+        parser.error(str(error))
+
+
+def write_scores_if_asked(args: argparse.Namespace, scores: dict) -> None:
+    """The scores, also as JSON in --scores-file when given (what summary.json reads)."""
+    if args.scores_file:
+        write_json(args.scores_file, scores)
 
 
 def write_json(path: str | Path, content: Any, what: str = "scores file") -> None:

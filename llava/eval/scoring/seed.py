@@ -19,15 +19,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llava.eval.scoring.results import (
-    ALLOW_PARTIAL_HELP,
     Results,
     ScoringError,
+    add_scoring_flags,
     percent,
     read_json,
     read_results,
+    run_scorer_cli,
     unanswered_line,
-    write_json,
     write_output,
+    write_scores_if_asked,
 )
 
 SCORED_DATA_TYPE = "image"
@@ -124,8 +125,7 @@ def run(args: argparse.Namespace) -> dict:
         scores["unanswered"] = unanswered
     upload = "".join(json.dumps(record) + "\n" for record in upload_records(questions, answers))
     write_output(args.result_upload_file, upload, "upload file")
-    if args.scores_file:
-        write_json(args.scores_file, scores)
+    write_scores_if_asked(args, scores)
     print_scores(scores)
     return scores
 
@@ -135,13 +135,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--annotation-file", required=True, help="SEED-Bench.json")
     parser.add_argument("--result-file", required=True, help="LLaVA answers JSONL (merge.jsonl)")
     parser.add_argument("--result-upload-file", required=True, help="JSONL to upload to the SEED-Bench leaderboard")
-    parser.add_argument("--scores-file", help="also write the scores as JSON here (for summary.json)")
-    parser.add_argument("--allow-partial", action="store_true", help=ALLOW_PARTIAL_HELP)
-    args = parser.parse_args(argv)
-    try:
-        run(args)
-    except ScoringError as error:
-        parser.error(str(error))
+    add_scoring_flags(parser)
+    run_scorer_cli(parser, argv, run)
 
 
 if __name__ == "__main__":

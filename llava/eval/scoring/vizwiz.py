@@ -19,14 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from llava.eval.scoring.results import (
-    ALLOW_PARTIAL_HELP,
-    ScoringError,
+    add_scoring_flags,
     question_id,
     read_records,
     read_results,
+    run_scorer_cli,
     unanswered_line,
-    write_json,
     write_output,
+    write_scores_if_asked,
 )
 from llava.eval.scoring.vqa_accuracy import normalize_answer
 
@@ -66,19 +66,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--annotation-file", required=True, help="VizWiz question file (llava_test.jsonl)")
     parser.add_argument("--result-file", required=True, help="LLaVA answers JSONL")
     parser.add_argument("--result-upload-file", required=True, help="JSON file to upload to the VizWiz server")
-    parser.add_argument("--scores-file", help="also write the answer counts as JSON here (for summary.json)")
-    parser.add_argument("--allow-partial", action="store_true", help=ALLOW_PARTIAL_HELP)
-    args = parser.parse_args(argv)
-    try:
+    add_scoring_flags(parser, "also write the answer counts as JSON here (for summary.json)")
+
+    def run(args: argparse.Namespace) -> None:
         counts = convert_vizwiz(args.annotation_file, args.result_file, args.result_upload_file, args.allow_partial)
-        if args.scores_file:
-            write_json(args.scores_file, counts)
-    except ScoringError as error:
-        parser.error(str(error))
-    print(f"Answers: {counts['answers']}\nUnanswerable: {counts['unanswerable']}")
-    if "unanswered" in counts:
-        print(unanswered_line(counts["unanswered"], counts["answers"] + counts["unanswered"]))
-    print(f"Upload file: {args.result_upload_file}")
+        write_scores_if_asked(args, counts)
+        print(f"Answers: {counts['answers']}\nUnanswerable: {counts['unanswerable']}")
+        if "unanswered" in counts:
+            print(unanswered_line(counts["unanswered"], counts["answers"] + counts["unanswered"]))
+        print(f"Upload file: {args.result_upload_file}")
+
+    run_scorer_cli(parser, argv, run)
 
 
 if __name__ == "__main__":

@@ -21,15 +21,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from llava.eval.scoring.results import (
-    ALLOW_PARTIAL_HELP,
     Results,
-    ScoringError,
+    add_scoring_flags,
     question_id,
     read_records,
     read_results,
+    run_scorer_cli,
     unanswered_line,
-    write_json,
     write_output,
+    write_scores_if_asked,
 )
 from llava.eval.scoring.vqa_accuracy import normalize_answer
 
@@ -78,8 +78,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.allow_partial and unanswered is not None:
         scores["unanswered"] = unanswered
     write_output(upload_file, json.dumps(upload_entries(test_ids, answers)), "upload file")
-    if args.scores_file:
-        write_json(args.scores_file, scores)
+    write_scores_if_asked(args, scores)
     print(f"total results: {len(answers)}, total split: {len(test_ids)}")
     if "unanswered" in scores:
         print(unanswered_line(unanswered, len(answers) + unanswered))
@@ -93,13 +92,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--ckpt", required=True, help="name of the answers folder and of the upload file")
     parser.add_argument("--split", required=True, help="question file name without .jsonl")
     parser.add_argument("--result-file", help="answers JSONL (default: DIR/answers/SPLIT/CKPT/merge.jsonl)")
-    parser.add_argument("--scores-file", help="also write {answered, total} as JSON here (for summary.json)")
-    parser.add_argument("--allow-partial", action="store_true", help=ALLOW_PARTIAL_HELP)
-    args = parser.parse_args(argv)
-    try:
-        run(args)
-    except ScoringError as error:
-        parser.error(str(error))
+    add_scoring_flags(parser, "also write {answered, total} as JSON here (for summary.json)")
+    run_scorer_cli(parser, argv, run)
 
 
 if __name__ == "__main__":
