@@ -297,10 +297,12 @@ def test_a_killed_gpu_process_is_reported(tmp_path, monkeypatch, capsys):
 
 
 def test_gpu_processes_run_as_ranks_of_one_run_each_on_its_gpu():
-    report = "import os; print(os.environ['RANK'], os.environ['WORLD_SIZE'], os.environ['CUDA_VISIBLE_DEVICES'])"
-    script = f"import os, sys; {report}; sys.exit(int(os.environ['RANK']) * 3)"
+    """Each process reports WORLD_SIZE, RANK, LOCAL_RANK and its one visible GPU through its exit code."""
+    env = "os.environ"
+    script = (f"import os, sys; sys.exit(int({env}['WORLD_SIZE']) * 100 + int({env}['RANK']) * 10 "
+              f"+ int({env}['LOCAL_RANK']) * 50 + int({env}['CUDA_VISIBLE_DEVICES']))")
     codes = runner.run_on_gpus([sys.executable, "-c", script], ["4", "7"])
-    assert codes == [0, 3]
+    assert codes == [204, 217]  # world 2, ranks 0 and 1, local rank 0, GPUs 4 and 7
     assert runner.worker_argv(["--gpus", "4,7", "--tasks=a,b", "--budget", "64"], "a") == ["--budget", "64", "--tasks", "a"]
 
 

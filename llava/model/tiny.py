@@ -170,10 +170,7 @@ def write_tiny_checkpoint(out_dir: str | os.PathLike, layout: str = "original", 
 def _build(staging: Path, layout: str, seed: int, weights_format: str, arch: str = "llava") -> Path:
     """Write the original layout under `staging`; convert it when the transformers layout is asked."""
     original = staging / "original"
-    if arch == "next":
-        _write_original_next(original, seed, weights_format)
-    else:
-        _write_original(original, seed, weights_format)
+    _write_original(original, seed, weights_format, arch)
     if layout == "original":
         return original
     from llava.model.convert import (
@@ -185,38 +182,27 @@ def _build(staging: Path, layout: str, seed: int, weights_format: str, arch: str
     return converted
 
 
-def _write_original(model_dir: Path, seed: int, weights_format: str) -> None:
-    """Write every file of the original LLaVA-1.5 layout into `model_dir`."""
+def _write_original(model_dir: Path, seed: int, weights_format: str, arch: str = "llava") -> None:
+    """Write every file of the original layout into `model_dir`: LLaVA-1.5's, or LLaVA-NeXT's for
+    arch "next". The language model and projector are the same for both at one seed; NeXT adds the
+    newline weight and the fine-tuned tower copy, drawn afterwards from the same stream."""
+    is_next = arch == "next"
+    max_positions = NEXT_MAX_POSITIONS if is_next else MAX_POSITIONS
     model_dir.mkdir(parents=True)
-    vocab_size = write_tokenizer(model_dir)
-    _write_json(model_dir / "config.json", llava_config(vocab_size))
+    vocab_size = write_tokenizer(model_dir, max_positions)
+    _write_json(model_dir / "config.json", llava_next_config(vocab_size) if is_next else llava_config(vocab_size))
     _write_json(model_dir / "generation_config.json",
                 {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID,
-                 "max_length": MAX_POSITIONS})
-    tensors = llm_tensors(vocab_size, _generator(seed, LLM_STREAM))
-    _write_shards(model_dir, tensors, weights_format)
-    write_vision_tower(model_dir / VISION_TOWER_DIRNAME, _generator(seed, VISION_STREAM))
-
-
-def _write_original_next(model_dir: Path, seed: int, weights_format: str) -> None:
-    """Write every file of the original LLaVA-NeXT layout into `model_dir`.
-
-    The language model and projector equal the LLaVA-1.5 ones of the same seed; the newline weight
-    and the fine-tuned tower copy are drawn afterwards from the same stream.
-    """
-    model_dir.mkdir(parents=True)
-    vocab_size = write_tokenizer(model_dir, NEXT_MAX_POSITIONS)
-    _write_json(model_dir / "config.json", llava_next_config(vocab_size))
-    _write_json(model_dir / "generation_config.json",
-                {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID,
-                 "max_length": NEXT_MAX_POSITIONS})
+                 "max_length": max_positions})
     tower_dir = model_dir / VISION_TOWER_DIRNAME
     write_vision_tower(tower_dir, _generator(seed, VISION_STREAM))
     gen = _generator(seed, LLM_STREAM)
     tensors = llm_tensors(vocab_size, gen)
-    extra = {"model.image_newline": _normal((LLM_HIDDEN,), 1 / math.sqrt(LLM_HIDDEN), gen)}
-    extra.update(fine_tuned_tower_tensors(tower_dir, gen))
-    _write_shards(model_dir, next_tensor_order(tensors, extra), weights_format)
+    if is_next:
+        extra = {"model.image_newline": _normal((LLM_HIDDEN,), 1 / math.sqrt(LLM_HIDDEN), gen)}
+        extra.update(fine_tuned_tower_tensors(tower_dir, gen))
+        tensors = next_tensor_order(tensors, extra)
+    _write_shards(model_dir, tensors, weights_format)
 
 
 def llava_next_config(vocab_size: int) -> dict:
