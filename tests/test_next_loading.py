@@ -21,7 +21,8 @@ from llava.model.geometry import ModelGeometry, geometry_of_model, read_geometry
 from llava.model.original_layout import swap_pairs
 
 NEXT_GEOMETRY = ModelGeometry(decoder_layers=tiny.LLM_LAYERS, vision_tokens=576, patch_tokens=576,
-                              context_length=tiny.NEXT_MAX_POSITIONS, max_crops=4)
+                              context_length=tiny.NEXT_MAX_POSITIONS, max_crops=4,
+                              max_vision_tokens=5 * 576 + 48)  # 2x2 crops + base, one newline per 48-patch row
 QUESTION = "\nWhat is the word? ASSISTANT:"
 NEW_TOKENS = 3
 IMAGE_0_TOKENS = 576 + 40 * 25

@@ -106,7 +106,7 @@ def test_without_merging_the_features_are_the_flat_unpruned_ones(loaded_next_ori
     inputs = next_inputs(loaded_next_original, image_name)
     images = inputs.pixel_values.shape[1]
 
-    out = MustDrop(NOTHING_MERGES).encode_image(model, inputs.pixel_values)
+    out = MustDrop(NOTHING_MERGES).encode_next(model, inputs.pixel_values, inputs.image_sizes)
 
     assert out.stats["merged_windows"] == 0
     assert torch.equal(out.features, flat_next_features(model, inputs.pixel_values[0]))
@@ -148,7 +148,7 @@ def test_every_image_keeps_the_same_count_after_the_merge(loaded_next_original, 
     images = inputs.pixel_values.shape[1]
     drop = MustDrop(DropConfig(global_thr=0.011, individual_thr=0.01))
 
-    vision = drop.encode_image(model, inputs.pixel_values)
+    vision = drop.encode_next(model, inputs.pixel_values, inputs.image_sizes)
     answer = generate(model, inputs.input_ids, inputs.pixel_values, SamplingConfig(max_new_tokens=2),
                       {tokenizer.eos_token_id}, drop=drop, image_sizes=inputs.image_sizes)
 

@@ -21,7 +21,7 @@ from llava.drop.flops import prefill_flops
 from llava.drop.method import DropMethod, LayerContext
 from llava.drop.probe import TokenLayout, remap_key_indices, sequence_keep
 from llava.drop.timing import now
-from llava.drop.vision import VisionOutput, encode_next_image, is_next
+from llava.drop.vision import VisionOutput, is_next
 from llava.model.geometry import decoder_layer_count, geometry_of_model
 
 EAGER = "eager"
@@ -308,14 +308,14 @@ def generate(
 
 
 def encode_vision(model, method: DropMethod, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None) -> VisionOutput:
-    """The image as vision tokens: the method's vision stage. On LLaVA-NeXT a method that supports it gets
-    the base image and crops [1, 1 + K, 3, H, W]; otherwise the unpruned features (`DropMethod.check_model`
-    refuses other methods there before anything runs)."""
-    if not is_next(model) or (method.enabled and method.supports_next):
+    """The image as vision tokens: the method's vision stage. On LLaVA-NeXT it gets the base image and crops
+    [1, 1 + K, 3, H, W] and the image's size (`DropMethod.check_model` refuses methods without NeXT support
+    before anything runs)."""
+    if not is_next(model):
         return method.encode_image(model, pixel_values)
     if image_sizes is None:
         raise ValueError("a LLaVA-NeXT model needs the image's size: pass image_sizes [[height, width]]")
-    return encode_next_image(model, pixel_values, image_sizes)
+    return method.encode_next(model, pixel_values, image_sizes)
 
 
 def peak_memory(device: torch.device) -> dict:

@@ -15,7 +15,7 @@ import torch
 
 from llava.drop.cache import LayerKVCache
 from llava.drop.probe import TokenLayout, rows_to_vision_attention
-from llava.drop.vision import VisionOutput, encode_image
+from llava.drop.vision import VisionOutput, encode_image, encode_next_image
 from llava.model.geometry import ModelGeometry
 
 TEXT_QUERIES = "text"  # every token after the image: the question and the template's tail
@@ -77,6 +77,11 @@ class DropMethod:
     def encode_image(self, model, pixel_values: torch.Tensor) -> VisionOutput:
         return encode_image(model, pixel_values)
 
+    def encode_next(self, model, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> VisionOutput:
+        """LLaVA-NeXT's vision stage: the base image and its crops [1, 1 + K, 3, H, W] with the image's
+        [[height, width]]; by default the model's own layout (its `mm_patch_merge_type`), unpruned."""
+        return encode_next_image(model, pixel_values, image_sizes)
+
     def prefill_layers(self, geometry: ModelGeometry) -> tuple[int, ...]:
         """Decoder layers after which `select` is called, in a model of this geometry."""
         return ()
@@ -106,9 +111,9 @@ class DropMethod:
             raise ValueError(f"dropping after layer {max(layers)} (0-based) is impossible in a model "
                              f"with {geometry.decoder_layers} decoder layers; use layers 0..{geometry.decoder_layers - 1}")
         budget = getattr(getattr(self, "options", None), "budget", None)
-        if budget is not None and budget > geometry.vision_tokens:
-            raise ValueError(f"budget {budget:g} exceeds the {geometry.vision_tokens} vision tokens "
-                             "this model gives an image")
+        if budget is not None and budget > geometry.max_vision_tokens:
+            raise ValueError(f"budget {budget:g} exceeds the {geometry.max_vision_tokens} vision tokens "
+                             "this model gives an image at most")
 
     @property
     def enabled(self) -> bool:

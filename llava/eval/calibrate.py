@@ -34,7 +34,7 @@ import torch
 
 from llava.conversation import get_conv_template
 from llava.drop.cache import LayerKVCache
-from llava.drop.generate import MultimodalPrompt, build_prompt, prefill
+from llava.drop.generate import MultimodalPrompt, build_prompt, encode_vision, prefill
 from llava.drop.methods import as_method
 from llava.drop.methods.mustdrop import DEFAULT_GLOBAL_THR, DEFAULT_INDIVIDUAL_THR, DropConfig
 from llava.eval.answering.vqa import questions_from_file
@@ -114,7 +114,8 @@ def prepare_prompts(
     prompts = []
     for question in questions:
         inputs = question_inputs(model, tokenizer, image_processor, question, conv_mode)
-        prompts.append(build_prompt(model, inputs.input_ids, as_method(drop).encode_image(model, inputs.pixel_values)))
+        vision = encode_vision(model, as_method(drop), inputs.pixel_values, inputs.image_sizes)
+        prompts.append(build_prompt(model, inputs.input_ids, vision))
     return prompts
 
 

@@ -33,6 +33,11 @@ class ModelGeometry:
     patch_tokens: int  # the square grid of patches among them (no CLS)
     context_length: int  # positions the decoder was trained for (max_position_embeddings)
     max_crops: int = 0  # most grid crops one image can be tiled into (LLaVA-NeXT); 0 without tiling
+    max_vision_tokens: int = 0  # most vision tokens one image can bring (see `most_vision_tokens`)
+
+    def __post_init__(self):
+        if not self.max_vision_tokens:
+            object.__setattr__(self, "max_vision_tokens", self.vision_tokens)
 
 
 def geometry_of_config(config: LlavaConfig | LlavaNextConfig) -> ModelGeometry:
@@ -46,7 +51,21 @@ def geometry_of_config(config: LlavaConfig | LlavaNextConfig) -> ModelGeometry:
         patch_tokens=patch_tokens,
         context_length=config.text_config.max_position_embeddings,
         max_crops=max_crops(config),
+        max_vision_tokens=most_vision_tokens(config, patch_tokens + int(with_cls)),
     )
+
+
+def most_vision_tokens(config: LlavaConfig | LlavaNextConfig, per_image: int) -> int:
+    """An upper bound on one image's vision tokens, for budget checks made before any image is seen:
+    `per_image` for LLaVA-1.5; for LLaVA-NeXT the base image plus the largest crop grid, with one newline
+    token per grid row in either orientation (spatial_unpad only removes tokens; flat adds no newlines)."""
+    pinpoints = getattr(config, "image_grid_pinpoints", None)
+    if not pinpoints:
+        return per_image
+    side = config.vision_config.image_size
+    grid_side = side // config.vision_config.patch_size
+    return max((1 + (first // side) * (second // side)) * per_image + max(first, second) // side * grid_side
+               for first, second in pinpoints)
 
 
 def max_crops(config: LlavaConfig | LlavaNextConfig) -> int:

@@ -460,9 +460,12 @@ class MustDrop(DropMethod):
     def encode_image(self, model, pixel_values: torch.Tensor) -> VisionOutput:
         if not self.options.enabled:
             return super().encode_image(model, pixel_values)
-        if pixel_values.dim() == 5:  # LLaVA-NeXT: the base image and its crops
-            return encode_mustdrop_next(model, pixel_values, self.options)
         return encode_mustdrop(model, pixel_values, self.options)
+
+    def encode_next(self, model, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> VisionOutput:
+        if not self.options.enabled:
+            return super().encode_next(model, pixel_values, image_sizes)
+        return encode_mustdrop_next(model, pixel_values, self.options)
 
     @property
     def enabled(self) -> bool:
