@@ -1,0 +1,99 @@
+"""The engine on a GPU: every tensor it makes lands on the model's device, the unpruned loop still equals
+transformers' generate() there, and every method runs there at a budget, in fp32 and in bf16.
+
+Skipped without CUDA (CI has none); on a GPU machine run `pytest tests/test_cuda.py`. To try the same
+checks on another device, set MUSTDROP_TEST_DEVICE (e.g. `cpu`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+from llava.drop.generate import SamplingConfig, generate
+from llava.drop.methods import METHODS, create_method
+from llava.drop.methods.registry import discover_methods
+from llava.mm_utils import load_image
+from llava.model.builder import load_pretrained_model
+from llava.model.inputs import encode_question
+from tests.conftest import hf_input_ids
+
+DEVICE = os.environ.get("MUSTDROP_TEST_DEVICE", "cuda")
+pytestmark = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(),
+                                reason="needs a CUDA device: run `pytest tests/test_cuda.py` on a GPU machine")
+
+NEW_TOKENS = 6
+QUESTION = "What is written here?"
+BUDGETS = {"llava": 64, "next": 320}  # the smallest LLaVA-1.5 setting, a LLaVA-NeXT one (total tokens)
+SQUARE_IMAGE = "playground/data/eval/demo/images/3fc86ee644365862.png"  # 400x400: NeXT tiles it 2x2
+
+
+def loaded(checkpoint, dtype: str):
+    return load_pretrained_model(str(checkpoint), device=DEVICE, torch_dtype=dtype)
+
+
+@pytest.fixture(scope="module", params=["llava", "next"])
+def arch(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def checkpoint(arch, request):
+    return request.getfixturevalue("tiny_hf" if arch == "llava" else "tiny_next_hf")
+
+
+def question_inputs(tokenizer, model, image_processor):
+    return encode_question(QUESTION, load_image(SQUARE_IMAGE), model, tokenizer, image_processor, "vicuna_v1")
+
+
+def run(model, tokenizer, inputs, method=None, **sampling) -> tuple[list[int], dict]:
+    out = generate(model, inputs.input_ids, inputs.pixel_values, SamplingConfig(max_new_tokens=NEW_TOKENS, **sampling),
+                   {tokenizer.eos_token_id}, drop=method, image_sizes=inputs.image_sizes)
+    return out.token_ids, out.stats
+
+
+def test_unpruned_loop_equals_transformers_generate_on_the_device(checkpoint):
+    tokenizer, model, image_processor, _ = loaded(checkpoint, "fp32")
+    inputs = question_inputs(tokenizer, model, image_processor)
+    ours, stats = run(model, tokenizer, inputs)
+    reference_ids = hf_input_ids(inputs.input_ids, model.config.image_token_id, stats["vision_tokens"]).to(DEVICE)
+    extra = {} if inputs.image_sizes is None else {"image_sizes": inputs.image_sizes.to(DEVICE)}
+    with torch.no_grad():
+        reference = model.generate(input_ids=reference_ids, pixel_values=inputs.pixel_values.to(DEVICE, torch.float32),
+                                   max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                                   pad_token_id=tokenizer.pad_token_id, **extra)
+    assert ours == reference[0, reference_ids.shape[1]:].tolist()
+    if DEVICE == "cuda":
+        assert stats["peak_memory_bytes"] > 0
+
+
+def runnable_methods(arch: str, model) -> list[str]:
+    """Every registered dropping method that declares support for this architecture."""
+    discover_methods()
+    return sorted(name for name, cls in METHODS.items() if name != "none" and (arch == "llava" or cls.supports_next))
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_every_method_runs_on_the_device_at_a_budget(arch, checkpoint, dtype):
+    """The layer-averaged count as on CPU in fp32, within 1 % of the budget (budgets fix the counts; rankings
+    and MustDrop's merge count, within its bounds, depend on the arithmetic), sampling with a seed repeats,
+    and nothing leaves the device."""
+    tokenizer, model, image_processor, _ = loaded(checkpoint, dtype)
+    cpu = load_pretrained_model(str(checkpoint), device="cpu", torch_dtype="fp32")
+    inputs = question_inputs(tokenizer, model, image_processor)
+    names = runnable_methods(arch, model)
+    assert "fastv" in names or arch == "next"
+    for name in names:
+        method = create_method(name, {"budget": str(BUDGETS[arch])})
+        tokens, stats = run(model, tokenizer, inputs, method)
+        _, cpu_stats = run(cpu[1], cpu[0], inputs, method)
+        assert len(tokens) >= 1 and math.isfinite(stats["avg_vision_tokens"]), name
+        if dtype == "fp32":
+            assert stats["vision_tokens"] == cpu_stats["vision_tokens"], name
+        assert abs(stats["avg_vision_tokens"] - cpu_stats["avg_vision_tokens"]) <= 0.01 * BUDGETS[arch], name
+        first, _ = run(model, tokenizer, inputs, method, temperature=0.7, top_p=0.9, seed=3)
+        second, _ = run(model, tokenizer, inputs, method, temperature=0.7, top_p=0.9, seed=3)
+        assert first == second, name
