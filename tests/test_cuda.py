@@ -97,3 +97,34 @@ def test_every_method_runs_on_the_device_at_a_budget(arch, checkpoint, dtype):
         first, _ = run(model, tokenizer, inputs, method, temperature=0.7, top_p=0.9, seed=3)
         second, _ = run(model, tokenizer, inputs, method, temperature=0.7, top_p=0.9, seed=3)
         assert first == second, name
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="counts CUDA synchronisations")
+def test_decoding_syncs_with_the_host_once_per_token(checkpoint):
+    """The stop checks read each new token back; nothing else in a decode step waits for the GPU
+    (at most one more sync: uploading the first token)."""
+    import warnings
+
+    from llava.drop.cache import LayerKVCache
+    from llava.drop.generate import build_prompt, decode_n_tokens, encode_vision, method_or_none, prefill, sample
+    from llava.model.geometry import decoder_layer_count
+
+    tokenizer, model, image_processor, _ = loaded(checkpoint, "bf16")
+    inputs = question_inputs(tokenizer, model, image_processor)
+    method = create_method("fastv", {"budget": str(BUDGETS["next" if inputs.image_sizes is not None else "llava"])})
+    prompt = build_prompt(model, inputs.input_ids, encode_vision(model, method, inputs.pixel_values, inputs.image_sizes))
+    cache = LayerKVCache(decoder_layer_count(model))
+    prefilled = prefill(model, prompt, cache, method_or_none(method))
+    sampling = SamplingConfig(max_new_tokens=9)
+    first = sample(prefilled.logits, sampling, None)
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            tokens = decode_n_tokens(model, first, cache, cache.lengths(), sampling, set())
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(tokens) == 9
+    assert 8 <= len(syncs) <= 9, [str(w.message) for w in syncs][:3]

@@ -193,28 +193,49 @@ def prefill(model, prompt: MultimodalPrompt, cache: LayerKVCache, method: DropMe
     return result
 
 
-def decode_one_token(model, token: int, cache: LayerKVCache, positions: list[int]) -> torch.Tensor:
-    """Feed one token; layer l places it at `positions[l]` (layers may hold different cache lengths)."""
-    embed_tokens = model.get_input_embeddings()
-    hidden = embed_tokens(torch.tensor([[token]], device=embed_tokens.weight.device))
-    rotations: dict[int, tuple] = {}  # layers at the same position (most of them) share one RoPE
+class DecodePositions:
+    """Where each layer places the next token, kept on the device so that a decode step needs no host
+    tensor. Layers may hold different cache lengths; those at the same position (most of them) share
+    one row of RoPE, computed once per step for all distinct positions."""
+
+    def __init__(self, positions: list[int], device: torch.device):
+        distinct = sorted(set(positions))
+        self.row_of_layer = [distinct.index(position) for position in positions]
+        self.distinct = torch.tensor(distinct, device=device)
+        self.step = 0
+
+    def current(self) -> torch.Tensor:
+        return self.distinct + self.step
+
+
+def decode_one_token(model, token: torch.Tensor, cache: LayerKVCache, positions: DecodePositions) -> torch.Tensor:
+    """Feed one token ([1, 1] on the device); layer l places it at its own position, then all advance."""
+    hidden = model.get_input_embeddings()(token)
+    current = positions.current()
+    cos, sin = rotary(model, hidden, current)
     for layer_idx in range(decoder_layer_count(model)):
-        position = torch.tensor([positions[layer_idx]], device=hidden.device)
-        if positions[layer_idx] not in rotations:
-            rotations[positions[layer_idx]] = rotary(model, hidden, position)
-        hidden = run_layer(model, layer_idx, hidden, position, cache, rotations[positions[layer_idx]])
+        row = positions.row_of_layer[layer_idx]
+        rotation = (cos[:, row : row + 1], sin[:, row : row + 1])
+        hidden = run_layer(model, layer_idx, hidden, current[row : row + 1], cache, rotation)
+    positions.step += 1
     return next_token_logits(model, hidden)
 
 
-def sample(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None) -> int:
-    """Greedy at temperature 0, otherwise temperature and nucleus sampling."""
+def sample_on_device(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
+    """The next token as a [1, 1] tensor where the logits are: greedy at temperature 0, otherwise
+    temperature and nucleus sampling."""
     if sampling.temperature == 0:
-        return int(logits.argmax())
+        return logits.argmax().view(1, 1)
     scores = logits[None] / sampling.temperature
     if sampling.top_p is not None and sampling.top_p < 1:
         scores = TopPLogitsWarper(top_p=sampling.top_p)(None, scores)
     probs = torch.softmax(scores, dim=-1)
-    return int(torch.multinomial(probs[0], 1, generator=generator))
+    return torch.multinomial(probs[0], 1, generator=generator).view(1, 1)
+
+
+def sample(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None) -> int:
+    """`sample_on_device`, read back to the host."""
+    return int(sample_on_device(logits, sampling, generator))
 
 
 def decode_n_tokens(
@@ -230,15 +251,20 @@ def decode_n_tokens(
     """Generate until EOS, a stop condition on the tokens so far, or max_new_tokens.
 
     `positions[l]` is the RoPE position layer l gives the next token; each step advances all of them.
+    The cache gets room for the whole answer first, and every step stays on the device except the one
+    read of the new token that the stop checks need.
     """
     tokens = [first_token]
-    positions = list(positions)
+    device = model.get_input_embeddings().weight.device
+    cache.reserve(sampling.max_new_tokens - 1)
+    on_device = DecodePositions(positions, device)
+    token = torch.tensor([[first_token]], device=device)
     while tokens[-1] not in eos_token_ids and len(tokens) < sampling.max_new_tokens:
         if should_stop is not None and should_stop(tokens):
             break
-        logits = decode_one_token(model, tokens[-1], cache, positions)
-        positions = [position + 1 for position in positions]
-        tokens.append(sample(logits, sampling, generator))
+        logits = decode_one_token(model, token, cache, on_device)
+        token = sample_on_device(logits, sampling, generator)
+        tokens.append(int(token))
     return tokens
 
 
