@@ -278,26 +278,24 @@ def decode_room(context_length: int, positions: list[int]) -> int:
     return context_length - max(positions) + 1
 
 
-@torch.inference_mode()
-def generate(
-    model,
-    input_ids: torch.Tensor,
-    pixel_values: torch.Tensor | None,
-    sampling: SamplingConfig,
-    eos_token_ids: set[int],
-    should_stop: Callable[[list[int]], bool] | None = None,
-    drop: DropMethod | None = None,
-    image_sizes: torch.Tensor | None = None,
-) -> GenerationOutput:
-    """Encode the image, prefill the prompt, decode the answer (batch size 1), dropping per `drop`.
-    LLaVA-NeXT also takes the image's size (`image_sizes`, [[height, width]])."""
-    method = method_or_none(drop)
+@dataclass
+class PrefilledAnswer:
+    """One prompt after its vision stage and prefill: what decoding needs, and its statistics so far."""
+
+    first_token: int
+    cache: LayerKVCache
+    positions: list[int]  # the RoPE position each layer gives the next token
+    sampling: SamplingConfig  # max_new_tokens capped by the context left
+    room: int
+    stats: dict
+
+
+def start_answer(model, method: DropMethod, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
+                 image_sizes: torch.Tensor | None, sampling: SamplingConfig,
+                 generator: torch.Generator | None) -> PrefilledAnswer:
+    """Vision stage, prefill and the first token of one prompt (the method already checked)."""
     geometry = geometry_of_model(model)
-    method.check_model(geometry)
     device = model.lm_head.weight.device
-    generator = torch.Generator(device=device).manual_seed(sampling.seed) if sampling.seed is not None else None
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     started = now(device)
     vision = encode_vision(model, method, pixel_values, image_sizes) if pixel_values is not None else None
     prompt = build_prompt(model, input_ids, vision)
@@ -313,23 +311,50 @@ def generate(
     first = sample(prefilled.logits, sampling, generator)
     prefill_done = now(device)
     kv_lengths = cache.lengths()
-    if method.compact_positions:
-        positions = kv_lengths
-    else:
-        positions = [prompt.embeds.shape[1]] * len(kv_lengths)
+    positions = kv_lengths if method.compact_positions else [prompt.embeds.shape[1]] * len(kv_lengths)
     room = decode_room(geometry.context_length, positions)
-    answer_sampling = replace(sampling, max_new_tokens=min(sampling.max_new_tokens, room))
-    tokens = decode_n_tokens(model, first, cache, positions, answer_sampling, eos_token_ids, should_stop, generator)
-    decode_done = now(device)
     stats = generation_stats(model, prompt, vision, prefilled, kv_lengths, cache)
-    stats.update(
-        vision_seconds=vision_done - started,
-        prefill_seconds=prefill_done - vision_done,
-        decode_seconds=decode_done - prefill_done,
-        new_tokens=len(tokens),
-        stopped_at_context=room < sampling.max_new_tokens and len(tokens) == room and tokens[-1] not in eos_token_ids,
-        **peak_memory(device),
-    )
+    stats.update(vision_seconds=vision_done - started, prefill_seconds=prefill_done - vision_done)
+    return PrefilledAnswer(first, cache, positions, replace(sampling, max_new_tokens=min(sampling.max_new_tokens, room)),
+                           room, stats)
+
+
+def finish_stats(answer: PrefilledAnswer, tokens: list[int], eos_token_ids: set[int], requested: int) -> dict:
+    """The answer's statistics once decoded: how many tokens, and whether the context cut it short."""
+    return {**answer.stats, "new_tokens": len(tokens),
+            "stopped_at_context": answer.room < requested and len(tokens) == answer.room
+            and tokens[-1] not in eos_token_ids}
+
+
+def seeded_generator(sampling: SamplingConfig, device: torch.device) -> torch.Generator | None:
+    return torch.Generator(device=device).manual_seed(sampling.seed) if sampling.seed is not None else None
+
+
+@torch.inference_mode()
+def generate(
+    model,
+    input_ids: torch.Tensor,
+    pixel_values: torch.Tensor | None,
+    sampling: SamplingConfig,
+    eos_token_ids: set[int],
+    should_stop: Callable[[list[int]], bool] | None = None,
+    drop: DropMethod | None = None,
+    image_sizes: torch.Tensor | None = None,
+) -> GenerationOutput:
+    """Encode the image, prefill the prompt, decode the answer (batch size 1), dropping per `drop`.
+    LLaVA-NeXT also takes the image's size (`image_sizes`, [[height, width]])."""
+    method = method_or_none(drop)
+    method.check_model(geometry_of_model(model))
+    device = model.lm_head.weight.device
+    generator = seeded_generator(sampling, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    answer = start_answer(model, method, input_ids, pixel_values, image_sizes, sampling, generator)
+    decode_started = now(device)
+    tokens = decode_n_tokens(model, answer.first_token, answer.cache, answer.positions, answer.sampling,
+                             eos_token_ids, should_stop, generator)
+    stats = finish_stats(answer, tokens, eos_token_ids, sampling.max_new_tokens)
+    stats.update(decode_seconds=now(device) - decode_started, **peak_memory(device))
     return GenerationOutput(token_ids=tokens, stats=stats)
 
 

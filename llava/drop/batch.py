@@ -1,0 +1,180 @@
+"""Answer several prompts at once: each prompt's vision stage and prefill run alone, then one decode loop
+steps all of them together.
+
+Why this split: every method keeps its own vision tokens per prompt and per layer, so prefill stays
+exactly the batch-1 computation (same kept sets, same statistics). Decoding one token is bound by
+reading the weights, so stepping N answers through each layer costs about what one costs, and the
+smaller KV caches that dropping leaves turn into throughput. The N caches sit side by side in one
+buffer per layer, each prompt's tokens first and the rest masked; every step writes each prompt's new
+token at that prompt's own length in that layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from llava.drop.cache import SEQ_DIM, LayerKVCache
+from llava.drop.generate import (
+    GenerationOutput,
+    PrefilledAnswer,
+    SamplingConfig,
+    finish_stats,
+    method_or_none,
+    peak_memory,
+    rotary,
+    sample_on_device,
+    seeded_generator,
+    start_answer,
+)
+from llava.drop.method import DropMethod
+from llava.drop.timing import now
+from llava.model.geometry import decoder_layer_count, geometry_of_model
+
+
+@dataclass
+class GenerationRequest:
+    """One prompt of a batch: what `generate` takes for one answer."""
+
+    input_ids: torch.Tensor
+    pixel_values: torch.Tensor | None
+    image_sizes: torch.Tensor | None = None
+    should_stop: Callable[[list[int]], bool] | None = None
+
+
+class BatchKVCache:
+    """N prompts' caches in one buffer per layer, [N, kv_heads, longest + room, head_dim]: prompt n's tokens
+    at 0..lengths[l][n] - 1, each step's token written at that length (the other slots are masked out)."""
+
+    def __init__(self, caches: Sequence[LayerKVCache], room: int):
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.lengths: list[torch.Tensor] = []  # per layer, [N] on the device
+        for layer_idx in range(len(caches[0].keys)):
+            lengths = [cache.length(layer_idx) for cache in caches]
+            self.keys.append(self._side_by_side([cache.keys[layer_idx] for cache in caches], max(lengths) + room))
+            self.values.append(self._side_by_side([cache.values[layer_idx] for cache in caches], max(lengths) + room))
+            self.lengths.append(torch.tensor(lengths, device=self.keys[-1].device))
+        self.rows = torch.arange(len(caches), device=self.keys[0].device)
+
+    @staticmethod
+    def _side_by_side(tensors: list[torch.Tensor], slots: int) -> torch.Tensor:
+        first = tensors[0]
+        buffer = first.new_zeros((len(tensors), first.shape[1], slots, first.shape[3]))
+        for row, tensor in enumerate(tensors):
+            buffer[row, :, : tensor.shape[SEQ_DIM]] = tensor[0]
+        return buffer
+
+    def attention_mask(self, layer_idx: int, dtype: torch.dtype) -> torch.Tensor:
+        """Additive mask [N, 1, 1, slots] for this step: each prompt's cached tokens and the slot its new token
+        is about to fill."""
+        slots = torch.arange(self.keys[layer_idx].shape[SEQ_DIM], device=self.rows.device)
+        allowed = slots[None] <= self.lengths[layer_idx][:, None]
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=self.rows.device)
+        return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None, None]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, **_) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write each prompt's one new token at its own length in this layer; return the whole buffers."""
+        at = self.lengths[layer_idx]
+        self.keys[layer_idx][self.rows, :, at] = key_states[:, :, 0]
+        self.values[layer_idx][self.rows, :, at] = value_states[:, :, 0]
+        self.lengths[layer_idx] = at + 1
+        return self.keys[layer_idx], self.values[layer_idx]
+
+
+class BatchPositions:
+    """Where each layer places each prompt's next token, [distinct position rows, N] on the device; layers
+    whose positions agree for every prompt (most of them) share one row of RoPE."""
+
+    def __init__(self, positions: Sequence[list[int]], device: torch.device):
+        per_layer = [tuple(answer[layer] for answer in positions) for layer in range(len(positions[0]))]
+        distinct = sorted(set(per_layer))
+        self.row_of_layer = [distinct.index(row) for row in per_layer]
+        self.rows = torch.tensor(distinct, device=device)
+        self.step = 0
+
+    def current(self) -> torch.Tensor:
+        return self.rows + self.step
+
+
+def decode_step(model, tokens: torch.Tensor, cache: BatchKVCache, positions: BatchPositions) -> torch.Tensor:
+    """Feed each prompt's last token ([N, 1]); return the next-token logits [N, vocab] (float)."""
+    hidden = model.get_input_embeddings()(tokens)
+    current = positions.current()
+    count = tokens.shape[0]
+    cos, sin = (part.view(*current.shape, -1) for part in rotary(model, hidden, current.flatten()))
+    layers = model.model.language_model.layers
+    for layer_idx in range(decoder_layer_count(model)):
+        row = positions.row_of_layer[layer_idx]
+        hidden = layers[layer_idx](
+            hidden,
+            attention_mask=cache.attention_mask(layer_idx, hidden.dtype),
+            position_ids=current[row].view(count, 1),
+            cache=cache,
+            use_cache=True,
+            position_embeddings=(cos[row][:, None], sin[row][:, None]),
+        )
+    positions.step += 1
+    return model.lm_head(model.model.language_model.norm(hidden[:, -1])).float()
+
+
+def answer_done(tokens: list[int], limit: int, eos_token_ids: set[int],
+                should_stop: Callable[[list[int]], bool] | None) -> bool:
+    """The batch-1 loop's stop rule: EOS, the token limit, or the prompt's own stop condition."""
+    return tokens[-1] in eos_token_ids or len(tokens) >= limit or (should_stop is not None and should_stop(tokens))
+
+
+def decode_together(model, answers: list[PrefilledAnswer], requests: Sequence[GenerationRequest],
+                    eos_token_ids: set[int], generators: list[torch.Generator | None]) -> list[list[int]]:
+    """Step every unfinished answer until each stops by the batch-1 rule; a finished one rides along
+    (its tokens are ignored) so that the batch keeps its shape."""
+    tokens = [[answer.first_token] for answer in answers]
+    limits = [answer.sampling.max_new_tokens for answer in answers]
+    done = [answer_done(tokens[n], limits[n], eos_token_ids, requests[n].should_stop) for n in range(len(answers))]
+    if all(done):
+        return tokens
+    device = model.get_input_embeddings().weight.device
+    cache = BatchKVCache([answer.cache for answer in answers], max(limits) - 1)
+    for answer in answers:
+        answer.cache = None  # its tokens now live in the batch buffers; do not hold them twice
+    positions = BatchPositions([answer.positions for answer in answers], device)
+    current = torch.tensor([[answer.first_token] for answer in answers], device=device)
+    while not all(done):
+        logits = decode_step(model, current, cache, positions)
+        current = torch.cat([sample_on_device(logits[n], answers[n].sampling, generators[n])
+                             for n in range(len(answers))])
+        for n, token in enumerate(current.view(-1).tolist()):  # the one read per step, for the stop checks
+            if not done[n]:
+                tokens[n].append(token)
+                done[n] = answer_done(tokens[n], limits[n], eos_token_ids, requests[n].should_stop)
+    return tokens
+
+
+@torch.inference_mode()
+def generate_batch(model, requests: Sequence[GenerationRequest], sampling: SamplingConfig,
+                   eos_token_ids: set[int], drop: DropMethod | None = None) -> list[GenerationOutput]:
+    """`generate` for several prompts: under greedy decoding each answer and its statistics equal what
+    `generate` gives that prompt alone (up to floating-point rounding of batched matrix products). With
+    a seed, each prompt samples from its own generator seeded alike, as it would alone. `decode_seconds`
+    is the batch's shared decoding time; `batch_size` says how many answers shared it."""
+    if not requests:
+        return []
+    method = method_or_none(drop)
+    method.check_model(geometry_of_model(model))
+    device = model.lm_head.weight.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    generators = [seeded_generator(sampling, device) for _ in requests]
+    answers = [start_answer(model, method, request.input_ids, request.pixel_values, request.image_sizes, sampling,
+                            generator) for request, generator in zip(requests, generators)]
+    decode_started = now(device)
+    tokens = decode_together(model, answers, requests, eos_token_ids, generators)
+    decode_seconds = now(device) - decode_started
+    outputs = []
+    for answer, answer_tokens in zip(answers, tokens):
+        stats = finish_stats(answer, answer_tokens, eos_token_ids, sampling.max_new_tokens)
+        stats.update(decode_seconds=decode_seconds, batch_size=len(requests), **peak_memory(device))
+        outputs.append(GenerationOutput(token_ids=answer_tokens, stats=stats))
+    return outputs

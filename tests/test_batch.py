@@ -1,0 +1,114 @@
+"""Answering several prompts at once gives each prompt, token for token, the answer and statistics it gets
+alone: for every method, on LLaVA-1.5 and LLaVA-NeXT, with prompts of different lengths, kept sets and
+stopping points."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llava.drop.batch import BatchPositions, GenerationRequest, generate_batch
+from llava.drop.generate import SamplingConfig, generate
+from llava.drop.methods import METHODS, create_method
+from llava.drop.methods.registry import discover_methods
+from llava.mm_utils import load_image
+from llava.model.inputs import encode_question
+
+QUESTIONS = ["What is the word?", "Describe the colour of the background in a few words, please.",
+             "How many letters are there?"]
+TIMINGS = ("vision_seconds", "prefill_seconds", "decode_seconds", "scoring_seconds", "peak_rss_bytes",
+           "peak_memory_bytes", "batch_size")
+NEW_TOKENS = 6
+BUDGETS = {"llava": 64, "next": 320}
+
+
+def requests_for(loaded, demo_images, stops=None) -> list[GenerationRequest]:
+    tokenizer, model, image_processor, _ = loaded
+    requests = []
+    for index, question in enumerate(QUESTIONS):
+        image = load_image(demo_images[index % len(demo_images)])
+        inputs = encode_question(question, image, model, tokenizer, image_processor, "vicuna_v1")
+        should_stop = None if stops is None else stops[index]
+        requests.append(GenerationRequest(inputs.input_ids, inputs.pixel_values, inputs.image_sizes, should_stop))
+    return requests
+
+
+def alone(model, request: GenerationRequest, sampling: SamplingConfig, eos: set[int], method):
+    return generate(model, request.input_ids, request.pixel_values, sampling, eos, request.should_stop, method,
+                    request.image_sizes)
+
+
+def without_timings(stats: dict) -> dict:
+    return {key: value for key, value in stats.items() if key not in TIMINGS}
+
+
+def assert_batch_equals_alone(loaded, requests, sampling, method=None, eos=None):
+    tokenizer, model, _, _ = loaded
+    eos = {tokenizer.eos_token_id} if eos is None else eos
+    together = generate_batch(model, requests, sampling, eos, method)
+    for request, batched in zip(requests, together):
+        single = alone(model, request, sampling, eos, method)
+        assert batched.token_ids == single.token_ids
+        assert without_timings(batched.stats) == without_timings(single.stats)
+        assert batched.stats["batch_size"] == len(requests)
+    return together
+
+
+def method_names(arch: str) -> list[str]:
+    discover_methods()
+    return sorted(name for name, cls in METHODS.items() if arch == "llava" or name == "none" or cls.supports_next)
+
+
+@pytest.mark.parametrize("name", method_names("llava"))
+def test_llava_batch_equals_one_at_a_time_for_every_method(loaded_original, demo_images, name):
+    method = None if name == "none" else create_method(name, {"budget": str(BUDGETS["llava"])})
+    together = assert_batch_equals_alone(loaded_original, requests_for(loaded_original, demo_images),
+                                         SamplingConfig(max_new_tokens=NEW_TOKENS), method)
+    assert len({out.stats["prompt_tokens"] for out in together}) == len(QUESTIONS)  # ragged prompts
+
+
+def test_llava_batch_with_thresholds_keeps_different_counts_per_prompt(loaded_original, demo_images):
+    together = assert_batch_equals_alone(loaded_original, requests_for(loaded_original, demo_images),
+                                         SamplingConfig(max_new_tokens=NEW_TOKENS),
+                                         create_method("mustdrop", {"global_thr": "0.011", "individual_thr": "0.01"}))
+    assert len({str(out.stats["kv_cache_lengths"]) for out in together}) == len(QUESTIONS)
+
+
+@pytest.mark.parametrize("name", method_names("next"))
+def test_next_batch_equals_one_at_a_time(loaded_next_original, demo_images, name):
+    method = None if name == "none" else create_method(name, {"budget": str(BUDGETS["next"])}) \
+        if name != "mustdrop" else create_method(name, {"global_thr": "0.011", "individual_thr": "0.01"})
+    square_first = sorted(demo_images, key=lambda path: path.name != "3fc86ee644365862.png")  # 400x400: 2x2 crops
+    requests = requests_for(loaded_next_original, square_first)
+    together = assert_batch_equals_alone(loaded_next_original, requests, SamplingConfig(max_new_tokens=NEW_TOKENS),
+                                         method)
+    assert len({out.stats["images"] for out in together}) > 1  # the demo images tile into different grids
+
+
+def test_each_prompt_stops_by_its_own_rule_and_context(loaded_original, demo_images):
+    """One answer stops after 2 tokens by its stop condition, one by EOS (its second token made EOS), one
+    runs to the limit; the others keep decoding after the first has finished."""
+    tokenizer, model, _, _ = loaded_original
+    sampling = SamplingConfig(max_new_tokens=NEW_TOKENS)
+    requests = requests_for(loaded_original, demo_images, stops=[lambda tokens: len(tokens) >= 2, None, None])
+    second_token = alone(model, requests[1], sampling, set(), None).token_ids[1]
+    together = assert_batch_equals_alone(loaded_original, requests, sampling, eos={second_token})
+    assert [len(out.token_ids) for out in together][:2] == [2, 2]
+
+
+def test_seeded_sampling_in_a_batch_repeats_each_prompt_alone(loaded_original, demo_images):
+    sampling = SamplingConfig(max_new_tokens=NEW_TOKENS, temperature=0.8, top_p=0.9, seed=5)
+    assert_batch_equals_alone(loaded_original, requests_for(loaded_original, demo_images), sampling,
+                              create_method("fastv", {"budget": "64"}))
+
+
+def test_batch_positions_share_rows_across_layers_and_prompts():
+    positions = BatchPositions([[9, 9, 4], [7, 7, 7]], torch.device("cpu"))
+    assert positions.row_of_layer == [1, 1, 0]
+    assert positions.rows.tolist() == [[4, 7], [9, 7]]
+    positions.step = 2
+    assert positions.current().tolist() == [[6, 9], [11, 9]]
+
+
+def test_an_empty_batch_answers_nothing(loaded_original):
+    assert generate_batch(loaded_original[1], [], SamplingConfig(), {2}) == []
