@@ -4,6 +4,8 @@ stopping points."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -112,3 +114,36 @@ def test_batch_positions_share_rows_across_layers_and_prompts():
 
 def test_an_empty_batch_answers_nothing(loaded_original):
     assert generate_batch(loaded_original[1], [], SamplingConfig(), {2}) == []
+
+
+def answer_lines(path) -> list[dict]:
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    for line in lines:
+        line["metadata"] = without_timings(line["metadata"])
+    return lines
+
+
+def test_cli_batch_answers_equal_batch_one_and_resume_in_order(tiny_original, tmp_path):
+    """--batch-size 2 over 6 questions, resumed after 1 answer written at batch 1 (so batches of 2, 2, 1),
+    gives the batch-1 answers file line for line (timings aside)."""
+    from llava.eval.model_vqa_loader import main as answer_main
+    from tests.conftest import cli_args, first_questions
+
+    questions = first_questions(tmp_path, 6)
+    one_at_a_time, batched = tmp_path / "one.jsonl", tmp_path / "batched.jsonl"
+    answer_main(cli_args(tiny_original, questions, one_at_a_time, "--method", "pdrop", "--budget", "64"))
+    first = tmp_path / "first.jsonl"
+    first.write_text(questions.read_text().splitlines()[0] + "\n")
+    answer_main(cli_args(tiny_original, first, batched, "--method", "pdrop", "--budget", "64"))
+    answer_main(cli_args(tiny_original, questions, batched, "--method", "pdrop", "--budget", "64", "--batch-size", "2"))
+    assert answer_lines(batched) == answer_lines(one_at_a_time)
+    assert [line["metadata"]["batch_size"] for line in map(json.loads, batched.read_text().splitlines())] \
+        == [1, 2, 2, 2, 2, 1]
+
+
+def test_runner_refuses_a_batch_size_below_one(tmp_path):
+    from llava.eval.run import main as run_main
+
+    with pytest.raises(SystemExit) as stop:
+        run_main(["--tasks", "textvqa", "--model-path", "m", "--eval-dir", str(tmp_path), "--batch-size", "0"])
+    assert "--batch-size must be at least 1, got 0" in str(stop.value.code)

@@ -354,7 +354,7 @@ def generate(
     tokens = decode_n_tokens(model, answer.first_token, answer.cache, answer.positions, answer.sampling,
                              eos_token_ids, should_stop, generator)
     stats = finish_stats(answer, tokens, eos_token_ids, sampling.max_new_tokens)
-    stats.update(decode_seconds=now(device) - decode_started, **peak_memory(device))
+    stats.update(decode_seconds=now(device) - decode_started, batch_size=1, **peak_memory(device))
     return GenerationOutput(token_ids=tokens, stats=stats)
 
 

@@ -1,4 +1,5 @@
-"""Turn one question (text + optional image) into an answer with LLaVA-1.5's prompt and image rules.
+"""Turn questions (text + optional image) into answers with LLaVA's prompt and image rules, one at a time
+or several at once.
 
 Shared by every benchmark CLI so that prompts, preprocessing and decoding are the same everywhere.
 """
@@ -10,9 +11,10 @@ from dataclasses import dataclass
 from PIL import Image
 
 from llava.conversation import get_conv_template
-from llava.drop.generate import SamplingConfig, generate
+from llava.drop.batch import GenerationRequest, generate_batch
+from llava.drop.generate import GenerationOutput, SamplingConfig, generate
 from llava.drop.methods import DropConfig, DropMethod, as_method
-from llava.model.inputs import encode_question, templated_prompt
+from llava.model.inputs import ModelInputs, encode_question, templated_prompt
 
 STOP_CHECK_TOKENS = 16  # stop strings are a few tokens long: decode only the tail at each step
 
@@ -25,7 +27,7 @@ class Answer:
 
 
 class Answerer:
-    """Holds a loaded model and answers questions one at a time (batch size 1, as LLaVA evaluates)."""
+    """Holds a loaded model and answers questions one at a time (as LLaVA evaluates) or in batches."""
 
     def __init__(
         self, tokenizer, model, image_processor, conv_mode: str, sampling: SamplingConfig,
@@ -46,6 +48,20 @@ class Answerer:
         return templated_prompt(question, self.conv_mode, with_image, self.model.config)
 
     def answer(self, question: str, image: Image.Image | None) -> Answer:
+        inputs, request = self.request(question, image)
+        output = generate(self.model, request.input_ids, request.pixel_values, self.sampling, self.eos_token_ids,
+                          request.should_stop, as_method(self.drop), image_sizes=request.image_sizes)
+        return self.finished(inputs, output)
+
+    def answer_batch(self, questions: list[tuple[str, Image.Image | None]]) -> list[Answer]:
+        """Several questions at once (`generate_batch`): under greedy decoding the same answers as `answer`."""
+        prepared = [self.request(question, image) for question, image in questions]
+        outputs = generate_batch(self.model, [request for _, request in prepared], self.sampling, self.eos_token_ids,
+                                 as_method(self.drop))
+        return [self.finished(inputs, output) for (inputs, _), output in zip(prepared, outputs)]
+
+    def request(self, question: str, image: Image.Image | None) -> tuple[ModelInputs, GenerationRequest]:
+        """The question's model inputs, and a generation request that stops at the template's stop string."""
         inputs = encode_question(question, image, self.model, self.tokenizer, self.image_processor, self.conv_mode)
         stop_str = inputs.stop_str
 
@@ -53,9 +69,11 @@ class Answerer:
             tail = self.tokenizer.decode(tokens[-STOP_CHECK_TOKENS:], skip_special_tokens=True)
             return bool(stop_str) and tail.rstrip().endswith(stop_str)
 
-        output = generate(self.model, inputs.input_ids, inputs.pixel_values, self.sampling, self.eos_token_ids,
-                          stopped_by_string, as_method(self.drop), image_sizes=inputs.image_sizes)
+        return inputs, GenerationRequest(inputs.input_ids, inputs.pixel_values, inputs.image_sizes, stopped_by_string)
+
+    def finished(self, inputs: ModelInputs, output: GenerationOutput) -> Answer:
+        """The answer's text: decoded, the stop string cut off."""
         text = self.tokenizer.decode(output.token_ids, skip_special_tokens=True).strip()
-        if stop_str and text.endswith(stop_str):
-            text = text[: -len(stop_str)].strip()
+        if inputs.stop_str and text.endswith(inputs.stop_str):
+            text = text[: -len(inputs.stop_str)].strip()
         return Answer(text=text, prompt=inputs.prompt, stats=output.stats)

@@ -109,6 +109,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top_p", type=float, default=None)
     parser.add_argument("--num_beams", type=int, default=1)
     parser.add_argument("--max_new_tokens", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=1,
+                        help="questions answered at once (each keeps its own prompt and vision tokens; greedy "
+                             "answers equal batch size 1's)")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--sparse", action="store_true", help="switch on MustDrop (all three stages)")
     parser.add_argument("--method", type=str, default=None,
@@ -160,6 +163,8 @@ def validate_args(args: argparse.Namespace) -> tuple[SamplingConfig, DropMethod]
         raise RunError(str(error)) from None
     if args.num_beams != 1:
         raise RunError(f"--num_beams {args.num_beams}: beam search is not supported; use --num_beams 1")
+    if args.batch_size < 1:
+        raise RunError(f"--batch-size must be at least 1, got {args.batch_size}")
     return sampling, drop
 
 
@@ -298,23 +303,40 @@ def answer_remaining(args: argparse.Namespace, chunk: list[Question], path: Path
     tokenizer, model, image_processor, _ = load_model(args)
     answerer = Answerer(tokenizer, model, image_processor, args.conv_mode, sampling, drop)
     model_id = Path(args.model_path.rstrip("/")).name
-    with open_for_append(path) as handle:
-        for offset in tqdm(range(start, len(chunk)), initial=start, total=len(chunk), desc="answering", unit="q"):
-            question = chunk[offset]
-            try:
-                answer = answerer.answer(question.text, question.load_image())
-            except ValueError as error:  # e.g. a prompt longer than the context: stop, keeping what is done
-                raise RunError(f"question {question.question_id!r} (question {first_position + offset + 1} of the "
-                               f"question file): {error}; the {offset} answers before it are kept in {path}") from None
-            write_line(handle, {
-                "question_id": question.question_id,
-                "prompt": question.text,
-                **question.record,
-                "text": answer.text,
-                "answer_id": answer_id(model_id, question.question_id, first_position + offset),
-                "model_id": model_id,
-                "metadata": {**answer.stats, RUN_KEY: identity},
-            })
+    with open_for_append(path) as handle, tqdm(initial=start, total=len(chunk), desc="answering", unit="q") as progress:
+        for group_start in range(start, len(chunk), args.batch_size):
+            group = range(group_start, min(group_start + args.batch_size, len(chunk)))
+            for offset, answer in zip(group, answer_group(answerer, chunk, group, first_position, path)):
+                question = chunk[offset]
+                write_line(handle, {
+                    "question_id": question.question_id,
+                    "prompt": question.text,
+                    **question.record,
+                    "text": answer.text,
+                    "answer_id": answer_id(model_id, question.question_id, first_position + offset),
+                    "model_id": model_id,
+                    "metadata": {**answer.stats, RUN_KEY: identity},
+                })
+                progress.update()
+
+
+def answer_group(answerer: Answerer, chunk: list[Question], group: range, first_position: int, path: Path):
+    """The answers of `chunk[group]`, in order. A question that cannot be answered (e.g. a prompt longer
+    than the context) stops the run with its number; in a batch the group is answered again one by one
+    so that the answers before it are kept."""
+    if len(group) > 1:
+        try:
+            yield from answerer.answer_batch([(chunk[offset].text, chunk[offset].load_image()) for offset in group])
+            return
+        except ValueError:
+            pass
+    for offset in group:
+        question = chunk[offset]
+        try:
+            yield answerer.answer(question.text, question.load_image())
+        except ValueError as error:
+            raise RunError(f"question {question.question_id!r} (question {first_position + offset + 1} of the "
+                           f"question file): {error}; the {offset} answers before it are kept in {path}") from None
 
 
 def run_cli(parser: argparse.ArgumentParser, questions_from_args: Callable[[argparse.Namespace], list[Question]],
