@@ -190,3 +190,13 @@ def loaded_next_original(tiny_next_original):
 @pytest.fixture(scope="session")
 def loaded_next_hf(tiny_next_hf):
     return load_on_cpu(tiny_next_hf)
+
+
+def next_demo_inputs(loaded, image_name: str, question: str = "What is written here?"):
+    """The encoded prompt (ids, base image + crops, image size) for one demo image on a loaded NeXT model."""
+    from llava.mm_utils import load_image
+    from llava.model.inputs import encode_question
+
+    tokenizer, model, image_processor, _ = loaded
+    image = load_image(DEMO_IMAGE_FOLDER / image_name)
+    return encode_question(question, image, model, tokenizer, image_processor, "vicuna_v1")

@@ -1,6 +1,7 @@
 """MustDrop on LLaVA-NeXT in the reference's flat layout: the base image and its crops merge the same
 number of windows (the fewest any of them has above the threshold), their features follow one another,
-and each image's key set is shifted to its place in the flat span."""
+and each image's key set is shifted to its place in the flat span. Also the budget variant on NeXT, where
+the budget is the image's total, in both layouts (the spatial layout itself: tests/test_next_spatial.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,16 @@ import torch
 
 from llava.drop.generate import SamplingConfig, generate
 from llava.drop.methods import DropConfig, MustDrop, create_method
-from llava.drop.methods.mustdrop import merge_windows_in_order, merge_windows_per_image, window_similarity
+from llava.drop.cache import LayerKVCache
+from llava.drop.generate import build_prompt, prefill
+from llava.drop.methods.mustdrop import (
+    bounds_from_counts,
+    merge_count_bounds,
+    merge_windows_in_order,
+    merge_windows_per_image,
+    mustdrop_budget_floor,
+    window_similarity,
+)
 from llava.drop.vision import flat_next_features
 from llava.eval.model_vqa_loader import main as answer_main
 from llava.mm_utils import load_image
@@ -31,6 +41,9 @@ SIMILAR_WINDOWS = ([7, 50, 3, 33, 12], [60, 1, 20])
 NOISE_STEPS = (0.0, 0.02, 0.04, 0.06, 0.08)
 TALL, SQUARE = "175e99412607ad5f.png", "3fc86ee644365862.png"  # 1 + 2 images and 1 + 4 images
 NOTHING_MERGES = DropConfig(merge_threshold=1.0)  # the demo images score below 1 everywhere (checked below)
+WIDE = "2383bc6655712a55.png"  # 1 + 2 images side by side
+NEXT_BUDGETS = (640, 320, 160)  # the total layer-averaged vision tokens used for LLaVA-NeXT
+DROP_LAYERS = (2, 6, 10, 14)
 
 
 def window_patch_rows(window: int) -> list[int]:
@@ -170,14 +183,66 @@ def test_next_layout_is_validated():
         DropConfig(next_layout="grid")
 
 
-@pytest.mark.parametrize(("options", "message"), [
-    ({"next_layout": "spatial"}, "--next_layout spatial is not implemented yet; use flat"),
-    ({"budget": "64"}, "--budget is not yet on LLaVA-NeXT"),
-])
-def test_mustdrop_refuses_what_next_does_not_have_yet(loaded_next_original, options, message):
-    geometry = geometry_of_model(loaded_next_original[1])
+def test_merge_bounds_on_the_total_by_hand():
+    # 3 images keeping 576 - 8r tokens each; the key-set floor is (3 * 3V + 29 * 3 * ceil(0.08 V)) / 32 for V per image.
+    # 640: at most 3 (576 - 8r) >= 640, r <= 45.3 -> 45; r = 0 already floors at (5184 + 87 * 47) / 32 = 289.8.
+    assert merge_count_bounds(576, 3, 640, DROP_LAYERS, 32, KEY_RATE, images=3) == (0, 45)
+    # 160: r = 32 leaves V = 320, (2880 + 87 * 26) / 32 = 160.7 > 160; r = 33, V = 312: (2808 + 87 * 25) / 32 = 155.7.
+    assert merge_count_bounds(576, 3, 160, DROP_LAYERS, 32, KEY_RATE, images=3) == (33, 64)
+    # 5 images, 160: r = 48, V = 192: (2880 + 145 * 16) / 32 = 162.5; r = 49, V = 184: (2760 + 145 * 15) / 32 = 154.2.
+    assert merge_count_bounds(576, 3, 160, DROP_LAYERS, 32, KEY_RATE, images=5) == (49, 64)
+    assert merge_count_bounds(576, 3, 64, DROP_LAYERS, 32, KEY_RATE, images=1) == (25, 64)  # LLaVA-1.5's
+
+
+def test_bounds_from_uneven_counts_by_hand():
+    # Tokens left after 0..3 merges (a merge in the padding saves nothing: 100 -> 100), key sets 10, 10, 9, 9.
+    # 95: floors (3 * count + 29 * keys) / 32 = 18.4, 18.4, 16.6, 15.7; the most merges keeping 95 tokens is 1.
+    assert bounds_from_counts([100, 100, 90, 80], [10, 10, 9, 9], 95, [3, 4, 4, 4, 17]) == (0, 1)
+    # 17: only r = 2 floors within it; at most 3 merges keep 17 tokens.
+    assert bounds_from_counts([100, 100, 90, 80], [10, 10, 9, 9], 17, [3, 4, 4, 4, 17]) == (2, 3)
+
+
+def test_budget_floor_on_the_largest_tiling_by_hand():
+    # Every window merged leaves 64 tokens per image, 6 of them keys: 5 images -> (3 * 320 + 29 * 30) / 32.
+    assert mustdrop_budget_floor(576, 3, True, DROP_LAYERS, 32, KEY_RATE, images=5) == (960 + 870) / 32 == 57.1875
+    # The spatial layout adds 48 newline tokens, all kept: (3 * 368 + 29 * 78) / 32.
+    assert mustdrop_budget_floor(576, 3, True, DROP_LAYERS, 32, KEY_RATE, images=5, newlines=48) == 3366 / 32
+
+
+@pytest.mark.parametrize(("layout", "budget", "message"), [
+    ("flat", 50, r"budget 50 is below 57\.2, .* on 576 patches in each of 5 images$"),
+    ("spatial", 100, r"budget 100 is below 105\.2, .* in each of 5 images plus 48 newline tokens$"),
+], ids=["flat", "spatial"])
+def test_a_budget_the_largest_tiling_cannot_reach_is_refused(loaded_next_original, layout, budget, message):
+    tokenizer, model, _, _ = loaded_next_original
+    inputs = next_inputs(loaded_next_original, TALL)
+    drop = create_method("mustdrop", {"budget": str(budget), "next_layout": layout})
     with pytest.raises(ValueError, match=message):
-        create_method("mustdrop", options).check_model(geometry)
+        drop.check_model(geometry_of_model(model))
+    with pytest.raises(ValueError, match=message):  # generate checks before the vision stage runs
+        generate(model, inputs.input_ids, torch.full_like(inputs.pixel_values, float("nan")),
+                 SamplingConfig(max_new_tokens=1), {tokenizer.eos_token_id}, drop=drop, image_sizes=inputs.image_sizes)
+    create_method("mustdrop", {"budget": str(budget + 10), "next_layout": layout}).check_model(geometry_of_model(model))
+
+
+def prefill_average(model, inputs, method: MustDrop) -> float:
+    """The layer-averaged vision tokens of one prefill (the total over the base image and its crops)."""
+    with torch.no_grad():
+        prompt = build_prompt(model, inputs.input_ids, method.encode_next(model, inputs.pixel_values,
+                                                                          inputs.image_sizes))
+        counts = prefill(model, prompt, LayerKVCache(32), method).vision_tokens_per_layer
+    return sum(counts) / len(counts)
+
+
+@pytest.mark.parametrize("layout", ["flat", "spatial"])
+def test_next_budgets_land_within_one_percent_on_the_demo_images(loaded_next_original, layout):
+    model = loaded_next_original[1]
+    inputs = [next_inputs(loaded_next_original, name) for name in (TALL, SQUARE, WIDE)]
+    for budget in NEXT_BUDGETS:
+        method = MustDrop(DropConfig(budget=budget, next_layout=layout))
+        method.check_model(geometry_of_model(model))
+        averages = [prefill_average(model, image, method) for image in inputs]
+        assert abs(sum(averages) / len(averages) - budget) <= 0.01 * budget, (layout, budget, averages)
 
 
 def test_other_methods_are_still_refused_on_next(loaded_next_original):
@@ -203,11 +268,11 @@ def test_answering_cli_runs_mustdrop_on_next(tiny_next_original, tmp_path):
 
 
 @pytest.mark.parametrize(("flags", "message"), [
-    (["--sparse", "--next_layout", "spatial"], "--next_layout spatial is not implemented yet; use flat"),
-    (["--sparse", "--budget", "64"], "--budget is not yet on LLaVA-NeXT"),
-], ids=["spatial", "budget"])
-def test_what_mustdrop_lacks_on_next_is_refused_before_the_model_loads(tiny_next_original, tmp_path, monkeypatch, flags,
-                                                            message):
+    (["--sparse", "--budget", "50"], "budget 50 is below 57.2"),
+    (["--sparse", "--next_layout", "spatial", "--budget", "100"], "budget 100 is below 105.2"),
+], ids=["flat", "spatial"])
+def test_an_unreachable_next_budget_is_refused_before_the_model_loads(tiny_next_original, tmp_path, monkeypatch, flags,
+                                                                      message):
     def no_load(*args, **kwargs):
         raise AssertionError("the model was loaded")
 

@@ -4,7 +4,8 @@
   reference hard-codes are fields so that they can be studied, but a user who only passes
   `--sparse --global_thr G --individual_thr I` gets the paper.
 - Vision stage: the local spatial merge after the first CLIP layer and the CLS-attention key set; on
-  LLaVA-NeXT the base image and its crops as one batch, in the reference's flat layout.
+  LLaVA-NeXT the base image and its crops as one batch, in the reference's flat layout or (ours) in the
+  model's own spatial_unpad layout with its newline tokens.
 - Prefill stage: dual attention filtering at the dropping layers (the key set is never dropped).
 - Decode stage: the output-aware KV-cache policy.
 - Budget variant (ours, not the reference's): fixed keep counts per dropping layer from a geometric
@@ -14,7 +15,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +35,7 @@ from llava.drop.blocks import (
 from llava.drop.cache import LayerKVCache
 from llava.drop.method import TEXT_QUERIES, DropMethod, LayerContext
 from llava.drop.methods.registry import register
+from llava.drop.next_layout import NEWLINE, CropGrid, crop_grid, spatial_order, token_anchors
 from llava.drop.timing import timed
 from llava.drop.vision import (
     PATCHES_START,
@@ -57,7 +61,7 @@ DROP_LAYERS = (2, 6, 10, 14)
 # Defaults when --sparse comes without thresholds: stage 2 then drops nothing.
 DEFAULT_GLOBAL_THR = 1.0
 DEFAULT_INDIVIDUAL_THR = 0.0
-# LLaVA-NeXT feature layouts under MustDrop: the reference's flat one, or the model's own (not implemented).
+# LLaVA-NeXT feature layouts under MustDrop: the reference's flat one, or the model's own spatial_unpad (ours).
 FLAT_LAYOUT, SPATIAL_LAYOUT = "flat", "spatial"
 NEXT_LAYOUTS = (FLAT_LAYOUT, SPATIAL_LAYOUT)
 # Window layout on the patch grid: grid rows/cols split into (window index, offset inside the window).
@@ -88,7 +92,8 @@ class DropConfig:
     compact_positions: bool = True  # the reference gives the shorter sequence positions 0..len-1
     # Stage 3: shrink the KV caches of layers drop_layers[0]..drop_layers[-1] to the final token set.
     decode_cache_policy: bool = True
-    # LLaVA-NeXT: "flat" (base image, then each crop, all the same length) as the reference ran it.
+    # LLaVA-NeXT: "flat" (base image, then each crop, all the same length) as the reference ran it, or
+    # "spatial" (ours): the model's own layout, crops unpadded as one grid with a newline after each row.
     next_layout: str = FLAT_LAYOUT
 
     def __post_init__(self):
@@ -173,9 +178,8 @@ def merge_windows_per_image(
     keeps the batch rectangular); each image then merges its own top-r windows. Returns the merged
     batch and each image's merged windows [B, r], best first.
     """
-    patches = hidden[:, PATCHES_START:]
-    grid = patch_grid_side(patches.shape[1], window)
-    scores = [window_similarity(image, grid, window) for image in patches]  # per image, as with batch size 1
+    grid = patch_grid_side(hidden.shape[1] - PATCHES_START, window)
+    scores = window_scores(hidden, window)
     r = min(int((image_scores >= threshold).sum()) for image_scores in scores)
     if count_bounds is not None:
         r = min(max(r, count_bounds[0]), count_bounds[1])
@@ -183,6 +187,14 @@ def merge_windows_per_image(
     if r == 0:
         return hidden, tops
     return torch.stack([merge_image_windows(image, top, grid, window) for image, top in zip(hidden, tops)]), tops
+
+
+def window_scores(hidden: torch.Tensor, window: int) -> list[torch.Tensor]:
+    """Each image's window scores [num_windows] of a batch [B, 1 + num_patches, dim], scored one image at
+    a time as with batch size 1; stable descending order of these is the order windows merge in."""
+    patches = hidden[:, PATCHES_START:]
+    grid = patch_grid_side(patches.shape[1], window)
+    return [window_similarity(image, grid, window) for image in patches]
 
 
 def merge_image_windows(sequence: torch.Tensor, top: torch.Tensor, grid: int, window: int) -> torch.Tensor:
@@ -218,7 +230,12 @@ def top_key_indices(attn_row: torch.Tensor, rate: float) -> torch.Tensor:
     return top_positions(attn_row, math.ceil(rate * attn_row.numel()))
 
 
-def _merge_early(model, hidden: torch.Tensor, drop: DropConfig) -> tuple[torch.Tensor, int, torch.Tensor, float]:
+# The budget variant's bounds (least, most) on r, from the model, the options and the layer-0 output.
+MergeBounds = Callable[[object, DropConfig, torch.Tensor], tuple[int, int]]
+
+
+def _merge_early(model, hidden: torch.Tensor, drop: DropConfig,
+                 merge_bounds: MergeBounds) -> tuple[torch.Tensor, int, torch.Tensor, float]:
     """Run the tower up to the merge point and merge there (one r for a batch of images).
 
     Returns the merged hidden states, their `hidden_states` index, each image's merged windows
@@ -230,10 +247,7 @@ def _merge_early(model, hidden: torch.Tensor, drop: DropConfig) -> tuple[torch.T
         raise ValueError(f"vision_feature_layer {model.config.vision_feature_layer} selects features from "
                          "before the merge")
     hidden = run_tower_to(layers, hidden, 0, {merge_index})[merge_index]
-    bounds = None
-    if drop.budget is not None:
-        bounds = merge_count_bounds(hidden.shape[1] - PATCHES_START, drop.merge_window, drop.budget, drop.drop_layers,
-                                    decoder_layer_count(model), drop.key_token_rate)
+    bounds = merge_bounds(model, drop, hidden) if drop.budget is not None else None
     (hidden, tops), seconds = timed(
         lambda: merge_windows_per_image(hidden, drop.merge_threshold, drop.merge_window, bounds), hidden.device)
     return hidden, merge_index, tops, seconds
@@ -250,9 +264,11 @@ class TowerPass:
     merge_seconds: float
 
 
-def run_mustdrop_tower(model, pixel_values: torch.Tensor, drop: DropConfig) -> TowerPass:
+def run_mustdrop_tower(model, pixel_values: torch.Tensor, drop: DropConfig,
+                       merge_bounds: MergeBounds | None = None) -> TowerPass:
     """Embed the images, merge after layer 0 when asked, and run on to the feature layer and the
-    last layer's input (the key set is scored there)."""
+    last layer's input (the key set is scored there). `merge_bounds` bounds r under a budget; by
+    default every image keeps the same count (`uniform_merge_bounds`)."""
     layers = model.model.vision_tower.encoder.layers
     selected = selected_layer_count(len(layers), model.config.vision_feature_layer)
     key_input = len(layers) - 1  # hidden_states index of the input to the tower's last layer
@@ -260,7 +276,8 @@ def run_mustdrop_tower(model, pixel_values: torch.Tensor, drop: DropConfig) -> T
     num_patches = hidden.shape[1] - PATCHES_START
     start, merged_windows, merge_seconds = 0, torch.empty(hidden.shape[0], 0, dtype=torch.long), 0.0
     if drop.vision_merge:
-        hidden, start, merged_windows, merge_seconds = _merge_early(model, hidden, drop)
+        hidden, start, merged_windows, merge_seconds = _merge_early(model, hidden, drop,
+                                                                    merge_bounds or uniform_merge_bounds)
     states = run_tower_to(layers, hidden, start, {selected, key_input})
     return TowerPass(states[selected], states[key_input], merged_windows, num_patches, merge_seconds)
 
@@ -296,28 +313,115 @@ def flat_key_indices(model, key_states: torch.Tensor, rate: float, tokens_per_im
                       for i in range(key_states.shape[0])])
 
 
+@dataclass
+class NextPass:
+    """Stage 1 on LLaVA-NeXT's base image and crops, in the flat layout both NeXT layouts start from."""
+
+    tower: TowerPass
+    per_image: torch.Tensor  # [1 + K, tokens per image, llm_hidden], the same count for every image
+    key_indices: torch.Tensor  # every image's key set, positions in the flat span
+    key_seconds: float
+
+    @property
+    def images(self) -> int:
+        return self.per_image.shape[0]
+
+
+def run_next_pass(model, pixel_values: torch.Tensor, drop: DropConfig, merge_bounds: MergeBounds | None = None,
+                  offset: int = 0) -> NextPass:
+    """The base image and its crops ([1, 1 + K, 3, H, W]) through the tower as one batch, all merging the
+    same r windows; projected features and key sets per image (`offset`: where patch 0 sits)."""
+    tower = run_mustdrop_tower(model, pixel_values[0], drop, merge_bounds)
+    per_image = project_batch(model, tower.feature_states)
+    key_indices, key_seconds = timed(
+        lambda: flat_key_indices(model, tower.key_states, drop.key_token_rate, per_image.shape[1], offset),
+        tower.key_states.device)
+    return NextPass(tower, per_image, key_indices, key_seconds)
+
+
+def check_next_pixels(model, pixel_values: torch.Tensor) -> None:
+    """MustDrop on LLaVA-NeXT takes one image, as its base image and crops, and one feature layer."""
+    check_feature_layer(model.config)
+    if pixel_values.dim() != 5 or pixel_values.shape[0] != 1:
+        raise ValueError("MustDrop on LLaVA-NeXT takes one image per prompt: pixel values [1, 1 + crops, 3, H, W], "
+                         f"got {tuple(pixel_values.shape)}")
+
+
+def next_stats(stage: NextPass, tokens_in: int, tokens: int, key_tokens: int, per_image_in: float,
+               per_image: float) -> dict:
+    """Stage 1's figures on LLaVA-NeXT: totals over the 1 + K images, and per image."""
+    images = stage.images
+    return {"vision_tokens_in": tokens_in, "vision_tokens": tokens, "images": images, "crops": images - 1,
+            "vision_tokens_per_image_in": per_image_in, "vision_tokens_per_image": per_image,
+            "merged_windows": stage.tower.merged_windows.shape[1], "key_tokens": key_tokens,
+            "merge_seconds": stage.tower.merge_seconds, "key_seconds": stage.key_seconds}
+
+
 @torch.no_grad()
 def encode_mustdrop_next(model, pixel_values: torch.Tensor, drop: DropConfig) -> VisionOutput:
     """Stage 1 on LLaVA-NeXT in the reference's flat layout: the base image and its crops
     ([1, 1 + K, 3, H, W]) go through the tower as one batch, all merging the same r windows, and their
     features are concatenated in order (no unpad, no newline tokens)."""
-    check_feature_layer(model.config)
-    if pixel_values.dim() != 5 or pixel_values.shape[0] != 1:
-        raise ValueError("MustDrop on LLaVA-NeXT takes one image per prompt: pixel values [1, 1 + crops, 3, H, W], "
-                         f"got {tuple(pixel_values.shape)}")
-    images = pixel_values.shape[1]
+    check_next_pixels(model, pixel_values)
     offset = vision_token_offset(model.config)
-    tower = run_mustdrop_tower(model, pixel_values[0], drop)
-    per_image = project_batch(model, tower.feature_states)
-    tokens_per_image = per_image.shape[1]
-    key_indices, key_seconds = timed(
-        lambda: flat_key_indices(model, tower.key_states, drop.key_token_rate, tokens_per_image, offset),
-        tower.key_states.device)
-    stats = {"vision_tokens_in": images * (tower.num_patches + offset), "vision_tokens": images * tokens_per_image,
-             "images": images, "crops": images - 1, "vision_tokens_per_image_in": tower.num_patches + offset,
-             "vision_tokens_per_image": tokens_per_image, "merged_windows": tower.merged_windows.shape[1],
-             "key_tokens": key_indices.numel(), "merge_seconds": tower.merge_seconds, "key_seconds": key_seconds}
-    return VisionOutput(features=per_image.flatten(0, 1), key_indices=key_indices, stats=stats)
+    stage = run_next_pass(model, pixel_values, drop, offset=offset)
+    per_image_in, per_image = stage.tower.num_patches + offset, stage.per_image.shape[1]
+    stats = next_stats(stage, stage.images * per_image_in, stage.images * per_image, stage.key_indices.numel(),
+                       per_image_in, per_image)
+    return VisionOutput(features=stage.per_image.flatten(0, 1), key_indices=stage.key_indices, stats=stats)
+
+
+def spatial_selection(grid: CropGrid, merged_windows: torch.Tensor, num_patches: int, window: int) -> torch.Tensor:
+    """The spatial sequence as indices into `[flat span] + [newline]`: the base image's tokens as they
+    are (LLaVA-1.5's order), then the crops' tokens each at its window's place in the unpadded crop grid,
+    a newline (index images * tokens per image) after every row.
+
+    `merged_windows` [1 + K, r] are each image's merged windows; a crop's token sequence follows
+    `merged_patch_groups`, which says which patches each token stands for and hence where it goes.
+    """
+    images, tokens_per_image = merged_windows.shape[0], num_patches - (window * window - 1) * merged_windows.shape[1]
+    groups = [merged_patch_groups(top.tolist(), num_patches, window) for top in merged_windows[1:]]
+    order = spatial_order(grid, token_anchors(grid, groups))
+    crops_part = torch.where(order == NEWLINE, images * tokens_per_image, order + tokens_per_image)
+    return torch.cat([torch.arange(tokens_per_image), crops_part])
+
+
+def spatial_key_indices(selection: torch.Tensor, flat_keys: torch.Tensor, newline: int) -> torch.Tensor:
+    """The key set in the spatial sequence (ascending): every flat key token that the unpad kept, at its
+    new place, and every newline token, so that stages 2 and 3 never drop a row's end."""
+    position = torch.full((newline + 1,), -1, dtype=torch.long)
+    position[selection] = torch.arange(selection.numel())
+    keys = position[flat_keys.cpu()]
+    newlines = (selection == newline).nonzero().flatten()
+    return torch.cat([keys[keys >= 0], newlines]).sort().values
+
+
+@torch.no_grad()
+def encode_mustdrop_spatial(model, pixel_values: torch.Tensor, image_sizes: torch.Tensor,
+                            drop: DropConfig) -> VisionOutput:
+    """Stage 1 on LLaVA-NeXT in the model's own spatial_unpad layout (our extension): the flat pass
+    (one r for the base image and its crops), then the base image's tokens, and the crops' tokens placed
+    where their windows were in the crop grid, unpadded as the model does, with a newline after each row.
+    Newline tokens join the key set, so stages 2 and 3 keep them. The images no longer keep equal counts:
+    the per-image figures are the totals divided by 1 + K."""
+    check_next_pixels(model, pixel_values)
+    if vision_token_offset(model.config):
+        raise ValueError("--next_layout spatial needs the CLS token dropped (vision_feature_select_strategy "
+                         f"'default'), got {model.config.vision_feature_select_strategy!r}")
+    grid = crop_grid(model.config, image_sizes[0].tolist())
+    if pixel_values.shape[1] != 1 + grid.crops:
+        raise ValueError(f"an image of size {image_sizes[0].tolist()} is tiled into {grid.crops} crops, got pixel "
+                         f"values for {pixel_values.shape[1] - 1}")
+    stage = run_next_pass(model, pixel_values, drop, partial(spatial_merge_bounds, grid))
+    selection = spatial_selection(grid, stage.tower.merged_windows.cpu(), stage.tower.num_patches, drop.merge_window)
+    newline = stage.per_image.shape[0] * stage.per_image.shape[1]
+    flat = stage.per_image.flatten(0, 1)
+    features = torch.cat([flat, model.model.image_newline[None].to(flat)])[selection.to(flat.device)]
+    key_indices = spatial_key_indices(selection, stage.key_indices, newline).to(stage.key_indices.device)
+    tokens_in, tokens = stage.tower.num_patches + grid.kept.numel() + grid.rows, features.shape[0]
+    stats = next_stats(stage, tokens_in, tokens, key_indices.numel(), tokens_in / stage.images, tokens / stage.images)
+    stats["key_newlines"] = grid.rows
+    return VisionOutput(features=features, key_indices=key_indices, stats=stats)
 
 
 # Stage 2: dual attention filter.
@@ -394,44 +498,94 @@ def geometric_keep_counts(
 
 
 def merge_count_bounds(
-    num_patches: int, window: int, budget: float, drop_layers: tuple[int, ...], num_layers: int, key_rate: float
+    num_patches: int, window: int, budget: float, drop_layers: tuple[int, ...], num_layers: int, key_rate: float,
+    images: int = 1,
 ) -> tuple[int, int]:
     """How many windows MustDrop's stage 1 must merge (at least) and may merge (at most) for a budget.
 
     Each merged window turns window^2 tokens into one. Merging too few leaves so many tokens that the
     layers up to the first drop plus the key set (never dropped) already average above the budget;
     merging too many leaves fewer tokens than the budget. Within the bounds the threshold decides.
+    With `images` merging the same r windows each (LLaVA-NeXT's flat layout), the budget is their total.
     """
-    saved_per_window = window * window - 1
-    num_windows = num_patches // (window * window)
-    lengths = stage_lengths(drop_layers, num_layers)
-    most = max(0, min(num_windows, math.floor((num_patches - budget) / saved_per_window)))
-    least = next((r for r in range(num_windows + 1)
-                  if key_set_floor(num_patches - saved_per_window * r, lengths, key_rate) <= budget), num_windows)
+    per_image = merged_counts(num_patches, window)
+    return bounds_from_counts([images * count for count in per_image],
+                              [images * math.ceil(key_rate * count) for count in per_image],
+                              budget, stage_lengths(drop_layers, num_layers))
+
+
+def merged_counts(num_patches: int, window: int) -> list[int]:
+    """The tokens one image keeps after merging r windows, for r = 0 up to every window."""
+    return [num_patches - (window * window - 1) * r for r in range(num_patches // (window * window) + 1)]
+
+
+def bounds_from_counts(counts: list[int], key_counts: list[int], budget: float, lengths: list[int]) -> tuple[int, int]:
+    """`merge_count_bounds` from what merging r windows leaves, r = 0, 1, ...: `counts[r]` vision tokens
+    (never rising with r), of which `key_counts[r]` form the key set. At most the most merges that keep
+    `budget` tokens; at least the fewest whose key-set floor is within the budget (every merge when none is)."""
+    most = max((r for r, count in enumerate(counts) if count >= budget), default=0)
+    least = next((r for r, (count, keys) in enumerate(zip(counts, key_counts))
+                  if key_set_floor(count, keys, lengths) <= budget), len(counts) - 1)
     return min(least, most), most
 
 
-def key_set_floor(vision_count: int, lengths: list[int], key_rate: float) -> float:
+def key_set_floor(vision_count: int, key_count: int, lengths: list[int]) -> float:
     """The lowest layer average MustDrop can reach from `vision_count` tokens: every layer up to the first
-    drop sees them all, every later one at least the key set, which is never dropped."""
-    floor = math.ceil(key_rate * vision_count)
-    return layer_average([vision_count] + [floor] * (len(lengths) - 1), lengths)
+    drop sees them all, every later one at least the `key_count` key tokens, which are never dropped."""
+    return layer_average([vision_count] + [key_count] * (len(lengths) - 1), lengths)
 
 
 def mustdrop_budget_floor(num_patches: int, window: int, merge: bool, drop_layers: tuple[int, ...], num_layers: int,
-                          key_rate: float) -> float:
+                          key_rate: float, images: int = 1, newlines: int = 0) -> float:
     """The smallest budget MustDrop's budget variant can reach: stage 1 merging every window (when
-    merging is on), then only the key set left after the first drop."""
-    merged = num_patches // (window * window) * (window * window - 1) if merge else 0
-    return key_set_floor(num_patches - merged, stage_lengths(drop_layers, num_layers), key_rate)
+    merging is on) in each of `images` images, then only the key set left after the first drop; `newlines`
+    (LLaVA-NeXT's spatial layout) count as vision tokens that are always kept."""
+    per_image = num_patches - (num_patches // (window * window) * (window * window - 1) if merge else 0)
+    return key_set_floor(images * per_image + newlines, images * math.ceil(key_rate * per_image) + newlines,
+                         stage_lengths(drop_layers, num_layers))
 
 
-def check_next_options(options: DropConfig) -> None:
-    """LLaVA-NeXT runs the reference's flat layout with thresholds; refuse the rest before anything runs."""
-    if options.next_layout != FLAT_LAYOUT:
-        raise ValueError(f"--next_layout {options.next_layout} is not implemented yet; use {FLAT_LAYOUT}")
-    if options.budget is not None:
-        raise ValueError("--budget is not yet on LLaVA-NeXT; use --global_thr / --individual_thr there")
+def uniform_merge_bounds(model, drop: DropConfig, hidden: torch.Tensor) -> tuple[int, int]:
+    """Bounds on r when every image of the batch keeps the same count (LLaVA-1.5, LLaVA-NeXT's flat layout)."""
+    return merge_count_bounds(hidden.shape[1] - PATCHES_START, drop.merge_window, drop.budget, drop.drop_layers,
+                              decoder_layer_count(model), drop.key_token_rate, images=hidden.shape[0])
+
+
+def crop_window_savings(grid: CropGrid, window: int) -> torch.Tensor:
+    """[crops, windows]: tokens that merging each window of each crop saves in the spatial layout, i.e. its
+    patches that survive the unpad less the one merged token (0 for a window wholly in the padding)."""
+    surviving = rearrange(grid.surviving().long()[..., None], WINDOW_PATTERN, wh=window, ww=window,
+                          gh=grid.side // window)[..., 0].sum(dim=-1)
+    return (surviving - 1).clamp(min=0)
+
+
+def spatial_merge_bounds(grid: CropGrid, model, drop: DropConfig, hidden: torch.Tensor) -> tuple[int, int]:
+    """Bounds on r in the spatial layout, from the windows each image would merge first.
+
+    A merged window saves window^2 - 1 tokens in the base image but only `crop_window_savings` in a crop,
+    so the tokens left after merging r windows depend on which windows rank first: counted exactly, from
+    the ranking the merge uses. The key set is counted as if no key token fell into the padding, plus
+    the newline tokens.
+    """
+    window = drop.merge_window
+    num_patches, num_windows = hidden.shape[1] - PATCHES_START, (grid.side // window) ** 2
+    savings = torch.cat([torch.full((1, num_windows), window * window - 1), crop_window_savings(grid, window)])
+    ranked = [saving[stable_top_k(scores, num_windows).cpu()] for saving, scores in
+              zip(savings, window_scores(hidden, window))]
+    saved = [0, *torch.stack(ranked).sum(dim=0).cumsum(dim=0).tolist()]
+    unmerged = num_patches + grid.kept.numel() + grid.rows
+    key_counts = [hidden.shape[0] * math.ceil(drop.key_token_rate * count) + grid.rows
+                  for count in merged_counts(num_patches, window)]
+    return bounds_from_counts([unmerged - tokens for tokens in saved], key_counts, drop.budget,
+                              stage_lengths(drop.drop_layers, decoder_layer_count(model)))
+
+
+def largest_tiling(geometry: ModelGeometry, layout: str) -> tuple[int, int]:
+    """(images, newline tokens) of the model's largest tiling: the base image and `max_crops` crops, and in
+    the spatial layout one newline per grid row (what `max_vision_tokens` counts beyond the images)."""
+    images = 1 + geometry.max_crops
+    newlines = geometry.max_vision_tokens - images * geometry.vision_tokens if layout == SPATIAL_LAYOUT else 0
+    return images, newlines
 
 
 @register
@@ -445,8 +599,11 @@ class MustDrop(DropMethod):
     see every vision token, and the key set is never dropped) and at most those that keep `budget`
     tokens; between those bounds its threshold decides as usual (`merge_count_bounds`).
 
-    On LLaVA-NeXT stage 1 takes the base image and its crops in the reference's flat layout
-    (`encode_mustdrop_next`); the model's own layout and the budget variant are refused there for now.
+    On LLaVA-NeXT stage 1 takes the base image and its crops as one batch with one r. `next_layout` "flat"
+    is the reference's layout (`encode_mustdrop_next`); "spatial" is our extension, the model's own
+    spatial_unpad layout (`encode_mustdrop_spatial`): the crops' tokens stay where their windows were in the
+    unpadded crop grid, a newline token after each row, and the newlines join the key set. The budget is
+    then the total over the base image and its crops, and a budget the largest tiling cannot reach is refused.
     """
 
     name = "mustdrop"
@@ -465,6 +622,8 @@ class MustDrop(DropMethod):
     def encode_next(self, model, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> VisionOutput:
         if not self.options.enabled:
             return super().encode_next(model, pixel_values, image_sizes)
+        if self.options.next_layout == SPATIAL_LAYOUT:
+            return encode_mustdrop_spatial(model, pixel_values, image_sizes, self.options)
         return encode_mustdrop_next(model, pixel_values, self.options)
 
     @property
@@ -483,21 +642,24 @@ class MustDrop(DropMethod):
         return ranked_keep(attention.sum(dim=0), context.key_indices, self.budget_count(context))
 
     def check_model(self, geometry: ModelGeometry) -> None:
-        """Also refuse a budget below what merging every window and keeping only the key set reaches,
-        and on LLaVA-NeXT what is not implemented there yet."""
+        """Also refuse a budget below what merging every window and keeping only the key set reaches; on
+        LLaVA-NeXT, where the budget is a total, below what the largest tiling reaches, so that every
+        image can meet it."""
         options = self.options
-        if geometry.max_crops and options.enabled:
-            check_next_options(options)
         super().check_model(geometry)
         if options.budget is None or not options.drop_layers:
             return
+        images, newlines = largest_tiling(geometry, options.next_layout)
         floor = mustdrop_budget_floor(geometry.patch_tokens, options.merge_window, options.vision_merge,
-                                      options.drop_layers, geometry.decoder_layers, options.key_token_rate)
+                                      options.drop_layers, geometry.decoder_layers, options.key_token_rate,
+                                      images, newlines)
         if options.budget < floor:
             how = "" if options.vision_merge else "; without --no_merge stage 1 could merge further"
+            tiling = f" in each of {images} images" if geometry.max_crops else ""
+            rows = f" plus {newlines} newline tokens" if newlines else ""
             raise ValueError(f"budget {options.budget:g} is below {floor:.1f}, the lowest layer average "
                              f"it can reach with drop_layers {options.drop_layers} and key_rate "
-                             f"{options.key_token_rate} on {geometry.patch_tokens} patches{how}")
+                             f"{options.key_token_rate} on {geometry.patch_tokens} patches{tiling}{rows}{how}")
 
     def budget_count(self, context: LayerContext) -> int:
         """Budget variant: this layer's share of a geometric schedule over the dropping layers."""
