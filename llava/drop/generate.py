@@ -378,7 +378,7 @@ def peak_memory(device: torch.device) -> dict:
 
 
 NEXT_STATS = ("images", "crops", "vision_tokens_per_image_in", "vision_tokens_per_image", "merged_windows",
-              "key_tokens")
+              "key_tokens", "key_newlines")
 
 
 def next_image_stats(vision_stats: dict, avg_vision_tokens: float) -> dict:

@@ -94,8 +94,8 @@ def add_stage_args(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated 0-based decoder layers where stage 2 drops")
     parser.add_argument("--next_layout", choices=NEXT_LAYOUTS, default=FLAT_LAYOUT,
                         help="LLaVA-NeXT with --sparse: flat = the reference code's layout (base image, then each "
-                             "crop), which produced the paper's NeXT numbers; spatial = the model's own layout, "
-                             "not implemented yet")
+                             "crop), which produced the paper's NeXT numbers; spatial = the model's own layout with "
+                             "its newline tokens (our extension)")
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
