@@ -80,7 +80,7 @@ class BatchKVCache:
         at = self.lengths[layer_idx]
         self.keys[layer_idx][self.rows, :, at] = key_states[:, :, 0]
         self.values[layer_idx][self.rows, :, at] = value_states[:, :, 0]
-        self.lengths[layer_idx] = at + 1
+        at.add_(1)  # in place, so that a compiled step mutates a tensor rather than the Python list
         return self.keys[layer_idx], self.values[layer_idx]
 
 
@@ -99,15 +99,17 @@ class BatchPositions:
         return self.rows + self.step
 
 
-def decode_step(model, tokens: torch.Tensor, cache: BatchKVCache, positions: BatchPositions) -> torch.Tensor:
-    """Feed each prompt's last token ([N, 1]); return the next-token logits [N, vocab] (float)."""
+def decode_step(model, tokens: torch.Tensor, cache: BatchKVCache, current: torch.Tensor,
+                row_of_layer: list[int]) -> torch.Tensor:
+    """Feed each prompt's last token ([N, 1]) at `current` positions ([distinct rows, N], layer l using row
+    row_of_layer[l]); return the next-token logits [N, vocab] (float). Everything that changes between
+    steps is a tensor, so `torch.compile` traces it once."""
     hidden = model.get_input_embeddings()(tokens)
-    current = positions.current()
     count = tokens.shape[0]
     cos, sin = (part.view(*current.shape, -1) for part in rotary(model, hidden, current.flatten()))
     layers = model.model.language_model.layers
     for layer_idx in range(decoder_layer_count(model)):
-        row = positions.row_of_layer[layer_idx]
+        row = row_of_layer[layer_idx]
         hidden = layers[layer_idx](
             hidden,
             attention_mask=cache.attention_mask(layer_idx, hidden.dtype),
@@ -116,7 +118,6 @@ def decode_step(model, tokens: torch.Tensor, cache: BatchKVCache, positions: Bat
             use_cache=True,
             position_embeddings=(cos[row][:, None], sin[row][:, None]),
         )
-    positions.step += 1
     return model.lm_head(model.model.language_model.norm(hidden[:, -1])).float()
 
 
@@ -127,9 +128,11 @@ def answer_done(tokens: list[int], limit: int, eos_token_ids: set[int],
 
 
 def decode_together(model, answers: list[PrefilledAnswer], requests: Sequence[GenerationRequest],
-                    eos_token_ids: set[int], generators: list[torch.Generator | None]) -> list[list[int]]:
+                    eos_token_ids: set[int], generators: list[torch.Generator | None],
+                    compile_backend: str | None = None) -> list[list[int]]:
     """Step every unfinished answer until each stops by the batch-1 rule; a finished one rides along
-    (its tokens are ignored) so that the batch keeps its shape."""
+    (its tokens are ignored) so that the batch keeps its shape. With `compile_backend` the step runs
+    under `torch.compile` (its buffers have fixed shapes, so it compiles once per batch shape)."""
     tokens = [[answer.first_token] for answer in answers]
     limits = [answer.sampling.max_new_tokens for answer in answers]
     done = [answer_done(tokens[n], limits[n], eos_token_ids, requests[n].should_stop) for n in range(len(answers))]
@@ -141,8 +144,10 @@ def decode_together(model, answers: list[PrefilledAnswer], requests: Sequence[Ge
         answer.cache = None  # its tokens now live in the batch buffers; do not hold them twice
     positions = BatchPositions([answer.positions for answer in answers], device)
     current = torch.tensor([[answer.first_token] for answer in answers], device=device)
+    step = decode_step if compile_backend is None else torch.compile(decode_step, backend=compile_backend)
     while not all(done):
-        logits = decode_step(model, current, cache, positions)
+        logits = step(model, current, cache, positions.current(), positions.row_of_layer)
+        positions.step += 1
         current = torch.cat([sample_on_device(logits[n], answers[n].sampling, generators[n])
                              for n in range(len(answers))])
         for n, token in enumerate(current.view(-1).tolist()):  # the one read per step, for the stop checks
@@ -154,11 +159,13 @@ def decode_together(model, answers: list[PrefilledAnswer], requests: Sequence[Ge
 
 @torch.inference_mode()
 def generate_batch(model, requests: Sequence[GenerationRequest], sampling: SamplingConfig,
-                   eos_token_ids: set[int], drop: DropMethod | None = None) -> list[GenerationOutput]:
+                   eos_token_ids: set[int], drop: DropMethod | None = None,
+                   compile_backend: str | None = None) -> list[GenerationOutput]:
     """`generate` for several prompts: under greedy decoding each answer and its statistics equal what
     `generate` gives that prompt alone (up to floating-point rounding of batched matrix products). With
     a seed, each prompt samples from its own generator seeded alike, as it would alone. `decode_seconds`
-    is the batch's shared decoding time; `batch_size` says how many answers shared it."""
+    is the batch's shared decoding time; `batch_size` says how many answers shared it. `compile_backend`
+    (e.g. "inductor") compiles the decode step with `torch.compile`."""
     if not requests:
         return []
     method = method_or_none(drop)
@@ -170,7 +177,7 @@ def generate_batch(model, requests: Sequence[GenerationRequest], sampling: Sampl
     answers = [start_answer(model, method, request.input_ids, request.pixel_values, request.image_sizes, sampling,
                             generator) for request, generator in zip(requests, generators)]
     decode_started = now(device)
-    tokens = decode_together(model, answers, requests, eos_token_ids, generators)
+    tokens = decode_together(model, answers, requests, eos_token_ids, generators, compile_backend)
     decode_seconds = now(device) - decode_started
     outputs = []
     for answer, answer_tokens in zip(answers, tokens):

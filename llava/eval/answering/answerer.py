@@ -31,7 +31,7 @@ class Answerer:
 
     def __init__(
         self, tokenizer, model, image_processor, conv_mode: str, sampling: SamplingConfig,
-        drop: DropConfig | DropMethod | None = None,
+        drop: DropConfig | DropMethod | None = None, compile_backend: str | None = None,
     ):
         get_conv_template(conv_mode)  # fail now on an unknown mode, not at the first question
         self.tokenizer = tokenizer
@@ -40,6 +40,7 @@ class Answerer:
         self.conv_mode = conv_mode
         self.sampling = sampling
         self.drop = drop
+        self.compile_backend = compile_backend  # torch.compile the decode step (the batched path) with this backend
         eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None else tokenizer.eos_token_id
         self.eos_token_ids = set(eos) if isinstance(eos, (list, tuple)) else {eos}
 
@@ -48,6 +49,8 @@ class Answerer:
         return templated_prompt(question, self.conv_mode, with_image, self.model.config)
 
     def answer(self, question: str, image: Image.Image | None) -> Answer:
+        if self.compile_backend is not None:
+            return self.answer_batch([(question, image)])[0]
         inputs, request = self.request(question, image)
         output = generate(self.model, request.input_ids, request.pixel_values, self.sampling, self.eos_token_ids,
                           request.should_stop, as_method(self.drop), image_sizes=request.image_sizes)
@@ -57,7 +60,7 @@ class Answerer:
         """Several questions at once (`generate_batch`): under greedy decoding the same answers as `answer`."""
         prepared = [self.request(question, image) for question, image in questions]
         outputs = generate_batch(self.model, [request for _, request in prepared], self.sampling, self.eos_token_ids,
-                                 as_method(self.drop))
+                                 as_method(self.drop), self.compile_backend)
         return [self.finished(inputs, output) for (inputs, _), output in zip(prepared, outputs)]
 
     def request(self, question: str, image: Image.Image | None) -> tuple[ModelInputs, GenerationRequest]:

@@ -98,6 +98,9 @@ def add_stage_args(parser: argparse.ArgumentParser) -> None:
                              "its newline tokens (our extension)")
 
 
+COMPILE_BACKEND = "inductor"  # torch.compile's default backend
+
+
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """LLaVA's model, sampling and sharding flags, and the dropping switches."""
     add_loading_args(parser)
@@ -112,6 +115,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=1,
                         help="questions answered at once (each keeps its own prompt and vision tokens; greedy "
                              "answers equal batch size 1's)")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the decode step with torch.compile (pays a compilation per batch shape; "
+                             "worth it on a GPU for long runs)")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--sparse", action="store_true", help="switch on MustDrop (all three stages)")
     parser.add_argument("--method", type=str, default=None,
@@ -301,7 +307,8 @@ def answer_chunk(args: argparse.Namespace, chunk: list[Question], path: Path, fi
 def answer_remaining(args: argparse.Namespace, chunk: list[Question], path: Path, start: int, first_position: int,
                      sampling: SamplingConfig, drop: DropMethod, identity: dict) -> None:
     tokenizer, model, image_processor, _ = load_model(args)
-    answerer = Answerer(tokenizer, model, image_processor, args.conv_mode, sampling, drop)
+    answerer = Answerer(tokenizer, model, image_processor, args.conv_mode, sampling, drop,
+                        COMPILE_BACKEND if args.compile else None)
     model_id = Path(args.model_path.rstrip("/")).name
     with open_for_append(path) as handle, tqdm(initial=start, total=len(chunk), desc="answering", unit="q") as progress:
         for group_start in range(start, len(chunk), args.batch_size):
