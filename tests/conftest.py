@@ -7,6 +7,7 @@ import csv
 import os
 import subprocess
 import sys
+from collections.abc import Iterable
 from io import BytesIO
 from pathlib import Path
 
@@ -200,3 +201,17 @@ def next_demo_inputs(loaded, image_name: str, question: str = "What is written h
     tokenizer, model, image_processor, _ = loaded
     image = load_image(DEMO_IMAGE_FOLDER / image_name)
     return encode_question(question, image, model, tokenizer, image_processor, "vicuna_v1")
+
+
+# The demo images by shape and how LLaVA-NeXT's tiny checkpoint tiles them (base image + crops):
+# tall 180x300 -> a column of 2 crops, square 400x400 -> 2 x 2, wide 500x160 -> a row of 2.
+NEXT_DEMO_IMAGES = {"tall": "175e99412607ad5f.png", "square": "3fc86ee644365862.png", "wide": "4c6552be651e1ca5.png"}
+
+
+def questions_about(image_names: Iterable[str], tmp_path: Path) -> Path:
+    """A question file holding the demo questions about these images, in the demo file's order."""
+    wanted = {f'"image": "{name}"' for name in image_names}
+    lines = [line for line in DEMO_QUESTION_FILE.read_text().splitlines() if any(key in line for key in wanted)]
+    path = tmp_path / "questions.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path

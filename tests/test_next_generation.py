@@ -4,13 +4,18 @@ token for token, in both checkpoint layouts, with each layout's own image prepro
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 
 from llava.drop.generate import SamplingConfig, generate
+from llava.drop.method import DropMethod
+from llava.drop.methods import METHODS
+from llava.drop.methods.registry import discover_methods
 from llava.eval.model_vqa_loader import main as answer_main
 from llava.mm_utils import load_image
+from llava.model.geometry import read_geometry
 from llava.model.inputs import encode_question
 from tests.conftest import cli_args, first_questions, hf_input_ids
 
@@ -74,11 +79,18 @@ def test_answering_cli_runs_next_and_records_its_crops(tiny_next_original, tmp_p
     assert len(records) == 2 and all(record["metadata"]["crops"] in (2, 4) for record in records)
 
 
-def test_methods_without_next_support_are_refused_before_the_model_loads(tiny_next_original, tmp_path):
-    """MustDrop runs on NeXT (tests/test_next_mustdrop.py); the other methods do not yet."""
-    questions = first_questions(tmp_path, 1)
-    with pytest.raises(SystemExit) as stop:
-        answer_main(cli_args(tiny_next_original, questions, tmp_path / "a.jsonl", "--method", "fastv",
-                             "--budget", "64"))
-    assert "does not run on LLaVA-NeXT checkpoints yet" in str(stop.value.code)
-    assert not (tmp_path / "a.jsonl").exists()
+class CropBlind(DropMethod):
+    """A dropping method whose vision stage knows only LLaVA-1.5's one image (registered nowhere)."""
+
+    name = "crop-blind"
+
+
+def test_a_method_without_next_support_is_refused_on_next(tiny_next_original):
+    """Every registered method runs on NeXT (tests/test_next_methods.py, tests/test_next_mustdrop.py); one
+    without `supports_next` is refused from the config alone, before any weights load."""
+    discover_methods()
+    assert all(method.supports_next for name, method in METHODS.items() if name != DropMethod.name)
+    geometry = read_geometry(str(tiny_next_original))
+    with pytest.raises(ValueError, match="dropping with crop-blind does not run on LLaVA-NeXT checkpoints yet"):
+        CropBlind().check_model(geometry)
+    CropBlind().check_model(replace(geometry, max_crops=0, max_vision_tokens=geometry.vision_tokens))  # LLaVA-1.5

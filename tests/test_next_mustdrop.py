@@ -245,11 +245,6 @@ def test_next_budgets_land_within_one_percent_on_the_demo_images(loaded_next_ori
         assert abs(sum(averages) / len(averages) - budget) <= 0.01 * budget, (layout, budget, averages)
 
 
-def test_other_methods_are_still_refused_on_next(loaded_next_original):
-    with pytest.raises(ValueError, match="fastv does not run on LLaVA-NeXT checkpoints yet"):
-        create_method("fastv").check_model(geometry_of_model(loaded_next_original[1]))
-
-
 def test_answering_cli_runs_mustdrop_on_next(tiny_next_original, tmp_path):
     answers = tmp_path / "answers.jsonl"
     answer_main(cli_args(tiny_next_original, first_questions(tmp_path, 2), answers, "--sparse", "--global_thr",

@@ -15,10 +15,21 @@ Choices, where the paper leaves room:
   score go to the earlier position.
 - Budget: with `budget` set, keep is solved per prompt from its vision count V and the decoder depth L
   so that the layer average (k * V + (L - k) * keep) / L equals the budget (closed form, then rounded).
+
+LLaVA-NeXT: the released code (github.com/pkunlp-icler/FastV, README's `fastv_config`) has no NeXT code of
+its own; it is told the image span as `image_token_start_index` and `image_token_length` and ranks every
+token inside it, so on NeXT every vision token of the model's own layout is a candidate: the base image,
+the unpadded crop grid and its newline tokens (the engine's vision span is exactly those). The budget is
+solved per prompt from its real vision count V. A budget must reach every image, so `check_model` tests
+the floor k * V / L with the most vision tokens one image can bring (`max_vision_tokens`, 2928 for a
+2 x 2 grid of 336 px crops): at L = 32 and the paper's k = 2 that floor is 183, so `--budget 160` is
+refused up front and the message names the largest k that reaches it (k = 1, floor 91.5) rather than
+silently changing the paper's K.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -62,9 +73,18 @@ def fastv_budget_keep(budget: float, vision_count: int, k: int, num_layers: int)
     floor = k * vision_count / num_layers
     if budget < floor:
         raise ValueError(f"budget {budget} is below {floor:g}, the average that layers 0..{k - 1} alone give "
-                         f"{vision_count} vision tokens over {num_layers} layers; choose a smaller k than {k}")
+                         f"{vision_count} vision tokens over {num_layers} layers; "
+                         f"{smaller_k_hint(budget, vision_count, num_layers)}")
     keep = (budget * num_layers - k * vision_count) / (num_layers - k)
     return round_half_up(min(keep, vision_count))
+
+
+def smaller_k_hint(budget: float, vision_count: int, num_layers: int) -> str:
+    """Name the largest k whose first k layers alone stay within `budget`, or say that none does."""
+    largest = math.floor(budget * num_layers / vision_count)
+    if largest < 1:
+        return f"no k reaches it (k=1 alone averages {vision_count / num_layers:g})"
+    return f"choose k={largest} or less"
 
 
 @register
@@ -73,6 +93,7 @@ class FastV(DropMethod):
 
     name = "fastv"
     options_class = FastVOptions
+    supports_next = True
 
     def __init__(self, options: FastVOptions | None = None):
         self.options = options or FastVOptions()
@@ -81,10 +102,11 @@ class FastV(DropMethod):
         return (self.options.k - 1,)
 
     def check_model(self, geometry: ModelGeometry) -> None:
-        """Also refuse a budget below what the first k layers alone average (the closed form raises)."""
+        """Also refuse a budget below what the first k layers alone average for the most vision tokens one
+        image can bring (the closed form raises)."""
         super().check_model(geometry)
         if self.options.budget is not None:
-            fastv_budget_keep(self.options.budget, geometry.vision_tokens, self.options.k, geometry.decoder_layers)
+            fastv_budget_keep(self.options.budget, geometry.max_vision_tokens, self.options.k, geometry.decoder_layers)
 
     def keep_count(self, context: LayerContext) -> int:
         """From the ratio, or solved from the budget for this prompt's vision count."""

@@ -19,6 +19,16 @@ Choices, where the paper leaves room:
   time while that brings the integer average closer. Budgets below the first stage's share
   (l_1 * V / L, e.g. 144 for layers (8, 16, 24) and V = 576) cannot be reached by any lambda and raise:
   move the first layer earlier for them.
+
+LLaVA-NeXT: the released code (github.com/Cooperx521/PyramidDrop, `llava/model/llava_arch.py`) records
+each image's token count as the length of its packed feature (`self.model.image_tokens =
+[image_feature.shape[0] for image_feature in image_features]`, newline tokens included) and ranks all of
+them, and its v1.6 scripts (`scripts/v1_6/pdrop_eval/*.sh`) keep `--layer_list '[8,16,24]'` and
+`--image_token_ratio_list "[0.5,0.25,0.125]"` (lambda = 0.5). So on NeXT the pyramid runs on every
+vision token of the model's own layout, V being the prompt's real count. Budget checks and the choice of
+stages use the most vision tokens one image can bring (`max_vision_tokens`, 2928 for a 2 x 2 grid): the
+default stages' floor is then 8 * 2928 / 32 = 732, so 640, 320 and 160 all start at (2, 6, 12), whose
+floor 183 refuses 160 up front (use layers starting at 1, e.g. `layers=1;6;12`, floor 91.5).
 """
 
 from __future__ import annotations
@@ -95,8 +105,8 @@ def nudge_counts(counts: list[int], lengths: list[int], budget: float) -> list[i
 
 
 def default_stages_floor(geometry: ModelGeometry) -> float:
-    """The layer average the default stages' first stage alone gives this model's vision tokens."""
-    return DEFAULT_STAGE_LAYERS[0] * geometry.vision_tokens / geometry.decoder_layers
+    """The layer average the default stages' first stage alone gives the most vision tokens of one image."""
+    return DEFAULT_STAGE_LAYERS[0] * geometry.max_vision_tokens / geometry.decoder_layers
 
 
 def budget_counts(budget: float, vision_count: int, layers: tuple[int, ...], num_layers: int) -> list[int]:
@@ -123,6 +133,7 @@ class PDrop(DropMethod):
 
     name = "pdrop"
     options_class = PDropOptions
+    supports_next = True
 
     def __init__(self, options: PDropOptions | None = None):
         self.options = options or PDropOptions()
@@ -146,9 +157,10 @@ class PDrop(DropMethod):
         return budget_counts(self.options.budget, vision_count, layers, geometry.decoder_layers)
 
     def check_model(self, geometry: ModelGeometry) -> None:
-        """Also refuse a budget below the first stage's share (planning the counts raises)."""
+        """Also refuse a budget below the first stage's share of the most vision tokens one image can bring
+        (planning the counts raises)."""
         super().check_model(geometry)
-        self.plan(geometry.vision_tokens, geometry)
+        self.plan(geometry.max_vision_tokens, geometry)
 
     def select(self, context: LayerContext) -> torch.Tensor:
         stage = self.prefill_layers(context.geometry).index(context.layer_idx)

@@ -34,12 +34,26 @@ Approximations, where this differs from the paper or its code:
   token (keep <= V - 1), while here keep >= V keeps everything, so a large schedule is the unpruned
   model. The released code computes no rank (its rank term is 0), i.e. `rank_scale=None`.
 - Budget mode fixes the counts per layer (the rank floor is not applied), see `budget_keep_counts`.
+
+LLaVA-NeXT: the released code (github.com/Gumpest/SparseVLMs, `llava/model/llava_arch.py`,
+`prepare_sparse_inputs_labels_for_multimodal`) packs a NeXT image in the model's own layout (base image,
+unpadded crop grid, a newline token per row) and its sparse decoder (`modelling_sparse_llama.py`) treats
+the `image_shape` tokens after the system prompt as the vision span (`v_token_num = image_shape`).
+`image_shape` is set from `image_features.shape[1]`, written for LLaVA-1.5's batched tensor; on NeXT's list
+of packed features that line does not run as released, so we take the reading the rest of the code
+implies: the vision span is the whole packed feature, newline tokens included, every token of it scored,
+dropped and recycled alike; raters are the text tokens after that span, their relevance a mean over all
+of it. The code has no NeXT schedule, so budget mode scales the 64-token schedule to the budget per
+prompt as on LLaVA-1.5. The floor check uses the most vision tokens one image can bring
+(`max_vision_tokens`, 2928 for a 2 x 2 grid): with the default layers the first three layers and the
+recycled tokens alone keep the average above 286.8, so `--budget 160` is refused up front; dropping from
+layer 0 (`layers=0;6;15`) brings the floor to about 109.3.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -193,6 +207,7 @@ class SparseVLM(DropMethod):
 
     name = "sparsevlm"
     options_class = SparseVLMOptions
+    supports_next = True
 
     def __init__(self, options: SparseVLMOptions | None = None):
         self.options = options or SparseVLMOptions()
@@ -201,15 +216,25 @@ class SparseVLM(DropMethod):
         return self.options.layers
 
     def check_model(self, geometry: ModelGeometry) -> None:
-        """Also refuse a budget below `budget_floor`, which the bisection would silently stop at."""
+        """Also refuse a budget below `budget_floor` of the most vision tokens one image can bring, which the
+        bisection would silently stop at."""
         super().check_model(geometry)
         if self.options.budget is None:
             return
-        floor = budget_floor(geometry.vision_tokens, geometry.decoder_layers, self.options)
+        floor = budget_floor(geometry.max_vision_tokens, geometry.decoder_layers, self.options)
         if self.options.budget < floor:
             raise ValueError(f"budget {self.options.budget:g} is below {floor:.1f}, the layer average of "
-                             f"layers {self.options.layers} keeping no token and recycling {self.options.recycle_ratio:g} "
-                             "of the dropped ones; lower recycle_ratio or start dropping at an earlier layer")
+                             f"layers {self.options.layers} keeping no token and recycling "
+                             f"{self.options.recycle_ratio:g} of the dropped ones; {self.floor_hint(geometry)}")
+
+    def floor_hint(self, geometry: ModelGeometry) -> str:
+        """The way out of a too-low budget: recycling less helps only while the layers up to the first drop
+        alone stay within it."""
+        no_recycling = budget_floor(geometry.max_vision_tokens, geometry.decoder_layers,
+                                    replace(self.options, recycle_ratio=0.0))
+        if self.options.budget < no_recycling:
+            return f"start dropping at an earlier layer than {self.options.layers[0]}"
+        return "lower recycle_ratio or start dropping at an earlier layer"
 
     def keep_count(self, context: LayerContext, rater_attention: torch.Tensor) -> int:
         """The schedule floored by the rank term, or in budget mode the plan for this prompt's vision count."""

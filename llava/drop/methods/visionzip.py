@@ -15,18 +15,35 @@ the encoder layer whose output LLaVA projects, and its attention says which patc
 Vision tokens = projector([dominant] + [contextual, in target order]); CLS is dropped exactly as
 LLaVA's `patch` select strategy does (and kept in front under the `full` strategy). The decoder is not
 touched. With `dominant` = every patch and `contextual` = 0 the features equal the unpruned model's.
+
+LLaVA-NeXT, as the authors' released code runs it (github.com/dvlab-research/VisionZip,
+`visionzip/clip_encoder.py` and `visionzip/llava_arch.py`): the base image and every crop is one CLIP
+image and each is zipped on its own, with the same rule as above, into its dominant + contextual tokens.
+- Counts: the released code gives every image the same counts, so an image of 1 + K crops brings
+  (1 + K) x (dominant + contextual) tokens; the paper's NeXT settings 640 / 320 / 160 are its 128 / 64 /
+  32 per image times the 5 images of a 2 x 2 grid. With `budget` the total is split over the image's
+  actual 1 + K images (equal shares, the base image and then the first crops taking one more token when
+  it does not divide), each share split 54 : 10 as above, so every image totals the budget exactly.
+- Layout, "spatial_unpad" (the model's own): the base image's tokens, then the crops' dominant tokens
+  placed back on the whole crop grid and read row by row across crops (no unpadding, no newline tokens:
+  the released `restore_image_features_sorted` builds the grid but never appends the newlines), then
+  each crop's CLS token where the select strategy keeps it, then each crop's contextual tokens, crop by
+  crop. "flat": each image's tokens, base image first.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
 
 from llava.drop.blocks import grouped_mean, nearest_centres, top_positions
 from llava.drop.method import DropMethod
 from llava.drop.methods.registry import register
 from llava.drop.vision import (
+    FLAT_MERGE,
     PATCHES_START,
     VisionOutput,
     check_feature_layer,
@@ -67,9 +84,27 @@ class VisionZipOptions:
         """(dominant, contextual); a budget is split so that the two add up to it exactly."""
         if self.budget is None:
             return self.dominant, self.contextual
-        total = int(self.budget)
-        dominant = round(total * DOMINANT_SHARE)
-        return dominant, total - dominant
+        return split_total(int(self.budget))
+
+    def image_counts(self, images: int) -> list[tuple[int, int]]:
+        """(dominant, contextual) of each of LLaVA-NeXT's 1 + K images: the same counts for each, or the
+        budget shared out over them (`budget_shares`) and each share split like `counts`."""
+        if self.budget is None:
+            return [self.counts()] * images
+        return [split_total(share) for share in budget_shares(int(self.budget), images)]
+
+
+def split_total(total: int) -> tuple[int, int]:
+    """(dominant, contextual) adding up to `total`, in the paper's 54 : 10 proportion."""
+    dominant = round(total * DOMINANT_SHARE)
+    return dominant, total - dominant
+
+
+def budget_shares(total: int, images: int) -> list[int]:
+    """`total` tokens over `images` images as equally as whole tokens allow, earlier images first taking
+    the remainder (the released code gives every image the same count)."""
+    share, remainder = divmod(total, images)
+    return [share + int(image < remainder) for image in range(images)]
 
 
 def dominant_indices(cls_row: torch.Tensor, count: int) -> torch.Tensor:
@@ -119,19 +154,91 @@ def _run_to_select_layer(model, pixel_values: torch.Tensor) -> tuple[torch.nn.Mo
     return layers[selected - 1], states[selected - 1], states[selected]
 
 
+def zip_image(layer: torch.nn.Module, layer_input: torch.Tensor, hidden: torch.Tensor, dominant: int,
+              contextual: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One image's zipped select-layer states [1, 1 + dominant + contextual, dim] (CLS, the dominant
+    patches in grid order, the contextual merges), from the select layer's input and output [1, 1 + P, dim];
+    also the dominant patches, the mask of the other patches and every patch's key (for `patch_groups`)."""
+    patches = hidden[0, PATCHES_START:]
+    if dominant + contextual > patches.shape[0]:
+        raise ValueError(f"dominant + contextual = {dominant} + {contextual} exceeds the image's "
+                         f"{patches.shape[0]} patches")
+    kept = dominant_indices(cls_attention_to_patches(layer, layer_input), dominant)
+    rest = torch.ones(patches.shape[0], dtype=torch.bool, device=patches.device)
+    rest[kept] = False
+    keys = head_averaged_keys(layer, layer_input)[PATCHES_START:]
+    merged = contextual_merge(patches[rest], keys[rest], contextual)
+    sequence = torch.cat([hidden[0, :PATCHES_START], patches[kept], merged])[None]
+    return sequence, kept, rest, keys
+
+
+def crop_grid(model, image_sizes: torch.Tensor) -> tuple[int, int]:
+    """(rows, columns) of crops LLaVA-NeXT tiled this image into, by transformers' own anyres rule."""
+    config = model.config
+    return get_anyres_image_grid_shape(image_sizes[0].tolist(), config.image_grid_pinpoints,
+                                       config.vision_config.image_size)
+
+
+def grid_reading_order(kept: list[torch.Tensor], grid: tuple[int, int], side: int) -> torch.Tensor:
+    """Order that reads the crops' dominant patches (listed crop after crop, each ascending) row by row
+    across the whole crop grid, as the released code's `restore_image_features_sorted` lays them out.
+
+    Crop c sits at grid cell divmod(c, columns); patch p at divmod(p, side) inside its crop.
+    """
+    columns = grid[1]
+    places = []
+    for crop, patches in enumerate(kept):
+        crop_row, crop_column = divmod(crop, columns)
+        row, column = patches // side, patches % side
+        places.append((crop_row * side + row) * columns * side + crop_column * side + column)
+    return torch.cat(places).argsort()
+
+
+def unpruned_next_count(model, image_sizes: torch.Tensor, grid: tuple[int, int], per_image: int, side: int) -> int:
+    """Vision tokens the unpruned model gives this image in its own layout (what the FLOPs ratio is taken
+    against): every image's tokens ("flat"), or the base image plus the unpadded crop grid with one
+    newline token per row ("spatial_unpad")."""
+    if getattr(model.config, "mm_patch_merge_type", None) == FLAT_MERGE:
+        return (1 + grid[0] * grid[1]) * per_image
+    rows, columns = unpad_image(torch.empty(0, grid[0] * side, grid[1] * side), image_sizes[0].tolist()).shape[1:]
+    return per_image + rows * (columns + 1)
+
+
+def spatial_features(projected: list[torch.Tensor], counts: list[tuple[int, int]], cls_kept: int,
+                     order: torch.Tensor) -> torch.Tensor:
+    """The released code's "spatial_unpad" sequence from each image's projected tokens [(CLS) + dominant +
+    contextual, hidden]: the base image's, then every crop's dominant tokens in `order` (grid reading
+    order), then the crops' CLS tokens (if kept), then their contextual tokens, crop by crop."""
+    crops = list(zip(projected[1:], counts[1:]))
+    dominant = torch.cat([tokens[cls_kept : cls_kept + d] for tokens, (d, _) in crops])[order]
+    cls = torch.cat([tokens[:cls_kept] for tokens, _ in crops])
+    contextual = torch.cat([tokens[cls_kept + d :] for tokens, (d, _) in crops])
+    return torch.cat([projected[0], dominant, cls, contextual])
+
+
+def check_next_inputs(pixel_values: torch.Tensor, image_sizes: torch.Tensor | None) -> None:
+    """One image per prompt: its base image and crops [1, 1 + K, 3, H, W] and its [[height, width]]."""
+    if pixel_values.dim() != 5 or pixel_values.shape[0] != 1 or image_sizes is None or image_sizes.shape[0] != 1:
+        raise ValueError("VisionZip on LLaVA-NeXT takes one image per prompt: pixel values [1, 1 + crops, 3, H, W] "
+                         f"and its size [[height, width]]; got {tuple(pixel_values.shape)} and {image_sizes}")
+
+
 @register
 class VisionZip(DropMethod):
     """Dominant (CLS-attended) + contextual (merged) tokens out of CLIP; the decoder runs unchanged."""
 
     name = "visionzip"
     options_class = VisionZipOptions
+    supports_next = True
 
     def __init__(self, options: VisionZipOptions | None = None):
         self.options = options or VisionZipOptions()
 
     def check_model(self, geometry: ModelGeometry) -> None:
+        """Also refuse more tokens than an image has patches; on LLaVA-NeXT for the budget's share of an image
+        tiled into the most crops (an image with fewer crops is checked when it arrives)."""
         super().check_model(geometry)
-        dominant, contextual = self.options.counts()
+        dominant, contextual = self.options.image_counts(1 + geometry.max_crops)[0]
         if dominant + contextual > geometry.patch_tokens:
             raise ValueError(f"dominant + contextual = {dominant} + {contextual} exceeds the "
                              f"{geometry.patch_tokens} patches this model gives an image")
@@ -143,22 +250,42 @@ class VisionZip(DropMethod):
             raise ValueError(f"VisionZip's vision stage supports batch size 1, got {pixel_values.shape[0]}")
         dominant, contextual = self.options.counts()
         layer, layer_input, hidden = _run_to_select_layer(model, pixel_values)
-        patches = hidden[0, PATCHES_START:]
-        if dominant + contextual > patches.shape[0]:
-            raise ValueError(f"dominant + contextual = {dominant} + {contextual} exceeds the image's "
-                             f"{patches.shape[0]} patches")
-        kept = dominant_indices(cls_attention_to_patches(layer, layer_input), dominant)
-        rest = torch.ones(patches.shape[0], dtype=torch.bool, device=patches.device)
-        rest[kept] = False
-        keys = head_averaged_keys(layer, layer_input)[PATCHES_START:]
-        merged = contextual_merge(patches[rest], keys[rest], contextual)
-        sequence = torch.cat([hidden[0, :PATCHES_START], patches[kept], merged])[None]
+        sequence, kept, rest, keys = zip_image(layer, layer_input, hidden, dominant, contextual)
         features = project_features(model, sequence)
         cls_kept = features.shape[0] - dominant - contextual  # 1 under the `full` select strategy, else 0
-        stats = {"vision_tokens_in": patches.shape[0] + cls_kept, "vision_tokens": features.shape[0],
+        stats = {"vision_tokens_in": hidden.shape[1] - PATCHES_START + cls_kept, "vision_tokens": features.shape[0],
                  "dominant": dominant, "contextual": contextual}
         return VisionOutput(features=features, stats=stats,
                             patch_groups=self.patch_groups(kept, rest, keys, contextual, cls_kept))
+
+    @torch.no_grad()
+    def encode_next(self, model, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> VisionOutput:
+        """Every image (base, then crops) zipped on its own, laid out as the released code does (module
+        docstring): crops' dominant tokens in grid reading order under "spatial_unpad", image after image
+        under "flat"."""
+        check_feature_layer(model.config)
+        check_next_inputs(pixel_values, image_sizes)
+        counts = self.options.image_counts(pixel_values.shape[1])
+        layer, layer_input, hidden = _run_to_select_layer(model, pixel_values[0])
+        zipped = [zip_image(layer, layer_input[image : image + 1], hidden[image : image + 1], dominant, contextual)
+                  for image, (dominant, contextual) in enumerate(counts)]
+        projected = [project_features(model, sequence) for sequence, *_ in zipped]
+        cls_kept = projected[0].shape[0] - sum(counts[0])  # 1 under the `full` select strategy, else 0
+        grid, side = crop_grid(model, image_sizes), math.isqrt(hidden.shape[1] - PATCHES_START)
+        if grid[0] * grid[1] != len(counts) - 1:
+            raise ValueError(f"image size {image_sizes[0].tolist()} tiles into {grid[0]} x {grid[1]} crops, "
+                             f"but {len(counts) - 1} crops were given")
+        if getattr(model.config, "mm_patch_merge_type", None) == FLAT_MERGE:
+            features = torch.cat(projected)
+        else:
+            kept = [dominant_kept for _, dominant_kept, *_ in zipped[1:]]
+            features = spatial_features(projected, counts, cls_kept, grid_reading_order(kept, grid, side))
+        per_image = side * side + cls_kept
+        stats = {"vision_tokens_in": unpruned_next_count(model, image_sizes, grid, per_image, side),
+                 "vision_tokens": features.shape[0], "images": len(counts), "crops": len(counts) - 1,
+                 "vision_tokens_per_image_in": per_image, "dominant": sum(d for d, _ in counts),
+                 "contextual": sum(c for _, c in counts)}
+        return VisionOutput(features=features, stats=stats)
 
     @staticmethod
     def patch_groups(kept: torch.Tensor, rest: torch.Tensor, keys: torch.Tensor, contextual: int,
