@@ -1,14 +1,30 @@
-"""The prefill/decode benchmark runs end to end in CI (`--quick`) and reports sane, ordered numbers."""
+"""The prefill/decode benchmark runs end to end in CI (`--quick`, also with `--next`) and reports sane,
+ordered numbers; the model shapes have the stated widths; `benchmarks/gpu.sh --quick` writes all three."""
 
 from __future__ import annotations
 
 import json
+import subprocess
 
-from llava.bench.prefill_decode import SETTINGS, main
-from llava.bench.workload import BASELINE, RATIO_OF
+import torch
+from transformers import LlavaForConditionalGeneration
+
+from llava.bench.next_settings import NEXT_TARGETS
+from llava.bench.prefill_decode import SETTINGS, main, parse_args
+from llava.bench.workload import BASELINE, LLM_LAYERS, RATIO_OF, SHAPES, VISION_LAYERS, model_config, shape_name
+from tests.conftest import REPO_ROOT
 
 QUICK_ARGS = ["--quick", "--new-tokens", "3"]
 OUTPUT_FILES = ("results.json", "results.md", "results.png")
+
+# LLaVA-NeXT's prompt image fills the 2 x 2 grid: 1 base image + 4 crops, 24 x 24 = 576 patches each.
+# The model's own spatial_unpad layout: 576 (base) + 48 rows x (48 patches + 1 newline) = 576 + 2352 = 2928.
+NEXT_UNPRUNED_TOKENS = 576 + 48 * (48 + 1)
+# MustDrop's flat layout after stage 1: each of the 5 views keeps 12 of its 64 3x3 windows (the image's
+# noise strips) and merges the other 52 into one token each: 5 x (52 + 12 x 9) = 5 x 160 = 800.
+NEXT_TOKENS_AFTER_MERGE = 5 * (52 + 12 * 9)
+NEXT_IMAGES = 5
+NEXT_TOLERANCE = 0.02  # MustDrop's layer-averaged tokens within 2 % of each target (the threshold search's stop)
 
 
 def test_quick_benchmark_writes_ordered_results(tmp_path):
@@ -27,3 +43,64 @@ def test_quick_benchmark_writes_ordered_results(tmp_path):
         assert by_setting[BASELINE][ratio] == 1.0, ratio
     tokens = {name: row["avg_vision_tokens"] for name, row in by_setting.items()}
     assert tokens["64"] <= tokens["192"] <= tokens[BASELINE]
+
+
+def test_next_quick_benchmark_reaches_the_next_settings(tmp_path):
+    rows = main(["--next", *QUICK_ARGS, "--out", str(tmp_path)])
+
+    saved = json.loads((tmp_path / "results.json").read_text())
+    expected = [BASELINE, *map(str, NEXT_TARGETS)]
+    assert [row["setting"] for row in saved["rows"]] == expected == ["none", "640", "320", "160"]
+    assert [pair["target"] for pair in saved["next_pairs"]] == list(NEXT_TARGETS)
+    by_setting = {row["setting"]: row for row in rows}
+    unpruned = by_setting[BASELINE]
+    assert unpruned["avg_vision_tokens"] == NEXT_UNPRUNED_TOKENS
+    assert unpruned["avg_vision_tokens_per_image"] == NEXT_UNPRUNED_TOKENS / NEXT_IMAGES
+    for ratio in RATIO_OF:
+        assert unpruned[ratio] == 1.0, ratio
+    for target in NEXT_TARGETS:
+        row = by_setting[str(target)]
+        assert row["vision_tokens_after_merge"] == NEXT_TOKENS_AFTER_MERGE
+        assert abs(row["avg_vision_tokens"] - target) <= NEXT_TOLERANCE * target, (target, row["avg_vision_tokens"])
+        assert row["avg_vision_tokens_per_image"] == row["avg_vision_tokens"] / NEXT_IMAGES
+        assert row["kv_cache_ratio"] < 1 and row["flops_ratio"] < 1
+    assert "2880 flat tokens" in saved["header"] and "= 2928 in the model's spatial_unpad layout" in saved["header"]
+
+
+def test_7b_proportioned_shape_divides_every_width_of_7b_by_four():
+    shape = SHAPES[shape_name(parse_args(["--shape", "7b-proportioned"]))]
+    config = model_config(shape, next_model=False)
+    vision, text = config.vision_config, config.text_config
+    widths = (vision.hidden_size, vision.intermediate_size, vision.num_attention_heads,
+              text.hidden_size, text.intermediate_size, text.num_attention_heads, text.num_key_value_heads)
+    assert widths == (256, 1024, 4, 1024, 2752, 8, 8)
+    llava_7b = SHAPES["7b"]
+    assert (llava_7b.vision_hidden, llava_7b.vision_intermediate, llava_7b.vision_heads) == (1024, 4096, 16)
+    assert (llava_7b.llm_hidden, llava_7b.llm_intermediate, llava_7b.llm_heads, llava_7b.llm_kv_heads) == (4096, 11008, 32, 32)
+    assert widths == tuple(value // 4 for value in (1024, 4096, 16, 4096, 11008, 32, 32))
+    assert (vision.num_hidden_layers, text.num_hidden_layers) == (VISION_LAYERS, LLM_LAYERS) == (24, 32)
+    assert (vision.image_size // vision.patch_size) ** 2 == 576
+
+    with torch.device("meta"):  # shapes only: no memory, no init time
+        model = LlavaForConditionalGeneration._from_config(config)
+    attention = model.model.language_model.layers[0].self_attn
+    assert tuple(attention.q_proj.weight.shape) == (1024, 1024)
+    assert tuple(model.model.language_model.layers[0].mlp.up_proj.weight.shape) == (2752, 1024)
+    assert tuple(model.model.vision_tower.encoder.layers[0].mlp.fc1.weight.shape) == (1024, 256)
+
+
+def test_gpu_script_quick_runs_all_three_on_cpu(tmp_path):
+    done = subprocess.run(["bash", str(REPO_ROOT / "benchmarks" / "gpu.sh"), "--quick", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "transformers" in done.stdout
+
+    runs = {name: json.loads((tmp_path / name / stem).read_text()) for name, stem in
+            [("prefill_decode", "results.json"), ("next", "results.json"), ("compare", "compare.json")]}
+    for saved in runs.values():
+        assert saved["args"]["quick"] == "True" and saved["args"]["device"] == "cpu"
+    assert [row["setting"] for row in runs["prefill_decode"]["rows"]] == list(SETTINGS)
+    assert runs["prefill_decode"]["args"]["next"] == "False" and runs["next"]["args"]["next"] == "True"
+    assert [row["setting"] for row in runs["next"]["rows"]] == [BASELINE, *map(str, NEXT_TARGETS)]
+    assert runs["compare"]["args"]["budgets"] == "[64]"
+    assert {row["budget"] for row in runs["compare"]["rows"]} == {None, 64}

@@ -5,7 +5,7 @@ one prompt, interleaved per repeat after a warm-up (the model, prompt and measur
 `llava.bench.workload`, as in `prefill_decode`), so that a busy machine slows every setting alike;
 read the ratios to "none".
 
-    python -m llava.bench.compare [--quick] [--model-path P] [--methods mustdrop,fastv,...]
+    python -m llava.bench.compare [--quick] [--shape S] [--model-path P] [--methods mustdrop,fastv,...]
                                   [--budgets 192,128,64] [--repeats N] [--new-tokens N]
                                   [--device cpu|cuda] [--dtype D] [--threads N] [--out DIR]
 """
@@ -31,6 +31,7 @@ from llava.bench.workload import (
     measure,
     memory_note,
     run_once,
+    shape_name,
     summarize,
 )
 from llava.drop.methods import DropMethod, create_method
@@ -149,7 +150,7 @@ def parse_list(text: str) -> list[str]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
-                        help=f"narrow random model, {QUICK_REPEATS} repeat, {QUICK_NEW_TOKENS} new tokens (CI)")
+                        help=f"quick-shape random model, {QUICK_REPEATS} repeat, {QUICK_NEW_TOKENS} new tokens (CI)")
     add_workload_args(parser)
     parser.add_argument("--methods", type=parse_list, help="comma-separated; default: every registered method")
     parser.add_argument("--budgets", type=lambda text: [int(b) for b in parse_list(text)], default=list(DEFAULT_BUDGETS),
@@ -196,7 +197,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = compare_rows(settings, runs)
     header = describe_run(args, work, dtype, skipped)
     table = markdown_table(rows)
-    source = args.model_path or ("random quick model" if args.quick else "random LLaVA-1.5-shaped model")
+    source = args.model_path or f"random LLaVA-1.5 model, shape {shape_name(args)}"
     title = f"Dropping methods at budgets {args.budgets}: {source} ({args.device}, {dtype}, {args.new_tokens} new tokens)"
     save_results(args, OUTPUT_STEM, header, table, {"skipped": skipped, "rows": rows},
                  lambda path: tokens_lines(rows, args.budgets, title, path), started)

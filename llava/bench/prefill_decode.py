@@ -2,10 +2,12 @@
 
 All settings run in one process on one model, interleaved per repeat after a warm-up, so that a busy
 machine slows them alike; ratios to "none" are what to read. Without `--model-path` the model is a
-seeded random LLaVA-1.5 (real CLIP ViT-L/14-336 tower, real 32 decoder layers, narrow decoder).
+seeded random LLaVA-1.5 (real CLIP ViT-L/14-336 tower, real 32 decoder layers, widths of `--shape`).
+With `--next` it is LLaVA-NeXT (v1.6) on an image that fills the 2 x 2 grid, and MustDrop runs at the
+paper's NeXT settings, 640 / 320 / 160 layer-averaged vision tokens (thresholds found on the prompt).
 
-    python -m llava.bench.prefill_decode [--quick] [--model-path P] [--device cpu|cuda] [--dtype D]
-                                         [--repeats N] [--new-tokens N] [--threads N] [--out DIR]
+    python -m llava.bench.prefill_decode [--quick] [--next] [--shape S] [--model-path P] [--device cpu|cuda]
+                                         [--dtype D] [--repeats N] [--new-tokens N] [--threads N] [--out DIR]
 """
 
 from __future__ import annotations
@@ -17,16 +19,19 @@ from pathlib import Path
 
 import torch
 
+from llava.bench.next_settings import FoundPair, find_pairs, pairs_record
 from llava.bench.output import ratio_bars, save_results
 from llava.bench.workload import (
     BASELINE,
     MIB,
     RESULTS_DIR,
+    Workload,
     add_workload_args,
     load_workload,
     measure,
     memory_note,
     run_once,
+    shape_name,
     summarize,
 )
 from llava.drop.methods import DropConfig
@@ -40,6 +45,15 @@ SETTINGS: dict[str, DropConfig] = {
        for tokens, pair in PUBLISHED[REFERENCE_BENCHMARK].items()},
 }
 OUTPUT_STEM = "results"
+NEXT_RESULTS_DIR = RESULTS_DIR / "next"  # --next's default --out, so that it keeps LLaVA-1.5's results
+
+
+def next_settings(work: Workload) -> tuple[dict[str, DropConfig], list[FoundPair]]:
+    """The unpruned NeXT model, then MustDrop at each NeXT target with the pair found on this prompt."""
+    pairs = find_pairs(work)
+    for pair in pairs:
+        print(f"MustDrop NeXT setting {pair.describe()}")
+    return {BASELINE: DropConfig.disabled(), **{str(pair.target): pair.config() for pair in pairs}}, pairs
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -52,6 +66,7 @@ def markdown_table(rows: list[dict]) -> str:
         ("KV cache MiB", "kv_cache_bytes", "kv_cache_ratio", "{:.2f}"),
         ("peak extra MiB", "peak_memory_bytes", "peak_memory_ratio", "{:.1f}"),
         ("avg vision tokens", "avg_vision_tokens", "avg_vision_tokens_ratio", "{:.1f}"),
+        ("per image", "avg_vision_tokens_per_image", "avg_vision_tokens_per_image_ratio", "{:.1f}"),
     ]
     header = ["setting", *(c[0] for c in columns), "tokens after merge", "FLOPs ratio", "scoring share"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
@@ -67,12 +82,15 @@ def markdown_table(rows: list[dict]) -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="narrow random model, 1 repeat, 4 new tokens (CI)")
+    parser.add_argument("--quick", action="store_true", help="quick-shape random model, 1 repeat, 4 new tokens (CI)")
+    parser.add_argument("--next", action="store_true",
+                        help="LLaVA-NeXT (v1.6) at 640 / 320 / 160 vision tokens instead of LLaVA-1.5 at 192 / 128 / 64")
     add_workload_args(parser)
     parser.add_argument("--repeats", type=int, help="timed runs per setting (default 3, quick 1)")
     parser.add_argument("--new-tokens", type=int, help="tokens decoded per run (default 32, quick 4)")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--out", type=Path, help=f"default {RESULTS_DIR}, with --next {NEXT_RESULTS_DIR}")
     args = parser.parse_args(argv)
+    args.out = args.out or (NEXT_RESULTS_DIR if args.next else RESULTS_DIR)
     args.repeats = args.repeats or (1 if args.quick else 3)
     args.new_tokens = args.new_tokens or (4 if args.quick else 32)
     if args.new_tokens < 2:
@@ -86,21 +104,31 @@ def main(argv: list[str] | None = None) -> list[dict]:
     torch.set_num_threads(args.threads)
     dtype = resolve_dtype(args.dtype, args.device)
     started = time.perf_counter()
-    work = load_workload(args, dtype)
-    for drop in SETTINGS.values():  # warm-up
+    work = load_workload(args, dtype, next_model=args.next)
+    settings, pairs = next_settings(work) if args.next else (SETTINGS, [])
+    for drop in settings.values():  # warm-up
         run_once(work, drop, args.new_tokens)
-    rows = summarize(measure(work, SETTINGS, args.repeats, args.new_tokens))
-    header = (f"Model: {work.description}.\n\nDevice {args.device} ({platform.processor() or platform.machine()}, "
-              f"{torch.get_num_threads()} threads), dtype {dtype}, {args.new_tokens} new tokens (EOS off), "
-              f"median of {args.repeats} interleaved repeat(s) after a warm-up. Ratios to \"none\" in "
-              f"parentheses. Peak extra memory: {memory_note(args.device)}, one extra run per setting. Scoring share: "
-              f"stage-1 merge + key set + stage-2 scoring, over vision + LLM prefill time.")
+    rows = summarize(measure(work, settings, args.repeats, args.new_tokens))
+    header = (f"Model: {work.description}.\n\n{settings_note(pairs)}Device {args.device} "
+              f"({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), dtype {dtype}, "
+              f"{args.new_tokens} new tokens (EOS off), median of {args.repeats} interleaved repeat(s) after a warm-up. "
+              f"Ratios to \"none\" in parentheses. Peak extra memory: {memory_note(args.device)}, one extra run per "
+              f"setting. Scoring share: stage-1 merge + key set + stage-2 scoring, over vision + LLM prefill time.")
     table = markdown_table(rows)
-    title = "MustDrop vs no dropping: " + ("random model" if not args.model_path else args.model_path)
-    title = f"{title} ({args.device}, {dtype}, {args.new_tokens} new tokens)"
-    save_results(args, OUTPUT_STEM, header, table, {"rows": rows},
+    source = args.model_path or f"random {'LLaVA-NeXT' if args.next else 'LLaVA-1.5'} model, shape {shape_name(args)}"
+    title = f"MustDrop vs no dropping: {source} ({args.device}, {dtype}, {args.new_tokens} new tokens)"
+    save_results(args, OUTPUT_STEM, header, table, {"rows": rows, "next_pairs": pairs_record(pairs)},
                  lambda path: ratio_bars(rows, title, path), started)
     return rows
+
+
+def settings_note(pairs: list[FoundPair]) -> str:
+    """Where the MustDrop settings come from: the published LLaVA-1.5 pairs, or the pairs found on NeXT."""
+    if not pairs:
+        return f"Settings: the published LLaVA-1.5-7B {REFERENCE_BENCHMARK} thresholds.\n\n"
+    found = "; ".join(pair.describe() for pair in pairs)
+    return ("Settings: unpruned NeXT (its own spatial_unpad layout) and MustDrop (flat layout) at the paper's NeXT "
+            f"targets, total layer-averaged vision tokens, thresholds found on this prompt: {found}.\n\n")
 
 
 if __name__ == "__main__":

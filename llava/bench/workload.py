@@ -1,9 +1,10 @@
 """The speed benchmarks' model, prompt and measurement, shared by `prefill_decode` and `compare`.
 
-Without a checkpoint the model is a seeded random LLaVA-1.5 (real CLIP ViT-L/14-336 tower, real 32
-decoder layers, narrow decoder) whose attention is peaked like a trained one's; with one, the prompt is
-encoded as the answering CLIs encode it. One generation is timed with EOS off, so that every setting
-decodes the same number of tokens, and its peak extra memory is measured in one more run.
+Without a checkpoint the model is a seeded random LLaVA-1.5 (or, with `next_model`, LLaVA-NeXT) of one
+of `SHAPES` (real layer counts and token counts, chosen widths) whose attention is peaked like a
+trained one's; with one, the prompt is encoded as the answering CLIs encode it. One generation is
+timed with EOS off, so that every setting decodes the same number of tokens, and its peak extra
+memory is measured in one more run.
 """
 
 from __future__ import annotations
@@ -22,15 +23,19 @@ from transformers import (
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
 )
 
 from llava.constants import IMAGE_TOKEN_INDEX
 from llava.drop.generate import SamplingConfig, generate
 from llava.drop.methods import DropConfig, DropMethod, as_method
-from llava.mm_utils import load_image, process_images
+from llava.mm_utils import load_image
+from llava.model.anyres import ANYRES_ASPECT_RATIO, anyres_grid
 from llava.model.builder import load_pretrained_model
 from llava.model.image_processor import default_clip_image_processor
-from llava.model.inputs import encode_question
+from llava.model.inputs import encode_question, image_inputs
+from llava.model.original_layout import swap_pairs
 
 CHECKOUT = Path(__file__).resolve().parents[2]  # the repository this package runs from (pip install -e .)
 DEMO_IMAGES = CHECKOUT / "playground" / "data" / "eval" / "demo" / "images"
@@ -46,13 +51,29 @@ SYSTEM_TOKENS = 35  # vicuna_v1's system prompt and "USER:" in the Llama tokeniz
 TEXT_TOKENS = 60  # a TextVQA question with OCR tokens and the answer-format suffix
 FIRST_WORD_ID = 259  # skip <unk>, <s>, </s> and the 256 byte pieces
 
-# Random-model geometry shared by both sizes: the real LLaVA-1.5 layer counts, vocabulary and image.
+# Random-model geometry shared by every shape: the real LLaVA-1.5 layer counts, vocabulary and image.
 IMAGE_SIZE = 336
 PATCH_SIZE = 14
 VISION_LAYERS = 24
 LLM_LAYERS = 32
 VOCAB_SIZE = 32000
 MAX_POSITIONS = 4096
+VISION_FEATURE_LAYER = -2  # LLaVA-1.5 and v1.6 take the penultimate CLIP layer
+VISION_SELECT_STRATEGY = "default"  # transformers' name for dropping CLS (LLaVA's "patch")
+# LLaVA-NeXT (v1.6): its real grid pinpoints, in transformers' [height, width] order, and a square
+# image that the 2 x 2 grid fits exactly, so that every view is used and spatial_unpad removes nothing.
+NEXT_GRID_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+NEXT_IMAGE_SIDE = 672
+NEXT_MERGE_TYPE = "spatial_unpad"
+# The NeXT image: black, with one strip of seeded noise per quadrant. MustDrop's stage 1 merges the 3 x 3
+# patch windows (42 px in a crop, 84 px of the image in the squashed base view) that are flat. A strip
+# of 252 x 84 px placed on multiples of 84 px covers 6 x 2 windows of its crop and 3 x 1 windows of
+# the base view (x 4 strips), so every view keeps 12 of its 64 windows: 5 x (52 merged + 12 x 9) = 800
+# tokens after the merge at every model shape. That puts the paper's 640 / 320 / 160 all within reach
+# of the thresholds; a photo upscaled to 672 px merges to ~600 tokens (640 out of reach), a detailed
+# one keeps most of 2880 (160 out of reach: layers 0-2 and the 8 % key set alone average more).
+STRIP_SIZE = (252, 84)  # (width, height)
+STRIP_OFFSET = (84, 168)  # (left, top) inside each 336 px quadrant
 # Initialisation: fan-in scaled normals. A gain on q/k sharpens attention (std 0.02 everywhere gives
 # near-uniform rows, and MustDrop's thresholds then drop almost nothing); small embeddings keep flat
 # image regions similar after CLIP layer 0 so that the spatial merge sees realistic similarities.
@@ -90,23 +111,32 @@ class ModelShape:
                 f"{self.llm_kv_heads} KV heads, MLP {self.llm_intermediate}), vocab {VOCAB_SIZE}")
 
 
-# Real ViT-L/14-336 tower; decoder at 1/8 of Vicuna-7B's width so that it runs on two CPU cores.
-FULL_SHAPE = ModelShape(1024, 4096, 16, 512, 1376, 8, 8)
-QUICK_SHAPE = ModelShape(128, 512, 4, 128, 344, 4, 4)
+SHAPES = {
+    # Real ViT-L/14-336 tower; decoder at 1/8 of Vicuna-7B's width so that it runs on two CPU cores.
+    "narrow": ModelShape(1024, 4096, 16, 512, 1376, 8, 8),
+    "quick": ModelShape(128, 512, 4, 128, 344, 4, 4),  # CI: every width narrowed to 128
+    # Every width of LLaVA-1.5-7B divided by 4 (head size kept: CLIP 64, Llama 128).
+    "7b-proportioned": ModelShape(256, 1024, 4, 1024, 2752, 8, 8),
+    # LLaVA-1.5-7B's real widths: CLIP ViT-L/14-336 and Vicuna-7B (multi-head attention, no GQA).
+    "7b": ModelShape(1024, 4096, 16, 4096, 11008, 32, 32),
+}
+DEFAULT_SHAPE = "narrow"
+QUICK_SHAPE = "quick"  # what --quick picks when --shape is not given
 
 
 @dataclass
 class Workload:
-    """A model and one prompt to generate from."""
+    """A model and one prompt to generate from (`image_sizes`: LLaVA-NeXT's [[height, width]])."""
 
-    model: LlavaForConditionalGeneration
+    model: LlavaForConditionalGeneration | LlavaNextForConditionalGeneration
     input_ids: torch.Tensor
     pixel_values: torch.Tensor
     description: str
+    image_sizes: torch.Tensor | None = None
 
 
-def random_llava(shape: ModelShape, seed: int, device: str, dtype: torch.dtype) -> LlavaForConditionalGeneration:
-    """A LLaVA-1.5-shaped model with seeded weights whose attention is peaked like a trained one's."""
+def model_config(shape: ModelShape, next_model: bool) -> LlavaConfig | LlavaNextConfig:
+    """LLaVA-1.5's config at `shape`, or LLaVA-NeXT's (v1.6: anyres grid pinpoints, spatial_unpad)."""
     vision = CLIPVisionConfig(
         hidden_size=shape.vision_hidden, intermediate_size=shape.vision_intermediate,
         num_attention_heads=shape.vision_heads, num_hidden_layers=VISION_LAYERS,
@@ -115,12 +145,30 @@ def random_llava(shape: ModelShape, seed: int, device: str, dtype: torch.dtype) 
         hidden_size=shape.llm_hidden, intermediate_size=shape.llm_intermediate,
         num_attention_heads=shape.llm_heads, num_key_value_heads=shape.llm_kv_heads,
         num_hidden_layers=LLM_LAYERS, vocab_size=VOCAB_SIZE, max_position_embeddings=MAX_POSITIONS)
-    config = LlavaConfig(vision_config=vision, text_config=text, vision_feature_layer=-2,
-                         vision_feature_select_strategy="default", projector_hidden_act="gelu",
-                         image_token_id=VOCAB_SIZE)
-    model = LlavaForConditionalGeneration._from_config(config, attn_implementation="sdpa")
-    init_peaked(model, torch.Generator().manual_seed(seed))
-    return model.to(device=device, dtype=dtype).eval()
+    shared = dict(vision_config=vision, text_config=text, vision_feature_layer=VISION_FEATURE_LAYER,
+                  vision_feature_select_strategy=VISION_SELECT_STRATEGY, projector_hidden_act="gelu",
+                  image_token_id=VOCAB_SIZE)
+    if not next_model:
+        return LlavaConfig(**shared)
+    config = LlavaNextConfig(**shared, image_grid_pinpoints=NEXT_GRID_PINPOINTS,
+                             image_seq_length=(IMAGE_SIZE // PATCH_SIZE) ** 2)
+    config.image_aspect_ratio = ANYRES_ASPECT_RATIO  # what `image_inputs` tiles by, as for an original checkpoint
+    config.mm_patch_merge_type = NEXT_MERGE_TYPE
+    return config
+
+
+def random_llava(shape: ModelShape, seed: int, device: str, dtype: torch.dtype,
+                 next_model: bool = False) -> LlavaForConditionalGeneration | LlavaNextForConditionalGeneration:
+    """A LLaVA-shaped model with seeded weights whose attention is peaked like a trained one's.
+
+    Built and initialised on `device` in `dtype`, so that the 7B shape never needs an fp32 copy in CPU
+    memory; the same seed gives the same weights on the same kind of device.
+    """
+    model_class = LlavaNextForConditionalGeneration if next_model else LlavaForConditionalGeneration
+    with torch.device(device):
+        model = model_class._from_config(model_config(shape, next_model), attn_implementation="sdpa", dtype=dtype)
+    init_peaked(model, torch.Generator(device=device).manual_seed(seed))
+    return model.eval()
 
 
 @torch.no_grad()
@@ -142,6 +190,8 @@ def initial_value(name: str, param: torch.Tensor, depth: int, gen: torch.Generat
         return normal(param, EMBED_STD, gen)
     if name.endswith("bias"):
         return normal(param, BIAS_STD, gen)
+    if name.endswith("image_newline"):  # NeXT's row-end token: an embedding of unit-ish norm
+        return normal(param, 1.0 / math.sqrt(param.numel()), gen)
     gain = QK_GAIN if name.endswith(QK_NAMES) else 1.0
     if name.endswith(RESIDUAL_WRITE_NAMES):
         gain = 1.0 / math.sqrt(2 * depth)  # keeps the residual stream bounded over all layers
@@ -149,11 +199,53 @@ def initial_value(name: str, param: torch.Tensor, depth: int, gen: torch.Generat
 
 
 def normal(param: torch.Tensor, std: float, gen: torch.Generator) -> torch.Tensor:
-    return torch.randn(param.shape, generator=gen) * std
+    """Seeded N(0, std^2) drawn where `param` lives, in its dtype (a 7B model on a GPU in seconds)."""
+    return torch.randn(param.shape, generator=gen, device=param.device, dtype=param.dtype) * std
 
 
 def first_demo_image() -> Image.Image:
     return load_image(sorted(DEMO_IMAGES.glob("*.png"))[0])
+
+
+def next_image(seed: int) -> Image.Image:
+    """The NeXT prompt's image (see STRIP_SIZE): it fills the 2 x 2 grid and merges to the same count
+    at every shape."""
+    gen = torch.Generator().manual_seed(seed)
+    image = Image.new("RGB", (NEXT_IMAGE_SIDE, NEXT_IMAGE_SIDE))
+    quadrant = NEXT_IMAGE_SIDE // 2
+    for top in range(0, NEXT_IMAGE_SIDE, quadrant):
+        for left in range(0, NEXT_IMAGE_SIDE, quadrant):
+            noise = torch.randint(0, 256, (STRIP_SIZE[1], STRIP_SIZE[0], 3), generator=gen, dtype=torch.uint8)
+            image.paste(Image.fromarray(noise.numpy()), (left + STRIP_OFFSET[0], top + STRIP_OFFSET[1]))
+    return image
+
+
+@dataclass(frozen=True)
+class NextTokenCounts:
+    """Vision tokens of one NeXT image, worked out from the config (before anything runs)."""
+
+    grid: tuple[int, int]  # (columns, rows) of crops
+    images: int  # the base image and the crops
+    flat: int  # every view's patch tokens one after the other: MustDrop's (the reference's) layout
+    spatial: int  # the model's own spatial_unpad layout: base image, crop grid rows + one newline each
+
+    def describe(self) -> str:
+        per_image = self.flat // self.images
+        rows = self.grid[1] * IMAGE_SIZE // PATCH_SIZE
+        return (f"{self.grid[0]} x {self.grid[1]} crop grid, 1 + {self.images - 1} images x {per_image} = "
+                f"{self.flat} flat tokens (MustDrop's layout); {per_image} + {rows} rows x "
+                f"({self.grid[0] * IMAGE_SIZE // PATCH_SIZE} + 1 newline) = {self.spatial} in the model's "
+                f"{NEXT_MERGE_TYPE} layout (nothing unpadded)")
+
+
+def next_token_counts(config: LlavaNextConfig, image: Image.Image) -> NextTokenCounts:
+    """The flat and spatial_unpad counts of an image that fills its grid (no unpadding)."""
+    columns, rows = anyres_grid(image.size, swap_pairs(config.image_grid_pinpoints), IMAGE_SIZE)
+    side = IMAGE_SIZE // PATCH_SIZE
+    per_image = side * side
+    images = 1 + columns * rows
+    return NextTokenCounts((columns, rows), images, images * per_image,
+                           per_image + rows * side * (columns * side + 1))
 
 
 def synthetic_input_ids(seed: int) -> torch.Tensor:
@@ -165,33 +257,57 @@ def synthetic_input_ids(seed: int) -> torch.Tensor:
     return ids[None]
 
 
-def random_workload(shape: ModelShape, seed: int, device: str, dtype: torch.dtype) -> Workload:
-    model = random_llava(shape, seed, device, dtype)
-    description = (f"random LLaVA-1.5-shaped model (seed {seed}): {shape.describe()}. Init: fan-in "
-                   f"scaled normals, q/k gain {QK_GAIN} (CLIP and Llama) for peaked attention, residual writes scaled "
-                   f"1/sqrt(2 x layers), CLIP embeddings std {EMBED_STD}. Prompt: BOS + {SYSTEM_TOKENS} "
-                   f"system ids + <image> + {TEXT_TOKENS} text ids; image: first demo image")
-    pixel_values = process_images([first_demo_image()], default_clip_image_processor())  # LLaVA-1.5: pad, 336 px
-    return Workload(model, synthetic_input_ids(seed), pixel_values, description)
+def random_workload(shape_name: str, seed: int, device: str, dtype: torch.dtype, next_model: bool = False) -> Workload:
+    """The seeded random model at `shape_name` with the synthetic prompt: LLaVA-1.5 with the first demo
+    image padded to 336 px, or LLaVA-NeXT with `next_image`, which fills its 2 x 2 grid."""
+    model = random_llava(SHAPES[shape_name], seed, device, dtype, next_model)
+    image = next_image(seed) if next_model else first_demo_image()
+    pixel_values, image_sizes = image_inputs(image, model.config, default_clip_image_processor())
+    arch = "LLaVA-NeXT (v1.6)" if next_model else "LLaVA-1.5"
+    description = (f"random {arch}-shaped model, shape {shape_name!r} (seed {seed}): {SHAPES[shape_name].describe()}. "
+                   f"Init: fan-in scaled normals, q/k gain {QK_GAIN} (CLIP and Llama) for peaked attention, residual "
+                   f"writes scaled 1/sqrt(2 x layers), CLIP embeddings std {EMBED_STD}. Prompt: BOS + {SYSTEM_TOKENS} "
+                   f"system ids + <image> + {TEXT_TOKENS} text ids; image: {image_note(image, model.config)}")
+    return Workload(model, synthetic_input_ids(seed), pixel_values, description, image_sizes)
 
 
-def checkpoint_workload(model_path: str, device: str, dtype: torch.dtype) -> Workload:
-    """A real checkpoint with the vicuna_v1 prompt and the first demo image, encoded as the CLIs do."""
+def image_note(image: Image.Image, config: LlavaConfig | LlavaNextConfig) -> str:
+    """Which image the prompt shows and, on NeXT, its grid and token counts."""
+    if not isinstance(config, LlavaNextConfig):
+        return "first demo image"
+    return (f"{image.width} x {image.height} px, black with a {STRIP_SIZE[0]} x {STRIP_SIZE[1]} px noise strip per "
+            f"quadrant (MustDrop's stage 1 keeps 12 of 64 windows per view); grid pinpoints [h, w] "
+            f"{config.image_grid_pinpoints}, {next_token_counts(config, image).describe()}")
+
+
+def checkpoint_workload(model_path: str, device: str, dtype: torch.dtype, next_model: bool = False,
+                        seed: int = 0) -> Workload:
+    """A real checkpoint with the vicuna_v1 prompt and the first demo image (NeXT: `next_image`),
+    encoded as the CLIs do."""
     tokenizer, model, image_processor, _ = load_pretrained_model(model_path, device=device, torch_dtype=dtype)
-    inputs = encode_question(QUESTION, first_demo_image(), model, tokenizer, image_processor, CONV_MODE)
-    return Workload(model.eval(), inputs.input_ids, inputs.pixel_values, f"checkpoint {model_path}")
+    image = next_image(seed) if next_model else first_demo_image()
+    inputs = encode_question(QUESTION, image, model, tokenizer, image_processor, CONV_MODE)
+    return Workload(model.eval(), inputs.input_ids, inputs.pixel_values, f"checkpoint {model_path}",
+                    inputs.image_sizes)
 
 
-def load_workload(args: argparse.Namespace, dtype: torch.dtype) -> Workload:
-    """The checkpoint of `--model-path`, else the random model (narrow with `--quick`)."""
+def shape_name(args: argparse.Namespace) -> str:
+    """`--shape`, else the quick shape with `--quick`, else the default."""
+    return args.shape or (QUICK_SHAPE if args.quick else DEFAULT_SHAPE)
+
+
+def load_workload(args: argparse.Namespace, dtype: torch.dtype, next_model: bool = False) -> Workload:
+    """The checkpoint of `--model-path`, else the random model at `shape_name(args)`."""
     if args.model_path:
-        return checkpoint_workload(args.model_path, args.device, dtype)
-    return random_workload(QUICK_SHAPE if args.quick else FULL_SHAPE, args.seed, args.device, dtype)
+        return checkpoint_workload(args.model_path, args.device, dtype, next_model, args.seed)
+    return random_workload(shape_name(args), args.seed, args.device, dtype, next_model)
 
 
 def add_workload_args(parser: argparse.ArgumentParser) -> None:
     """The flags both benchmarks take: which model, where, in which precision."""
-    parser.add_argument("--model-path", help="a LLaVA-1.5 checkpoint; default: a random model")
+    parser.add_argument("--model-path", help="a LLaVA checkpoint; default: a random model")
+    parser.add_argument("--shape", choices=SHAPES, help=f"random model widths (default {DEFAULT_SHAPE}, {QUICK_SHAPE} "
+                        "with --quick; 7b-proportioned: LLaVA-1.5-7B's widths / 4; 7b: its real widths)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", help="float32, float16 or bfloat16; default fp16 on CUDA, fp32 on CPU")
     parser.add_argument("--threads", type=int, default=DEFAULT_THREADS,
@@ -211,7 +327,8 @@ def run_once(work: Workload, drop: DropConfig | DropMethod, new_tokens: int) -> 
     """One generation with EOS disabled, so that every setting decodes exactly `new_tokens` tokens."""
     device = work.model.lm_head.weight.device
     output = generate(work.model, work.input_ids.to(device), work.pixel_values.to(device),
-                      SamplingConfig(max_new_tokens=new_tokens, temperature=0), eos_token_ids=set(), drop=as_method(drop))
+                      SamplingConfig(max_new_tokens=new_tokens, temperature=0), eos_token_ids=set(), drop=as_method(drop),
+                      image_sizes=work.image_sizes)
     stats = output.stats
     prefill_total = stats["vision_seconds"] + stats["prefill_seconds"]
     decoded = stats["new_tokens"] - 1  # the first token comes out of prefill
@@ -223,6 +340,7 @@ def run_once(work: Workload, drop: DropConfig | DropMethod, new_tokens: int) -> 
         "scoring_share": stats["scoring_seconds"] / prefill_total,
         "kv_cache_bytes": stats["kv_cache_bytes"],
         "avg_vision_tokens": stats["avg_vision_tokens"],
+        "avg_vision_tokens_per_image": stats.get("avg_vision_tokens_per_image", stats["avg_vision_tokens"]),
         "vision_tokens_after_merge": stats["vision_tokens"],
         "flops_ratio": stats["prefill_flops_ratio"],
     }
@@ -282,6 +400,7 @@ RATIO_OF = {  # ratio column -> the median it divides by the baseline's
     "kv_cache_ratio": "kv_cache_bytes",
     "peak_memory_ratio": "peak_memory_bytes",
     "avg_vision_tokens_ratio": "avg_vision_tokens",
+    "avg_vision_tokens_per_image_ratio": "avg_vision_tokens_per_image",
 }
 
 
