@@ -36,13 +36,24 @@ def test_quick_benchmark_writes_ordered_results(tmp_path):
     for setting in SETTINGS:
         assert f"| {setting} |" in table
     saved = json.loads((tmp_path / "results.json").read_text())["rows"]
-    assert [row["setting"] for row in saved] == list(SETTINGS)
+    assert [row["setting"] for row in saved] == with_limits(SETTINGS)
 
     by_setting = {row["setting"]: row for row in rows}
     for ratio in RATIO_OF:
         assert by_setting[BASELINE][ratio] == 1.0, ratio
     tokens = {name: row["avg_vision_tokens"] for name, row in by_setting.items()}
     assert tokens["64"] <= tokens["192"] <= tokens[BASELINE]
+    for setting in list(SETTINGS)[1:]:  # each limit: the model fed exactly the setting's rounded average
+        limit = by_setting[f"limit@{setting}"]
+        assert limit["avg_vision_tokens"] == limit["vision_tokens_after_merge"] == round(tokens[setting])
+        assert by_setting[setting]["prefill_vs_limit"] == by_setting[setting]["prefill_total_s"] / limit["prefill_total_s"]
+    assert by_setting[BASELINE]["prefill_vs_limit"] is None
+
+
+def with_limits(settings) -> list[str]:
+    """The settings' row order: the settings, then a limit row for each dropping one."""
+    names = list(settings)
+    return names + [f"limit@{name}" for name in names[1:]]
 
 
 def test_next_quick_benchmark_reaches_the_next_settings(tmp_path):
@@ -50,7 +61,8 @@ def test_next_quick_benchmark_reaches_the_next_settings(tmp_path):
 
     saved = json.loads((tmp_path / "results.json").read_text())
     expected = [BASELINE, *map(str, NEXT_TARGETS)]
-    assert [row["setting"] for row in saved["rows"]] == expected == ["none", "640", "320", "160"]
+    assert [row["setting"] for row in saved["rows"]] == with_limits(expected)
+    assert expected == ["none", "640", "320", "160"]
     assert [pair["target"] for pair in saved["next_pairs"]] == list(NEXT_TARGETS)
     by_setting = {row["setting"]: row for row in rows}
     unpruned = by_setting[BASELINE]
@@ -99,8 +111,8 @@ def test_gpu_script_quick_runs_all_three_on_cpu(tmp_path):
             [("prefill_decode", "results.json"), ("next", "results.json"), ("compare", "compare.json")]}
     for saved in runs.values():
         assert saved["args"]["quick"] == "True" and saved["args"]["device"] == "cpu"
-    assert [row["setting"] for row in runs["prefill_decode"]["rows"]] == list(SETTINGS)
+    assert [row["setting"] for row in runs["prefill_decode"]["rows"]] == with_limits(SETTINGS)
     assert runs["prefill_decode"]["args"]["next"] == "False" and runs["next"]["args"]["next"] == "True"
-    assert [row["setting"] for row in runs["next"]["rows"]] == [BASELINE, *map(str, NEXT_TARGETS)]
+    assert [row["setting"] for row in runs["next"]["rows"]] == with_limits([BASELINE, *map(str, NEXT_TARGETS)])
     assert runs["compare"]["args"]["budgets"] == "[64]"
     assert {row["budget"] for row in runs["compare"]["rows"]} == {None, 64}

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from llava.bench.limit import LIMIT_PREFIX, add_limit_ratios, limit_settings
 from llava.bench.next_settings import FoundPair, find_pairs, pairs_record
 from llava.bench.output import ratio_bars, save_results
 from llava.bench.workload import (
@@ -68,14 +69,17 @@ def markdown_table(rows: list[dict]) -> str:
         ("avg vision tokens", "avg_vision_tokens", "avg_vision_tokens_ratio", "{:.1f}"),
         ("per image", "avg_vision_tokens_per_image", "avg_vision_tokens_per_image_ratio", "{:.1f}"),
     ]
-    header = ["setting", *(c[0] for c in columns), "tokens after merge", "FLOPs ratio", "scoring share"]
+    header = ["setting", *(c[0] for c in columns), "tokens after merge", "FLOPs ratio", "scoring share",
+              "prefill vs limit (LLM only)"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for row in rows:
         cells = [row["setting"]]
         for _, key, ratio, fmt in columns:
             value = row[key] / MIB if key.endswith("bytes") else row[key]
             cells.append(f"{fmt.format(value)} ({row[ratio]:.2f}x)")
-        cells += [f"{row['vision_tokens_after_merge']:.0f}", f"{row['flops_ratio']:.3f}", f"{100 * row['scoring_share']:.2f} %"]
+        cells += [f"{row['vision_tokens_after_merge']:.0f}", f"{row['flops_ratio']:.3f}", f"{100 * row['scoring_share']:.2f} %",
+                  "-" if row["prefill_vs_limit"] is None
+                  else f"{row['prefill_vs_limit']:.2f}x ({row['llm_prefill_vs_limit']:.2f}x)"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -106,19 +110,26 @@ def main(argv: list[str] | None = None) -> list[dict]:
     started = time.perf_counter()
     work = load_workload(args, dtype, next_model=args.next)
     settings, pairs = next_settings(work) if args.next else (SETTINGS, [])
-    for drop in settings.values():  # warm-up
+    reached = {label: run_once(work, drop, args.new_tokens)["avg_vision_tokens"]  # warm-up
+               for label, drop in settings.items()}
+    limits = limit_settings({label: tokens for label, tokens in reached.items() if label != BASELINE})
+    for drop in limits.values():
         run_once(work, drop, args.new_tokens)
-    rows = summarize(measure(work, settings, args.repeats, args.new_tokens))
+    rows = summarize(measure(work, {**settings, **limits}, args.repeats, args.new_tokens))
+    add_limit_ratios(rows)
     header = (f"Model: {work.description}.\n\n{settings_note(pairs)}Device {args.device} "
               f"({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), dtype {dtype}, "
               f"{args.new_tokens} new tokens (EOS off), median of {args.repeats} interleaved repeat(s) after a warm-up. "
               f"Ratios to \"none\" in parentheses. Peak extra memory: {memory_note(args.device)}, one extra run per "
-              f"setting. Scoring share: stage-1 merge + key set + stage-2 scoring, over vision + LLM prefill time.")
+              f"setting. Scoring share: stage-1 merge + key set + stage-2 scoring, over vision + LLM prefill time. "
+              f"{LIMIT_PREFIX}X: the same model fed only X's layer-averaged count of vision tokens (the unpruned vision "
+              f"stage's first ones, nothing scored or merged), the floor X can reach; 'vs limit' = X's time / that floor.")
     table = markdown_table(rows)
     source = args.model_path or f"random {'LLaVA-NeXT' if args.next else 'LLaVA-1.5'} model, shape {shape_name(args)}"
     title = f"MustDrop vs no dropping: {source} ({args.device}, {dtype}, {args.new_tokens} new tokens)"
     save_results(args, OUTPUT_STEM, header, table, {"rows": rows, "next_pairs": pairs_record(pairs)},
-                 lambda path: ratio_bars(rows, title, path), started)
+                 lambda path: ratio_bars([r for r in rows if not r["setting"].startswith(LIMIT_PREFIX)], title, path),
+                 started)
     return rows
 
 
