@@ -5,8 +5,8 @@
 #
 #   bash benchmarks/gpu.sh [--quick] [--out DIR]
 #
-# --quick runs the same three on the CPU at the quick shape (CI). Results go to DIR (default
-# benchmarks/results/gpu/): prefill_decode/, next/ and compare/, each with its .md, .json and .png.
+# --quick runs the same four on the CPU at the quick shape (CI). Results go to DIR (default
+# benchmarks/results/gpu/): prefill_decode/, next/, compare/ and throughput/, each with its .md, .json and .png.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -25,6 +25,7 @@ done
 
 if [ "$QUICK" = 1 ]; then
     COMMON=(--quick --device cpu --threads 1)
+    THROUGHPUT=(--methods fastv --batch-sizes 1,2 --answer-tokens 3)
 else
     if ! "$PYTHON" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
         echo "gpu.sh: no CUDA device visible to $PYTHON; run with --quick for the CPU version" >&2
@@ -32,7 +33,8 @@ else
     fi
     nvidia-smi -L || true
     # 3 repeats and 32 new tokens keep the three runs (three 7B builds included) under 8 minutes on an H100.
-    COMMON=(--shape 7b --device cuda --dtype bfloat16 --repeats 3 --new-tokens 32)
+    COMMON=(--shape 7b --device cuda --dtype bfloat16 --repeats 3)
+    THROUGHPUT=(--methods mustdrop,fastv,visionzip --repeats 1)  # batches 1, 4, 8, 16; 3- and 128-token answers
 fi
 "$PYTHON" -c 'import torch, transformers; print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), transformers {transformers.__version__}")'
 
@@ -48,4 +50,5 @@ run() {  # run <name> <module> [flags...]: one benchmark, timed, into $OUT/<name
 run prefill_decode llava.bench.prefill_decode
 run next llava.bench.prefill_decode --next
 run compare llava.bench.compare --budgets 64
-echo "gpu.sh: all three written under $OUT in $SECONDS s"
+run throughput llava.bench.throughput "${THROUGHPUT[@]}"
+echo "gpu.sh: all four written under $OUT in $SECONDS s"

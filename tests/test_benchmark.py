@@ -101,14 +101,15 @@ def test_7b_proportioned_shape_divides_every_width_of_7b_by_four():
     assert tuple(model.model.vision_tower.encoder.layers[0].mlp.fc1.weight.shape) == (1024, 256)
 
 
-def test_gpu_script_quick_runs_all_three_on_cpu(tmp_path):
+def test_gpu_script_quick_runs_all_four_on_cpu(tmp_path):
     done = subprocess.run(["bash", str(REPO_ROOT / "benchmarks" / "gpu.sh"), "--quick", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "transformers" in done.stdout
 
     runs = {name: json.loads((tmp_path / name / stem).read_text()) for name, stem in
-            [("prefill_decode", "results.json"), ("next", "results.json"), ("compare", "compare.json")]}
+            [("prefill_decode", "results.json"), ("next", "results.json"), ("compare", "compare.json"),
+             ("throughput", "throughput.json")]}
     for saved in runs.values():
         assert saved["args"]["quick"] == "True" and saved["args"]["device"] == "cpu"
     assert [row["setting"] for row in runs["prefill_decode"]["rows"]] == with_limits(SETTINGS)
@@ -116,3 +117,5 @@ def test_gpu_script_quick_runs_all_three_on_cpu(tmp_path):
     assert [row["setting"] for row in runs["next"]["rows"]] == with_limits([BASELINE, *map(str, NEXT_TARGETS)])
     assert runs["compare"]["args"]["budgets"] == "[64]"
     assert {row["budget"] for row in runs["compare"]["rows"]} == {None, 64}
+    assert {(row["setting"], row["batch_size"]) for row in runs["throughput"]["rows"]} == {
+        ("none", 1), ("none", 2), ("fastv@64", 1), ("fastv@64", 2)}

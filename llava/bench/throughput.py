@@ -43,8 +43,7 @@ def batch_requests(work: Workload, size: int) -> list[GenerationRequest]:
     for n in range(size):
         cut = (n * TEXT_TOKENS_DROPPED_PER_PROMPT) % max(work.input_ids.shape[1] // 4, 1)
         ids = work.input_ids[:, : work.input_ids.shape[1] - cut] if cut else work.input_ids
-        image_sizes = getattr(work, "image_sizes", None)  # LLaVA-NeXT workloads carry the image size
-        image_sizes = None if image_sizes is None else image_sizes.to(device)
+        image_sizes = None if work.image_sizes is None else work.image_sizes.to(device)
         requests.append(GenerationRequest(ids.to(device), work.pixel_values.to(device), image_sizes))
     return requests
 
@@ -148,7 +147,7 @@ def draw(rows: list[dict], title: str, path: Path) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="narrow random model, batches 1-2, 3- and 6-token answers (CI)")
+    parser.add_argument("--quick", action="store_true", help="quick-shape random model, batches 1-2, 3- and 6-token answers (CI)")
     add_workload_args(parser)
     parser.add_argument("--methods", type=parse_list, help="comma-separated; default: every registered method")
     parser.add_argument("--budget", type=int, default=DEFAULT_BUDGET, help="layer-averaged vision tokens (default 64)")

@@ -120,7 +120,7 @@ SHAPES = {
     # LLaVA-1.5-7B's real widths: CLIP ViT-L/14-336 and Vicuna-7B (multi-head attention, no GQA).
     "7b": ModelShape(1024, 4096, 16, 4096, 11008, 32, 32),
 }
-DEFAULT_SHAPE = "narrow"
+DEFAULT_SHAPE = "7b-proportioned"  # the vision:decoder cost split of LLaVA-1.5-7B, on a CPU
 QUICK_SHAPE = "quick"  # what --quick picks when --shape is not given
 
 
