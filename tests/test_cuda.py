@@ -101,30 +101,37 @@ def test_every_method_runs_on_the_device_at_a_budget(arch, checkpoint, dtype):
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="counts CUDA synchronisations")
 def test_decoding_syncs_with_the_host_once_per_token(checkpoint):
-    """The stop checks read each new token back; nothing else in a decode step waits for the GPU
-    (at most one more sync: uploading the first token)."""
-    import warnings
-
-    from llava.drop.cache import LayerKVCache
-    from llava.drop.generate import build_prompt, decode_n_tokens, encode_vision, method_or_none, prefill, sample
-    from llava.model.geometry import decoder_layer_count
-
+    """The stop checks read each new token back; nothing else in a decode step waits for the GPU. Setting a
+    decode up (uploading the first token and the layers' positions) syncs a fixed number of times, so
+    decoding 4 tokens more must cost exactly 4 syncs more."""
     tokenizer, model, image_processor, _ = loaded(checkpoint, "bf16")
     inputs = question_inputs(tokenizer, model, image_processor)
     method = create_method("fastv", {"budget": str(BUDGETS["next" if inputs.image_sizes is not None else "llava"])})
+    short, long = syncs_while_decoding(model, inputs, method, 5), syncs_while_decoding(model, inputs, method, 9)
+    assert long - short == 4, (short, long)
+    assert short <= 4 + 2  # 4 steps, plus at most the two uploads
+
+
+def syncs_while_decoding(model, inputs, method, new_tokens: int) -> int:
+    """CUDA synchronisations during `decode_n_tokens` of `new_tokens` tokens (EOS off) after a prefill."""
+    import warnings
+
+    from llava.drop.cache import LayerKVCache
+    from llava.drop.generate import build_prompt, decode_n_tokens, encode_vision, prefill, sample
+    from llava.model.geometry import decoder_layer_count
+
     prompt = build_prompt(model, inputs.input_ids, encode_vision(model, method, inputs.pixel_values, inputs.image_sizes))
     cache = LayerKVCache(decoder_layer_count(model))
-    prefilled = prefill(model, prompt, cache, method_or_none(method))
-    sampling = SamplingConfig(max_new_tokens=9)
-    first = sample(prefilled.logits, sampling, None)
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            tokens = decode_n_tokens(model, first, cache, cache.lengths(), sampling, set())
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    syncs = [w for w in caught if "synchroniz" in str(w.message)]
-    assert len(tokens) == 9
-    assert 8 <= len(syncs) <= 9, [str(w.message) for w in syncs][:3]
+    sampling = SamplingConfig(max_new_tokens=new_tokens)
+    with torch.inference_mode():
+        first = sample(prefill(model, prompt, cache, method).logits, sampling, None)
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                tokens = decode_n_tokens(model, first, cache, cache.lengths(), sampling, set())
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    assert len(tokens) == new_tokens
+    return sum("synchroniz" in str(warning.message) for warning in caught)

@@ -48,7 +48,7 @@ def batch_requests(work: Workload, size: int) -> list[GenerationRequest]:
     return requests
 
 
-def run_batch(work: Workload, setting: Setting, size: int, answer_tokens: int) -> dict:
+def run_batch(work: Workload, setting: Setting, size: int, answer_tokens: int, compile_backend: str | None = None) -> dict:
     """One batch with EOS off (every answer decodes `answer_tokens`), timed end to end."""
     device = work.model.lm_head.weight.device
     requests = batch_requests(work, size)
@@ -57,7 +57,8 @@ def run_batch(work: Workload, setting: Setting, size: int, answer_tokens: int) -
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
     started = time.perf_counter()
-    outputs = generate_batch(work.model, requests, SamplingConfig(max_new_tokens=answer_tokens), set(), setting.drop)
+    outputs = generate_batch(work.model, requests, SamplingConfig(max_new_tokens=answer_tokens), set(), setting.drop,
+                             compile_backend)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - started
@@ -74,17 +75,18 @@ def run_batch(work: Workload, setting: Setting, size: int, answer_tokens: int) -
 
 
 def measure(work: Workload, settings: list[Setting], batch_sizes: list[int], lengths: list[int],
-            repeats: int) -> list[dict]:
-    """Median over repeats of every (answer length, batch size, setting), settings interleaved."""
+            repeats: int, compile_backend: str | None = None) -> list[dict]:
+    """Median over repeats of every (answer length, batch size, setting), settings interleaved (the warm-up
+    also compiles each shape when `compile_backend` is set)."""
     rows = []
     for length in lengths:
         for size in batch_sizes:
             for setting in settings:  # warm-up: every shape once, untimed
-                run_batch(work, setting, size, length)
+                run_batch(work, setting, size, length, compile_backend)
             runs: dict[str, list[dict]] = {setting.label: [] for setting in settings}
             for _ in range(repeats):
                 for setting in settings:
-                    runs[setting.label].append(run_batch(work, setting, size, length))
+                    runs[setting.label].append(run_batch(work, setting, size, length, compile_backend))
             for setting in settings:
                 measured = runs[setting.label]
                 row = {key: statistics.median(run[key] for run in measured) if measured[0][key] is not None else None
@@ -154,6 +156,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-sizes", type=lambda text: [int(b) for b in parse_list(text)])
     parser.add_argument("--answer-tokens", type=lambda text: [int(b) for b in parse_list(text)])
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (inductor)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     args.batch_sizes = args.batch_sizes or list(QUICK_BATCH_SIZES if args.quick else DEFAULT_BATCH_SIZES)
@@ -178,10 +181,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     started = time.perf_counter()
     settings, skipped = build_settings(args.methods, [args.budget])
     work = load_workload(args, dtype)
-    rows = measure(work, settings, args.batch_sizes, args.answer_tokens, args.repeats)
+    rows = measure(work, settings, args.batch_sizes, args.answer_tokens, args.repeats,
+                   "inductor" if args.compile else None)
     notes = "".join(f"\n\nSkipped {label}: {why}" for label, why in skipped.items())
     header = (f"Model: {work.description}.\n\nDevice {args.device} ({platform.processor() or platform.machine()}, "
-              f"{torch.get_num_threads()} threads), dtype {dtype}; each method built with budget={args.budget}; EOS off; "
+              f"{torch.get_num_threads()} threads), dtype {dtype}{', decode step compiled' if args.compile else ''}; each method built with budget={args.budget}; EOS off; "
               f"median of {args.repeats} repeat(s) after a warm-up per shape. questions/s: the whole batch (vision, "
               f"prefill one prompt at a time, decoding together) end to end; decode tok/s: tokens after the first "
               f"over the shared decode time. Peak: CUDA max allocated above the weights (not measured on CPU).{notes}")
