@@ -58,6 +58,11 @@ class BatchKVCache:
             self.values.append(self._side_by_side([cache.values[layer_idx] for cache in caches], max(lengths) + room))
             self.lengths.append(torch.tensor(lengths, device=self.keys[-1].device))
         self.rows = torch.arange(len(caches), device=self.keys[0].device)
+        # Layers holding the same lengths for every prompt (most of them) share one mask per step.
+        per_layer = [tuple(cache.length(layer_idx) for cache in caches) for layer_idx in range(len(self.keys))]
+        distinct = list(dict.fromkeys(per_layer))
+        self.mask_group = [distinct.index(lengths) for lengths in per_layer]
+        self.group_layer = [per_layer.index(lengths) for lengths in distinct]  # a layer that stands for each group
 
     @staticmethod
     def _side_by_side(tensors: list[torch.Tensor], slots: int) -> torch.Tensor:
@@ -67,13 +72,16 @@ class BatchKVCache:
             buffer[row, :, : tensor.shape[SEQ_DIM]] = tensor[0]
         return buffer
 
-    def attention_mask(self, layer_idx: int, dtype: torch.dtype) -> torch.Tensor:
-        """Additive mask [N, 1, 1, slots] for this step: each prompt's cached tokens and the slot its new token
-        is about to fill."""
-        slots = torch.arange(self.keys[layer_idx].shape[SEQ_DIM], device=self.rows.device)
-        allowed = slots[None] <= self.lengths[layer_idx][:, None]
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=self.rows.device)
-        return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None, None]
+    def step_masks(self, dtype: torch.dtype) -> list[torch.Tensor]:
+        """This step's additive mask [N, 1, 1, slots] per layer: each prompt's cached tokens and the slot its
+        new token is about to fill. Made before any layer writes, once per group of layers alike."""
+        masks = []
+        for layer_idx in self.group_layer:
+            slots = torch.arange(self.keys[layer_idx].shape[SEQ_DIM], device=self.rows.device)
+            allowed = slots[None] <= self.lengths[layer_idx][:, None]
+            mask = torch.zeros(allowed.shape, dtype=dtype, device=self.rows.device)
+            masks.append(mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None, None])
+        return [masks[group] for group in self.mask_group]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, **_) -> tuple[torch.Tensor, torch.Tensor]:
         """Write each prompt's one new token at its own length in this layer; return the whole buffers."""
@@ -108,11 +116,12 @@ def decode_step(model, tokens: torch.Tensor, cache: BatchKVCache, current: torch
     count = tokens.shape[0]
     cos, sin = (part.view(*current.shape, -1) for part in rotary(model, hidden, current.flatten()))
     layers = model.model.language_model.layers
+    masks = cache.step_masks(hidden.dtype)
     for layer_idx in range(decoder_layer_count(model)):
         row = row_of_layer[layer_idx]
         hidden = layers[layer_idx](
             hidden,
-            attention_mask=cache.attention_mask(layer_idx, hidden.dtype),
+            attention_mask=masks[layer_idx],
             position_ids=current[row].view(count, 1),
             cache=cache,
             use_cache=True,
