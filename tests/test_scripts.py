@@ -22,7 +22,11 @@ def test_textvqa_script_settings(tiny_original, tmp_path):
         })
         assert done.returncode == 0, done.stderr
         assert "Samples: 12" in done.stdout and "Accuracy:" in done.stdout
-        averages[setting] = average_tokens(tmp_path / "textvqa" / "answers" / f"{tiny_original.name}-{setting}" / "merge.jsonl")
+        assert f"conversation mode: vicuna_v1 (from {tiny_original / 'config.json'})" in done.stdout  # auto
+        merged = tmp_path / "textvqa" / "answers" / f"{tiny_original.name}-{setting}" / "merge.jsonl"
+        assert all(json.loads(line)["metadata"]["run"]["conv_mode"] == "vicuna_v1"
+                   for line in merged.read_text().splitlines())
+        averages[setting] = average_tokens(merged)
     assert averages["full"] == 576
     assert averages["64"] < averages["full"]
 

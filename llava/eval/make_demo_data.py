@@ -4,6 +4,8 @@
 
 The output is deterministic (fixed seed), so the committed files can be regenerated and compared.
 Images come in varied sizes and aspect ratios so that pad-to-square preprocessing is exercised.
+A second question file holds the one question the demo asks LLaVA-NeXT: that of the widest image,
+which anyres tiles into a base image and two crops (no extra image, so the set stays twelve).
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ LARGEST_FONT_SIZE = 120
 SMALLEST_FONT_SIZE = 10
 DARK_TEXT_LUMINANCE = 140  # backgrounds brighter than this get black text, others white
 ODD_ANSWER_COUNT = 1
+NEXT_QUESTION_FILE = "llava_next_demo.jsonl"
+NEXT_ITEM_TEXT = "ONE WAY"  # 500x160: a 672x336 grid, so a base image and two crops
 
 
 @dataclass(frozen=True)
@@ -116,8 +120,14 @@ def question_prompt(item: DemoItem) -> str:
     return f"{item.question}\nReference OCR token: {', '.join(item.ocr_tokens)}\n{ANSWER_SUFFIX}"
 
 
+def write_questions(path: Path, questions: list[dict]) -> None:
+    """A LLaVA question file: one JSON object a line."""
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.writelines(json.dumps(question) + "\n" for question in questions)
+
+
 def make_demo_data(out_dir: Path, seed: int = SEED) -> None:
-    """Write images/, the question file and the annotation file under `out_dir`."""
+    """Write images/, the question files and the annotation file under `out_dir`."""
     rng = random.Random(seed)
     (out_dir / IMAGE_DIR).mkdir(parents=True, exist_ok=True)
     questions, annotations = [], []
@@ -142,8 +152,9 @@ def make_demo_data(out_dir: Path, seed: int = SEED) -> None:
                 "set_name": "val",
             }
         )
-    with open(out_dir / QUESTION_FILE, "w", encoding="utf-8") as handle:
-        handle.writelines(json.dumps(question) + "\n" for question in questions)
+    write_questions(out_dir / QUESTION_FILE, questions)
+    write_questions(out_dir / NEXT_QUESTION_FILE,
+                    [question for item, question in zip(ITEMS, questions) if item.text == NEXT_ITEM_TEXT])
     dataset = {"dataset_type": "val", "dataset_name": "textvqa", "dataset_version": "0.5.1", "data": annotations}
     (out_dir / ANNOTATION_FILE).write_text(json.dumps(dataset, indent=1) + "\n", encoding="utf-8")
 

@@ -11,7 +11,8 @@ else this repository's playground/data/eval) and writes where LLaVA's scripts do
 merged into `merge.jsonl`), `scores.json` and `summary.json`. The folder's setting is --setting, else
 --preset or --budget, else `full` for a run without dropping. Every model, sampling and dropping flag
 of `model_vqa_loader` is accepted (temperature 0 and conv mode vicuna_v1 by default, as LLaVA's
-scripts run). `--set KEY=VALUE` replaces one of a task's inputs or values (e.g. `questions=PATH`;
+scripts run; `--conv-mode auto` takes the checkpoint's own mode from its config files, as
+`scripts/v1_5/eval/` do). `--set KEY=VALUE` replaces one of a task's inputs or values (e.g. `questions=PATH`;
 `TASK.KEY=VALUE` when several tasks run). `scripts/v1_5/eval/<benchmark>.sh` are thin wrappers
 over this runner.
 
@@ -32,7 +33,7 @@ from pathlib import Path
 
 from llava.eval.answering.answers_file import finished_lines, locked_answers_file, remove_if_empty
 from llava.eval.cli_errors import RunError, main_guard
-from llava.eval.answering.loop import add_model_args, answer_shard, validate_args
+from llava.eval.answering.loop import add_model_args, answer_shard, resolve_conv_mode, validate_args
 from llava.eval.scoring.run_summary import build_summary, read_scores
 from llava.eval.answering.sharding import ONE_PROCESS, launcher_shard, llava_chunk_path, merged_answers, replace_if_changed, run_on_gpus
 from llava.eval.tasks import RunPaths, Task, get_task
@@ -235,15 +236,16 @@ def run(args: argparse.Namespace, argv: list[str]) -> None:
     eval_dir = Path(args.eval_dir or os.environ.get("EVAL_DIR") or REPO_EVAL_DIR)
     runs = []
     for task in tasks:  # every task's data, before any model loads
-        task_args = drop_args_for(task, args)
-        paths = run_paths(task, eval_dir, task_args)
-        runs.append((task, task_args, paths, task.resolve(eval_dir, paths, overrides_for(task, args, len(tasks)))))
-    for task, task_args, paths, values in runs:
+        paths = run_paths(task, eval_dir, drop_args_for(task, args))
+        runs.append((task, paths, task.resolve(eval_dir, paths, overrides_for(task, args, len(tasks)))))
+    if len(gpus) <= 1:
+        resolve_conv_mode(args)  # once for every task; each process of a --gpus run resolves its own
+    for task, paths, values in runs:
         print(f"== {task.name}: {paths.answer_dir}")
         if len(gpus) > 1:
             answer_on_gpus(task, gpus, argv, paths)
         else:
-            answer(task, values, task_args, paths)
+            answer(task, values, drop_args_for(task, args), paths)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -49,6 +49,7 @@ from llava.eval.scoring.summary import summarize_answers, summary_line
 from llava.mm_utils import load_image
 from llava.model.builder import default_device, load_pretrained_model, resolve_dtype
 from llava.model.checkpoint_files import CheckpointError
+from llava.model.conv_mode import AUTO_CONV_MODE, detect_conv_mode
 from llava.model.geometry import read_geometry
 
 
@@ -105,7 +106,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     """LLaVA's model, sampling and sharding flags, and the dropping switches."""
     add_loading_args(parser)
     parser.add_argument("--answers-file", type=str, default="answer.jsonl")
-    parser.add_argument("--conv-mode", type=str, default="llava_v1")
+    parser.add_argument("--conv-mode", type=str, default="llava_v1",
+                        help="conversation template (llava/conversation.py), or auto: the checkpoint's own "
+                             "(vicuna_v1, mistral_instruct or chatml_direct, from its config files)")
     parser.add_argument("--num-chunks", type=int, default=1)
     parser.add_argument("--chunk-idx", type=int, default=0)
     parser.add_argument("--temperature", type=float, default=0.2)
@@ -161,7 +164,8 @@ def method_from_args(args: argparse.Namespace) -> DropMethod:
 def validate_args(args: argparse.Namespace) -> tuple[SamplingConfig, DropMethod]:
     """Check every option before the (slow) model load, so mistakes fail in a second."""
     try:
-        get_conv_template(args.conv_mode)
+        if args.conv_mode != AUTO_CONV_MODE:  # auto is resolved from the checkpoint (resolve_conv_mode)
+            get_conv_template(args.conv_mode)
         sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.seed)
         drop = method_from_args(args)
         get_chunk([], args.num_chunks, args.chunk_idx)
@@ -172,6 +176,22 @@ def validate_args(args: argparse.Namespace) -> tuple[SamplingConfig, DropMethod]
     if args.batch_size < 1:
         raise RunError(f"--batch-size must be at least 1, got {args.batch_size}")
     return sampling, drop
+
+
+def resolve_conv_mode(args: argparse.Namespace) -> None:
+    """Replace --conv-mode auto by the checkpoint's own mode, from its config files before any weight
+    loads, so that the prompts and the run identity (the resume check) both hold the real mode: resuming
+    with auto or with the mode it picks is the same run. Said once per run (by its first shard)."""
+    if args.conv_mode != AUTO_CONV_MODE:
+        return
+    try:
+        choice = detect_conv_mode(args.model_path, args.model_base)
+    except CheckpointError as error:
+        raise RunError(str(error)) from None
+    shard = launcher_shard()
+    if shard is None or shard.index == 0:
+        print(f"conversation mode: {choice.mode} (from {choice.source})")
+    args.conv_mode = choice.mode
 
 
 def read_question_lines(path: str, what: str = "question file") -> list[tuple[int, dict]]:
@@ -281,6 +301,7 @@ def answer_shard(args: argparse.Namespace, questions: list[Question], shard: Sha
                  identity_args: tuple[str, ...] = ()) -> None:
     """Answer `shard`'s chunk of `questions` into `path`, resuming; a launched shard uses its own GPU."""
     sampling, drop = validate_args(args)
+    resolve_conv_mode(args)
     if launcher_shard() is not None and args.device is None and torch.cuda.is_available():
         args.device = f"cuda:{shard.local_rank % torch.cuda.device_count()}"
     first_position = len(get_chunk(questions, shard.count, 0)) * shard.index

@@ -9,8 +9,13 @@
 # instead of the published ones), MODEL_PATH (default liuhaotian/llava-v1.5-7b), PYTHON (default: the
 # repository's .venv, else python3), EVAL_DIR (default: the repository's playground/data/eval),
 # CUDA_VISIBLE_DEVICES (one answering process per listed GPU), EXTRA_ARGS (added to the runner's
-# flags), CONV_MODE (default vicuna_v1), METHOD (another method of llava/drop/methods, e.g. fastv:
-# the setting then becomes its --budget instead of MustDrop's thresholds).
+# flags), CONV_MODE (default auto: the checkpoint's own conversation mode from its config files,
+# vicuna_v1 for LLaVA-1.5 and llava-v1.6-vicuna, mistral_instruct for llava-v1.6-mistral, chatml_direct
+# for llava-v1.6-34b), METHOD (another method of llava/drop/methods, e.g. fastv: the setting then
+# becomes its --budget instead of MustDrop's thresholds).
+# LLaVA-NeXT (v1.6) checkpoints run through the same scripts: MODEL_PATH=<v1.6 checkpoint> with the
+# settings 640, 320 or 160 (total vision tokens of the base image and its crops; full runs without
+# dropping) and THR_640/THR_320/THR_160 from `python -m llava.eval.calibrate` (no published pairs).
 # Bad input stops a script with one `error: ...` line before anything is loaded or written.
 set -euo pipefail
 
@@ -127,5 +132,5 @@ run_task() {
     [ -z "${CUDA_VISIBLE_DEVICES:-}" ] || flags+=(--gpus "$CUDA_VISIBLE_DEVICES")
     # shellcheck disable=SC2086  # EXTRA_ARGS is a list of flags
     exec "$PYTHON" -m llava.eval.run --tasks "$task" --model-path "$MODEL_PATH" --eval-dir "$EVAL_DIR" \
-        --conv-mode "${CONV_MODE:-vicuna_v1}" "${DROP_FLAGS[@]}" ${flags[@]+"${flags[@]}"} ${EXTRA_ARGS:-}
+        --conv-mode "${CONV_MODE:-auto}" "${DROP_FLAGS[@]}" ${flags[@]+"${flags[@]}"} ${EXTRA_ARGS:-}
 }
