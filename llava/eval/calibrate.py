@@ -46,8 +46,10 @@ from llava.eval.answering.loop import (
     drop_config_from_args,
     load_model,
     main_guard,
+    resolve_conv_mode,
 )
 from llava.eval.thresholds import TOKEN_SETTINGS
+from llava.model.conv_mode import AUTO_CONV_MODE
 from llava.model.geometry import decoder_layer_count, geometry_of_model
 from llava.model.inputs import ModelInputs, encode_question
 
@@ -59,7 +61,7 @@ DEFAULT_NUM_QUESTIONS = 32
 DEFAULT_RATIO = 1.0
 DEFAULT_TOLERANCE = 1.0
 DEFAULT_STEPS = 16  # log range 13.8 / 2**16 is finer than the 3-significant-digit rounding
-DEFAULT_CONV_MODE = "vicuna_v1"  # what scripts/v1_5/eval/common.sh evaluates with
+DEFAULT_CONV_MODE = "vicuna_v1"  # LLaVA-1.5's evaluation mode; the CLI defaults to the checkpoint's own (auto)
 
 
 @dataclass(frozen=True)
@@ -269,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-questions", type=int, default=DEFAULT_NUM_QUESTIONS)
     parser.add_argument("--seed", type=int, default=None, help="sample questions at random (default: the first N)")
     parser.add_argument("--targets", type=str, default=",".join(map(str, DEFAULT_TARGETS)))
-    parser.add_argument("--conv-mode", type=str, default=DEFAULT_CONV_MODE)
+    parser.add_argument("--conv-mode", type=str, default=AUTO_CONV_MODE,
+                        help="conversation template; auto (default) picks the checkpoint's own from its config files")
     parser.add_argument("--ratio", type=float, default=DEFAULT_RATIO, help="individual_thr = ratio * global_thr")
     parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE, help="in tokens")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="bisection steps per target")
@@ -298,8 +301,12 @@ def run(args: argparse.Namespace) -> list[CalibrationResult]:
         check_settings(targets, args.ratio, args.tolerance, args.steps)
         if args.num_questions < 1:
             raise ValueError(f"--num-questions must be >= 1, got {args.num_questions}")
-        get_conv_template(args.conv_mode)
         drop = stage_config(args)
+    except ValueError as error:
+        raise RunError(str(error)) from None
+    resolve_conv_mode(args)
+    try:
+        get_conv_template(args.conv_mode)
     except ValueError as error:
         raise RunError(str(error)) from None
     questions = sample_questions(questions_from_file(args), args.num_questions, args.seed)
