@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,17 +26,18 @@ from llava.bench.workload import (
     RESULTS_DIR,
     Workload,
     add_workload_args,
+    check_decode_length,
     load_workload,
     measure,
     memory_note,
     run_once,
     shape_name,
+    start_run,
     summarize,
 )
 from llava.drop.methods import DropMethod, create_method
 from llava.drop.methods.registry import METHODS, discover_methods
 from llava.eval.thresholds import TOKEN_SETTINGS
-from llava.model.builder import resolve_dtype
 
 DEFAULT_BUDGETS = TOKEN_SETTINGS  # the paper's LLaVA-1.5 settings (layer-averaged vision tokens)
 DEFAULT_OUT = RESULTS_DIR / "compare"
@@ -162,16 +162,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.repeats = args.repeats or (QUICK_REPEATS if args.quick else FULL_REPEATS)
     args.new_tokens = args.new_tokens or (QUICK_NEW_TOKENS if args.quick else FULL_NEW_TOKENS)
-    if args.new_tokens < 2:
-        parser.error("--new-tokens must be >= 2: the first token comes from prefill, decode needs one more")
+    check_decode_length(parser, [args.new_tokens], "--new-tokens")
     if not args.budgets or min(args.budgets) < 1:
         parser.error(f"--budgets must be positive token counts, got {args.budgets}")
+    args.methods = checked_methods(parser, args.methods)
+    return args
+
+
+def checked_methods(parser: argparse.ArgumentParser, methods: list[str] | None) -> list[str]:
+    """The methods asked for (default: every registered one); an unknown name is a usage error."""
     known = registered_methods()
-    args.methods = args.methods or known
-    unknown = sorted(set(args.methods) - set(known))
+    unknown = sorted(set(methods or known) - set(known))
     if unknown:
         parser.error(f"unknown method(s) {', '.join(unknown)}; registered: {', '.join(known)}")
-    return args
+    return methods or known
 
 
 def describe_run(args: argparse.Namespace, work: Workload, dtype: torch.dtype, skipped: dict[str, str]) -> str:
@@ -187,9 +191,7 @@ def describe_run(args: argparse.Namespace, work: Workload, dtype: torch.dtype, s
 def main(argv: list[str] | None = None) -> list[dict]:
     """Run the comparison, print the table and write compare.json, compare.md and compare.png."""
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    dtype = resolve_dtype(args.dtype, args.device)
-    started = time.perf_counter()
+    dtype, started = start_run(args)
     settings, skipped = build_settings(args.methods, args.budgets)
     work = load_workload(args, dtype)
     settings = warm_up(work, settings, args.new_tokens, skipped)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import time
 from pathlib import Path
 
 import torch
@@ -28,16 +27,17 @@ from llava.bench.workload import (
     RESULTS_DIR,
     Workload,
     add_workload_args,
+    check_decode_length,
     load_workload,
     measure,
     memory_note,
     run_once,
     shape_name,
+    start_run,
     summarize,
 )
 from llava.drop.methods import DropConfig
 from llava.eval.thresholds import PUBLISHED, REFERENCE_BENCHMARK
-from llava.model.builder import resolve_dtype
 
 # The published LLaVA-1.5-7B TextVQA settings (target tokens -> thresholds), after the unpruned baseline.
 SETTINGS: dict[str, DropConfig] = {
@@ -97,17 +97,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.out = args.out or (NEXT_RESULTS_DIR if args.next else RESULTS_DIR)
     args.repeats = args.repeats or (1 if args.quick else 3)
     args.new_tokens = args.new_tokens or (4 if args.quick else 32)
-    if args.new_tokens < 2:
-        parser.error("--new-tokens must be >= 2: the first token comes from prefill, decode needs one more")
+    check_decode_length(parser, [args.new_tokens], "--new-tokens")
     return args
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     """Run the benchmark, print the table and write results.json, results.md and results.png."""
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    dtype = resolve_dtype(args.dtype, args.device)
-    started = time.perf_counter()
+    dtype, started = start_run(args)
     work = load_workload(args, dtype, next_model=args.next)
     settings, pairs = next_settings(work) if args.next else (SETTINGS, [])
     reached = {label: run_once(work, drop, args.new_tokens)["avg_vision_tokens"]  # warm-up

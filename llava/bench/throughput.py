@@ -20,12 +20,11 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import torch
 
-from llava.bench.compare import Setting, build_settings, parse_list, registered_methods
+from llava.bench.compare import Setting, build_settings, checked_methods, parse_list
 from llava.bench.output import save_results
-from llava.bench.workload import RESULTS_DIR, Workload, add_workload_args, load_workload
+from llava.bench.workload import RESULTS_DIR, Workload, add_workload_args, check_decode_length, load_workload, start_run
 from llava.drop.batch import GenerationRequest, generate_batch
 from llava.drop.generate import SamplingConfig
-from llava.model.builder import resolve_dtype
 
 DEFAULT_BATCH_SIZES = (1, 4, 8, 16)
 DEFAULT_ANSWER_LENGTHS = (3, 128)  # a short VQA answer, a long description
@@ -163,22 +162,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.answer_tokens = args.answer_tokens or list(QUICK_ANSWER_LENGTHS if args.quick else DEFAULT_ANSWER_LENGTHS)
     if min(args.batch_sizes) < 1 or 1 not in args.batch_sizes:
         parser.error(f"--batch-sizes must be positive and include 1 (the reference), got {args.batch_sizes}")
-    if min(args.answer_tokens) < 2:
-        parser.error("--answer-tokens must be >= 2: the first token comes from prefill, decode needs one more")
-    known = registered_methods()
-    args.methods = args.methods or known
-    unknown = sorted(set(args.methods) - set(known))
-    if unknown:
-        parser.error(f"unknown method(s) {', '.join(unknown)}; registered: {', '.join(known)}")
+    check_decode_length(parser, args.answer_tokens, "--answer-tokens")
+    args.methods = checked_methods(parser, args.methods)
     return args
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     """Measure, print the table and write throughput.{md,json,png}."""
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    dtype = resolve_dtype(args.dtype, args.device)
-    started = time.perf_counter()
+    dtype, started = start_run(args)
     settings, skipped = build_settings(args.methods, [args.budget])
     work = load_workload(args, dtype)
     rows = measure(work, settings, args.batch_sizes, args.answer_tokens, args.repeats,

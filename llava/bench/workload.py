@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from llava.drop.generate import SamplingConfig, generate
 from llava.drop.methods import DropConfig, DropMethod, as_method
 from llava.mm_utils import load_image
 from llava.model.anyres import ANYRES_ASPECT_RATIO, anyres_grid
-from llava.model.builder import load_pretrained_model
+from llava.model.builder import load_pretrained_model, resolve_dtype
 from llava.model.image_processor import default_clip_image_processor
 from llava.model.inputs import encode_question, image_inputs
 from llava.model.original_layout import swap_pairs
@@ -301,6 +302,18 @@ def load_workload(args: argparse.Namespace, dtype: torch.dtype, next_model: bool
     if args.model_path:
         return checkpoint_workload(args.model_path, args.device, dtype, next_model, args.seed)
     return random_workload(shape_name(args), args.seed, args.device, dtype, next_model)
+
+
+def check_decode_length(parser: argparse.ArgumentParser, tokens: list[int], flag: str) -> None:
+    """Every run must decode at least one token after the first, which comes out of prefill."""
+    if min(tokens) < 2:
+        parser.error(f"{flag} must be >= 2: the first token comes from prefill, decode needs one more")
+
+
+def start_run(args: argparse.Namespace) -> tuple[torch.dtype, float]:
+    """Set torch's threads; the run's dtype and its start time."""
+    torch.set_num_threads(args.threads)
+    return resolve_dtype(args.dtype, args.device), time.perf_counter()
 
 
 def add_workload_args(parser: argparse.ArgumentParser) -> None:
