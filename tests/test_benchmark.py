@@ -1,5 +1,5 @@
-"""The prefill/decode benchmark runs end to end in CI (`--quick`, also with `--next`) and reports sane,
-ordered numbers; the model shapes have the stated widths; `benchmarks/gpu.sh --quick` writes all three."""
+"""`benchmarks/gpu.sh --quick` runs the four benchmarks end to end in CI (prefill/decode, also with `--next`,
+compare and throughput) and each reports sane, ordered numbers; the model shapes have the stated widths."""
 
 from __future__ import annotations
 
@@ -10,11 +10,10 @@ import torch
 from transformers import LlavaForConditionalGeneration
 
 from llava.bench.next_settings import NEXT_TARGETS
-from llava.bench.prefill_decode import SETTINGS, main, parse_args
+from llava.bench.prefill_decode import SETTINGS, parse_args
 from llava.bench.workload import BASELINE, LLM_LAYERS, RATIO_OF, SHAPES, VISION_LAYERS, model_config, shape_name
 from tests.conftest import REPO_ROOT
 
-QUICK_ARGS = ["--quick", "--new-tokens", "3"]
 OUTPUT_FILES = ("results.json", "results.md", "results.png")
 
 # LLaVA-NeXT's prompt image fills the 2 x 2 grid: 1 base image + 4 crops, 24 x 24 = 576 patches each.
@@ -27,17 +26,41 @@ NEXT_IMAGES = 5
 NEXT_TOLERANCE = 0.02  # MustDrop's layer-averaged tokens within 2 % of each target (the threshold search's stop)
 
 
-def test_quick_benchmark_writes_ordered_results(tmp_path):
-    rows = main([*QUICK_ARGS, "--out", str(tmp_path)])
+def test_gpu_script_quick_runs_all_four_on_cpu_with_sane_results(tmp_path):
+    """One `gpu.sh --quick` run (the four benchmarks at the quick shape, as CI can afford once) and what
+    each of them must report."""
+    done = subprocess.run(["bash", str(REPO_ROOT / "benchmarks" / "gpu.sh"), "--quick", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "transformers" in done.stdout
+    runs = {name: json.loads((tmp_path / name / stem).read_text()) for name, stem in
+            [("prefill_decode", "results.json"), ("next", "results.json"), ("compare", "compare.json"),
+             ("throughput", "throughput.json")]}
+    for saved in runs.values():
+        assert saved["args"]["quick"] == "True" and saved["args"]["device"] == "cpu"
+    check_prefill_decode(tmp_path / "prefill_decode", runs["prefill_decode"])
+    check_next(runs["next"])
+    assert runs["compare"]["args"]["budgets"] == "[64]"
+    assert {row["budget"] for row in runs["compare"]["rows"]} == {None, 64}
+    check_throughput(tmp_path / "throughput", runs["throughput"])
 
+
+def with_limits(settings) -> list[str]:
+    """The settings' row order: the settings, then a limit row for each dropping one."""
+    names = list(settings)
+    return names + [f"limit@{name}" for name in names[1:]]
+
+
+def check_prefill_decode(folder, saved: dict) -> None:
+    """LLaVA-1.5's published settings in order, ratios to none, and a limit per setting."""
     for name in OUTPUT_FILES:
-        assert (tmp_path / name).stat().st_size > 0, name
-    table = (tmp_path / "results.md").read_text()
+        assert (folder / name).stat().st_size > 0, name
+    table = (folder / "results.md").read_text()
     for setting in SETTINGS:
         assert f"| {setting} |" in table
-    saved = json.loads((tmp_path / "results.json").read_text())["rows"]
-    assert [row["setting"] for row in saved] == with_limits(SETTINGS)
-
+    assert saved["args"]["next"] == "False"
+    rows = saved["rows"]
+    assert [row["setting"] for row in rows] == with_limits(SETTINGS)
     by_setting = {row["setting"]: row for row in rows}
     for ratio in RATIO_OF:
         assert by_setting[BASELINE][ratio] == 1.0, ratio
@@ -50,21 +73,14 @@ def test_quick_benchmark_writes_ordered_results(tmp_path):
     assert by_setting[BASELINE]["prefill_vs_limit"] is None
 
 
-def with_limits(settings) -> list[str]:
-    """The settings' row order: the settings, then a limit row for each dropping one."""
-    names = list(settings)
-    return names + [f"limit@{name}" for name in names[1:]]
-
-
-def test_next_quick_benchmark_reaches_the_next_settings(tmp_path):
-    rows = main(["--next", *QUICK_ARGS, "--out", str(tmp_path)])
-
-    saved = json.loads((tmp_path / "results.json").read_text())
+def check_next(saved: dict) -> None:
+    """LLaVA-NeXT: the hand-counted unpruned and merged token counts, each target within tolerance."""
+    assert saved["args"]["next"] == "True"
     expected = [BASELINE, *map(str, NEXT_TARGETS)]
-    assert [row["setting"] for row in saved["rows"]] == with_limits(expected)
     assert expected == ["none", "640", "320", "160"]
+    assert [row["setting"] for row in saved["rows"]] == with_limits(expected)
     assert [pair["target"] for pair in saved["next_pairs"]] == list(NEXT_TARGETS)
-    by_setting = {row["setting"]: row for row in rows}
+    by_setting = {row["setting"]: row for row in saved["rows"]}
     unpruned = by_setting[BASELINE]
     assert unpruned["avg_vision_tokens"] == NEXT_UNPRUNED_TOKENS
     assert unpruned["avg_vision_tokens_per_image"] == NEXT_UNPRUNED_TOKENS / NEXT_IMAGES
@@ -77,6 +93,22 @@ def test_next_quick_benchmark_reaches_the_next_settings(tmp_path):
         assert row["avg_vision_tokens_per_image"] == row["avg_vision_tokens"] / NEXT_IMAGES
         assert row["kv_cache_ratio"] < 1 and row["flops_ratio"] < 1
     assert "2880 flat tokens" in saved["header"] and "= 2928 in the model's spatial_unpad layout" in saved["header"]
+
+
+def check_throughput(folder, saved: dict) -> None:
+    """Every (setting, batch size) at the one answer length, the budget reached, ratios to batch 1."""
+    rows = saved["rows"]
+    assert [(r["setting"], r["batch_size"], r["answer_tokens"]) for r in rows] == [
+        ("none", 1, 3), ("fastv@64", 1, 3), ("none", 2, 3), ("fastv@64", 2, 3)]
+    for row in rows:
+        assert row["questions_per_s"] > 0 and row["decode_tok_s"] > 0
+    by_key = {(r["setting"], r["batch_size"]): r for r in rows}
+    assert by_key[("none", 1)]["avg_vision_tokens"] == 576
+    assert abs(by_key[("fastv@64", 2)]["avg_vision_tokens"] - 64) < 0.65  # the closed form rounds keep
+    # two answers hold less than twice one answer's cache: the ragged second prompt is 3 text tokens shorter
+    assert by_key[("none", 2)]["kv_cache_bytes"] < 2 * by_key[("none", 1)]["kv_cache_bytes"]
+    assert by_key[("none", 1)]["questions_vs_batch1"] == 1.0
+    assert (folder / "throughput.png").stat().st_size > 0
 
 
 def test_7b_proportioned_shape_divides_every_width_of_7b_by_four():
@@ -99,23 +131,3 @@ def test_7b_proportioned_shape_divides_every_width_of_7b_by_four():
     assert tuple(attention.q_proj.weight.shape) == (1024, 1024)
     assert tuple(model.model.language_model.layers[0].mlp.up_proj.weight.shape) == (2752, 1024)
     assert tuple(model.model.vision_tower.encoder.layers[0].mlp.fc1.weight.shape) == (1024, 256)
-
-
-def test_gpu_script_quick_runs_all_four_on_cpu(tmp_path):
-    done = subprocess.run(["bash", str(REPO_ROOT / "benchmarks" / "gpu.sh"), "--quick", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "transformers" in done.stdout
-
-    runs = {name: json.loads((tmp_path / name / stem).read_text()) for name, stem in
-            [("prefill_decode", "results.json"), ("next", "results.json"), ("compare", "compare.json"),
-             ("throughput", "throughput.json")]}
-    for saved in runs.values():
-        assert saved["args"]["quick"] == "True" and saved["args"]["device"] == "cpu"
-    assert [row["setting"] for row in runs["prefill_decode"]["rows"]] == with_limits(SETTINGS)
-    assert runs["prefill_decode"]["args"]["next"] == "False" and runs["next"]["args"]["next"] == "True"
-    assert [row["setting"] for row in runs["next"]["rows"]] == with_limits([BASELINE, *map(str, NEXT_TARGETS)])
-    assert runs["compare"]["args"]["budgets"] == "[64]"
-    assert {row["budget"] for row in runs["compare"]["rows"]} == {None, 64}
-    assert {(row["setting"], row["batch_size"]) for row in runs["throughput"]["rows"]} == {
-        ("none", 1), ("none", 2), ("fastv@64", 1), ("fastv@64", 2)}
