@@ -26,6 +26,7 @@ done
 if [ "$QUICK" = 1 ]; then
     COMMON=(--quick --device cpu --threads 1)
     THROUGHPUT=(--methods fastv --batch-sizes 1,2 --answer-tokens 3)
+    COMPARE=(--methods fastv)  # a smoke run: tests/test_compare.py compares every method
 else
     if ! "$PYTHON" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
         echo "gpu.sh: no CUDA device visible to $PYTHON; run with --quick for the CPU version" >&2
@@ -35,6 +36,7 @@ else
     # 3 repeats and 32 new tokens keep the three runs (three 7B builds included) under 8 minutes on an H100.
     COMMON=(--shape 7b --device cuda --dtype bfloat16 --repeats 3)
     THROUGHPUT=(--methods mustdrop,fastv,visionzip --repeats 1)  # batches 1, 4, 8, 16; 3- and 128-token answers
+    COMPARE=()
 fi
 "$PYTHON" -c 'import torch, transformers; print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), transformers {transformers.__version__}")'
 
@@ -49,6 +51,6 @@ run() {  # run <name> <module> [flags...]: one benchmark, timed, into $OUT/<name
 
 run prefill_decode llava.bench.prefill_decode
 run next llava.bench.prefill_decode --next
-run compare llava.bench.compare --budgets 64
+run compare llava.bench.compare --budgets 64 ${COMPARE[@]+"${COMPARE[@]}"}
 run throughput llava.bench.throughput "${THROUGHPUT[@]}"
 echo "gpu.sh: all four written under $OUT in $SECONDS s"

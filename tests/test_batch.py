@@ -158,7 +158,7 @@ def test_cli_compile_flag_answers_through_the_compiled_step(tiny_original, tmp_p
     from tests.conftest import cli_args, first_questions
 
     monkeypatch.setattr(loop, "COMPILE_BACKEND", "eager")
-    questions = first_questions(tmp_path, 2)
+    questions = first_questions(tmp_path, 1)  # each new prompt length compiles the step anew: one is enough
     answer_main(cli_args(tiny_original, questions, tmp_path / "plain.jsonl"))
     answer_main(cli_args(tiny_original, questions, tmp_path / "compiled.jsonl", "--compile"))
     assert answer_lines(tmp_path / "compiled.jsonl") == answer_lines(tmp_path / "plain.jsonl")
