@@ -157,13 +157,21 @@ def decode_together(model, answers: list[PrefilledAnswer], requests: Sequence[Ge
     while not all(done):
         logits = step(model, current, cache, positions.current(), positions.row_of_layer)
         positions.step += 1
-        current = torch.cat([sample_on_device(logits[n], answers[n].sampling, generators[n])
-                             for n in range(len(answers))])
+        current = next_tokens(logits, answers, generators)
         for n, token in enumerate(current.view(-1).tolist()):  # the one read per step, for the stop checks
             if not done[n]:
                 tokens[n].append(token)
                 done[n] = answer_done(tokens[n], limits[n], eos_token_ids, requests[n].should_stop)
     return tokens
+
+
+def next_tokens(logits: torch.Tensor, answers: list[PrefilledAnswer],
+                generators: list[torch.Generator | None]) -> torch.Tensor:
+    """Each answer's next token [N, 1]: one argmax over the batch when greedy (every answer shares the
+    temperature), else each answer sampled with its own generator, as it would be alone."""
+    if answers[0].sampling.temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    return torch.cat([sample_on_device(logits[n], answers[n].sampling, generators[n]) for n in range(len(answers))])
 
 
 @torch.inference_mode()
