@@ -21,6 +21,14 @@ from llava.model.geometry import ModelGeometry
 TEXT_QUERIES = "text"  # every token after the image: the question and the template's tail
 LAST_QUERY = "last"  # the last prompt token, which FastV / PyramidDrop rank by
 
+# Where a method drops, as the paper sorts prior work (plus the simple baselines), for comparison tables.
+UNPRUNED = "unpruned"
+ENCODER = "encoder"  # only while the vision tower encodes (ToMe, PruMerge, VisionZip)
+PREFILL = "prefill"  # only inside the decoder's prefill (FastV, PyramidDrop, SparseVLM)
+MULTI_STAGE = "multi-stage"  # vision tower, prefill and decoding (MustDrop)
+BASELINE = "baseline"  # no learned or attention signal: random subsets, pooling
+FAMILIES = (ENCODER, PREFILL, MULTI_STAGE, BASELINE)
+
 
 @dataclass
 class LayerContext:
@@ -71,6 +79,7 @@ class DropMethod:
     """The unpruned model. Subclasses override the stages they change."""
 
     name: ClassVar[str] = "none"
+    family: ClassVar[str] = UNPRUNED
     compact_positions: bool = True  # give the shorter sequence positions 0..len-1 (the reference's rule)
     supports_next: ClassVar[bool] = False  # its vision stage takes LLaVA-NeXT's base image + crops
 

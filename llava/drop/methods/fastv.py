@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from llava.drop.blocks import round_half_up, top_positions
-from llava.drop.method import DropMethod, LayerContext, last_token_scores
+from llava.drop.method import PREFILL, DropMethod, LayerContext, last_token_scores
 from llava.drop.methods.registry import register
 from llava.model.geometry import ModelGeometry
 
@@ -92,6 +92,7 @@ class FastV(DropMethod):
     """One drop after layer k - 1, ranked by the last prompt token's attention."""
 
     name = "fastv"
+    family = PREFILL
     options_class = FastVOptions
     supports_next = True
 

@@ -33,7 +33,7 @@ from llava.drop.blocks import (
     top_positions,
 )
 from llava.drop.cache import LayerKVCache
-from llava.drop.method import TEXT_QUERIES, DropMethod, LayerContext
+from llava.drop.method import MULTI_STAGE, TEXT_QUERIES, DropMethod, LayerContext
 from llava.drop.methods.registry import register
 from llava.drop.next_layout import NEWLINE, CropGrid, crop_grid, spatial_order, token_anchors
 from llava.drop.timing import timed
@@ -607,6 +607,7 @@ class MustDrop(DropMethod):
     """
 
     name = "mustdrop"
+    family = MULTI_STAGE
     options_class = DropConfig
     supports_next = True
 

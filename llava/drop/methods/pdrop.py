@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from llava.drop.blocks import bisect, layer_average, round_half_up, stage_lengths, top_positions
-from llava.drop.method import DropMethod, LayerContext, last_token_scores
+from llava.drop.method import PREFILL, DropMethod, LayerContext, last_token_scores
 from llava.drop.methods.registry import register
 from llava.model.geometry import ModelGeometry
 
@@ -132,6 +132,7 @@ class PDrop(DropMethod):
     """
 
     name = "pdrop"
+    family = PREFILL
     options_class = PDropOptions
     supports_next = True
 

@@ -66,7 +66,7 @@ from llava.drop.blocks import (
     ranked_keep,
     stage_lengths,
 )
-from llava.drop.method import TEXT_QUERIES, DropMethod, LayerContext
+from llava.drop.method import PREFILL, TEXT_QUERIES, DropMethod, LayerContext
 from llava.drop.methods.registry import register
 from llava.model.geometry import ModelGeometry
 
@@ -206,6 +206,7 @@ class SparseVLM(DropMethod):
     """Rater-scored drops after a few decoder layers, with the best dropped tokens merged back."""
 
     name = "sparsevlm"
+    family = PREFILL
     options_class = SparseVLMOptions
     supports_next = True
 

@@ -37,10 +37,17 @@ import math
 from dataclasses import dataclass
 
 import torch
-from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
 
 from llava.drop.blocks import grouped_mean, nearest_centres, top_positions
-from llava.drop.method import DropMethod
+from llava.drop.image_reduction import (
+    budget_shares,
+    check_next_inputs,
+    check_whole_budget,
+    crop_grid,
+    run_to_select_layer,
+    unpruned_next_count,
+)
+from llava.drop.method import ENCODER, DropMethod
 from llava.drop.methods.registry import register
 from llava.drop.vision import (
     FLAT_MERGE,
@@ -48,10 +55,7 @@ from llava.drop.vision import (
     VisionOutput,
     check_feature_layer,
     cls_attention_to_patches,
-    embed_patches,
     project_features,
-    run_tower_to,
-    selected_layer_count,
 )
 from llava.model.geometry import ModelGeometry
 
@@ -77,8 +81,7 @@ class VisionZipOptions:
         if self.dominant + self.contextual < 1:
             raise ValueError(f"dominant + contextual must keep at least one token, got {self.dominant} + "
                              f"{self.contextual}")
-        if self.budget is not None and (self.budget < 1 or self.budget != int(self.budget)):
-            raise ValueError(f"budget must be a whole number of tokens >= 1, got {self.budget}")
+        check_whole_budget(self.budget)
 
     def counts(self) -> tuple[int, int]:
         """(dominant, contextual); a budget is split so that the two add up to it exactly."""
@@ -98,13 +101,6 @@ def split_total(total: int) -> tuple[int, int]:
     """(dominant, contextual) adding up to `total`, in the paper's 54 : 10 proportion."""
     dominant = round(total * DOMINANT_SHARE)
     return dominant, total - dominant
-
-
-def budget_shares(total: int, images: int) -> list[int]:
-    """`total` tokens over `images` images as equally as whole tokens allow, earlier images first taking
-    the remainder (the released code gives every image the same count)."""
-    share, remainder = divmod(total, images)
-    return [share + int(image < remainder) for image in range(images)]
 
 
 def dominant_indices(cls_row: torch.Tensor, count: int) -> torch.Tensor:
@@ -143,17 +139,6 @@ def head_averaged_keys(layer: torch.nn.Module, hidden: torch.Tensor) -> torch.Te
     return keys.view(-1, attention.num_heads, attention.head_dim).mean(dim=1)
 
 
-def _run_to_select_layer(model, pixel_values: torch.Tensor) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
-    """The select layer, its input and its output (the hidden states LLaVA projects)."""
-    layers = model.model.vision_tower.encoder.layers
-    selected = selected_layer_count(len(layers), model.config.vision_feature_layer)
-    if selected == 0:
-        raise ValueError(f"vision_feature_layer {model.config.vision_feature_layer} selects the embeddings, "
-                         "which have no attention to rank patches by")
-    states = run_tower_to(layers, embed_patches(model.model.vision_tower, pixel_values), 0, {selected - 1, selected})
-    return layers[selected - 1], states[selected - 1], states[selected]
-
-
 def zip_image(layer: torch.nn.Module, layer_input: torch.Tensor, hidden: torch.Tensor, dominant: int,
               contextual: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One image's zipped select-layer states [1, 1 + dominant + contextual, dim] (CLS, the dominant
@@ -172,13 +157,6 @@ def zip_image(layer: torch.nn.Module, layer_input: torch.Tensor, hidden: torch.T
     return sequence, kept, rest, keys
 
 
-def crop_grid(model, image_sizes: torch.Tensor) -> tuple[int, int]:
-    """(rows, columns) of crops LLaVA-NeXT tiled this image into, by transformers' own anyres rule."""
-    config = model.config
-    return get_anyres_image_grid_shape(image_sizes[0].tolist(), config.image_grid_pinpoints,
-                                       config.vision_config.image_size)
-
-
 def grid_reading_order(kept: list[torch.Tensor], grid: tuple[int, int], side: int) -> torch.Tensor:
     """Order that reads the crops' dominant patches (listed crop after crop, each ascending) row by row
     across the whole crop grid, as the released code's `restore_image_features_sorted` lays them out.
@@ -194,16 +172,6 @@ def grid_reading_order(kept: list[torch.Tensor], grid: tuple[int, int], side: in
     return torch.cat(places).argsort()
 
 
-def unpruned_next_count(model, image_sizes: torch.Tensor, grid: tuple[int, int], per_image: int, side: int) -> int:
-    """Vision tokens the unpruned model gives this image in its own layout (what the FLOPs ratio is taken
-    against): every image's tokens ("flat"), or the base image plus the unpadded crop grid with one
-    newline token per row ("spatial_unpad")."""
-    if getattr(model.config, "mm_patch_merge_type", None) == FLAT_MERGE:
-        return (1 + grid[0] * grid[1]) * per_image
-    rows, columns = unpad_image(torch.empty(0, grid[0] * side, grid[1] * side), image_sizes[0].tolist()).shape[1:]
-    return per_image + rows * (columns + 1)
-
-
 def spatial_features(projected: list[torch.Tensor], counts: list[tuple[int, int]], cls_kept: int,
                      order: torch.Tensor) -> torch.Tensor:
     """The released code's "spatial_unpad" sequence from each image's projected tokens [(CLS) + dominant +
@@ -216,18 +184,12 @@ def spatial_features(projected: list[torch.Tensor], counts: list[tuple[int, int]
     return torch.cat([projected[0], dominant, cls, contextual])
 
 
-def check_next_inputs(pixel_values: torch.Tensor, image_sizes: torch.Tensor | None) -> None:
-    """One image per prompt: its base image and crops [1, 1 + K, 3, H, W] and its [[height, width]]."""
-    if pixel_values.dim() != 5 or pixel_values.shape[0] != 1 or image_sizes is None or image_sizes.shape[0] != 1:
-        raise ValueError("VisionZip on LLaVA-NeXT takes one image per prompt: pixel values [1, 1 + crops, 3, H, W] "
-                         f"and its size [[height, width]]; got {tuple(pixel_values.shape)} and {image_sizes}")
-
-
 @register
 class VisionZip(DropMethod):
     """Dominant (CLS-attended) + contextual (merged) tokens out of CLIP; the decoder runs unchanged."""
 
     name = "visionzip"
+    family = ENCODER
     options_class = VisionZipOptions
     supports_next = True
 
@@ -249,7 +211,7 @@ class VisionZip(DropMethod):
         if pixel_values.shape[0] != 1:
             raise ValueError(f"VisionZip's vision stage supports batch size 1, got {pixel_values.shape[0]}")
         dominant, contextual = self.options.counts()
-        layer, layer_input, hidden = _run_to_select_layer(model, pixel_values)
+        layer, layer_input, hidden = run_to_select_layer(model, pixel_values)
         sequence, kept, rest, keys = zip_image(layer, layer_input, hidden, dominant, contextual)
         features = project_features(model, sequence)
         cls_kept = features.shape[0] - dominant - contextual  # 1 under the `full` select strategy, else 0
@@ -264,9 +226,9 @@ class VisionZip(DropMethod):
         docstring): crops' dominant tokens in grid reading order under "spatial_unpad", image after image
         under "flat"."""
         check_feature_layer(model.config)
-        check_next_inputs(pixel_values, image_sizes)
+        check_next_inputs("VisionZip", pixel_values, image_sizes)
         counts = self.options.image_counts(pixel_values.shape[1])
-        layer, layer_input, hidden = _run_to_select_layer(model, pixel_values[0])
+        layer, layer_input, hidden = run_to_select_layer(model, pixel_values[0])
         zipped = [zip_image(layer, layer_input[image : image + 1], hidden[image : image + 1], dominant, contextual)
                   for image, (dominant, contextual) in enumerate(counts)]
         projected = [project_features(model, sequence) for sequence, *_ in zipped]

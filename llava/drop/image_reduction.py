@@ -1,0 +1,178 @@
+"""Vision-stage methods that shrink each tower image on its own, on LLaVA-1.5 and LLaVA-NeXT alike.
+
+ToMe, PruMerge, random dropping and pooling all turn one CLIP image (576 patches) into fewer tokens
+before the projector and leave the decoder alone. `ImageReduction` holds what they share: running
+them on LLaVA-1.5's one image or on LLaVA-NeXT's base image + crops, splitting a `budget` over those
+images, projecting, and the statistics. A method only writes `reduce`.
+
+LLaVA-NeXT layout: every tower image (base image first, then the crops in the processor's order) is
+reduced on its own and the results follow one another, with no unpad and no newline tokens, as in
+VisionZip's released code: after merging or pooling, the crop grid that the newlines delimit no
+longer exists. A budget is the image's total, shared over its 1 + K tower images (`budget_shares`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+
+from llava.drop.method import DropMethod
+from llava.drop.vision import (
+    FLAT_MERGE,
+    PATCHES_START,
+    VisionOutput,
+    check_feature_layer,
+    embed_patches,
+    project_features,
+    run_tower_to,
+    selected_layer_count,
+    vision_token_offset,
+)
+from llava.model.geometry import ModelGeometry
+
+
+@dataclass
+class ReducedImage:
+    """One tower image after a method: select-layer states with CLS first, and what each token stands for."""
+
+    hidden: torch.Tensor  # [1 + tokens, dim]: CLS, then the kept / merged / pooled patch tokens
+    patch_groups: list[list[int]]  # per token after CLS, the row-major patches it stands for
+
+
+def check_whole_budget(budget: float | None) -> None:
+    """A budget counts tokens: a whole number, at least one."""
+    if budget is not None and (budget < 1 or budget != int(budget)):
+        raise ValueError(f"budget must be a whole number of tokens >= 1, got {budget:g}")
+
+
+def budget_shares(total: int, images: int) -> list[int]:
+    """`total` tokens over `images` images as equally as whole tokens allow, earlier images first taking
+    the remainder (the released code gives every image the same count)."""
+    share, remainder = divmod(total, images)
+    return [share + int(image < remainder) for image in range(images)]
+
+
+def run_to_select_layer(model, images: torch.Tensor) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """The select layer (whose output LLaVA projects), its input and its output for images [n, 3, H, W]."""
+    layers = model.model.vision_tower.encoder.layers
+    selected = selected_layer_count(len(layers), model.config.vision_feature_layer)
+    if selected == 0:
+        raise ValueError(f"vision_feature_layer {model.config.vision_feature_layer} selects the embeddings, "
+                         "which have no attention to rank patches by")
+    states = run_tower_to(layers, embed_patches(model.model.vision_tower, images), 0, {selected - 1, selected})
+    return layers[selected - 1], states[selected - 1], states[selected]
+
+
+def crop_grid(model, image_sizes: torch.Tensor) -> tuple[int, int]:
+    """(rows, columns) of crops LLaVA-NeXT tiled this image into, by transformers' own anyres rule."""
+    config = model.config
+    return get_anyres_image_grid_shape(image_sizes[0].tolist(), config.image_grid_pinpoints,
+                                       config.vision_config.image_size)
+
+
+def unpruned_next_count(model, image_sizes: torch.Tensor, grid: tuple[int, int], per_image: int, side: int) -> int:
+    """Vision tokens the unpruned model gives this image in its own layout (what the FLOPs ratio is taken
+    against): every image's tokens ("flat"), or the base image plus the unpadded crop grid with one
+    newline token per row ("spatial_unpad")."""
+    if getattr(model.config, "mm_patch_merge_type", None) == FLAT_MERGE:
+        return (1 + grid[0] * grid[1]) * per_image
+    rows, columns = unpad_image(torch.empty(0, grid[0] * side, grid[1] * side), image_sizes[0].tolist()).shape[1:]
+    return per_image + rows * (columns + 1)
+
+
+def check_next_inputs(name: str, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None) -> None:
+    """One image per prompt: its base image and crops [1, 1 + K, 3, H, W] and its [[height, width]]."""
+    if pixel_values.dim() != 5 or pixel_values.shape[0] != 1 or image_sizes is None or image_sizes.shape[0] != 1:
+        raise ValueError(f"{name} on LLaVA-NeXT takes one image per prompt: pixel values [1, 1 + crops, 3, H, W] "
+                         f"and its size [[height, width]]; got {tuple(pixel_values.shape)} and {image_sizes}")
+
+
+def patch_side(model) -> int:
+    """Patches along one side of a tower image (24 for CLIP-L/14 at 336 px)."""
+    vision = model.config.vision_config
+    return vision.image_size // vision.patch_size
+
+
+class ImageReduction(DropMethod):
+    """A vision-stage method applied to each tower image on its own (module docstring); subclasses keep
+    their options in `self.options` (with a `budget` field, None for the method's own count) and write
+    `reduce`."""
+
+    supports_next = True
+
+    def reduce(self, model, images: torch.Tensor, counts: list[int | None]) -> list[ReducedImage]:
+        """Each of the images [n, 3, H, W] (already in the tower's dtype and device) cut to its count of
+        patch tokens (None: the method's own choice)."""
+        raise NotImplementedError
+
+    @property
+    def budget(self) -> int | None:
+        budget = getattr(self.options, "budget", None)
+        return None if budget is None else int(budget)
+
+    def check_model(self, geometry: ModelGeometry) -> None:
+        """Also refuse a budget that leaves a tower image of the largest tiling without a token, or that
+        gives one image more tokens than it has patches."""
+        super().check_model(geometry)
+        if self.budget is None:
+            return
+        images = 1 + geometry.max_crops
+        if self.budget < images:
+            raise ValueError(f"budget {self.budget} is below one token for each of the {images} tower images "
+                             f"(base image + {geometry.max_crops} crops) this model can tile an image into")
+        largest = budget_shares(self.budget, images)[0]
+        if largest > geometry.patch_tokens:
+            raise ValueError(f"budget {self.budget} gives a tower image {largest} tokens, more than its "
+                             f"{geometry.patch_tokens} patches")
+
+    def counts(self, images: int, patches: int) -> list[int | None]:
+        """Each tower image's share of the budget (None without one), checked against its patches."""
+        if self.budget is None:
+            return [None] * images
+        shares = budget_shares(self.budget, images)
+        if min(shares) < 1 or max(shares) > patches:
+            raise ValueError(f"budget {self.budget} over {images} tower images gives shares {min(shares)}.."
+                             f"{max(shares)}; each must be 1..{patches} (the patches of one image)")
+        return shares
+
+    def run(self, model, images: torch.Tensor) -> tuple[list[torch.Tensor], list[ReducedImage], int]:
+        """Reduce and project images [n, 3, H, W]: each image's features, the reductions and the CLS
+        tokens kept per image (1 under the `full` select strategy, else 0)."""
+        check_feature_layer(model.config)
+        weight = model.model.vision_tower.embeddings.patch_embedding.weight
+        images = images.to(device=weight.device, dtype=weight.dtype)
+        reduced = self.reduce(model, images, self.counts(images.shape[0], patch_side(model) ** 2))
+        return [project_features(model, image.hidden[None]) for image in reduced], reduced, \
+            vision_token_offset(model.config)
+
+    @torch.no_grad()
+    def encode_image(self, model, pixel_values: torch.Tensor) -> VisionOutput:
+        if pixel_values.shape[0] != 1:
+            raise ValueError(f"{self.name}'s vision stage supports batch size 1, got {pixel_values.shape[0]}")
+        (features,), (reduced,), cls_kept = self.run(model, pixel_values)
+        stats = {"vision_tokens_in": patch_side(model) ** 2 + cls_kept, "vision_tokens": features.shape[0]}
+        return VisionOutput(features=features, stats=stats, patch_groups=[[]] * cls_kept + reduced.patch_groups)
+
+    @torch.no_grad()
+    def encode_next(self, model, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> VisionOutput:
+        """Every tower image reduced on its own, one after the other (module docstring)."""
+        check_next_inputs(self.name, pixel_values, image_sizes)
+        grid, side = crop_grid(model, image_sizes), patch_side(model)
+        if grid[0] * grid[1] != pixel_values.shape[1] - 1:
+            raise ValueError(f"image size {image_sizes[0].tolist()} tiles into {grid[0]} x {grid[1]} crops, "
+                             f"but {pixel_values.shape[1] - 1} crops were given")
+        projected, _, cls_kept = self.run(model, pixel_values[0])
+        features = torch.cat(projected)
+        per_image = side * side + cls_kept
+        stats = {"vision_tokens_in": unpruned_next_count(model, image_sizes, grid, per_image, side),
+                 "vision_tokens": features.shape[0], "images": len(projected), "crops": len(projected) - 1,
+                 "vision_tokens_per_image_in": per_image}
+        return VisionOutput(features=features, stats=stats)
+
+
+def keep_patches(hidden: torch.Tensor, kept: torch.Tensor) -> ReducedImage:
+    """One image's select-layer states [1 + P, dim] cut to CLS and the patches `kept` (ascending)."""
+    tokens = torch.cat([hidden[:PATCHES_START], hidden[PATCHES_START:][kept]])
+    return ReducedImage(tokens, [[patch] for patch in kept.tolist()])
