@@ -57,6 +57,13 @@ def demo_images() -> list[Path]:
     return sorted((DEMO_DIR / "images").glob("*.png"))
 
 
+def method_at_budget(name: str, budget: int):
+    """Method `name` built with `budget`, or with its defaults if it picks its own count (PruMerge+)."""
+    from llava.drop.methods import METHODS, create_method
+
+    return create_method(name) if METHODS[name].own_count else create_method(name, {"budget": str(budget)})
+
+
 def vicuna_prompt(question: str, with_image: bool = True) -> str:
     """The vicuna_v1 template around one question, with the <image> placeholder first."""
     from llava.conversation import get_conv_template

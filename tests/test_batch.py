@@ -15,6 +15,7 @@ from llava.drop.methods import METHODS, create_method
 from llava.drop.methods.registry import discover_methods
 from llava.mm_utils import load_image
 from llava.model.inputs import encode_question
+from tests.conftest import method_at_budget
 
 QUESTIONS = ["What is the word?", "Describe the colour of the background in a few words, please.",
              "How many letters are there?"]
@@ -63,7 +64,7 @@ def method_names(arch: str) -> list[str]:
 
 @pytest.mark.parametrize("name", method_names("llava"))
 def test_llava_batch_equals_one_at_a_time_for_every_method(loaded_original, demo_images, name):
-    method = None if name == "none" else create_method(name, {"budget": str(BUDGETS["llava"])})
+    method = None if name == "none" else method_at_budget(name, BUDGETS["llava"])
     together = assert_batch_equals_alone(loaded_original, requests_for(loaded_original, demo_images),
                                          SamplingConfig(max_new_tokens=NEW_TOKENS), method)
     assert len({out.stats["prompt_tokens"] for out in together}) == len(QUESTIONS)  # ragged prompts
@@ -78,7 +79,7 @@ def test_llava_batch_with_thresholds_keeps_different_counts_per_prompt(loaded_or
 
 @pytest.mark.parametrize("name", method_names("next"))
 def test_next_batch_equals_one_at_a_time(loaded_next_original, demo_images, name):
-    method = None if name == "none" else create_method(name, {"budget": str(BUDGETS["next"])}) \
+    method = None if name == "none" else method_at_budget(name, BUDGETS["next"]) \
         if name != "mustdrop" else create_method(name, {"global_thr": "0.011", "individual_thr": "0.01"})
     square_first = sorted(demo_images, key=lambda path: path.name != "3fc86ee644365862.png")  # 400x400: 2x2 crops
     requests = requests_for(loaded_next_original, square_first)

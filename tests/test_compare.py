@@ -1,4 +1,6 @@
-"""The method comparison runs end to end on the quick model: every registered method at every budget."""
+"""The method comparison runs end to end on the quick model: every registered method, with its family.
+
+One budget keeps this test short; that every method reaches every budget is tests/test_budgets_all_methods.py's."""
 
 from __future__ import annotations
 
@@ -6,8 +8,8 @@ import json
 
 from llava.bench.compare import (
     BASELINE,
-    DEFAULT_BUDGETS,
     NO_BUDGET,
+    OWN_COUNT,
     budget_label,
     build_settings,
     main,
@@ -15,7 +17,8 @@ from llava.bench.compare import (
 from llava.bench.workload import RATIO_OF
 from llava.drop.methods.registry import METHODS, discover_methods
 
-QUICK_ARGS = ["--quick", "--new-tokens", "2", "--repeats", "1"]
+BUDGET = 64
+QUICK_ARGS = ["--quick", "--new-tokens", "2", "--repeats", "1", "--budgets", str(BUDGET)]
 OUTPUT_FILES = ("compare.json", "compare.md", "compare.png")
 UNPRUNED_VISION_TOKENS = 576  # LLaVA-1.5: (336 / 14) ** 2 patches
 KNOWN_METHODS = {"mustdrop", "fastv", "pdrop", "visionzip", "sparsevlm"}  # the registry holds at least these
@@ -27,7 +30,7 @@ def table_rows(markdown: str) -> list[list[str]]:
     return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
 
 
-def test_quick_comparison_covers_every_method_and_budget(tmp_path):
+def test_quick_comparison_covers_every_method(tmp_path):
     """Expected rows come from the registry, not from the run: a method that fails anywhere fails this."""
     discover_methods()
     methods = [name for name in METHODS if name != BASELINE]
@@ -39,10 +42,11 @@ def test_quick_comparison_covers_every_method_and_budget(tmp_path):
         assert (tmp_path / name).stat().st_size > 0, name
     saved = json.loads((tmp_path / "compare.json").read_text())
     assert saved["skipped"] == {}
-    expected = {(m, str(b)) for m in methods for b in DEFAULT_BUDGETS}
+    expected = {(m, OWN_COUNT if METHODS[m].own_count else str(BUDGET), METHODS[m].family) for m in methods}
     body = table_rows((tmp_path / "compare.md").read_text())
-    assert body[0][:2] == [BASELINE, NO_BUDGET]
-    assert sorted(tuple(cells[:2]) for cells in body[1:]) == sorted(expected)
+    assert body[0][:3] == [BASELINE, NO_BUDGET, "unpruned"]
+    assert sorted(tuple(cells[:3]) for cells in body[1:]) == sorted(expected)
+    assert {"encoder", "prefill", "multi-stage", "baseline"} <= {family for *_, family in expected}
     assert len(saved["rows"]) == len(rows) == len(expected) + 1
 
     baseline = next(row for row in rows if row["budget"] is None)

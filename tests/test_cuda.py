@@ -19,7 +19,7 @@ from llava.drop.methods.registry import discover_methods
 from llava.mm_utils import load_image
 from llava.model.builder import load_pretrained_model
 from llava.model.inputs import encode_question
-from tests.conftest import hf_input_ids
+from tests.conftest import hf_input_ids, method_at_budget
 
 DEVICE = os.environ.get("MUSTDROP_TEST_DEVICE", "cuda")
 pytestmark = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(),
@@ -87,7 +87,7 @@ def test_every_method_runs_on_the_device_at_a_budget(arch, checkpoint, dtype):
     names = runnable_methods(arch, model)
     assert "fastv" in names or arch == "next"
     for name in names:
-        method = create_method(name, {"budget": str(BUDGETS[arch])})
+        method = method_at_budget(name, BUDGETS[arch])
         tokens, stats = run(model, tokenizer, inputs, method)
         _, cpu_stats = run(cpu[1], cpu[0], inputs, method)
         assert len(tokens) >= 1 and math.isfinite(stats["avg_vision_tokens"]), name

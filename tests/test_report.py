@@ -38,12 +38,24 @@ def test_run_summary_and_report(tmp_path, capsys):
                       "--drop-flags", "--sparse --global_thr 0.011 --individual_thr 0.01", "--out", str(tmp_path / "summary.json")])
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["model"] == "llava-v1.5-7b" and summary["method"] == "mustdrop" and summary["questions"] == 4
+    assert summary["family"] == "multi-stage"
     assert summary["versions"]["torch"] and summary["scores"]["accuracy"] == 58.25
     capsys.readouterr()
     report.main([str(tmp_path)])
     table = capsys.readouterr().out.splitlines()
-    assert table[0].startswith("| benchmark | model | method | setting")
-    assert table[2] == "| textvqa | llava-v1.5-7b | mustdrop | 64 | 4 | accuracy=58.25, samples=4 | 64.0 | 0.250 | 50.0 | 10.0 | 2 |"
+    assert table[0].startswith("| benchmark | model | method | family | setting")
+    assert table[2] == ("| textvqa | llava-v1.5-7b | mustdrop | multi-stage | 64 | 4 | accuracy=58.25, samples=4 | 64.0 | "
+                        "0.250 | 50.0 | 10.0 | 2 |")
+
+
+def test_report_reads_the_family_of_summaries_written_before_it_was_recorded(tmp_path, capsys):
+    for method in ("pool", "nosuch"):
+        folder = tmp_path / method
+        folder.mkdir()
+        (folder / "summary.json").write_text(json.dumps({"benchmark": "gqa", "method": method, "setting": "64"}))
+    report.main([str(tmp_path)])
+    rows = capsys.readouterr().out.splitlines()[2:]
+    assert sorted(row.split(" | ")[2:4] for row in rows) == [["nosuch", "?"], ["pool", "baseline"]]
 
 
 def test_report_errors(tmp_path):

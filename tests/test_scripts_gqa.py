@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from tests.conftest import run_demo_script
@@ -45,3 +46,26 @@ def test_gqa_script_scores_and_summarises(tiny_original, tmp_path):
     summary = json.loads((answer_dir / "summary.json").read_text())
     assert summary["questions"] == 3
     assert summary["scores"]["questions"] == 3 and 0 <= summary["scores"]["accuracy"] <= 100
+
+
+@pytest.mark.parametrize("method, setting, tokens", [("tome", "64", 64), ("prumerge_plus", "default", None)])
+def test_gqa_script_runs_the_encoder_methods(tiny_original, tmp_path, method, setting, tokens):
+    """METHOD=tome bash gqa.sh 64, and a method that picks its own count through the `default` setting."""
+    data = _gqa_fixture(tmp_path)
+    done = run_demo_script("gqa.sh", setting, tiny_original, {
+        "EVAL_DIR": str(tmp_path), "QUESTION_FILE": str(data / "llava_gqa_testdev_balanced.jsonl"),
+        "IMAGE_FOLDER": str(data / "data" / "images"), "METHOD": method,
+    })
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((data / "answers" / f"{tiny_original.name}-{method}-{setting}" / "summary.json").read_text())
+    assert (summary["method"], summary["family"], summary["setting"], summary["questions"]) == \
+        (method, "encoder", setting, 3)
+    if tokens is not None:
+        assert summary["mean_vision_tokens"] == tokens
+    else:
+        assert 1 < summary["mean_vision_tokens"] < 576
+
+
+def test_the_default_setting_needs_a_method(tmp_path):
+    done = run_demo_script("gqa.sh", "default", tmp_path, {})
+    assert done.returncode == 2 and "the setting 'default' runs METHOD with its own defaults" in done.stderr

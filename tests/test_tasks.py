@@ -71,6 +71,18 @@ def test_runner_answers_scores_and_summarises_textvqa(tiny_original, tmp_path, c
     assert (answer_dir / "summary.json").is_file()
 
 
+@pytest.mark.parametrize("method, family", [("prumerge", "encoder"), ("random", "baseline"), ("pool", "baseline")])
+def test_runner_runs_the_encoder_and_baseline_methods(tiny_original, tmp_path, method, family):
+    """The task runner with each method the scripts test does not run (tome and prumerge_plus run through
+    gqa.sh in tests/test_scripts_gqa.py): budget 64 reaches 64 tokens (pooling: 8 x 8)."""
+    folder = demo_textvqa(tmp_path)
+    run_main(["--tasks", "textvqa", "--model-path", str(tiny_original), "--eval-dir", str(tmp_path),
+              "--method", method, "--budget", "64", "--max_new_tokens", "1", "--device", "cpu"])
+    summary = json.loads((folder / "answers" / f"{tiny_original.name}-{method}-64" / "summary.json").read_text())
+    assert (summary["method"], summary["family"], summary["questions"]) == (method, family, DEMO_QUESTIONS)
+    assert summary["mean_vision_tokens"] == 64
+
+
 def test_runner_under_torchrun_scores_once_every_shard_is_done(tiny_original, tmp_path, monkeypatch, capsys):
     folder = demo_textvqa(tmp_path)
     argv = ["--tasks", "textvqa", "--model-path", str(tiny_original), "--eval-dir", str(tmp_path),

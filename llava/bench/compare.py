@@ -1,9 +1,10 @@
 """Every registered dropping method at the same token budgets, against no dropping, in one run.
 
-Each method is built with `budget=<target layer-averaged vision tokens>` and timed on one model and
-one prompt, interleaved per repeat after a warm-up (the model, prompt and measurement of
-`llava.bench.workload`, as in `prefill_decode`), so that a busy machine slows every setting alike;
-read the ratios to "none".
+Each method is built with `budget=<target layer-averaged vision tokens>` (one that picks its own count,
+such as PruMerge+, once with its defaults: budget "own") and timed on one model and one prompt,
+interleaved per repeat after a warm-up (the model, prompt and measurement of `llava.bench.workload`,
+as in `prefill_decode`), so that a busy machine slows every setting alike; read the ratios to "none".
+The table names each method's family: where it drops (encoder, prefill, multi-stage) or baseline.
 
     python -m llava.bench.compare [--quick] [--shape S] [--model-path P] [--methods mustdrop,fastv,...]
                                   [--budgets 192,128,64] [--repeats N] [--new-tokens N]
@@ -36,7 +37,7 @@ from llava.bench.workload import (
     summarize,
 )
 from llava.drop.methods import DropMethod, create_method
-from llava.drop.methods.registry import METHODS, discover_methods
+from llava.drop.methods.registry import METHODS, discover_methods, family_of
 from llava.eval.thresholds import TOKEN_SETTINGS
 
 DEFAULT_BUDGETS = TOKEN_SETTINGS  # the paper's LLaVA-1.5 settings (layer-averaged vision tokens)
@@ -45,19 +46,21 @@ QUICK_REPEATS, FULL_REPEATS = 1, 3
 QUICK_NEW_TOKENS, FULL_NEW_TOKENS = 4, 32
 BUDGET_OPTION = "budget"
 NO_BUDGET = "-"  # the baseline row's budget cell
+OWN_COUNT = "own"  # the budget of a method that picks its own token count per image (it refuses a budget)
 OUTPUT_STEM = "compare"
 
 
-def budget_label(method: str, budget: int) -> str:
+def budget_label(method: str, budget: int | str) -> str:
     return f"{method}@{budget}"
 
 
 @dataclass(frozen=True)
 class Setting:
-    """One row of the comparison: a method built at one budget (budget None: the baseline)."""
+    """One row of the comparison: a method built at one budget (None: the baseline; OWN_COUNT: a method
+    that picks its own count, built with its defaults)."""
 
     method: str
-    budget: int | None
+    budget: int | str | None
     drop: DropMethod
 
     @property
@@ -72,10 +75,14 @@ def registered_methods() -> list[str]:
 
 
 def build_settings(methods: list[str], budgets: list[int]) -> tuple[list[Setting], dict[str, str]]:
-    """The baseline, then each method at each budget; one that cannot be built is skipped with a note."""
+    """The baseline, then each method at each budget (a method that picks its own count: once, with its
+    defaults); one that cannot be built is skipped with a note."""
     settings = [Setting(BASELINE, None, create_method(BASELINE))]
     skipped: dict[str, str] = {}
     for name in methods:
+        if METHODS[name].own_count:
+            settings.append(Setting(name, OWN_COUNT, create_method(name)))
+            continue
         for budget in budgets:
             try:
                 settings.append(Setting(name, budget, create_method(name, {BUDGET_OPTION: str(budget)})))
@@ -113,6 +120,7 @@ def compare_rows(settings: list[Setting], runs: dict[str, list[dict]]) -> list[d
     for row in rows:
         setting = by_label[row["setting"]]
         row["method"], row["budget"] = setting.method, setting.budget
+        row["family"] = family_of(setting.method)
     return rows
 
 
@@ -122,9 +130,9 @@ def ratio_cell(value: float, ratio: float, fmt: str) -> str:
 
 def markdown_row(row: dict) -> str:
     budget = NO_BUDGET if row["budget"] is None else str(row["budget"])
-    overshoot = "" if row["budget"] is None else f" ({row['avg_vision_tokens'] - row['budget']:+.1f})"
+    overshoot = f" ({row['avg_vision_tokens'] - row['budget']:+.1f})" if isinstance(row["budget"], int) else ""
     cells = [
-        row["method"], budget,
+        row["method"], budget, row["family"],
         f"{row['avg_vision_tokens']:.1f}{overshoot}",
         f"{row['flops_ratio']:.3f}",
         ratio_cell(row["prefill_total_s"], row["prefill_total_ratio"], "{:.3f}"),
@@ -136,8 +144,9 @@ def markdown_row(row: dict) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """One row per method x budget after the baseline; ratios to "none" in parentheses."""
-    header = ["method", "budget", "avg vision tokens (vs budget)", "FLOPs ratio", "prefill (vision+LLM) s",
+    """One row per method x budget after the baseline, with the method's family (where it drops: encoder,
+    prefill, multi-stage, baseline); ratios to "none" in parentheses."""
+    header = ["method", "budget", "family", "avg vision tokens (vs budget)", "FLOPs ratio", "prefill (vision+LLM) s",
               "decode tok/s", "KV cache MiB", "peak extra MiB"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     return "\n".join(lines + [markdown_row(row) for row in rows])
@@ -183,7 +192,8 @@ def describe_run(args: argparse.Namespace, work: Workload, dtype: torch.dtype, s
     return (f"Model: {work.description}.\n\nDevice {args.device} ({platform.processor() or platform.machine()}, "
             f"{torch.get_num_threads()} threads), dtype {dtype}, {args.new_tokens} new tokens (EOS off), median of "
             f"{args.repeats} interleaved repeat(s) after a warm-up. Each method is built with budget=<target "
-            f"layer-averaged vision tokens>; the tokens column gives what it reached (and minus the target). "
+            f"layer-averaged vision tokens> (budget \"own\": a method that picks its own count, with its defaults); "
+            f"the tokens column gives what it reached (and minus the target). "
             f"Ratios to \"none\" in parentheses. Prefill: vision encoding + LLM prefill. Peak extra memory: "
             f"{memory_note(args.device)}, one extra run per setting.{notes}")
 

@@ -82,6 +82,7 @@ class DropMethod:
     family: ClassVar[str] = UNPRUNED
     compact_positions: bool = True  # give the shorter sequence positions 0..len-1 (the reference's rule)
     supports_next: ClassVar[bool] = False  # its vision stage takes LLaVA-NeXT's base image + crops
+    own_count: ClassVar[bool] = False  # picks its own token count per image and refuses a budget
 
     def encode_image(self, model, pixel_values: torch.Tensor) -> VisionOutput:
         return encode_image(model, pixel_values)

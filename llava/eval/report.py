@@ -10,10 +10,11 @@ import argparse
 import json
 from pathlib import Path
 
+from llava.drop.methods.registry import family_of
 from llava.eval.cli_errors import RunError, main_guard
 
 SUMMARY_NAME = "summary.json"
-COLUMNS = ("benchmark", "model", "method", "setting", "questions", "scores", "vision tokens",
+COLUMNS = ("benchmark", "model", "method", "family", "setting", "questions", "scores", "vision tokens",
            "FLOPs ratio", "prefill ms", "decode tok/s", "peak memory MiB")
 MIB = 1024 * 1024
 
@@ -47,6 +48,7 @@ def table_row(summary: dict) -> list[str]:
     memory = summary.get("peak_memory_bytes", summary.get("peak_rss_bytes"))
     return [
         summary.get("benchmark", "?"), summary.get("model", "?"), summary.get("method", "?"),
+        summary.get("family") or family_of(summary.get("method", "?")),
         str(summary.get("setting", "?")), str(summary.get("questions", "?")), format_scores(summary.get("scores", {})),
         number(summary.get("mean_vision_tokens")), number(summary.get("mean_prefill_flops_ratio"), digits=3),
         number(summary.get("mean_prefill_seconds"), 1000.0), number(summary.get("decode_tokens_per_second")),

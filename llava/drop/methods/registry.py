@@ -8,6 +8,7 @@ import pkgutil
 import typing
 
 METHODS: dict[str, type] = {}
+UNKNOWN_FAMILY = "?"
 
 
 def discover_methods() -> None:
@@ -69,6 +70,19 @@ def build_options(options_class, args: dict[str, str], base=None):
         raise ValueError(f"unknown option(s) {', '.join(unknown)} for this method; valid: {', '.join(sorted(fields))}")
     values = {name: _convert(value, hints[name], name) for name, value in args.items()}
     return dataclasses.replace(base, **values) if base is not None else options_class(**values)
+
+
+def option_names(name: str) -> set[str]:
+    """The options method `name` takes (none for an unknown name: `create_method` refuses it, naming it)."""
+    discover_methods()
+    options_class = getattr(METHODS.get(name), "options_class", None)
+    return {f.name for f in dataclasses.fields(options_class) if f.init} if options_class else set()
+
+
+def family_of(name: str) -> str:
+    """Where method `name` drops (llava/drop/method.py's families), "?" for a name not registered."""
+    discover_methods()
+    return METHODS[name].family if name in METHODS else UNKNOWN_FAMILY
 
 
 def create_method(name: str, args: dict[str, str] | None = None, base_options=None):

@@ -33,6 +33,7 @@ from llava.drop.methods.mustdrop import (
 )
 from llava.drop.generate import SamplingConfig
 from llava.drop.methods import DropMethod, create_method, parse_method_args
+from llava.drop.methods.registry import option_names
 from llava.eval.answering.answerer import Answerer
 from llava.eval.answering.answers_file import (
     RUN_KEY,
@@ -100,6 +101,7 @@ def add_stage_args(parser: argparse.ArgumentParser) -> None:
 
 
 COMPILE_BACKEND = "inductor"  # torch.compile's default backend
+SEED_OPTION = "seed"  # a method option that --seed sets too
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -158,6 +160,8 @@ def method_from_args(args: argparse.Namespace) -> DropMethod:
         if name == "none":
             raise ValueError("--budget needs a dropping method: add --sparse or --method NAME")
         method_args.setdefault("budget", str(args.budget))
+    if args.seed is not None and SEED_OPTION in option_names(name):  # e.g. random dropping's draw
+        method_args.setdefault(SEED_OPTION, str(args.seed))
     return create_method(name, method_args, base_options=base)
 
 

@@ -14,6 +14,7 @@ import platform
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from llava.drop.methods.registry import family_of
 from llava.eval.jsonl import read_jsonl
 from llava.eval.cli_errors import RunError, main_guard
 from llava.eval.scoring.summary import summarize_answers
@@ -50,6 +51,7 @@ def build_summary(answers_file: Path, benchmark: str, setting: str, model_path: 
         "model": Path(model_path.rstrip("/")).name,
         "model_path": model_path,
         "method": method_of(drop_flags),
+        "family": family_of(method_of(drop_flags)),
         "setting": setting,
         "drop_flags": drop_flags,
         "questions": len(records),

@@ -12,7 +12,8 @@
 # flags), CONV_MODE (default auto: the checkpoint's own conversation mode from its config files,
 # vicuna_v1 for LLaVA-1.5 and llava-v1.6-vicuna, mistral_instruct for llava-v1.6-mistral, chatml_direct
 # for llava-v1.6-34b), METHOD (another method of llava/drop/methods, e.g. fastv: the setting then
-# becomes its --budget instead of MustDrop's thresholds).
+# becomes its --budget instead of MustDrop's thresholds; the setting "default" runs it with its own
+# defaults, which is how a method that picks its own token count, such as prumerge_plus, runs).
 # LLaVA-NeXT (v1.6) checkpoints run through the same scripts: MODEL_PATH=<v1.6 checkpoint> with the
 # settings 640, 320 or 160 (total vision tokens of the base image and its crops; full runs without
 # dropping) and THR_640/THR_320/THR_160 from `python -m llava.eval.calibrate` (no published pairs).
@@ -20,7 +21,7 @@
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../../.." && pwd -P)"
-USAGE="usage: bash scripts/v1_5/eval/$(basename "$0") [full|192|128|64|640|320|160]"
+USAGE="usage: bash scripts/v1_5/eval/$(basename "$0") [full|192|128|64|640|320|160|default]"
 EXIT_USAGE=2
 # pyproject.toml's runtime dependencies, by import name: a Python lacking one is not the project's.
 REQUIRED_MODULES=(torch transformers accelerate tokenizers sentencepiece google.protobuf safetensors PIL einops
@@ -40,8 +41,10 @@ METHOD="${METHOD:-}"
 case "$SETTING" in
     full|192|128|64) ;;
     640|320|160) NEXT_SETTING=1 ;;  # LLaVA-NeXT's settings (total vision tokens of the base image and crops)
+    default) [ -n "$METHOD" ] || fail "the setting 'default' runs METHOD with its own defaults: set METHOD \
+(e.g. METHOD=prumerge_plus)" "$EXIT_USAGE" ;;
     *) fail "unknown setting '$SETTING': choose full, 192, 128 or 64 (LLaVA-1.5), 640, 320 or 160 (LLaVA-NeXT)\
- ($USAGE)" "$EXIT_USAGE" ;;
+, or default with METHOD ($USAGE)" "$EXIT_USAGE" ;;
 esac
 
 # drop_flags: the runner's flags for the setting. Another METHOD takes the setting as its budget;
@@ -54,6 +57,8 @@ DROP_FLAGS=(--setting "$SETTING")
 THR_NAME="THR_$SETTING"
 if [ "$SETTING" = full ]; then
     :
+elif [ "$SETTING" = default ]; then
+    DROP_FLAGS+=(--method "$METHOD")
 elif [ -n "$METHOD" ]; then
     DROP_FLAGS+=(--method "$METHOD" --budget "$SETTING")
 elif [ -z "${!THR_NAME:-}" ] && [ -n "${NEXT_SETTING:-}" ]; then

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# LLaVA-Bench (in-the-Wild) with MustDrop.   bash scripts/v1_5/eval/llavabench.sh [full|192|128|64|640|320|160]
+# LLaVA-Bench (in-the-Wild) with MustDrop.   bash scripts/v1_5/eval/llavabench.sh [full|192|128|64|640|320|160|default]
 # Thresholds: reused from TextVQA (llava/eval/thresholds.py); calibrate with `python -m llava.eval.calibrate`.
 # The answers are reviewed by a judge (GPT-4 in LLaVA) that this script does not call itself: set
 # JUDGE_CMD to a command that takes LLaVA's eval_gpt_review_bench.py flags, which are appended:

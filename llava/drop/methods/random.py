@@ -1,0 +1,82 @@
+"""Random dropping: keep a uniformly random subset of each image's patch tokens before the projector.
+
+The honest floor of any comparison. Independent evaluations of vision-token pruning (UniPruneBench,
+arXiv 2511.02650; VTC-Bench, arXiv 2510.07143) found that random subsets beat many published methods
+on several benchmarks, so a table without this row can mislead.
+
+- `budget` patch tokens are kept per image (default 64, the paper's smallest LLaVA-1.5 setting), in
+  their grid order; CLS stays when LLaVA's select strategy keeps it. On LLaVA-NeXT the budget is the
+  image's total, shared over the base image and its crops (llava/drop/image_reduction.py).
+- Runs repeat: each image's subset is drawn from a generator seeded by `seed` (the answering CLIs'
+  `--seed`) and a digest of the image's pixel values, so the same image at the same precision keeps the
+  same tokens whatever the question order, batch size, shard or resume point, while different images
+  get independent subsets.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+
+from llava.drop.image_reduction import (
+    ImageReduction,
+    ReducedImage,
+    check_whole_budget,
+    keep_patches,
+    run_to_select_layer,
+)
+from llava.drop.method import BASELINE
+from llava.drop.methods.registry import register
+from llava.drop.vision import PATCHES_START
+
+DEFAULT_BUDGET = 64
+SEED_BYTES = 8  # of the digest, read as the generator's 64-bit seed
+
+
+@dataclass(frozen=True)
+class RandomOptions:
+    """How many patch tokens to keep (the image's total on LLaVA-NeXT) and the seed of the draw."""
+
+    budget: float | None = DEFAULT_BUDGET
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.budget is None:
+            raise ValueError("random dropping needs a budget (the tokens to keep)")
+        check_whole_budget(self.budget)
+
+
+def image_seed(image: torch.Tensor, seed: int) -> int:
+    """A 63-bit generator seed from `seed` and the image's pixel values."""
+    digest = hashlib.sha256(str(seed).encode())
+    digest.update(image.detach().float().cpu().contiguous().numpy().tobytes())
+    return int.from_bytes(digest.digest()[:SEED_BYTES], "little") >> 1
+
+
+def random_subset(patches: int, count: int, seed: int) -> torch.Tensor:
+    """`count` distinct positions among `patches`, uniformly at random from `seed`, ascending."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(patches, generator=generator)[:count].sort().values
+
+
+@register
+class RandomDrop(ImageReduction):
+    """A seeded uniformly random subset of every image's patches; the decoder runs unchanged."""
+
+    name = "random"
+    family = BASELINE
+    options_class = RandomOptions
+
+    def __init__(self, options: RandomOptions | None = None):
+        self.options = options or RandomOptions()
+
+    def reduce(self, model, images: torch.Tensor, counts: list[int | None]) -> list[ReducedImage]:
+        _, _, hidden = run_to_select_layer(model, images)
+        patches = hidden.shape[1] - PATCHES_START
+        reduced = []
+        for image, states, count in zip(images, hidden, counts):
+            kept = random_subset(patches, count, image_seed(image, self.options.seed)).to(states.device)
+            reduced.append(keep_patches(states, kept))
+        return reduced
