@@ -32,6 +32,7 @@ class Answerer:
     def __init__(
         self, tokenizer, model, image_processor, conv_mode: str, sampling: SamplingConfig,
         drop: DropConfig | DropMethod | None = None, compile_backend: str | None = None,
+        stop_strings: tuple[str, ...] = (),
     ):
         get_conv_template(conv_mode)  # fail now on an unknown mode, not at the first question
         self.tokenizer = tokenizer
@@ -41,6 +42,9 @@ class Answerer:
         self.sampling = sampling
         self.drop = drop
         self.compile_backend = compile_backend  # torch.compile the decode step (the batched path) with this backend
+        # Strings that end an answer wherever they appear, cut off with what follows (lmms-eval's `until`);
+        # the template's own stop string ends it only at the end, as LLaVA's stopping criterion does.
+        self.stop_strings = tuple(stop for stop in stop_strings if stop)
         eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None else tokenizer.eos_token_id
         self.eos_token_ids = set(eos) if isinstance(eos, (list, tuple)) else {eos}
 
@@ -70,13 +74,16 @@ class Answerer:
 
         def stopped_by_string(tokens: list[int]) -> bool:
             tail = self.tokenizer.decode(tokens[-STOP_CHECK_TOKENS:], skip_special_tokens=True)
-            return bool(stop_str) and tail.rstrip().endswith(stop_str)
+            return (bool(stop_str) and tail.rstrip().endswith(stop_str)) or any(stop in tail for stop in self.stop_strings)
 
         return inputs, GenerationRequest(inputs.input_ids, inputs.pixel_values, inputs.image_sizes, stopped_by_string)
 
     def finished(self, inputs: ModelInputs, output: GenerationOutput) -> Answer:
-        """The answer's text: decoded, the stop string cut off."""
-        text = self.tokenizer.decode(output.token_ids, skip_special_tokens=True).strip()
+        """The answer's text: decoded, cut at the first of `stop_strings`, the template's stop string cut off."""
+        text = self.tokenizer.decode(output.token_ids, skip_special_tokens=True)
+        for stop in self.stop_strings:
+            text = text.split(stop, 1)[0]
+        text = text.strip()
         if inputs.stop_str and text.endswith(inputs.stop_str):
             text = text[: -len(inputs.stop_str)].strip()
         return Answer(text=text, prompt=inputs.prompt, stats=output.stats)
