@@ -17,7 +17,7 @@ if ! "$VENV/bin/python" -c 'import importlib.util, sys; sys.exit(importlib.util.
 fi
 KEEP_TORCH="$(mktemp)"
 trap 'rm -f "$KEEP_TORCH"' EXIT
-"$VENV/bin/python" -c 'import torch; print(f"torch=={torch.__version__}")' > "$KEEP_TORCH"
+"$VENV/bin/python" -W ignore -c 'import torch; print(f"torch=={torch.__version__}")' > "$KEEP_TORCH"
 "$VENV/bin/python" -m pip install --quiet -e ".[lmms,test]" -c "$KEEP_TORCH"
 # lmms-eval requires torchvision, and the package index's torchvision is built for CUDA torch: next to a
 # CPU torch it cannot load (libc10_cuda.so is missing), and transformers, which imports torchvision when
