@@ -32,6 +32,17 @@ def test_register_refuses_a_taken_name():
     assert METHODS["fastv"] is taken
 
 
+def test_register_refuses_an_unknown_family():
+    class Stranger(DropMethod):
+        name = "stranger"
+        family = "decoder"
+
+    with pytest.raises(ValueError, match="'stranger' has family 'decoder'; choose one of encoder, prefill, "
+                                         "multi-stage, baseline"):
+        register(Stranger)
+    assert "stranger" not in METHODS
+
+
 def test_engine_imports_no_concrete_method():
     """The engine sees only the interface (llava/drop/method.py), never the methods package."""
     for module in ENGINE_MODULES:

@@ -43,14 +43,15 @@ def test_unknown_setting_is_refused(tmp_path, script, setting):
     assert done.returncode == 2 and f"unknown setting '{setting}'" in done.stderr
 
 
-def test_method_setting_runs_another_method_at_a_budget(tiny_original, tmp_path):
-    """METHOD=fastv turns the setting into --method fastv --budget N; the summary names the method."""
-    done = run_demo_script("textvqa.sh", "128", tiny_original, {
+def test_the_default_setting_runs_a_method_with_its_own_count(tiny_original, tmp_path):
+    """METHOD=prumerge_plus with the setting "default" runs --method prumerge_plus without a budget (a METHOD
+    with a numeric setting takes it as its budget: tests/test_scripts_gqa.py runs METHOD=tome ... 64)."""
+    done = run_demo_script("textvqa.sh", "default", tiny_original, {
         "EVAL_DIR": str(tmp_path), "ANNOTATION_FILE": str(DEMO_DIR / "TextVQA_demo_annotations.json"),
-        "METHOD": "fastv",
+        "METHOD": "prumerge_plus",
     })
     assert done.returncode == 0, done.stderr
-    answer_dir = tmp_path / "textvqa" / "answers" / f"{tiny_original.name}-fastv-128"
+    answer_dir = tmp_path / "textvqa" / "answers" / f"{tiny_original.name}-prumerge_plus-default"
     summary = json.loads((answer_dir / "summary.json").read_text())
-    assert summary["method"] == "fastv" and summary["setting"] == "128"
-    assert abs(summary["mean_vision_tokens"] - 128) <= 1
+    assert (summary["method"], summary["family"], summary["setting"]) == ("prumerge_plus", "encoder", "default")
+    assert "--budget" not in summary["drop_flags"] and 1 < summary["mean_vision_tokens"] <= 577

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 from PIL import Image
 
 from tests.conftest import run_demo_script
@@ -48,22 +47,17 @@ def test_gqa_script_scores_and_summarises(tiny_original, tmp_path):
     assert summary["scores"]["questions"] == 3 and 0 <= summary["scores"]["accuracy"] <= 100
 
 
-@pytest.mark.parametrize("method, setting, tokens", [("tome", "64", 64), ("prumerge_plus", "default", None)])
-def test_gqa_script_runs_the_encoder_methods(tiny_original, tmp_path, method, setting, tokens):
-    """METHOD=tome bash gqa.sh 64, and a method that picks its own count through the `default` setting."""
+def test_gqa_script_runs_tome_at_a_budget(tiny_original, tmp_path):
+    """METHOD=tome bash gqa.sh 64: the setting becomes tome's budget, reached exactly."""
     data = _gqa_fixture(tmp_path)
-    done = run_demo_script("gqa.sh", setting, tiny_original, {
+    done = run_demo_script("gqa.sh", "64", tiny_original, {
         "EVAL_DIR": str(tmp_path), "QUESTION_FILE": str(data / "llava_gqa_testdev_balanced.jsonl"),
-        "IMAGE_FOLDER": str(data / "data" / "images"), "METHOD": method,
+        "IMAGE_FOLDER": str(data / "data" / "images"), "METHOD": "tome",
     })
     assert done.returncode == 0, done.stderr
-    summary = json.loads((data / "answers" / f"{tiny_original.name}-{method}-{setting}" / "summary.json").read_text())
-    assert (summary["method"], summary["family"], summary["setting"], summary["questions"]) == \
-        (method, "encoder", setting, 3)
-    if tokens is not None:
-        assert summary["mean_vision_tokens"] == tokens
-    else:
-        assert 1 < summary["mean_vision_tokens"] < 576
+    summary = json.loads((data / "answers" / f"{tiny_original.name}-tome-64" / "summary.json").read_text())
+    assert (summary["method"], summary["family"], summary["setting"], summary["questions"]) == ("tome", "encoder", "64", 3)
+    assert "--budget 64" in summary["drop_flags"] and summary["mean_vision_tokens"] == 64
 
 
 def test_the_default_setting_needs_a_method(tmp_path):

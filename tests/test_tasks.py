@@ -73,8 +73,9 @@ def test_runner_answers_scores_and_summarises_textvqa(tiny_original, tmp_path, c
 
 @pytest.mark.parametrize("method, family", [("prumerge", "encoder"), ("random", "baseline"), ("pool", "baseline")])
 def test_runner_runs_the_encoder_and_baseline_methods(tiny_original, tmp_path, method, family):
-    """The task runner with each method the scripts test does not run (tome and prumerge_plus run through
-    gqa.sh in tests/test_scripts_gqa.py): budget 64 reaches 64 tokens (pooling: 8 x 8)."""
+    """The task runner with each method the scripts tests do not run (tome runs through gqa.sh in
+    tests/test_scripts_gqa.py, prumerge_plus through textvqa.sh in tests/test_scripts.py): budget 64
+    reaches 64 tokens (pooling: 8 x 8)."""
     folder = demo_textvqa(tmp_path)
     run_main(["--tasks", "textvqa", "--model-path", str(tiny_original), "--eval-dir", str(tmp_path),
               "--method", method, "--budget", "64", "--max_new_tokens", "1", "--device", "cpu"])

@@ -7,6 +7,8 @@ import importlib
 import pkgutil
 import typing
 
+from llava.drop.method import FAMILIES, UNPRUNED
+
 METHODS: dict[str, type] = {}
 UNKNOWN_FAMILY = "?"
 
@@ -20,7 +22,11 @@ def discover_methods() -> None:
 
 
 def register(method_class: type) -> type:
-    """Add `method_class` under its `name`; a name already taken is refused, not silently replaced."""
+    """Add `method_class` under its `name`; a name already taken is refused, not silently replaced, and so
+    is a family comparison tables do not know."""
+    if method_class.family not in (UNPRUNED, *FAMILIES):
+        raise ValueError(f"method {method_class.name!r} has family {method_class.family!r}; choose one of "
+                         f"{', '.join(FAMILIES)}")
     taken = METHODS.get(method_class.name)
     if taken is not None:
         raise ValueError(f"method name {method_class.name!r} is already registered by "
