@@ -65,11 +65,16 @@ def run_to_select_layer(model, images: torch.Tensor) -> tuple[torch.nn.Module, t
     return layers[selected - 1], states[selected - 1], states[selected]
 
 
-def crop_grid(model, image_sizes: torch.Tensor) -> tuple[int, int]:
-    """(rows, columns) of crops LLaVA-NeXT tiled this image into, by transformers' own anyres rule."""
+def crop_grid(model, image_sizes: torch.Tensor, crops: int) -> tuple[int, int]:
+    """(rows, columns) of crops LLaVA-NeXT tiled this image into, by transformers' own anyres rule;
+    refused unless it holds the `crops` crops that were given."""
     config = model.config
-    return get_anyres_image_grid_shape(image_sizes[0].tolist(), config.image_grid_pinpoints,
+    grid = get_anyres_image_grid_shape(image_sizes[0].tolist(), config.image_grid_pinpoints,
                                        config.vision_config.image_size)
+    if grid[0] * grid[1] != crops:
+        raise ValueError(f"image size {image_sizes[0].tolist()} tiles into {grid[0]} x {grid[1]} crops, "
+                         f"but {crops} crops were given")
+    return grid
 
 
 def unpruned_next_count(model, image_sizes: torch.Tensor, grid: tuple[int, int], per_image: int, side: int) -> int:
@@ -97,10 +102,14 @@ def patch_side(model) -> int:
 
 class ImageReduction(DropMethod):
     """A vision-stage method applied to each tower image on its own (module docstring); subclasses keep
-    their options in `self.options` (with a `budget` field, None for the method's own count) and write
-    `reduce`."""
+    their options in `self.options` (an `options_class` instance with a `budget` field, None for the
+    method's own count) and write `reduce`."""
 
     supports_next = True
+    options_class: type
+
+    def __init__(self, options=None):
+        self.options = options or self.options_class()
 
     def reduce(self, model, images: torch.Tensor, counts: list[int | None]) -> list[ReducedImage]:
         """Each of the images [n, 3, H, W] (already in the tower's dtype and device) cut to its count of
@@ -159,10 +168,7 @@ class ImageReduction(DropMethod):
     def encode_next(self, model, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> VisionOutput:
         """Every tower image reduced on its own, one after the other (module docstring)."""
         check_next_inputs(self.name, pixel_values, image_sizes)
-        grid, side = crop_grid(model, image_sizes), patch_side(model)
-        if grid[0] * grid[1] != pixel_values.shape[1] - 1:
-            raise ValueError(f"image size {image_sizes[0].tolist()} tiles into {grid[0]} x {grid[1]} crops, "
-                             f"but {pixel_values.shape[1] - 1} crops were given")
+        grid, side = crop_grid(model, image_sizes, pixel_values.shape[1] - 1), patch_side(model)
         projected, _, cls_kept = self.run(model, pixel_values[0])
         features = torch.cat(projected)
         per_image = side * side + cls_kept

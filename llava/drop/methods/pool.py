@@ -77,9 +77,6 @@ class Pool(ImageReduction):
     family = BASELINE
     options_class = PoolOptions
 
-    def __init__(self, options: PoolOptions | None = None):
-        self.options = options or PoolOptions()
-
     def check_model(self, geometry) -> None:
         """Also refuse a pooled grid larger than the image's."""
         super().check_model(geometry)

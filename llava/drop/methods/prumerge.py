@@ -216,9 +216,6 @@ class PruMerge(ImageReduction):
     family = ENCODER
     options_class = PruMergeOptions
 
-    def __init__(self, options: PruMergeOptions | None = None):
-        self.options = options or self.options_class()
-
     def kept_patches(self, cls_attn: torch.Tensor, count: int | None) -> torch.Tensor:
         """Patches kept whole, in output order: the top ones by cls_attn, best first; `count` (a share of
         the budget, extra token included) fixes how many, None takes the IQR outliers."""

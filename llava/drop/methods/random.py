@@ -69,9 +69,6 @@ class RandomDrop(ImageReduction):
     family = BASELINE
     options_class = RandomOptions
 
-    def __init__(self, options: RandomOptions | None = None):
-        self.options = options or RandomOptions()
-
     def reduce(self, model, images: torch.Tensor, counts: list[int | None]) -> list[ReducedImage]:
         _, _, hidden = run_to_select_layer(model, images)
         patches = hidden.shape[1] - PATCHES_START

@@ -234,9 +234,6 @@ class ToMe(ImageReduction):
     family = ENCODER
     options_class = ToMeOptions
 
-    def __init__(self, options: ToMeOptions | None = None):
-        self.options = options or ToMeOptions()
-
     def schedule(self, count: int | None, patches: int, layers: int, images: int) -> list[int]:
         """Merges per run layer leaving `count` patch tokens (None: `r` per layer, capped); a count the
         constant schedule cannot reach is refused with the smallest reachable budget over `images`."""

@@ -233,10 +233,7 @@ class VisionZip(DropMethod):
                   for image, (dominant, contextual) in enumerate(counts)]
         projected = [project_features(model, sequence) for sequence, *_ in zipped]
         cls_kept = projected[0].shape[0] - sum(counts[0])  # 1 under the `full` select strategy, else 0
-        grid, side = crop_grid(model, image_sizes), math.isqrt(hidden.shape[1] - PATCHES_START)
-        if grid[0] * grid[1] != len(counts) - 1:
-            raise ValueError(f"image size {image_sizes[0].tolist()} tiles into {grid[0]} x {grid[1]} crops, "
-                             f"but {len(counts) - 1} crops were given")
+        grid, side = crop_grid(model, image_sizes, len(counts) - 1), math.isqrt(hidden.shape[1] - PATCHES_START)
         if getattr(model.config, "mm_patch_merge_type", None) == FLAT_MERGE:
             features = torch.cat(projected)
         else:
