@@ -33,9 +33,12 @@ else
         exit 1
     fi
     nvidia-smi -L || true
-    # 3 repeats and 32 new tokens keep the three runs (three 7B builds included) under 8 minutes on an H100.
+    # 3 repeats and 32 new tokens keep the four runs (four 7B builds included) under 8 minutes on an H100.
     COMMON=(--shape 7b --device cuda --dtype bfloat16 --repeats 3)
-    THROUGHPUT=(--methods mustdrop,fastv,visionzip --repeats 1)  # batches 1, 4, 8, 16; 3- and 128-token answers
+    # The decoder-stage methods and VisionZip, eager and replayed as a CUDA graph side by side; 128-token
+    # answers at batches 1, 8 and 16 (3-token answers measure prefill, which prefill_decode already does).
+    THROUGHPUT=(--methods mustdrop,fastv,pdrop,sparsevlm,visionzip --decode eager,cuda-graph --batch-sizes 1,8,16
+                --answer-tokens 128 --repeats 1)
     COMPARE=()
 fi
 "$PYTHON" -c 'import torch, transformers; print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), transformers {transformers.__version__}")'

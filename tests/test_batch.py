@@ -109,7 +109,8 @@ def test_batch_positions_share_rows_across_layers_and_prompts():
     positions = BatchPositions([[9, 9, 4], [7, 7, 7]], torch.device("cpu"))
     assert positions.row_of_layer == [1, 1, 0]
     assert positions.rows.tolist() == [[4, 7], [9, 7]]
-    positions.step = 2
+    positions.advance()
+    positions.advance()
     assert positions.current().tolist() == [[6, 9], [11, 9]]
 
 
@@ -163,3 +164,25 @@ def test_cli_compile_flag_answers_through_the_compiled_step(tiny_original, tmp_p
     answer_main(cli_args(tiny_original, questions, tmp_path / "plain.jsonl"))
     answer_main(cli_args(tiny_original, questions, tmp_path / "compiled.jsonl", "--compile"))
     assert answer_lines(tmp_path / "compiled.jsonl") == answer_lines(tmp_path / "plain.jsonl")
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--cuda-graph", "--device", "cpu"], "--cuda-graph needs a CUDA device; this run uses cpu"),
+    (["--cuda-graph", "--compile"], "--cuda-graph and --compile both speed up the decode step; choose one"),
+])
+def test_runner_refuses_a_decode_step_that_cannot_run(tmp_path, extra, message):
+    from llava.eval.run import main as run_main
+
+    with pytest.raises(SystemExit) as stop:
+        run_main(["--tasks", "textvqa", "--model-path", "m", "--eval-dir", str(tmp_path), *extra])
+    assert str(stop.value.code).endswith(message)
+
+
+def test_generate_batch_refuses_cuda_graphs_off_cuda_before_any_prefill(loaded_original, demo_images):
+    model = loaded_original[1]
+    requests = requests_for(loaded_original, demo_images)[:1]
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device; the model is on cpu"):
+        generate_batch(model, requests, SamplingConfig(max_new_tokens=2), set(), cuda_graph=True)
+    with pytest.raises(ValueError, match="choose one of torch.compile and CUDA graphs"):
+        generate_batch(model, requests, SamplingConfig(max_new_tokens=2), set(), compile_backend="eager",
+                       cuda_graph=True)

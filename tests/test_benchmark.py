@@ -102,6 +102,7 @@ def check_throughput(folder, saved: dict) -> None:
         ("none", 1, 3), ("fastv@64", 1, 3), ("none", 2, 3), ("fastv@64", 2, 3)]
     for row in rows:
         assert row["questions_per_s"] > 0 and row["decode_tok_s"] > 0
+        assert row["decode"] == "eager" and row["same_tokens"] and row["decode_vs_eager"] == 1.0
     by_key = {(r["setting"], r["batch_size"]): r for r in rows}
     assert by_key[("none", 1)]["avg_vision_tokens"] == 576
     assert abs(by_key[("fastv@64", 2)]["avg_vision_tokens"] - 64) < 0.65  # the closed form rounds keep

@@ -1,5 +1,6 @@
 """The engine on a GPU: every tensor it makes lands on the model's device, the unpruned loop still equals
-transformers' generate() there, and every method runs there at a budget, in fp32 and in bf16.
+transformers' generate() there, every method runs there at a budget, in fp32 and in bf16, and a decode step
+replayed as a CUDA graph gives the eager step's tokens with one host sync per token.
 
 Skipped without CUDA (CI has none); on a GPU machine run `pytest tests/test_cuda.py`. To try the same
 checks on another device, set MUSTDROP_TEST_DEVICE (e.g. `cpu`).
@@ -12,7 +13,9 @@ import os
 
 import pytest
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from llava.drop.batch import GenerationRequest, generate_batch
 from llava.drop.generate import SamplingConfig, generate
 from llava.drop.methods import METHODS, create_method
 from llava.drop.methods.registry import discover_methods
@@ -79,8 +82,8 @@ def runnable_methods(arch: str, model) -> list[str]:
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_every_method_runs_on_the_device_at_a_budget(arch, checkpoint, dtype):
     """The layer-averaged count as on CPU in fp32, within 1 % of the budget (budgets fix the counts; rankings
-    and MustDrop's merge count, within its bounds, depend on the arithmetic), sampling with a seed repeats,
-    and nothing leaves the device."""
+    and MustDrop's merge count, within its bounds, depend on the arithmetic; a method that picks its own
+    count is held to CPU's count in fp32 only), sampling with a seed repeats, and nothing leaves the device."""
     tokenizer, model, image_processor, _ = loaded(checkpoint, dtype)
     cpu = load_pretrained_model(str(checkpoint), device="cpu", torch_dtype="fp32")
     inputs = question_inputs(tokenizer, model, image_processor)
@@ -93,7 +96,8 @@ def test_every_method_runs_on_the_device_at_a_budget(arch, checkpoint, dtype):
         assert len(tokens) >= 1 and math.isfinite(stats["avg_vision_tokens"]), name
         if dtype == "fp32":
             assert stats["vision_tokens"] == cpu_stats["vision_tokens"], name
-        assert abs(stats["avg_vision_tokens"] - cpu_stats["avg_vision_tokens"]) <= 0.01 * BUDGETS[arch], name
+        if not METHODS[name].own_count:  # PruMerge+ picks its count from outliers, which bf16 rounding moves
+            assert abs(stats["avg_vision_tokens"] - cpu_stats["avg_vision_tokens"]) <= 0.01 * BUDGETS[arch], name
         first, _ = run(model, tokenizer, inputs, method, temperature=0.7, top_p=0.9, seed=3)
         second, _ = run(model, tokenizer, inputs, method, temperature=0.7, top_p=0.9, seed=3)
         assert first == second, name
@@ -137,3 +141,67 @@ def syncs_while_decoding(model, inputs, method, new_tokens: int) -> int:
                 torch.cuda.set_sync_debug_mode("default")
     assert len(tokens) == new_tokens
     return sum("synchroniz" in str(warning.message) for warning in caught)
+
+
+# SDPA's backends whose forward gives the same bits at every run (PyTorch's randomness notes).
+RUN_TO_RUN_EXACT_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+GRAPH_QUESTIONS = ["What is written here?", "Describe the picture in a few words, please.", "Which colour?"]
+TIMINGS = ("vision_seconds", "prefill_seconds", "decode_seconds", "scoring_seconds", "peak_memory_bytes",
+           "peak_rss_bytes")
+
+
+def ragged_requests(tokenizer, model, image_processor) -> list[GenerationRequest]:
+    requests = []
+    for question in GRAPH_QUESTIONS:
+        inputs = encode_question(question, load_image(SQUARE_IMAGE), model, tokenizer, image_processor, "vicuna_v1")
+        requests.append(GenerationRequest(inputs.input_ids, inputs.pixel_values, inputs.image_sizes))
+    return requests
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs")
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_cuda_graph_decoding_equals_eager_decoding_for_every_method(arch, checkpoint, dtype):
+    """Three ragged prompts decoded together: the replayed graph runs the eager step's kernels on the same
+    buffers, so every answer and every non-timing statistic must be identical, for every method. cuDNN's
+    attention, SDPA's first choice in bf16 on Hopper, is left out: it is not exact from run to run (two
+    eager runs of a 7B-wide model part ways within 32 tokens on an H200), so it would hide what is tested."""
+    tokenizer, model, image_processor, _ = loaded(checkpoint, dtype)
+    requests = ragged_requests(tokenizer, model, image_processor)
+    sampling = SamplingConfig(max_new_tokens=2 * NEW_TOKENS)
+    for name in ["none", *runnable_methods(arch, model)]:
+        method = None if name == "none" else method_at_budget(name, BUDGETS[arch])
+        with sdpa_kernel(RUN_TO_RUN_EXACT_ATTENTION):
+            eager = generate_batch(model, requests, sampling, set(), method)
+            graphed = generate_batch(model, requests, sampling, set(), method, cuda_graph=True)
+        assert [out.token_ids for out in graphed] == [out.token_ids for out in eager], name
+        assert all(len(out.token_ids) == sampling.max_new_tokens for out in graphed), name
+        for ours, theirs in zip(graphed, eager):
+            assert {k: v for k, v in ours.stats.items() if k not in TIMINGS} == \
+                {k: v for k, v in theirs.stats.items() if k not in TIMINGS}, name
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="counts CUDA synchronisations")
+def test_cuda_graph_decoding_syncs_with_the_host_once_per_token(checkpoint):
+    """As for the eager loop: decoding 4 tokens more through the replayed graph costs exactly 4 syncs more."""
+    tokenizer, model, image_processor, _ = loaded(checkpoint, "bf16")
+    requests = ragged_requests(tokenizer, model, image_processor)[:2]
+    arch = "next" if requests[0].image_sizes is not None else "llava"
+    method = create_method("fastv", {"budget": str(BUDGETS[arch])})
+
+    def syncs(new_tokens: int) -> int:
+        import warnings
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                outputs = generate_batch(model, requests, SamplingConfig(max_new_tokens=new_tokens), set(), method,
+                                         cuda_graph=True)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        assert all(len(out.token_ids) == new_tokens for out in outputs)
+        return sum("synchroniz" in str(warning.message) for warning in caught)
+
+    syncs(9)
+    short, long = syncs(5), syncs(9)
+    assert long - short == 4, (short, long)

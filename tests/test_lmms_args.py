@@ -35,6 +35,8 @@ def test_load_run_validates_before_loading_and_loads(tiny_original):
         load_run({"pretrained": str(tiny_original), "method": "nosuch"}, 1)
     with pytest.raises(ValueError, match="budget 600 exceeds the 576 vision tokens"):
         load_run({"pretrained": str(tiny_original), "method": "fastv", "budget": 600, "device": "cpu"}, 1)
+    with pytest.raises(ValueError, match="--cuda-graph needs a CUDA device; this run uses cpu"):
+        load_run({"pretrained": str(tiny_original), "method": "fastv", "cuda_graph": True, "device": "cpu"}, 1)
     with pytest.raises(ValueError, match="unknown option\\(s\\) depth for this method"):
         load_run({"pretrained": str(tiny_original), "method": "fastv", "depth": 3, "device": "cpu"}, 1)
     run = load_run({"pretrained": str(tiny_original), "method": "tome", "budget": 64, "device": "cpu"}, 2)

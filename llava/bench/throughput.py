@@ -3,7 +3,8 @@
 At batch 1 a decode step is bound by reading the weights, so a smaller KV cache barely shows; with more
 answers per step the caches' reads grow and dropping turns into throughput. For the unpruned model and
 each method at one budget, for short and long answers, this measures questions per second (vision stage,
-prefill and decoding of the whole batch), decode tokens per second and peak memory at each batch size.
+prefill and decoding of the whole batch), decode tokens per second and peak memory at each batch size,
+for each way of running the decode step (`--decode`: eager, replayed as a CUDA graph, or compiled).
 Settings are interleaved per repeat after a warm-up, as in the other benchmarks. The prompts of a batch
 differ in length (each drops a few text tokens more than the one before), so batches are ragged as in a
 real evaluation.
@@ -15,6 +16,7 @@ import argparse
 import platform
 import statistics
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -32,6 +34,9 @@ QUICK_BATCH_SIZES, QUICK_ANSWER_LENGTHS = (1, 2), (3, 6)
 DEFAULT_BUDGET = 64
 TEXT_TOKENS_DROPPED_PER_PROMPT = 3  # prompt n loses 3n text tokens: a ragged batch
 OUTPUT_STEM = "throughput"
+EAGER, CUDA_GRAPH, COMPILE = "eager", "cuda-graph", "compile"
+DECODE_MODES = (EAGER, CUDA_GRAPH, COMPILE)
+COMPILE_BACKEND = "inductor"
 DEFAULT_OUT = RESULTS_DIR / "throughput"
 
 
@@ -47,7 +52,12 @@ def batch_requests(work: Workload, size: int) -> list[GenerationRequest]:
     return requests
 
 
-def run_batch(work: Workload, setting: Setting, size: int, answer_tokens: int, compile_backend: str | None = None) -> dict:
+def step_options(decode: str) -> dict:
+    """`generate_batch`'s arguments for one decode mode."""
+    return {"compile_backend": COMPILE_BACKEND if decode == COMPILE else None, "cuda_graph": decode == CUDA_GRAPH}
+
+
+def run_batch(work: Workload, setting: Setting, size: int, answer_tokens: int, decode: str = EAGER) -> dict:
     """One batch with EOS off (every answer decodes `answer_tokens`), timed end to end."""
     device = work.model.lm_head.weight.device
     requests = batch_requests(work, size)
@@ -57,7 +67,7 @@ def run_batch(work: Workload, setting: Setting, size: int, answer_tokens: int, c
         before = torch.cuda.memory_allocated(device)
     started = time.perf_counter()
     outputs = generate_batch(work.model, requests, SamplingConfig(max_new_tokens=answer_tokens), set(), setting.drop,
-                             compile_backend)
+                             **step_options(decode))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - started
@@ -70,73 +80,93 @@ def run_batch(work: Workload, setting: Setting, size: int, answer_tokens: int, c
         "peak_memory_bytes": torch.cuda.max_memory_allocated(device) - before if device.type == "cuda" else None,
         "avg_vision_tokens": statistics.mean(output.stats["avg_vision_tokens"] for output in outputs),
         "kv_cache_bytes": sum(output.stats["kv_cache_bytes"] for output in outputs),
+        "token_ids": [output.token_ids for output in outputs],
     }
 
 
 def measure(work: Workload, settings: list[Setting], batch_sizes: list[int], lengths: list[int],
-            repeats: int, compile_backend: str | None = None) -> list[dict]:
-    """Median over repeats of every (answer length, batch size, setting), settings interleaved (the warm-up
-    also compiles each shape when `compile_backend` is set)."""
+            repeats: int, decodes: Sequence[str] = (EAGER,)) -> list[dict]:
+    """Median over repeats of every (answer length, batch size, decode mode, setting), settings and modes
+    interleaved (the warm-up also records or compiles each shape). `same_tokens` says whether a mode decoded
+    exactly the first mode's tokens (EOS is off, so its speed holds either way, but a step that changes
+    answers is no free speed-up)."""
     rows = []
+    variants = [(decode, setting) for decode in decodes for setting in settings]
     for length in lengths:
         for size in batch_sizes:
-            for setting in settings:  # warm-up: every shape once, untimed
-                run_batch(work, setting, size, length, compile_backend)
-            runs: dict[str, list[dict]] = {setting.label: [] for setting in settings}
+            for decode, setting in variants:  # warm-up: every shape once, untimed
+                run_batch(work, setting, size, length, decode)
+            runs: dict[tuple[str, str], list[dict]] = {(decode, setting.label): [] for decode, setting in variants}
             for _ in range(repeats):
-                for setting in settings:
-                    runs[setting.label].append(run_batch(work, setting, size, length, compile_backend))
-            for setting in settings:
-                measured = runs[setting.label]
+                for decode, setting in variants:
+                    runs[decode, setting.label].append(run_batch(work, setting, size, length, decode))
+            for decode, setting in variants:
+                measured = runs[decode, setting.label]
+                same = measured[0]["token_ids"] == runs[decodes[0], setting.label][0]["token_ids"]
+                if not same:
+                    print(f"warning: {setting.label} at batch {size}: the {decode} step decoded other tokens "
+                          f"than {decodes[0]}")
                 row = {key: statistics.median(run[key] for run in measured) if measured[0][key] is not None else None
-                       for key in measured[0]}
-                rows.append({"setting": setting.label, "answer_tokens": length, "batch_size": size, **row})
+                       for key in measured[0] if key != "token_ids"}
+                rows.append({"setting": setting.label, "decode": decode, "answer_tokens": length, "batch_size": size,
+                             "same_tokens": same, **row})
     return add_ratios(rows)
 
 
 def add_ratios(rows: list[dict]) -> list[dict]:
-    """Each row's decode tokens/s and questions/s against the unpruned model at the same batch size and length,
-    and against the same setting at batch 1."""
-    def find(setting: str, length: int, size: int) -> dict | None:
-        return next((r for r in rows if (r["setting"], r["answer_tokens"], r["batch_size"]) == (setting, length, size)),
-                    None)
-
+    """Each row's decode tokens/s and questions/s against the unpruned model at the same batch size, length
+    and decode mode, against the same setting at batch 1, and against the same setting decoded eagerly."""
+    by_key = {(r["setting"], r["decode"], r["answer_tokens"], r["batch_size"]): r for r in rows}
     for row in rows:
-        unpruned = find("none", row["answer_tokens"], row["batch_size"])
-        alone = find(row["setting"], row["answer_tokens"], 1)
+        setting, decode, length, size = row["setting"], row["decode"], row["answer_tokens"], row["batch_size"]
+        unpruned = by_key[("none", decode, length, size)]
+        alone = by_key.get((setting, decode, length, 1))
+        eager = by_key.get((setting, EAGER, length, size))
         row["decode_vs_none"] = row["decode_tok_s"] / unpruned["decode_tok_s"]
         row["questions_vs_batch1"] = row["questions_per_s"] / alone["questions_per_s"] if alone else None
+        row["decode_vs_eager"] = row["decode_tok_s"] / eager["decode_tok_s"] if eager else None
     return rows
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| answer tokens | batch | setting | vision tokens | questions/s (x batch 1) | decode tok/s (x none) "
-             "| KV cache MiB | peak MiB |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| answer tokens | batch | decode step | setting | vision tokens | questions/s (x batch 1) "
+             "| decode tok/s (x none) (x eager) | KV cache MiB | peak MiB |", "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         vs_one = "" if row["questions_vs_batch1"] is None else f" ({row['questions_vs_batch1']:.2f}x)"
+        vs_eager = "" if row["decode_vs_eager"] is None else f" ({row['decode_vs_eager']:.2f}x)"
         peak = "-" if row["peak_memory_bytes"] is None else f"{row['peak_memory_bytes'] / 2**20:.0f}"
-        lines.append(f"| {row['answer_tokens']} | {row['batch_size']} | {row['setting']} | {row['avg_vision_tokens']:.1f} "
-                     f"| {row['questions_per_s']:.3f}{vs_one} | {row['decode_tok_s']:.1f} ({row['decode_vs_none']:.2f}x) "
+        differs = "" if row["same_tokens"] else " (other tokens!)"
+        lines.append(f"| {row['answer_tokens']} | {row['batch_size']} | {row['decode']}{differs} | {row['setting']} "
+                     f"| {row['avg_vision_tokens']:.1f} | {row['questions_per_s']:.3f}{vs_one} "
+                     f"| {row['decode_tok_s']:.1f} ({row['decode_vs_none']:.2f}x){vs_eager} "
                      f"| {row['kv_cache_bytes'] / 2**20:.1f} | {peak} |")
     return "\n".join(lines)
 
 
 def draw(rows: list[dict], title: str, path: Path) -> None:
-    """Decode tokens/s and questions/s against batch size, one line per setting, a column per answer length."""
+    """Decode tokens/s and questions/s against batch size, one line per setting (dashed: eagerly decoded when
+    a faster decode step is measured too), a column per answer length."""
     lengths = sorted({row["answer_tokens"] for row in rows})
+    decodes = list(dict.fromkeys(row["decode"] for row in rows))
     settings = list(dict.fromkeys(row["setting"] for row in rows))
-    fig, axes = plt.subplots(2, len(lengths), figsize=(6 * len(lengths), 8), squeeze=False)
+    fig, axes = plt.subplots(2, len(lengths), figsize=(max(6 * len(lengths), 9), 8), squeeze=False)
     for column, length in enumerate(lengths):
-        for row_index, (key, label) in enumerate((("decode_tok_s", "decode tokens/s"),
-                                                   ("questions_per_s", "questions/s"))):
+        for row_index, (key, metric) in enumerate((("decode_tok_s", "decode tokens/s"),
+                                                    ("questions_per_s", "questions/s"))):
             ax = axes[row_index][column]
-            for setting in settings:
-                points = [r for r in rows if r["setting"] == setting and r["answer_tokens"] == length]
-                style = {"color": "black", "linewidth": 2.5} if setting == "none" else {}
-                ax.plot([p["batch_size"] for p in points], [p[key] for p in points], marker="o", label=setting, **style)
+            for decode in decodes:
+                for setting_index, setting in enumerate(settings):
+                    points = [r for r in rows
+                              if (r["setting"], r["decode"], r["answer_tokens"]) == (setting, decode, length)]
+                    style = {"color": "black" if setting == "none" else f"C{setting_index}",
+                             "linewidth": 2.5 if setting == "none" else 1.5,
+                             "linestyle": "--" if decode == EAGER and len(decodes) > 1 else "-"}
+                    label = setting if len(decodes) == 1 else f"{setting} ({decode})"
+                    ax.plot([p["batch_size"] for p in points], [p[key] for p in points], marker="o", label=label,
+                            **style)
             ax.set_xscale("log", base=2)
             ax.set_xlabel("batch size")
-            ax.set_ylabel(label)
+            ax.set_ylabel(metric)
             ax.set_title(f"{length}-token answers", fontsize=10)
             ax.set_ylim(bottom=0)
     axes[0][0].legend(fontsize=8)
@@ -155,7 +185,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-sizes", type=lambda text: [int(b) for b in parse_list(text)])
     parser.add_argument("--answer-tokens", type=lambda text: [int(b) for b in parse_list(text)])
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (inductor)")
+    parser.add_argument("--decode", type=parse_list, default=[EAGER],
+                        help=f"comma-separated decode steps to measure side by side: {', '.join(DECODE_MODES)} "
+                             "(cuda-graph needs a CUDA device; compile uses torch.compile's inductor); default eager")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     args.batch_sizes = args.batch_sizes or list(QUICK_BATCH_SIZES if args.quick else DEFAULT_BATCH_SIZES)
@@ -163,6 +195,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if min(args.batch_sizes) < 1 or 1 not in args.batch_sizes:
         parser.error(f"--batch-sizes must be positive and include 1 (the reference), got {args.batch_sizes}")
     check_decode_length(parser, args.answer_tokens, "--answer-tokens")
+    unknown = [mode for mode in args.decode if mode not in DECODE_MODES]
+    if unknown or len(set(args.decode)) != len(args.decode):
+        parser.error(f"--decode takes distinct modes among {', '.join(DECODE_MODES)}, got {','.join(args.decode)}")
+    if CUDA_GRAPH in args.decode and not str(args.device).startswith("cuda"):
+        parser.error(f"--decode {CUDA_GRAPH} needs a CUDA device, got --device {args.device}")
     args.methods = checked_methods(parser, args.methods)
     return args
 
@@ -173,11 +210,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     dtype, started = start_run(args)
     settings, skipped = build_settings(args.methods, [args.budget])
     work = load_workload(args, dtype)
-    rows = measure(work, settings, args.batch_sizes, args.answer_tokens, args.repeats,
-                   "inductor" if args.compile else None)
+    rows = measure(work, settings, args.batch_sizes, args.answer_tokens, args.repeats, args.decode)
     notes = "".join(f"\n\nSkipped {label}: {why}" for label, why in skipped.items())
     header = (f"Model: {work.description}.\n\nDevice {args.device} ({platform.processor() or platform.machine()}, "
-              f"{torch.get_num_threads()} threads), dtype {dtype}{', decode step compiled' if args.compile else ''}; each method built with budget={args.budget}; EOS off; "
+              f"{torch.get_num_threads()} threads), dtype {dtype}, decode step {' and '.join(args.decode)}; "
+              f"each method built with budget={args.budget}; EOS off; "
               f"median of {args.repeats} repeat(s) after a warm-up per shape. questions/s: the whole batch (vision, "
               f"prefill one prompt at a time, decoding together) end to end; decode tok/s: tokens after the first "
               f"over the shared decode time. Peak: CUDA max allocated above the weights (not measured on CPU).{notes}")

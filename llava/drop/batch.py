@@ -29,6 +29,7 @@ from llava.drop.generate import (
     seeded_generator,
     start_answer,
 )
+from llava.drop.graphs import StepGraph
 from llava.drop.method import DropMethod
 from llava.drop.timing import now
 from llava.model.geometry import decoder_layer_count, geometry_of_model
@@ -57,7 +58,7 @@ class BatchKVCache:
             self.keys.append(self._side_by_side([cache.keys[layer_idx] for cache in caches], max(lengths) + room))
             self.values.append(self._side_by_side([cache.values[layer_idx] for cache in caches], max(lengths) + room))
             self.lengths.append(torch.tensor(lengths, device=self.keys[-1].device))
-        self.rows = torch.arange(len(caches), device=self.keys[0].device)
+        self.device = self.keys[0].device
         # Layers holding the same lengths for every prompt (most of them) share one mask per step.
         per_layer = [tuple(cache.length(layer_idx) for cache in caches) for layer_idx in range(len(self.keys))]
         distinct = list(dict.fromkeys(per_layer))
@@ -77,18 +78,19 @@ class BatchKVCache:
         new token is about to fill. Made before any layer writes, once per group of layers alike."""
         masks = []
         for layer_idx in self.group_layer:
-            slots = torch.arange(self.keys[layer_idx].shape[SEQ_DIM], device=self.rows.device)
+            slots = torch.arange(self.keys[layer_idx].shape[SEQ_DIM], device=self.device)
             allowed = slots[None] <= self.lengths[layer_idx][:, None]
-            mask = torch.zeros(allowed.shape, dtype=dtype, device=self.rows.device)
+            mask = torch.zeros(allowed.shape, dtype=dtype, device=self.device)
             masks.append(mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None, None])
         return [masks[group] for group in self.mask_group]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, **_) -> tuple[torch.Tensor, torch.Tensor]:
         """Write each prompt's one new token at its own length in this layer; return the whole buffers."""
         at = self.lengths[layer_idx]
-        self.keys[layer_idx][self.rows, :, at] = key_states[:, :, 0]
-        self.values[layer_idx][self.rows, :, at] = value_states[:, :, 0]
-        at.add_(1)  # in place, so that a compiled step mutates a tensor rather than the Python list
+        slot = at.view(-1, 1, 1, 1).expand(key_states.shape)  # [N, kv_heads, 1, head_dim]: each row's own slot
+        self.keys[layer_idx].scatter_(SEQ_DIM, slot, key_states)
+        self.values[layer_idx].scatter_(SEQ_DIM, slot, value_states)
+        at.add_(1)  # in place: a compiled or captured step mutates this tensor, not the Python list
         return self.keys[layer_idx], self.values[layer_idx]
 
 
@@ -101,10 +103,13 @@ class BatchPositions:
         distinct = sorted(set(per_layer))
         self.row_of_layer = [distinct.index(row) for row in per_layer]
         self.rows = torch.tensor(distinct, device=device)
-        self.step = 0
+        self.steps = torch.zeros((), dtype=self.rows.dtype, device=device)  # a tensor: a captured step advances it
 
     def current(self) -> torch.Tensor:
-        return self.rows + self.step
+        return self.rows + self.steps
+
+    def advance(self) -> None:
+        self.steps.add_(1)
 
 
 def decode_step(model, tokens: torch.Tensor, cache: BatchKVCache, current: torch.Tensor,
@@ -138,10 +143,11 @@ def answer_done(tokens: list[int], limit: int, eos_token_ids: set[int],
 
 def decode_together(model, answers: list[PrefilledAnswer], requests: Sequence[GenerationRequest],
                     eos_token_ids: set[int], generators: list[torch.Generator | None],
-                    compile_backend: str | None = None) -> list[list[int]]:
+                    compile_backend: str | None = None, cuda_graph: bool = False) -> list[list[int]]:
     """Step every unfinished answer until each stops by the batch-1 rule; a finished one rides along
-    (its tokens are ignored) so that the batch keeps its shape. With `compile_backend` the step runs
-    under `torch.compile` (its buffers have fixed shapes, so it compiles once per batch shape)."""
+    (its tokens are ignored) so that the batch keeps its shape. The step reads the fed-back tokens from
+    one tensor and advances positions in place, so it can run eagerly, under `torch.compile` with
+    `compile_backend` (it compiles once per batch shape), or as a replayed CUDA graph (`cuda_graph`)."""
     tokens = [[answer.first_token] for answer in answers]
     limits = [answer.sampling.max_new_tokens for answer in answers]
     done = [answer_done(tokens[n], limits[n], eos_token_ids, requests[n].should_stop) for n in range(len(answers))]
@@ -152,13 +158,18 @@ def decode_together(model, answers: list[PrefilledAnswer], requests: Sequence[Ge
     for answer in answers:
         answer.cache = None  # its tokens now live in the batch buffers; do not hold them twice
     positions = BatchPositions([answer.positions for answer in answers], device)
-    current = torch.tensor([[answer.first_token] for answer in answers], device=device)
-    step = decode_step if compile_backend is None else torch.compile(decode_step, backend=compile_backend)
+    fed_back = torch.tensor([[answer.first_token] for answer in answers], device=device)
+    layer_step = decode_step if compile_backend is None else torch.compile(decode_step, backend=compile_backend)
+
+    def step() -> torch.Tensor:
+        logits = layer_step(model, fed_back, cache, positions.current(), positions.row_of_layer)
+        positions.advance()
+        return logits
+
+    run_step = StepGraph(step, device) if cuda_graph else step
     while not all(done):
-        logits = step(model, current, cache, positions.current(), positions.row_of_layer)
-        positions.step += 1
-        current = next_tokens(logits, answers, generators)
-        for n, token in enumerate(current.view(-1).tolist()):  # the one read per step, for the stop checks
+        fed_back.copy_(next_tokens(run_step(), answers, generators))
+        for n, token in enumerate(fed_back.view(-1).tolist()):  # the one read per step, for the stop checks
             if not done[n]:
                 tokens[n].append(token)
                 done[n] = answer_done(tokens[n], limits[n], eos_token_ids, requests[n].should_stop)
@@ -177,14 +188,16 @@ def next_tokens(logits: torch.Tensor, answers: list[PrefilledAnswer],
 @torch.inference_mode()
 def generate_batch(model, requests: Sequence[GenerationRequest], sampling: SamplingConfig,
                    eos_token_ids: set[int], drop: DropMethod | None = None,
-                   compile_backend: str | None = None) -> list[GenerationOutput]:
+                   compile_backend: str | None = None, cuda_graph: bool = False) -> list[GenerationOutput]:
     """`generate` for several prompts: under greedy decoding each answer and its statistics equal what
     `generate` gives that prompt alone (up to floating-point rounding of batched matrix products). With
     a seed, each prompt samples from its own generator seeded alike, as it would alone. `decode_seconds`
     is the batch's shared decoding time; `batch_size` says how many answers shared it. `compile_backend`
-    (e.g. "inductor") compiles the decode step with `torch.compile`."""
+    (e.g. "inductor") compiles the decode step with `torch.compile`; `cuda_graph` replays it as a CUDA
+    graph (same kernels, so the same tokens, without Python's launch overhead)."""
     if not requests:
         return []
+    check_step_options(model, compile_backend, cuda_graph)
     method = method_or_none(drop)
     method.check_model(geometry_of_model(model))
     device = model.lm_head.weight.device
@@ -194,7 +207,7 @@ def generate_batch(model, requests: Sequence[GenerationRequest], sampling: Sampl
     answers = [start_answer(model, method, request.input_ids, request.pixel_values, request.image_sizes, sampling,
                             generator) for request, generator in zip(requests, generators)]
     decode_started = now(device)
-    tokens = decode_together(model, answers, requests, eos_token_ids, generators, compile_backend)
+    tokens = decode_together(model, answers, requests, eos_token_ids, generators, compile_backend, cuda_graph)
     decode_seconds = now(device) - decode_started
     outputs = []
     for answer, answer_tokens in zip(answers, tokens):
@@ -202,3 +215,12 @@ def generate_batch(model, requests: Sequence[GenerationRequest], sampling: Sampl
         stats.update(decode_seconds=decode_seconds, batch_size=len(requests), **peak_memory(device))
         outputs.append(GenerationOutput(token_ids=answer_tokens, stats=stats))
     return outputs
+
+
+def check_step_options(model, compile_backend: str | None, cuda_graph: bool) -> None:
+    """Refuse a decode-step choice that cannot run, before any prefill."""
+    if compile_backend is not None and cuda_graph:
+        raise ValueError("choose one of torch.compile and CUDA graphs for the decode step, not both")
+    device = model.lm_head.weight.device
+    if cuda_graph and device.type != "cuda":
+        raise ValueError(f"CUDA graphs need a CUDA device; the model is on {device.type}")

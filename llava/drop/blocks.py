@@ -88,8 +88,18 @@ def nearest_centres(features: torch.Tensor, centres: torch.Tensor) -> torch.Tens
     return groups
 
 
+def index_sum(target: torch.Tensor, index: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """`target.index_add(0, index, source)`, added in the same order at every run. On CUDA index_add adds
+    atomically, in an order (so a float result) that changes from run to run and can flip a ranking;
+    there index_put with accumulate, which sorts the indices first, does the sum. On CPU index_add is
+    already sequential."""
+    if target.device.type == "cuda":
+        return target.index_put((index,), source, accumulate=True)
+    return target.index_add(0, index, source)
+
+
 def grouped_mean(tokens: torch.Tensor, groups: torch.Tensor, count: int) -> torch.Tensor:
     """[count, dim]: the mean of the rows of `tokens` in each group, in float32, returned in `tokens`' dtype."""
-    sums = torch.zeros(count, tokens.shape[1], device=tokens.device).index_add_(0, groups, tokens.float())
+    sums = index_sum(torch.zeros(count, tokens.shape[1], device=tokens.device), groups, tokens.float())
     sizes = torch.bincount(groups, minlength=count)
     return (sums / sizes[:, None]).to(tokens.dtype)

@@ -33,8 +33,8 @@ FLAGS = {"pretrained": "--model-path", "model_base": "--model-base", "vision_tow
          "method": "--method", "budget": "--budget", "seed": "--seed", "global_thr": "--global_thr",
          "individual_thr": "--individual_thr", "merge_thr": "--merge_thr", "key_rate": "--key_rate",
          "drop_layers": "--drop_layers", "next_layout": "--next_layout", "max_new_tokens": "--max_new_tokens"}
-SWITCHES = {"sparse": "--sparse", "no_merge": "--no_merge", "compile": "--compile", "load_8bit": "--load-8bit",
-            "load_4bit": "--load-4bit"}
+SWITCHES = {"sparse": "--sparse", "no_merge": "--no_merge", "compile": "--compile", "cuda_graph": "--cuda-graph",
+            "load_8bit": "--load-8bit", "load_4bit": "--load-4bit"}
 DEFAULT_CONV_MODE = "auto"
 GREEDY = 0.0  # lmms-eval tasks decode greedily unless their generation kwargs say otherwise
 

@@ -81,9 +81,9 @@ class MustDropLMM(lmms):
         sampling, until = sampling_from(gen_kwargs, self.args.max_new_tokens, self.args.seed)
         key = (dataclasses.astuple(sampling), until)
         if key not in self.answerers:
-            backend = loop.COMPILE_BACKEND if self.args.compile else None
             self.answerers[key] = Answerer(self.run.tokenizer, self.run.model, self.run.image_processor,
-                                           self.args.conv_mode, sampling, self.drop, backend, stop_strings=until)
+                                           self.args.conv_mode, sampling, self.drop, stop_strings=until,
+                                           **loop.decode_step_args(self.args))
         return self.answerers[key]
 
     def generate_until(self, requests: list[Instance]) -> list[GenerationResult]:

@@ -50,7 +50,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from llava.drop.blocks import stable_top_k
+from llava.drop.blocks import index_sum, stable_top_k
 from llava.drop.image_reduction import ImageReduction, ReducedImage, check_whole_budget
 from llava.drop.method import ENCODER
 from llava.drop.methods.registry import register
@@ -146,8 +146,8 @@ def weighted_merge(tokens: torch.Tensor, sizes: torch.Tensor, sources: torch.Ten
     """
     values, sizes = tokens.float(), sizes.float()
     weighted = values * sizes[:, None]
-    totals = weighted.index_add(0, destinations, weighted[sources])
-    new_sizes = sizes.index_add(0, destinations, sizes[sources])
+    totals = index_sum(weighted, destinations, weighted[sources])
+    new_sizes = index_sum(sizes, destinations, sizes[sources])
     touched = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
     touched[destinations] = True
     merged = torch.where(touched[:, None], totals / new_sizes[:, None], values)

@@ -32,7 +32,7 @@ class Answerer:
     def __init__(
         self, tokenizer, model, image_processor, conv_mode: str, sampling: SamplingConfig,
         drop: DropConfig | DropMethod | None = None, compile_backend: str | None = None,
-        stop_strings: tuple[str, ...] = (),
+        stop_strings: tuple[str, ...] = (), cuda_graph: bool = False,
     ):
         get_conv_template(conv_mode)  # fail now on an unknown mode, not at the first question
         self.tokenizer = tokenizer
@@ -42,6 +42,7 @@ class Answerer:
         self.sampling = sampling
         self.drop = drop
         self.compile_backend = compile_backend  # torch.compile the decode step (the batched path) with this backend
+        self.cuda_graph = cuda_graph  # replay the decode step (the batched path) as a CUDA graph
         # Strings that end an answer wherever they appear, cut off with what follows (lmms-eval's `until`);
         # the template's own stop string ends it only at the end, as LLaVA's stopping criterion does.
         self.stop_strings = tuple(stop for stop in stop_strings if stop)
@@ -53,7 +54,7 @@ class Answerer:
         return templated_prompt(question, self.conv_mode, with_image, self.model.config)
 
     def answer(self, question: str, image: Image.Image | None) -> Answer:
-        if self.compile_backend is not None:
+        if self.compile_backend is not None or self.cuda_graph:
             return self.answer_batch([(question, image)])[0]
         inputs, request = self.request(question, image)
         output = generate(self.model, request.input_ids, request.pixel_values, self.sampling, self.eos_token_ids,
@@ -64,7 +65,7 @@ class Answerer:
         """Several questions at once (`generate_batch`): under greedy decoding the same answers as `answer`."""
         prepared = [self.request(question, image) for question, image in questions]
         outputs = generate_batch(self.model, [request for _, request in prepared], self.sampling, self.eos_token_ids,
-                                 as_method(self.drop), self.compile_backend)
+                                 as_method(self.drop), self.compile_backend, self.cuda_graph)
         return [self.finished(inputs, output) for (inputs, _), output in zip(prepared, outputs)]
 
     def request(self, question: str, image: Image.Image | None) -> tuple[ModelInputs, GenerationRequest]:

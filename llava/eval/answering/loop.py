@@ -123,6 +123,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true",
                         help="compile the decode step with torch.compile (pays a compilation per batch shape; "
                              "worth it on a GPU for long runs)")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="replay the decode step as a CUDA graph (CUDA only): the same kernels, so the same "
+                             "answers, without launching each layer's kernels from Python")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--sparse", action="store_true", help="switch on MustDrop (all three stages)")
     parser.add_argument("--method", type=str, default=None,
@@ -179,7 +182,21 @@ def validate_args(args: argparse.Namespace) -> tuple[SamplingConfig, DropMethod]
         raise RunError(f"--num_beams {args.num_beams}: beam search is not supported; use --num_beams 1")
     if args.batch_size < 1:
         raise RunError(f"--batch-size must be at least 1, got {args.batch_size}")
+    check_decode_step_args(args)
     return sampling, drop
+
+
+def check_decode_step_args(args: argparse.Namespace) -> None:
+    if args.cuda_graph and args.compile:
+        raise RunError("--cuda-graph and --compile both speed up the decode step; choose one")
+    device = args.device or default_device()
+    if args.cuda_graph and not str(device).startswith("cuda"):
+        raise RunError(f"--cuda-graph needs a CUDA device; this run uses {device}")
+
+
+def decode_step_args(args: argparse.Namespace) -> dict:
+    """How the Answerer runs each decode step, from --compile and --cuda-graph."""
+    return {"compile_backend": COMPILE_BACKEND if args.compile else None, "cuda_graph": args.cuda_graph}
 
 
 def resolve_conv_mode(args: argparse.Namespace) -> None:
@@ -332,8 +349,7 @@ def answer_chunk(args: argparse.Namespace, chunk: list[Question], path: Path, fi
 def answer_remaining(args: argparse.Namespace, chunk: list[Question], path: Path, start: int, first_position: int,
                      sampling: SamplingConfig, drop: DropMethod, identity: dict) -> None:
     tokenizer, model, image_processor, _ = load_model(args)
-    answerer = Answerer(tokenizer, model, image_processor, args.conv_mode, sampling, drop,
-                        COMPILE_BACKEND if args.compile else None)
+    answerer = Answerer(tokenizer, model, image_processor, args.conv_mode, sampling, drop, **decode_step_args(args))
     model_id = Path(args.model_path.rstrip("/")).name
     with open_for_append(path) as handle, tqdm(initial=start, total=len(chunk), desc="answering", unit="q") as progress:
         for group_start in range(start, len(chunk), args.batch_size):
