@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from llava.eval.model_vqa_loader import main
 from tests.conftest import DEMO_DIR, REPO_ROOT, cli_args, first_questions
 
@@ -83,3 +85,21 @@ def test_llava_chunks_over_listed_gpus_merge_in_order(tiny_original, tmp_path):
     summary = json.loads((answer_dir / "summary.json").read_text())
     assert summary["questions"] == 5 and summary["method"] == "mustdrop" and summary["setting"] == "64"
     assert summary["scores"]["samples"] == 5 and "accuracy" in summary["scores"]
+
+
+def test_a_rank_writes_its_error_line_whole(monkeypatch, capsys):
+    """Ranks share one stderr; the interpreter would print an exit message and its newline in two writes,
+    which two ranks failing together interleave, so a rank writes the whole line itself and exits 1."""
+    from llava.eval.cli_errors import RunError, main_guard
+
+    def fail():
+        raise RunError("no config.json")
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as stop:
+        main_guard(fail)
+    assert stop.value.code == 1 and capsys.readouterr().err == "error: no config.json\n"
+    monkeypatch.delenv("WORLD_SIZE")
+    with pytest.raises(SystemExit) as stop:
+        main_guard(fail)
+    assert stop.value.code == "error: no config.json"

@@ -5,6 +5,7 @@ Kept free of heavy imports so that small tools (summaries, reports) start in a b
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -19,4 +20,11 @@ def main_guard(run: Callable[[], Any]) -> None:
     try:
         run()
     except RunError as error:
-        sys.exit(f"error: {error}")
+        message = f"error: {error}"
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # Sibling ranks share this stderr, and the interpreter writes an exit message and its newline
+            # in two calls, so two ranks' lines could interleave: write the line in one call instead.
+            sys.stderr.write(message + "\n")
+            sys.stderr.flush()
+            sys.exit(1)
+        sys.exit(message)
