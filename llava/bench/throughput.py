@@ -25,7 +25,7 @@ import torch
 from llava.bench.compare import Setting, build_settings, checked_methods, parse_list
 from llava.bench.output import save_results
 from llava.bench.workload import RESULTS_DIR, Workload, add_workload_args, check_decode_length, load_workload, start_run
-from llava.drop.batch import GenerationRequest, generate_batch
+from llava.drop.batch import COMPILE_BACKEND, GenerationRequest, generate_batch
 from llava.drop.generate import SamplingConfig
 
 DEFAULT_BATCH_SIZES = (1, 4, 8, 16)
@@ -36,7 +36,6 @@ TEXT_TOKENS_DROPPED_PER_PROMPT = 3  # prompt n loses 3n text tokens: a ragged ba
 OUTPUT_STEM = "throughput"
 EAGER, CUDA_GRAPH, COMPILE = "eager", "cuda-graph", "compile"
 DECODE_MODES = (EAGER, CUDA_GRAPH, COMPILE)
-COMPILE_BACKEND = "inductor"
 DEFAULT_OUT = RESULTS_DIR / "throughput"
 
 

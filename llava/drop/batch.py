@@ -34,6 +34,8 @@ from llava.drop.method import DropMethod
 from llava.drop.timing import now
 from llava.model.geometry import decoder_layer_count, geometry_of_model
 
+COMPILE_BACKEND = "inductor"  # torch.compile's default backend, what --compile uses
+
 
 @dataclass
 class GenerationRequest:

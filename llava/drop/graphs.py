@@ -22,11 +22,10 @@ import torch
 class StepGraph:
     """Call it like the step it wraps: the first call runs `step` and records it, each later call
     replays the recording. `step` must take its inputs from tensors it updates in place and may not
-    read anything back to the host (a capture refuses a synchronisation)."""
+    read anything back to the host (a capture refuses a synchronisation); `device` is a CUDA device
+    (`batch.check_step_options` refuses others before any prefill)."""
 
     def __init__(self, step: Callable[[], torch.Tensor], device: torch.device):
-        if device.type != "cuda":
-            raise ValueError(f"CUDA graphs need a CUDA device; the model is on {device.type}")
         self.step = step
         self.device = device
         self.graph: torch.cuda.CUDAGraph | None = None

@@ -31,6 +31,7 @@ from llava.drop.methods.mustdrop import (
     NEXT_LAYOUTS,
     DropConfig,
 )
+from llava.drop.batch import COMPILE_BACKEND
 from llava.drop.generate import SamplingConfig
 from llava.drop.methods import DropMethod, create_method, parse_method_args
 from llava.drop.methods.registry import option_names
@@ -100,7 +101,6 @@ def add_stage_args(parser: argparse.ArgumentParser) -> None:
                              "its newline tokens (our extension)")
 
 
-COMPILE_BACKEND = "inductor"  # torch.compile's default backend
 SEED_OPTION = "seed"  # a method option that --seed sets too
 
 
