@@ -29,19 +29,13 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from llava.conversation import get_conv_template
-from llava.drop.cache import LayerKVCache
-from llava.drop.generate import (
-    MultimodalPrompt,
-    PrefillResult,
-    build_prompt,
-    prefill,
-)
+from llava.drop.prefill import MultimodalPrompt, PrefillResult, build_prompt, prefill_prompt
 from llava.drop.methods import DropMethod, create_method, parse_method_args
 from llava.drop.vision import VisionOutput
 from llava.eval.cli_errors import RunError, main_guard
 from llava.mm_utils import load_image
 from llava.model.builder import load_pretrained_model
-from llava.model.geometry import decoder_layer_count, geometry_of_model
+from llava.model.geometry import geometry_of_model
 from llava.model.inputs import encode_question
 
 NUM_PATCHES = 576  # LLaVA-1.5's 24 x 24 grid
@@ -244,7 +238,7 @@ def trace_stages(model, method: DropMethod, input_ids: torch.Tensor, pixel_value
     method.check_model(geometry_of_model(model))
     vision = method.encode_image(model, pixel_values)
     prompt = build_prompt(model, input_ids, vision)
-    prefilled = prefill(model, prompt, LayerKVCache(decoder_layer_count(model)), method)
+    prefilled = prefill_prompt(model, prompt, method)
     vision_config = model.config.vision_config
     num_patches = (vision_config.image_size // vision_config.patch_size) ** 2
     return kept_patches_per_stage(vision, prefilled, prompt, num_patches)

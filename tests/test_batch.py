@@ -1,6 +1,6 @@
-"""Answering several prompts at once gives each prompt, token for token, the answer and statistics it gets
-alone: for every method, on LLaVA-1.5 and LLaVA-NeXT, with prompts of different lengths, kept sets and
-stopping points."""
+"""Answering several prompts at once gives each prompt, token for token, the answer, kept sets and statistics it
+gets alone (a batch of one): for every method, on LLaVA-1.5 and LLaVA-NeXT, with prompts of different lengths,
+kept counts, tilings and stopping points."""
 
 from __future__ import annotations
 
@@ -9,11 +9,14 @@ import json
 import pytest
 import torch
 
-from llava.drop.batch import BatchPositions, GenerationRequest, generate_batch
-from llava.drop.generate import SamplingConfig, generate
+from llava.drop.cache import KVCache
+from llava.drop.decode import BatchPositions
+from llava.drop.generate import GenerationRequest, SamplingConfig, encode_vision, encode_visions, generate, generate_batch
+from llava.drop.prefill import build_prompt, method_or_none, prefill, prefill_prompt
 from llava.drop.methods import METHODS, create_method
 from llava.drop.methods.registry import discover_methods
 from llava.mm_utils import load_image
+from llava.model.geometry import decoder_layer_count
 from llava.model.inputs import encode_question
 from tests.conftest import method_at_budget
 
@@ -86,6 +89,46 @@ def test_next_batch_equals_one_at_a_time(loaded_next_original, demo_images, name
     together = assert_batch_equals_alone(loaded_next_original, requests, SamplingConfig(max_new_tokens=NEW_TOKENS),
                                          method)
     assert len({out.stats["images"] for out in together}) > 1  # the demo images tile into different grids
+
+
+def kept_sets(model, method, requests: list[GenerationRequest]) -> tuple[list, list]:
+    """Each prompt's vision features and (layer, kept sequence positions) after its vision stage and prefill,
+    from one batched pass and from one pass per prompt."""
+    method = method_or_none(method)
+    visions = encode_visions(model, method, [r.pixel_values for r in requests], [r.image_sizes for r in requests])
+    prompts = [build_prompt(model, r.input_ids, vision) for r, vision in zip(requests, visions)]
+    with torch.inference_mode():
+        together = prefill(model, prompts, KVCache(decoder_layer_count(model)), method).results
+        alone_results = [prefill_prompt(model, prompt, method) for prompt in prompts]
+        alone_visions = [encode_vision(model, method, r.pixel_values, r.image_sizes) for r in requests]
+    for vision, single in zip(visions, alone_visions):
+        assert torch.equal(vision.features, single.features)
+    drops = [[(layer, keep.tolist()) for layer, keep in result.drops] for result in together]
+    assert drops == [[(layer, keep.tolist()) for layer, keep in result.drops] for result in alone_results]
+    return visions, drops
+
+
+@pytest.mark.parametrize("name", ["mustdrop", "fastv", "pdrop", "sparsevlm"])
+def test_a_batched_prefill_keeps_each_prompt_s_own_tokens(loaded_original, loaded_next_original, demo_images, name):
+    """The prefill-stage methods drop per prompt in one padded pass: the same kept positions as alone, and the
+    prompts keep different counts (MustDrop by thresholds, the others from different vision counts on NeXT)."""
+    thresholds = {"global_thr": "0.011", "individual_thr": "0.01"}
+    for loaded, budget in ((loaded_original, BUDGETS["llava"]), (loaded_next_original, BUDGETS["next"])):
+        method = create_method(name, thresholds) if name == "mustdrop" else method_at_budget(name, budget)
+        _, drops = kept_sets(loaded[1], method, requests_for(loaded, demo_images))
+        assert all(drops)
+        if name == "mustdrop" or loaded is loaded_next_original:
+            assert len({str(prompt_drops[-1][1]) for prompt_drops in drops}) == len(QUESTIONS)
+
+
+def test_a_text_only_prompt_shares_a_batch_with_image_prompts(loaded_original, demo_images):
+    tokenizer, model, image_processor, _ = loaded_original
+    requests = requests_for(loaded_original, demo_images)
+    text_only = encode_question("Name a colour.", None, model, tokenizer, image_processor, "vicuna_v1")
+    requests.insert(1, GenerationRequest(text_only.input_ids, None))
+    together = assert_batch_equals_alone(loaded_original, requests, SamplingConfig(max_new_tokens=NEW_TOKENS),
+                                         create_method("mustdrop", {"global_thr": "0.011", "individual_thr": "0.01"}))
+    assert together[1].stats["vision_tokens"] == 0 and together[0].stats["vision_tokens"] > 0
 
 
 def test_each_prompt_stops_by_its_own_rule_and_context(loaded_original, demo_images):

@@ -67,8 +67,7 @@ def test_merge_count_bounds_by_hand():
 
 def test_mustdrop_budgets_on_the_demo_set(loaded_original, demo_images):
     """Every budget is met within one token on average over the 12 demo images (prefill only)."""
-    from llava.drop.cache import LayerKVCache
-    from llava.drop.generate import build_prompt, prefill
+    from llava.drop.prefill import build_prompt, prefill_prompt
     from llava.mm_utils import load_image, process_images, tokenizer_image_token
     from tests.conftest import vicuna_prompt
 
@@ -81,6 +80,6 @@ def test_mustdrop_budgets_on_the_demo_set(loaded_original, demo_images):
         with torch.no_grad():
             for pixel_values in pixels:
                 prompt = build_prompt(model, input_ids, method.encode_image(model, pixel_values))
-                counts = prefill(model, prompt, LayerKVCache(32), method).vision_tokens_per_layer
+                counts = prefill_prompt(model, prompt, method).vision_tokens_per_layer
                 averages.append(sum(counts) / len(counts))
         assert abs(sum(averages) / len(averages) - budget) <= 1, (budget, averages)

@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llava.drop.cache import LayerKVCache
-from llava.drop.generate import build_prompt, prefill
+from llava.drop.prefill import build_prompt, prefill_prompt
 from llava.drop.methods import METHODS, create_method
 from llava.drop.methods.pool import nearest_side
 from llava.drop.methods.registry import discover_methods
@@ -46,7 +45,7 @@ def test_every_method_reaches_every_budget_on_the_demo_set(loaded_original, demo
                     averages.append(vision.features.shape[0])
                     continue
                 prompt = build_prompt(model, input_ids, vision)
-                counts = prefill(model, prompt, LayerKVCache(32), method).vision_tokens_per_layer
+                counts = prefill_prompt(model, prompt, method).vision_tokens_per_layer
                 averages.append(sum(counts) / len(counts))
         assert abs(sum(averages) / len(averages) - expected_average(name, budget)) <= 1, (name, budget, averages)
 

@@ -15,8 +15,7 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from llava.drop.batch import GenerationRequest, generate_batch
-from llava.drop.generate import SamplingConfig, generate
+from llava.drop.generate import GenerationRequest, SamplingConfig, generate, generate_batch
 from llava.drop.methods import METHODS, create_method
 from llava.drop.methods.registry import discover_methods
 from llava.mm_utils import load_image
@@ -119,24 +118,27 @@ def test_decoding_syncs_with_the_host_once_per_token(checkpoint):
 
 
 def syncs_while_decoding(model, inputs, method, new_tokens: int) -> int:
-    """CUDA synchronisations during `decode_n_tokens` of `new_tokens` tokens (EOS off) after a prefill."""
+    """CUDA synchronisations while decoding `new_tokens` tokens (EOS off) after a prefill."""
     import warnings
 
-    from llava.drop.cache import LayerKVCache
-    from llava.drop.generate import build_prompt, decode_n_tokens, encode_vision, prefill, sample
+    from llava.drop.cache import KVCache
+    from llava.drop.decode import decode_together, next_tokens
+    from llava.drop.generate import encode_vision
+    from llava.drop.prefill import build_prompt, prefill
     from llava.model.geometry import decoder_layer_count
 
     prompt = build_prompt(model, inputs.input_ids, encode_vision(model, method, inputs.pixel_values, inputs.image_sizes))
-    cache = LayerKVCache(decoder_layer_count(model))
+    cache = KVCache(decoder_layer_count(model))
     sampling = SamplingConfig(max_new_tokens=new_tokens)
     with torch.inference_mode():
-        first = sample(prefill(model, prompt, cache, method).logits, sampling, None)
+        first = next_tokens(prefill(model, [prompt], cache, method).logits, sampling, [None])
         torch.cuda.synchronize()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
             try:
-                tokens = decode_n_tokens(model, first, cache, cache.lengths(), sampling, set())
+                tokens = decode_together(model, first, cache, [cache.row_lengths(0)], [new_tokens], sampling, set(),
+                                         [None], [None])[0]
             finally:
                 torch.cuda.set_sync_debug_mode("default")
     assert len(tokens) == new_tokens

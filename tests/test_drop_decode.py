@@ -4,23 +4,23 @@ from __future__ import annotations
 
 import torch
 
-from llava.drop.cache import LayerKVCache
+from llava.drop.cache import KVCache
 from llava.drop.methods.mustdrop import DropConfig, apply_output_aware_cache, compose_keeps
 from tests.conftest import answer
 
 NUM_LAYERS = 8
 
 
-def labelled_cache(lengths: list[int]) -> LayerKVCache:
-    """A cache whose key at sequence slot s of any layer holds the value s, so we can read what is kept."""
-    cache = LayerKVCache(len(lengths))
+def labelled_cache(lengths: list[int]) -> KVCache:
+    """A one-prompt cache whose key at sequence slot s of any layer holds the value s, so we can read what is kept."""
+    cache = KVCache(len(lengths))
     for layer, length in enumerate(lengths):
         labels = torch.arange(length, dtype=torch.float32).view(1, 1, length, 1).expand(1, 2, length, 4)
         cache.update(labels.clone(), -labels.clone(), layer)
     return cache
 
 
-def kept_labels(cache: LayerKVCache, layer: int) -> list[int]:
+def kept_labels(cache: KVCache, layer: int) -> list[int]:
     return cache.keys[layer][0, 0, :, 0].int().tolist()
 
 
@@ -36,7 +36,7 @@ def test_each_layer_keeps_the_tokens_that_survived_all_drops():
     drop_2 = torch.tensor([0, 2, 3, 5, 6, 9])
     drop_5 = torch.tensor([0, 2, 5])
     cache = labelled_cache([10, 10, 10, 6, 6, 6, 3, 3])  # what prefill leaves in each layer
-    apply_output_aware_cache(cache, [(2, drop_2), (5, drop_5)])
+    apply_output_aware_cache(cache, [(2, [drop_2]), (5, [drop_5])])
     assert kept_labels(cache, 0) == list(range(10))  # before the first drop: untouched
     assert kept_labels(cache, 1) == list(range(10))
     assert kept_labels(cache, 2) == [0, 3, 9]  # saw all 10; final set in its coordinates
@@ -44,13 +44,30 @@ def test_each_layer_keeps_the_tokens_that_survived_all_drops():
     assert kept_labels(cache, 5) == [0, 2, 5]  # the last dropping layer itself is trimmed
     assert kept_labels(cache, 6) == [0, 1, 2]  # after the last drop: already final
     assert cache.values[2][0, 0, :, 0].int().tolist() == [0, -3, -9]  # values follow keys
-    assert cache.lengths() == [10, 10, 3, 3, 3, 3, 3, 3]
+    assert cache.row_lengths(0) == [10, 10, 3, 3, 3, 3, 3, 3]
+
+
+def test_each_prompt_of_a_batch_keeps_its_own_final_set():
+    # two prompts, drops at layer 1 of a 3-layer model: prompt 0 keeps 3 of 5, prompt 1 (3 tokens, padded) 1 of 3
+    cache = KVCache(3)
+    for layer, length in enumerate([5, 5, 3]):
+        labels = torch.arange(length, dtype=torch.float32).view(1, 1, length, 1).expand(2, 2, length, 4).clone()
+        labels[1] += 100
+        cache.update(labels, -labels, layer)
+    for layer in range(2):
+        cache.set_lengths(layer, [5, 3])
+    cache.set_lengths(2, [3, 1])
+    apply_output_aware_cache(cache, [(1, [torch.tensor([0, 3, 4]), torch.tensor([2])])])
+    assert kept_labels(cache, 0) == [0, 1, 2, 3, 4]  # before the drop: untouched
+    assert kept_labels(cache, 1) == [0, 3, 4]
+    assert cache.keys[1][1, 0, :1, 0].tolist() == [102]
+    assert cache.row_lengths(0) == [5, 3, 3] and cache.row_lengths(1) == [3, 1, 1]
 
 
 def test_no_drops_leaves_the_cache_alone():
     cache = labelled_cache([4] * NUM_LAYERS)
     apply_output_aware_cache(cache, [])
-    assert cache.lengths() == [4] * NUM_LAYERS
+    assert cache.row_lengths(0) == [4] * NUM_LAYERS
 
 
 def test_decode_caches_on_the_model(loaded_original, demo_images):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llava.drop.cache import LayerKVCache
-from llava.drop.generate import build_prompt, prefill
+from llava.drop.cache import KVCache
+from llava.drop.prefill import build_prompt, prefill_prompt, rotary, run_layer
 from llava.drop.methods import as_method
 from llava.drop.methods.mustdrop import DropConfig, dual_attention_keep
 from llava.drop.probe import TokenLayout, remap_key_indices, sequence_keep, text_to_vision_attention
@@ -44,11 +44,9 @@ def test_block_attention_equals_eager_rows(loaded_original, layer_idx, shifted_p
     seq = SYSTEM + VISION + TEXT
     layer_input = torch.randn(1, seq, model.config.text_config.hidden_size, generator=generator)
     positions = torch.arange(seq) * (3 if shifted_positions else 1)
-    cache = LayerKVCache(32)
+    cache = KVCache(32)
     with torch.no_grad():
-        from llava.drop.generate import run_layer
-
-        run_layer(model, layer_idx, layer_input, positions, cache)
+        run_layer(model, layer_idx, layer_input, positions[None], None, cache, rotary(model, layer_input, positions[None]))
         layout = TokenLayout(SYSTEM, VISION, seq)
         block = text_to_vision_attention(model, layer_idx, layer_input, cache.keys[layer_idx], positions, layout)
         reference = eager_attention_probs(model, layer_idx, layer_input, positions)
@@ -95,7 +93,7 @@ def mustdrop_prefill(loaded, image_path, drop: DropConfig):
     with torch.no_grad():
         vision = method.encode_image(model, process_images([load_image(image_path)], image_processor))
         prompt = build_prompt(model, input_ids, vision)
-        return prompt, prefill(model, prompt, LayerKVCache(32), method)
+        return prompt, prefill_prompt(model, prompt, method)
 
 
 def test_key_set_survives_every_drop(loaded_original, demo_images):

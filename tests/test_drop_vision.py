@@ -225,7 +225,7 @@ def test_merge_on_demo_image(model, demo_pixels: torch.Tensor) -> None:
     assert out.stats["vision_tokens_in"] == NUM_PATCHES and out.stats["vision_tokens"] == kept
     assert out.stats["key_tokens"] == out.key_indices.numel() == math.ceil(KEY_RATE * kept)
     assert torch.all(out.key_indices[1:] > out.key_indices[:-1]) and out.key_indices[-1] < kept
-    assert out.stats["merge_seconds"] >= 0 and out.stats["key_seconds"] >= 0
+    assert out.selection_seconds > 0 and "merge_seconds" not in out.stats  # timed, and not a statistic of its own
 
 
 def test_constant_image_merges_every_window(loaded) -> None:

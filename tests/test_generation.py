@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llava.drop.cache import LayerKVCache
-from llava.drop.generate import SamplingConfig, build_prompt, generate, prefill
+from llava.drop.generate import SamplingConfig, generate
+from llava.drop.prefill import build_prompt, prefill_prompt
 from llava.drop.vision import encode_image
 from llava.mm_utils import load_image, process_images, tokenizer_image_token
 from tests.conftest import hf_input_ids, vicuna_prompt
@@ -60,7 +60,7 @@ def test_eager_attention_gives_the_same_prefill(loaded_original, demo_images):
         model.config._attn_implementation = implementation
         model.model.language_model.config._attn_implementation = implementation
         with torch.no_grad():
-            logits[implementation] = prefill(model, build_prompt(model, input_ids, vision), LayerKVCache(32)).logits
+            logits[implementation] = prefill_prompt(model, build_prompt(model, input_ids, vision)).logits
     model.config._attn_implementation = model.model.language_model.config._attn_implementation = "sdpa"
     torch.testing.assert_close(logits["eager"], logits["sdpa"], rtol=1e-4, atol=1e-4)
 

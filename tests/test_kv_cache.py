@@ -1,59 +1,66 @@
-"""The KV cache's reserved buffers: decoding writes each layer's tokens in place, at that layer's own length,
-and gives exactly what appending would."""
+"""The batch KV cache: prefill rows of different lengths, the one gather that keeps each prompt's own tokens,
+and decoding's in-place writes, which give exactly what appending each prompt's tokens alone would."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from llava.drop.cache import LayerKVCache
-from llava.drop.generate import DecodePositions
+from llava.drop.cache import KVCache
 
 
-def filled(lengths: list[int]) -> LayerKVCache:
-    """A cache whose layer l holds lengths[l] tokens of distinct values ([1, 2 heads, length, 4])."""
-    cache = LayerKVCache(len(lengths))
-    for layer, length in enumerate(lengths):
-        keys = torch.arange(length * 8, dtype=torch.float32).view(1, 2, length, 4) + 1000 * layer
-        cache.update(keys, -keys, layer)
-    return cache
+def labelled(length: int, layer: int, rows: int = 1) -> torch.Tensor:
+    """[rows, 2 heads, length, 4] with distinct values: slot s of row n holds 100 n + s (+ 1000 per layer)."""
+    slots = torch.arange(length, dtype=torch.float32).view(1, 1, length, 1)
+    row = torch.arange(rows, dtype=torch.float32).view(rows, 1, 1, 1) * 100
+    return (slots + row + 1000 * layer).expand(rows, 2, length, 4).clone()
 
 
-def test_reserved_writes_equal_appending_and_never_move_the_buffer():
-    appended, reserved = filled([7, 5, 3]), filled([7, 5, 3])
-    reserved.reserve(4)
-    addresses = [buffer[0].data_ptr() for buffer in reserved.buffers]
-    for step in range(4):
-        for layer in range(3):
-            new = torch.full((1, 2, 1, 4), float(step + 10 * layer))
-            expected = appended.update(new, new * 2, layer)
-            got = reserved.update(new, new * 2, layer)
-            assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
-    assert reserved.lengths() == [11, 9, 7]
-    assert [buffer[0].data_ptr() for buffer in reserved.buffers] == addresses
-    assert reserved.nbytes() == appended.nbytes() == (11 + 9 + 7) * 2 * 4 * 4 * 2  # tokens x heads x dim x fp32 x (k, v)
+def test_rows_keep_their_own_lengths_and_tokens():
+    cache = KVCache(2)
+    cache.update(labelled(6, 0, rows=2), -labelled(6, 0, rows=2), 0)
+    cache.set_lengths(0, [6, 4])  # row 1 is padding after 4 tokens
+    cache.update(labelled(5, 1, rows=2), -labelled(5, 1, rows=2), 1)
+    assert cache.row_lengths(0) == [6, 5] and cache.row_lengths(1) == [4, 5]
+    cache.keep(0, [torch.tensor([0, 2, 5]), torch.tensor([1, 3])])
+    assert cache.keys[0][0, 0, :, 0].tolist() == [0, 2, 5]
+    assert cache.keys[0][1, 0, :2, 0].tolist() == [101, 103]
+    assert cache.values[0][1, 1, :2, 3].tolist() == [-101, -103]  # values follow keys
+    assert cache.row_lengths(1) == [2, 5]
+    per_token = 2 * 4 * 4 * 2  # heads x dim x fp32 x (keys, values)
+    assert cache.nbytes(0) == (3 + 5) * per_token and cache.nbytes(1) == (2 + 5) * per_token
 
 
-def test_writing_past_the_reserved_room_is_an_error():
-    cache = filled([2])
-    cache.reserve(1)
-    cache.update(torch.zeros(1, 2, 1, 4), torch.zeros(1, 2, 1, 4), 0)
-    with pytest.raises(RuntimeError, match="reserved for 3 tokens, cannot take 4"):
-        cache.update(torch.zeros(1, 2, 1, 4), torch.zeros(1, 2, 1, 4), 0)
-
-
-def test_keep_after_reserve_lets_the_room_go_and_appends_again():
-    cache = filled([4])
+def test_decoding_writes_each_prompt_at_its_own_length_and_never_moves_the_buffer():
+    cache = KVCache(1)
+    cache.update(labelled(5, 0, rows=2), -labelled(5, 0, rows=2), 0)
+    cache.set_lengths(0, [5, 3])
     cache.reserve(2)
-    cache.keep(0, torch.tensor([0, 2]))
-    assert cache.buffers[0] is None and cache.length(0) == 2
-    cache.update(torch.ones(1, 2, 1, 4), torch.ones(1, 2, 1, 4), 0)
-    assert cache.length(0) == 3
+    address = cache.keys[0].data_ptr()
+    for step in range(2):
+        new = torch.full((2, 2, 1, 4), 50.0 + step)
+        cache.update(new, -new, 0)
+    assert cache.keys[0].data_ptr() == address
+    assert cache.keys[0][0, 0, :, 0].tolist() == [0, 1, 2, 3, 4, 50, 51]
+    assert cache.keys[0][1, 0, :5, 0].tolist() == [100, 101, 102, 50, 51]  # written over the padding
+    assert cache.step_lengths[0].tolist() == [7, 5]
 
 
-def test_decode_positions_share_one_rope_row_per_distinct_position_and_advance_together():
-    positions = DecodePositions([40, 40, 31, 31, 25], torch.device("cpu"))
-    assert positions.row_of_layer == [2, 2, 1, 1, 0]
-    assert positions.current().tolist() == [25, 31, 40]
-    positions.step += 3
-    assert positions.current().tolist() == [28, 34, 43]
+def test_step_masks_let_each_prompt_see_its_tokens_and_the_slot_it_fills():
+    cache = KVCache(2)
+    for layer in range(2):
+        cache.update(labelled(4, layer, rows=2), labelled(4, layer, rows=2), layer)
+        cache.set_lengths(layer, [4, 2])
+    cache.reserve(1)
+    masks = cache.step_masks(torch.float32)
+    assert masks[0] is masks[1]  # layers with the same lengths share one mask
+    allowed = (masks[0][:, 0, 0] == 0).tolist()
+    assert allowed == [[True] * 5, [True, True, True, False, False]]
+
+
+def test_keeping_tokens_after_reserving_is_an_error():
+    cache = KVCache(1)
+    cache.update(labelled(2, 0), labelled(2, 0), 0)
+    cache.reserve(1)
+    with pytest.raises(RuntimeError, match="reserved for decoding"):
+        cache.keep(0, [torch.tensor([0])])

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import LlavaForConditionalGeneration
 
-from llava.drop.generate import build_prompt
+from llava.drop.prefill import build_prompt
 from llava.drop.vision import encode_image
 from llava.mm_utils import load_image, process_images, tokenizer_image_token
 from llava.model.builder import load_pretrained_model

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from llava.drop.blocks import layer_average, stage_lengths
-from llava.drop.cache import LayerKVCache
-from llava.drop.generate import build_prompt, prefill
+from llava.drop.prefill import build_prompt, prefill_prompt
 from llava.drop.methods import DropMethod, create_method
 from llava.drop.method import LAST_QUERY
 from llava.drop.methods.fastv import FastV, FastVOptions, fastv_budget_keep
@@ -120,7 +119,7 @@ def demo_prompts(loaded) -> list:
 
 def vision_per_layer(model, prompt, method) -> list[int]:
     with torch.no_grad():
-        return prefill(model, prompt, LayerKVCache(NUM_LAYERS), method).vision_tokens_per_layer
+        return prefill_prompt(model, prompt, method).vision_tokens_per_layer
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,7 @@ import torch
 
 from llava.drop.generate import SamplingConfig, generate
 from llava.drop.methods import DropConfig, MustDrop, create_method
-from llava.drop.cache import LayerKVCache
-from llava.drop.generate import build_prompt, prefill
+from llava.drop.prefill import build_prompt, prefill_prompt
 from llava.drop.methods.mustdrop import (
     bounds_from_counts,
     merge_count_bounds,
@@ -122,7 +121,7 @@ def test_without_merging_the_features_are_the_flat_unpruned_ones(loaded_next_ori
     out = MustDrop(NOTHING_MERGES).encode_next(model, inputs.pixel_values, inputs.image_sizes)
 
     assert out.stats["merged_windows"] == 0
-    assert torch.equal(out.features, flat_next_features(model, inputs.pixel_values[0]))
+    assert torch.equal(out.features, flat_next_features(model, inputs.pixel_values[0]).flatten(0, 1))
     assert out.stats["vision_tokens_per_image"] == out.stats["vision_tokens_per_image_in"] == NUM_PATCHES
     assert out.stats["vision_tokens"] == images * NUM_PATCHES
     assert_keys_per_image(out.key_indices, images, NUM_PATCHES)
@@ -230,7 +229,7 @@ def prefill_average(model, inputs, method: MustDrop) -> float:
     with torch.no_grad():
         prompt = build_prompt(model, inputs.input_ids, method.encode_next(model, inputs.pixel_values,
                                                                           inputs.image_sizes))
-        counts = prefill(model, prompt, LayerKVCache(32), method).vision_tokens_per_layer
+        counts = prefill_prompt(model, prompt, method).vision_tokens_per_layer
     return sum(counts) / len(counts)
 
 

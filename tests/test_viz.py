@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from llava.drop.generate import MultimodalPrompt, PrefillResult
+from llava.drop.prefill import MultimodalPrompt, PrefillResult
 from llava.drop.methods.mustdrop import merged_patch_groups, window_patches
 from llava.drop.vision import VisionOutput
 from llava.viz import group_outline, kept_patches_per_stage, main

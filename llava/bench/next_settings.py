@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from llava.bench.workload import Workload
-from llava.drop.generate import MultimodalPrompt, build_prompt, encode_vision
+from llava.drop.generate import encode_vision
+from llava.drop.prefill import MultimodalPrompt, build_prompt
 from llava.drop.methods import DropConfig, as_method
 from llava.eval.calibrate import (
     DEFAULT_RATIO,

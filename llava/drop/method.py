@@ -13,9 +13,9 @@ from typing import ClassVar
 
 import torch
 
-from llava.drop.cache import LayerKVCache
+from llava.drop.cache import KVCache
 from llava.drop.probe import TokenLayout, rows_to_vision_attention
-from llava.drop.vision import VisionOutput, encode_image, encode_next_image
+from llava.drop.vision import VisionOutput, encode_image, encode_images_together, encode_next_image, is_next
 from llava.model.geometry import ModelGeometry
 
 TEXT_QUERIES = "text"  # every token after the image: the question and the template's tail
@@ -92,6 +92,21 @@ class DropMethod:
         [[height, width]]; by default the model's own layout (its `mm_patch_merge_type`), unpruned."""
         return encode_next_image(model, pixel_values, image_sizes)
 
+    def encode_images(self, model, pixel_values: list[torch.Tensor],
+                      image_sizes: list[torch.Tensor | None]) -> list[VisionOutput]:
+        """Every prompt's vision stage (LLaVA-NeXT: each prompt's base image + crops and its size). The
+        unpruned tower runs the images of all prompts as one batch; a method with a vision stage of its own
+        runs it one prompt at a time unless it overrides this too."""
+        if self.has_own_vision_stage:
+            return [self.encode_next(model, pixels, sizes) if is_next(model) else self.encode_image(model, pixels)
+                    for pixels, sizes in zip(pixel_values, image_sizes)]
+        return encode_images_together(model, pixel_values, image_sizes)
+
+    @property
+    def has_own_vision_stage(self) -> bool:
+        own = type(self)
+        return own.encode_image is not DropMethod.encode_image or own.encode_next is not DropMethod.encode_next
+
     def prefill_layers(self, geometry: ModelGeometry) -> tuple[int, ...]:
         """Decoder layers after which `select` is called, in a model of this geometry."""
         return ()
@@ -106,8 +121,9 @@ class DropMethod:
         method that recycles must not map `drops` back onto those caches in `after_prefill`."""
         return None
 
-    def after_prefill(self, cache: LayerKVCache, drops: list[tuple[int, torch.Tensor]]) -> None:
-        """Change the KV cache before decoding (default: keep what each layer saw)."""
+    def after_prefill(self, cache: KVCache, drops: list[tuple[int, list[torch.Tensor]]]) -> None:
+        """Change the batch's KV cache before decoding (default: keep what each layer saw). `drops` lists, per
+        dropping layer in order, each prompt's kept sequence positions (all of them where it could not drop)."""
 
     def check_model(self, geometry: ModelGeometry) -> None:
         """Raise ValueError for settings this model cannot honour, before anything runs: a scoring layer

@@ -28,6 +28,8 @@ class VisionOutput:
     # Per vision token, the row-major grid patches it stands for (CLS: none), so a picture can map tokens
     # back to the image. None means token i is patch i (or, with fewer tokens, that the mapping is unknown).
     patch_groups: list[list[int]] | None = None
+    # Time the method spent choosing and merging tokens in this stage (its share of `scoring_seconds`).
+    selection_seconds: float = 0.0
 
 
 def selected_layer_count(num_layers: int, feature_layer: int) -> int:
@@ -101,15 +103,28 @@ def check_feature_layer(config) -> None:
 @torch.no_grad()
 def encode_image(model, pixel_values: torch.Tensor) -> VisionOutput:
     """LLaVA's features, bit-identical to transformers' `get_image_features` (no token dropped)."""
+    return encode_llava_images(model, [pixel_values])[0]
+
+
+def encode_llava_images(model, pixel_values: list[torch.Tensor]) -> list[VisionOutput]:
+    """LLaVA-1.5's unpruned features of several prompts' images ([1, 3, H, W] each), in one tower pass."""
     check_feature_layer(model.config)
     tower = model.model.vision_tower
-    hidden = embed_patches(tower, pixel_values)
     selected = selected_layer_count(len(tower.encoder.layers), model.config.vision_feature_layer)
-    for layer in tower.encoder.layers[:selected]:
-        hidden = layer(hidden, None)
-    features = project_features(model, hidden)
-    count = features.shape[0]
-    return VisionOutput(features=features, stats={"vision_tokens_in": count, "vision_tokens": count})
+    hidden = run_tower_to(tower.encoder.layers, embed_patches(tower, torch.cat(pixel_values)), 0, {selected})[selected]
+    outputs = []
+    for features in project_batch(model, hidden):
+        count = features.shape[0]
+        outputs.append(VisionOutput(features=features, stats={"vision_tokens_in": count, "vision_tokens": count}))
+    return outputs
+
+
+def encode_images_together(model, pixel_values: list[torch.Tensor],
+                           image_sizes: list[torch.Tensor | None]) -> list[VisionOutput]:
+    """The unpruned vision stage of several prompts, all their images through the tower as one batch."""
+    if is_next(model):
+        return encode_next_images(model, pixel_values, image_sizes)
+    return encode_llava_images(model, pixel_values)
 
 
 FLAT_MERGE = "flat"  # mm_patch_merge_type: every image's features in order, no unpad, no newline tokens
@@ -127,29 +142,38 @@ def encode_next_image(model, pixel_values: torch.Tensor, image_sizes: torch.Tens
     `LlavaNextModel` packs them (the base image's features, then the crops' features as one grid with
     the padding rows and columns removed and a newline token after each row), "flat" as the images'
     features one after the other."""
+    return encode_next_images(model, [pixel_values], [image_sizes])[0]
+
+
+def encode_next_images(model, pixel_values: list[torch.Tensor], image_sizes: list[torch.Tensor]) -> list[VisionOutput]:
+    """`encode_next_image` for several prompts, every prompt's base image and crops in one tower pass."""
     check_feature_layer(model.config)
-    if pixel_values.dim() != 5 or pixel_values.shape[0] != 1 or image_sizes is None or image_sizes.shape[0] != 1:
-        raise ValueError("LLaVA-NeXT takes one image per prompt: pixel values [1, 1 + crops, 3, H, W] and its "
-                         f"size [[height, width]]; got {tuple(pixel_values.shape)} and {image_sizes}")
+    for pixels, sizes in zip(pixel_values, image_sizes):
+        if pixels.dim() != 5 or pixels.shape[0] != 1 or sizes is None or sizes.shape[0] != 1:
+            raise ValueError("LLaVA-NeXT takes one image per prompt: pixel values [1, 1 + crops, 3, H, W] and its "
+                             f"size [[height, width]]; got {tuple(pixels.shape)} and {sizes}")
     config = model.config
     weight = model.model.vision_tower.embeddings.patch_embedding.weight
-    pixel_values = pixel_values.to(device=weight.device, dtype=weight.dtype)
+    images = torch.cat([pixels[0] for pixels in pixel_values]).to(device=weight.device, dtype=weight.dtype)
+    counts = [pixels.shape[1] for pixels in pixel_values]
     if getattr(config, "mm_patch_merge_type", None) == FLAT_MERGE:
-        features = flat_next_features(model, pixel_values[0])
+        features = [per_image.flatten(0, 1) for per_image in flat_next_features(model, images).split(counts)]
     else:
-        output = model.model.get_image_features(pixel_values, image_sizes.to(weight.device),
+        output = model.model.get_image_features(images, torch.cat(image_sizes).to(weight.device),
                                                 vision_feature_layer=config.vision_feature_layer,
                                                 vision_feature_select_strategy=config.vision_feature_select_strategy)
-        features = output.pooler_output[0]
-    count = features.shape[0]
-    stats = {"vision_tokens_in": count, "vision_tokens": count, "images": pixel_values.shape[1],
-             "crops": pixel_values.shape[1] - 1}
-    return VisionOutput(features=features, stats=stats)
+        features = list(output.pooler_output)
+    outputs = []
+    for prompt_features, images_count in zip(features, counts):
+        count = prompt_features.shape[0]
+        stats = {"vision_tokens_in": count, "vision_tokens": count, "images": images_count, "crops": images_count - 1}
+        outputs.append(VisionOutput(features=prompt_features, stats=stats))
+    return outputs
 
 
 def flat_next_features(model, images: torch.Tensor) -> torch.Tensor:
-    """Every image's projected patch features, base image first, flattened into one sequence."""
+    """Every tower image's projected patch features [images, tokens per image, llm_hidden]."""
     layers = model.model.vision_tower.encoder.layers
     selected = selected_layer_count(len(layers), model.config.vision_feature_layer)
     hidden = run_tower_to(layers, embed_patches(model.model.vision_tower, images), 0, {selected})[selected]
-    return project_batch(model, hidden).flatten(0, 1)
+    return project_batch(model, hidden)

@@ -33,8 +33,8 @@ from pathlib import Path
 import torch
 
 from llava.conversation import get_conv_template
-from llava.drop.cache import LayerKVCache
-from llava.drop.generate import MultimodalPrompt, build_prompt, encode_vision, prefill
+from llava.drop.generate import encode_vision
+from llava.drop.prefill import MultimodalPrompt, build_prompt, prefill_prompt
 from llava.drop.methods import as_method
 from llava.drop.methods.mustdrop import DEFAULT_GLOBAL_THR, DEFAULT_INDIVIDUAL_THR, DropConfig
 from llava.eval.answering.vqa import questions_from_file
@@ -50,7 +50,7 @@ from llava.eval.answering.loop import (
 )
 from llava.eval.thresholds import TOKEN_SETTINGS
 from llava.model.conv_mode import AUTO_CONV_MODE
-from llava.model.geometry import decoder_layer_count, geometry_of_model
+from llava.model.geometry import geometry_of_model
 from llava.model.inputs import ModelInputs, encode_question
 
 LOWEST_GLOBAL_THR = 1e-6
@@ -126,10 +126,9 @@ def mean_tokens(model, prompts: Sequence[MultimodalPrompt], global_thr: float, i
                 drop: DropConfig | None = None) -> float:
     """The paper's "tokens": vision tokens per decoder layer in prefill, averaged over layers and prompts."""
     drop = replace(drop or DropConfig(), enabled=True, global_thr=global_thr, individual_thr=individual_thr)
-    num_layers = decoder_layer_count(model)
     per_prompt = []
     for prompt in prompts:
-        counts = prefill(model, prompt, LayerKVCache(num_layers), as_method(drop)).vision_tokens_per_layer
+        counts = prefill_prompt(model, prompt, as_method(drop)).vision_tokens_per_layer
         per_prompt.append(sum(counts) / len(counts))
     return sum(per_prompt) / len(per_prompt)
 

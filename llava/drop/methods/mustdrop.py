@@ -32,7 +32,7 @@ from llava.drop.blocks import (
     stage_lengths,
     top_positions,
 )
-from llava.drop.cache import LayerKVCache
+from llava.drop.cache import KVCache
 from llava.drop.method import MULTI_STAGE, TEXT_QUERIES, DropMethod, LayerContext
 from llava.drop.methods.registry import register
 from llava.drop.next_layout import NEWLINE, CropGrid, crop_grid, spatial_order, token_anchors
@@ -301,10 +301,10 @@ def encode_mustdrop(model, pixel_values: torch.Tensor, drop: DropConfig) -> Visi
     key_indices = key_row + offset
     merged_windows = tower.merged_windows[0].tolist()
     stats = {"vision_tokens_in": tower.num_patches + offset, "vision_tokens": features.shape[0],
-             "merged_windows": len(merged_windows), "key_tokens": key_indices.numel(),
-             "merge_seconds": tower.merge_seconds, "key_seconds": key_seconds}
+             "merged_windows": len(merged_windows), "key_tokens": key_indices.numel()}
     patch_groups = [[]] * offset + merged_patch_groups(merged_windows, tower.num_patches, drop.merge_window)
-    return VisionOutput(features=features, key_indices=key_indices, stats=stats, patch_groups=patch_groups)
+    return VisionOutput(features=features, key_indices=key_indices, stats=stats, patch_groups=patch_groups,
+                        selection_seconds=tower.merge_seconds + key_seconds)
 
 
 def flat_key_indices(model, key_states: torch.Tensor, rate: float, tokens_per_image: int, offset: int) -> torch.Tensor:
@@ -325,6 +325,10 @@ class NextPass:
     @property
     def images(self) -> int:
         return self.per_image.shape[0]
+
+    @property
+    def selection_seconds(self) -> float:
+        return self.tower.merge_seconds + self.key_seconds
 
 
 def run_next_pass(model, pixel_values: torch.Tensor, drop: DropConfig, merge_bounds: MergeBounds | None = None,
@@ -353,8 +357,7 @@ def next_stats(stage: NextPass, tokens_in: int, tokens: int, key_tokens: int, pe
     images = stage.images
     return {"vision_tokens_in": tokens_in, "vision_tokens": tokens, "images": images, "crops": images - 1,
             "vision_tokens_per_image_in": per_image_in, "vision_tokens_per_image": per_image,
-            "merged_windows": stage.tower.merged_windows.shape[1], "key_tokens": key_tokens,
-            "merge_seconds": stage.tower.merge_seconds, "key_seconds": stage.key_seconds}
+            "merged_windows": stage.tower.merged_windows.shape[1], "key_tokens": key_tokens}
 
 
 @torch.no_grad()
@@ -368,7 +371,8 @@ def encode_mustdrop_next(model, pixel_values: torch.Tensor, drop: DropConfig) ->
     per_image_in, per_image = stage.tower.num_patches + offset, stage.per_image.shape[1]
     stats = next_stats(stage, stage.images * per_image_in, stage.images * per_image, stage.key_indices.numel(),
                        per_image_in, per_image)
-    return VisionOutput(features=stage.per_image.flatten(0, 1), key_indices=stage.key_indices, stats=stats)
+    return VisionOutput(features=stage.per_image.flatten(0, 1), key_indices=stage.key_indices, stats=stats,
+                        selection_seconds=stage.selection_seconds)
 
 
 def spatial_selection(grid: CropGrid, merged_windows: torch.Tensor, num_patches: int, window: int) -> torch.Tensor:
@@ -421,7 +425,7 @@ def encode_mustdrop_spatial(model, pixel_values: torch.Tensor, image_sizes: torc
     tokens_in, tokens = stage.tower.num_patches + grid.kept.numel() + grid.rows, features.shape[0]
     stats = next_stats(stage, tokens_in, tokens, key_indices.numel(), tokens_in / stage.images, tokens / stage.images)
     stats["key_newlines"] = grid.rows
-    return VisionOutput(features=features, key_indices=key_indices, stats=stats)
+    return VisionOutput(features=features, key_indices=key_indices, stats=stats, selection_seconds=stage.selection_seconds)
 
 
 # Stage 2: dual attention filter.
@@ -455,17 +459,18 @@ def compose_keeps(keeps: list[torch.Tensor]) -> torch.Tensor:
     return composed
 
 
-def apply_output_aware_cache(cache: LayerKVCache, drops: list[tuple[int, torch.Tensor]]) -> None:
-    """Shrink the caches of layers drops[0].layer .. drops[-1].layer to the final token set.
+def apply_output_aware_cache(cache: KVCache, drops: list[tuple[int, list[torch.Tensor]]]) -> None:
+    """Shrink every prompt's caches of layers drops[0].layer .. drops[-1].layer to its final token set.
 
-    `drops` lists (dropping layer, sequence keep positions) in layer order, as prefill made them.
+    `drops` lists (dropping layer, each prompt's sequence keep positions) in layer order, as prefill made them.
     """
     if not drops:
         return
     first_layer, last_layer = drops[0][0], drops[-1][0]
+    prompts = len(drops[0][1])
     for layer_idx in range(first_layer, last_layer + 1):
-        later_keeps = [keep for drop_layer, keep in drops if drop_layer >= layer_idx]
-        cache.keep(layer_idx, compose_keeps(later_keeps))
+        later = [keeps for drop_layer, keeps in drops if drop_layer >= layer_idx]
+        cache.keep(layer_idx, [compose_keeps([keeps[n] for keeps in later]) for n in range(prompts)])
 
 
 # Budget variant: layer l sees the vision count of its stage; a geometric schedule k_i = V * rho^i
@@ -669,6 +674,6 @@ class MustDrop(DropMethod):
                                        context.geometry.decoder_layers, minimum=key_count)
         return counts[self.options.drop_layers.index(context.layer_idx)]
 
-    def after_prefill(self, cache: LayerKVCache, drops: list[tuple[int, torch.Tensor]]) -> None:
+    def after_prefill(self, cache: KVCache, drops: list[tuple[int, list[torch.Tensor]]]) -> None:
         if self.options.decode_cache_policy:
             apply_output_aware_cache(cache, drops)

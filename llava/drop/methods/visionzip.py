@@ -49,6 +49,7 @@ from llava.drop.image_reduction import (
 )
 from llava.drop.method import ENCODER, DropMethod
 from llava.drop.methods.registry import register
+from llava.drop.timing import timed
 from llava.drop.vision import (
     FLAT_MERGE,
     PATCHES_START,
@@ -212,12 +213,13 @@ class VisionZip(DropMethod):
             raise ValueError(f"VisionZip's vision stage supports batch size 1, got {pixel_values.shape[0]}")
         dominant, contextual = self.options.counts()
         layer, layer_input, hidden = run_to_select_layer(model, pixel_values)
-        sequence, kept, rest, keys = zip_image(layer, layer_input, hidden, dominant, contextual)
+        (sequence, kept, rest, keys), seconds = timed(
+            lambda: zip_image(layer, layer_input, hidden, dominant, contextual), hidden.device)
         features = project_features(model, sequence)
         cls_kept = features.shape[0] - dominant - contextual  # 1 under the `full` select strategy, else 0
         stats = {"vision_tokens_in": hidden.shape[1] - PATCHES_START + cls_kept, "vision_tokens": features.shape[0],
                  "dominant": dominant, "contextual": contextual}
-        return VisionOutput(features=features, stats=stats,
+        return VisionOutput(features=features, stats=stats, selection_seconds=seconds,
                             patch_groups=self.patch_groups(kept, rest, keys, contextual, cls_kept))
 
     @torch.no_grad()
@@ -229,8 +231,9 @@ class VisionZip(DropMethod):
         check_next_inputs("VisionZip", pixel_values, image_sizes)
         counts = self.options.image_counts(pixel_values.shape[1])
         layer, layer_input, hidden = run_to_select_layer(model, pixel_values[0])
-        zipped = [zip_image(layer, layer_input[image : image + 1], hidden[image : image + 1], dominant, contextual)
-                  for image, (dominant, contextual) in enumerate(counts)]
+        zipped, seconds = timed(lambda: [
+            zip_image(layer, layer_input[image : image + 1], hidden[image : image + 1], dominant, contextual)
+            for image, (dominant, contextual) in enumerate(counts)], hidden.device)
         projected = [project_features(model, sequence) for sequence, *_ in zipped]
         cls_kept = projected[0].shape[0] - sum(counts[0])  # 1 under the `full` select strategy, else 0
         grid, side = crop_grid(model, image_sizes, len(counts) - 1), math.isqrt(hidden.shape[1] - PATCHES_START)
@@ -244,7 +247,7 @@ class VisionZip(DropMethod):
                  "vision_tokens": features.shape[0], "images": len(counts), "crops": len(counts) - 1,
                  "vision_tokens_per_image_in": per_image, "dominant": sum(d for d, _ in counts),
                  "contextual": sum(c for _, c in counts)}
-        return VisionOutput(features=features, stats=stats)
+        return VisionOutput(features=features, stats=stats, selection_seconds=seconds)
 
     @staticmethod
     def patch_groups(kept: torch.Tensor, rest: torch.Tensor, keys: torch.Tensor, contextual: int,

@@ -11,8 +11,7 @@ from dataclasses import dataclass
 from PIL import Image
 
 from llava.conversation import get_conv_template
-from llava.drop.batch import GenerationRequest, generate_batch
-from llava.drop.generate import GenerationOutput, SamplingConfig, generate
+from llava.drop.generate import GenerationOutput, GenerationRequest, SamplingConfig, generate_batch
 from llava.drop.methods import DropConfig, DropMethod, as_method
 from llava.model.inputs import ModelInputs, encode_question, templated_prompt
 
@@ -41,8 +40,8 @@ class Answerer:
         self.conv_mode = conv_mode
         self.sampling = sampling
         self.drop = drop
-        self.compile_backend = compile_backend  # torch.compile the decode step (the batched path) with this backend
-        self.cuda_graph = cuda_graph  # replay the decode step (the batched path) as a CUDA graph
+        self.compile_backend = compile_backend  # torch.compile the decode step with this backend
+        self.cuda_graph = cuda_graph  # replay the decode step as a CUDA graph
         # Strings that end an answer wherever they appear, cut off with what follows (lmms-eval's `until`);
         # the template's own stop string ends it only at the end, as LLaVA's stopping criterion does.
         self.stop_strings = tuple(stop for stop in stop_strings if stop)
@@ -54,12 +53,7 @@ class Answerer:
         return templated_prompt(question, self.conv_mode, with_image, self.model.config)
 
     def answer(self, question: str, image: Image.Image | None) -> Answer:
-        if self.compile_backend is not None or self.cuda_graph:
-            return self.answer_batch([(question, image)])[0]
-        inputs, request = self.request(question, image)
-        output = generate(self.model, request.input_ids, request.pixel_values, self.sampling, self.eos_token_ids,
-                          request.should_stop, as_method(self.drop), image_sizes=request.image_sizes)
-        return self.finished(inputs, output)
+        return self.answer_batch([(question, image)])[0]
 
     def answer_batch(self, questions: list[tuple[str, Image.Image | None]]) -> list[Answer]:
         """Several questions at once (`generate_batch`): under greedy decoding the same answers as `answer`."""

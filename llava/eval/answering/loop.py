@@ -31,8 +31,7 @@ from llava.drop.methods.mustdrop import (
     NEXT_LAYOUTS,
     DropConfig,
 )
-from llava.drop.batch import COMPILE_BACKEND
-from llava.drop.generate import SamplingConfig
+from llava.drop.generate import COMPILE_BACKEND, SamplingConfig
 from llava.drop.methods import DropMethod, create_method, parse_method_args
 from llava.drop.methods.registry import option_names
 from llava.eval.answering.answerer import Answerer
