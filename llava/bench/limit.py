@@ -12,7 +12,7 @@ from dataclasses import replace
 import torch
 
 from llava.drop.method import DropMethod
-from llava.drop.vision import VisionOutput
+from llava.drop.vision import VisionOutput, encode_images_together
 
 LIMIT_PREFIX = "limit@"  # a limit row's label: limit@<the setting it bounds>
 
@@ -31,6 +31,11 @@ class VisionPrefix(DropMethod):
 
     def encode_next(self, model, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> VisionOutput:
         return self.first(super().encode_next(model, pixel_values, image_sizes))
+
+    def encode_images(self, model, pixel_values: list[torch.Tensor],
+                      image_sizes: list[torch.Tensor | None]) -> list[VisionOutput]:
+        """All prompts' images through the tower together, as the unpruned model runs them."""
+        return [self.first(vision) for vision in encode_images_together(model, pixel_values, image_sizes)]
 
     def first(self, vision: VisionOutput) -> VisionOutput:
         features = vision.features[: self.count]
