@@ -1,5 +1,6 @@
-"""`benchmarks/gpu.sh --quick` runs the four benchmarks end to end in CI (prefill/decode, also with `--next`,
-compare and throughput) and each reports sane, ordered numbers; the model shapes have the stated widths."""
+"""`benchmarks/gpu.sh --quick` runs the five benchmarks end to end in CI (prefill/decode, also with `--next`,
+compare, and short-answer throughput on LLaVA-1.5 and LLaVA-NeXT) and each reports sane, ordered numbers;
+the model shapes have the stated widths."""
 
 from __future__ import annotations
 
@@ -26,8 +27,8 @@ NEXT_IMAGES = 5
 NEXT_TOLERANCE = 0.02  # MustDrop's layer-averaged tokens within 2 % of each target (the threshold search's stop)
 
 
-def test_gpu_script_quick_runs_all_four_on_cpu_with_sane_results(tmp_path):
-    """One `gpu.sh --quick` run (the four benchmarks at the quick shape, as CI can afford once) and what
+def test_gpu_script_quick_runs_all_five_on_cpu_with_sane_results(tmp_path):
+    """One `gpu.sh --quick` run (the five benchmarks at the quick shape, as CI can afford once) and what
     each of them must report."""
     done = subprocess.run(["bash", str(REPO_ROOT / "benchmarks" / "gpu.sh"), "--quick", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=900)
@@ -35,7 +36,7 @@ def test_gpu_script_quick_runs_all_four_on_cpu_with_sane_results(tmp_path):
     assert "transformers" in done.stdout
     runs = {name: json.loads((tmp_path / name / stem).read_text()) for name, stem in
             [("prefill_decode", "results.json"), ("next", "results.json"), ("compare", "compare.json"),
-             ("throughput", "throughput.json")]}
+             ("throughput", "throughput.json"), ("throughput_next", "throughput.json")]}
     for saved in runs.values():
         assert saved["args"]["quick"] == "True" and saved["args"]["device"] == "cpu"
     check_prefill_decode(tmp_path / "prefill_decode", runs["prefill_decode"])
@@ -43,6 +44,7 @@ def test_gpu_script_quick_runs_all_four_on_cpu_with_sane_results(tmp_path):
     assert runs["compare"]["args"]["budgets"] == "[64]"
     assert {row["budget"] for row in runs["compare"]["rows"]} == {None, 64}
     check_throughput(tmp_path / "throughput", runs["throughput"])
+    check_throughput_next(tmp_path / "throughput_next", runs["throughput_next"])
 
 
 def with_limits(settings) -> list[str]:
@@ -95,21 +97,66 @@ def check_next(saved: dict) -> None:
     assert "2880 flat tokens" in saved["header"] and "= 2928 in the model's spatial_unpad layout" in saved["header"]
 
 
-def check_throughput(folder, saved: dict) -> None:
-    """Every (setting, batch size) at the one answer length, the budget reached, ratios to batch 1."""
+# TTFT (one new token) is measured apart from the whole batch (three), one run each on a shared CPU: the
+# whole batch holds the same prefills and two more steps, and timing noise may eat part of that margin.
+TIMING_SLACK = 1.5
+
+
+def check_short_answer_rows(folder, saved: dict, settings: list[str], batch_sizes: list[int]) -> dict:
+    """What every short-answer run must report: its rows in order, TTFT and questions/s measured and divided
+    as stated, exact ratios 1.0 for "none" against itself and each limit against itself. Returns the rows by
+    (setting, batch size)."""
     rows = saved["rows"]
-    assert [(r["setting"], r["batch_size"], r["answer_tokens"]) for r in rows] == [
-        ("none", 1, 3), ("fastv@64", 1, 3), ("none", 2, 3), ("fastv@64", 2, 3)]
-    for row in rows:
-        assert row["questions_per_s"] > 0 and row["decode_tok_s"] > 0
-        assert row["decode"] == "eager"
+    assert [(r["setting"], r["batch_size"], r["answer_tokens"], r["decode"]) for r in rows] == [
+        (setting, size, 3, "eager") for size in batch_sizes for setting in settings]
     by_key = {(r["setting"], r["batch_size"]): r for r in rows}
+    for row in rows:
+        size, unpruned = row["batch_size"], by_key[(BASELINE, row["batch_size"])]
+        assert row["same_tokens"] and row["peak_memory_bytes"] is None  # one decode mode; no peak on CPU
+        assert 0 < row["ttft_s"] <= TIMING_SLACK * row["seconds"]
+        assert row["questions_per_s"] == size / row["seconds"] and row["decode_tok_s"] > 0
+        assert row["ttft_vs_none"] == row["ttft_s"] / unpruned["ttft_s"]
+        assert row["questions_vs_none"] == row["questions_per_s"] / unpruned["questions_per_s"]
+        assert row["questions_vs_batch1"] == row["questions_per_s"] / by_key[(row["setting"], 1)]["questions_per_s"]
+        limit = by_key.get((f"limit@{row['budget']}", size))
+        if row["setting"] == BASELINE:
+            assert row["budget"] is None and limit is None
+            assert row["ttft_vs_none"] == row["questions_vs_none"] == row["decode_vs_none"] == 1.0
+            assert row["ttft_vs_limit"] is row["questions_vs_limit"] is None
+        else:  # every budget has its limit row, fed exactly that many vision tokens
+            assert row["setting"].endswith(f"@{row['budget']}") and limit["avg_vision_tokens"] == row["budget"]
+            assert row["ttft_vs_limit"] == row["ttft_s"] / limit["ttft_s"]
+            assert row["questions_vs_limit"] == row["questions_per_s"] / limit["questions_per_s"]
+            assert row["kv_cache_bytes"] < unpruned["kv_cache_bytes"]
+        if row["setting"].startswith("limit@"):
+            assert row["ttft_vs_limit"] == row["questions_vs_limit"] == 1.0
+    table = (folder / "throughput.md").read_text()
+    for setting in settings:
+        assert f"| {setting} |" in table
+    assert "TTFT" in table and "limit@K" in saved["header"]
+    assert (folder / "throughput.png").stat().st_size > 0
+    return by_key
+
+
+def check_throughput(folder, saved: dict) -> None:
+    """LLaVA-1.5, short answers at batches 1 and 2: none, the limit at 64 and FastV at 64."""
+    assert saved["args"]["next"] == "False" and saved["args"]["budgets"] == "[64]"
+    assert saved["skipped"] == {}
+    by_key = check_short_answer_rows(folder, saved, ["none", "limit@64", "fastv@64"], [1, 2])
     assert by_key[("none", 1)]["avg_vision_tokens"] == 576
     assert abs(by_key[("fastv@64", 2)]["avg_vision_tokens"] - 64) < 0.65  # the closed form rounds keep
     # two answers hold less than twice one answer's cache: the ragged second prompt is 3 text tokens shorter
     assert by_key[("none", 2)]["kv_cache_bytes"] < 2 * by_key[("none", 1)]["kv_cache_bytes"]
-    assert by_key[("none", 1)]["questions_vs_batch1"] == 1.0
-    assert (folder / "throughput.png").stat().st_size > 0
+
+
+def check_throughput_next(folder, saved: dict) -> None:
+    """LLaVA-NeXT at 160 tokens, batch 1: FastV refuses the budget (skipped with its reason), VisionZip runs."""
+    assert saved["args"]["next"] == "True" and saved["args"]["budgets"] == "[160]"
+    assert list(saved["skipped"]) == ["fastv@160"] and "below" in saved["skipped"]["fastv@160"]
+    assert "Skipped fastv@160" in saved["header"]
+    by_key = check_short_answer_rows(folder, saved, ["none", "limit@160", "visionzip@160"], [1])
+    assert by_key[("none", 1)]["avg_vision_tokens"] == NEXT_UNPRUNED_TOKENS
+    assert by_key[("visionzip@160", 1)]["avg_vision_tokens"] == 160  # VisionZip keeps exactly its budget
 
 
 def test_7b_proportioned_shape_divides_every_width_of_7b_by_four():
@@ -134,25 +181,37 @@ def test_7b_proportioned_shape_divides_every_width_of_7b_by_four():
     assert tuple(model.model.vision_tower.encoder.layers[0].mlp.fc1.weight.shape) == (1024, 256)
 
 
-def test_throughput_ratios_compare_within_a_decode_step_and_against_eager():
-    """Hand-made rows: "x none" divides by the unpruned row of the same decode step and batch, "x batch 1"
-    by the same setting and step at batch 1, "x eager" by the same setting decoded eagerly; a step that
-    decoded other tokens is marked in the table."""
+def test_throughput_ratios_compare_within_a_decode_step_against_none_the_limit_and_eager():
+    """Hand-made rows: "x none" divides by the unpruned row of the same decode step and batch, "x limit" by the
+    limit at the row's budget (same step and batch), "x batch 1" by the same setting and step at batch 1,
+    "x eager" by the same setting decoded eagerly; a missing row gives None ("-" in the table), and a step
+    that decoded other tokens is marked."""
     from llava.bench.throughput import add_ratios, markdown_table
 
-    def row(setting, decode, size, decode_tok_s, questions_per_s, same=True):
-        return {"setting": setting, "decode": decode, "answer_tokens": 128, "batch_size": size, "same_tokens": same,
-                "decode_tok_s": decode_tok_s, "questions_per_s": questions_per_s, "avg_vision_tokens": 64.0,
-                "kv_cache_bytes": 2**20, "peak_memory_bytes": None}
+    def row(setting, budget, decode, size, ttft_s, decode_tok_s, questions_per_s, same=True):
+        return {"setting": setting, "budget": budget, "decode": decode, "answer_tokens": 128, "batch_size": size,
+                "same_tokens": same, "ttft_s": ttft_s, "decode_tok_s": decode_tok_s,
+                "questions_per_s": questions_per_s, "avg_vision_tokens": 64.0, "kv_cache_bytes": 2**20,
+                "peak_memory_bytes": None}
 
-    rows = add_ratios([row("none", "eager", 1, 40.0, 0.5), row("fastv@64", "eager", 1, 50.0, 0.8),
-                       row("none", "cuda-graph", 1, 120.0, 1.0), row("fastv@64", "cuda-graph", 1, 150.0, 1.2, False),
-                       row("none", "cuda-graph", 16, 960.0, 8.0), row("fastv@64", "cuda-graph", 16, 1440.0, 9.6)])
-    graph16 = rows[-1]
+    rows = add_ratios([row("none", None, "eager", 1, 0.4, 40.0, 0.5), row("limit@64", 64, "eager", 1, 0.1, 80.0, 2.0),
+                       row("fastv@64", 64, "eager", 1, 0.2, 50.0, 0.8),
+                       row("none", None, "cuda-graph", 1, 0.4, 120.0, 1.0),
+                       row("fastv@64", 64, "cuda-graph", 1, 0.2, 150.0, 1.2, False),
+                       row("none", None, "cuda-graph", 16, 6.4, 960.0, 8.0),
+                       row("fastv@64", 64, "cuda-graph", 16, 1.6, 1440.0, 9.6)])
+    unpruned, limit, eager, graph, graph16 = rows[0], rows[1], rows[2], rows[4], rows[-1]
+    assert unpruned["ttft_vs_none"] == unpruned["questions_vs_none"] == unpruned["decode_vs_none"] == 1.0
+    assert unpruned["ttft_vs_limit"] is unpruned["questions_vs_limit"] is None  # "none" has no budget
+    assert limit["ttft_vs_limit"] == limit["questions_vs_limit"] == 1.0 and limit["ttft_vs_none"] == 0.25
+    assert eager["ttft_vs_none"] == 0.5 and eager["ttft_vs_limit"] == 2.0 and eager["questions_vs_limit"] == 0.4
+    assert eager["decode_vs_none"] == 1.25 and eager["decode_vs_eager"] == 1.0
+    assert graph["decode_vs_eager"] == 3.0 and graph["decode_vs_none"] == 1.25
+    assert graph["ttft_vs_limit"] is None  # no limit row decoded with the graph
     assert graph16["decode_vs_none"] == 1.5 and graph16["questions_vs_batch1"] == 8.0
+    assert graph16["ttft_vs_none"] == 0.25 and graph16["questions_vs_none"] == 1.2
     assert graph16["decode_vs_eager"] is None  # no eager row at batch 16
-    assert rows[3]["decode_vs_eager"] == 3.0 and rows[3]["decode_vs_none"] == 1.25
-    assert rows[1]["decode_vs_none"] == 1.25 and rows[1]["decode_vs_eager"] == 1.0
     table = markdown_table(rows).splitlines()
-    assert "| cuda-graph (other tokens!) | fastv@64 |" in table[5] and "other tokens" not in table[4]
-    assert "| 1440.0 (1.50x) |" in table[-1] and "| 150.0 (1.25x) (3.00x) |" in table[5]
+    assert "| cuda-graph (other tokens!) | fastv@64 |" in table[6] and "other tokens" not in table[5]
+    assert "| 200.0 (0.50x, 2.00x) | 0.800 (1.60x, 0.40x, 1.00x) | 50.0 (1.25x, 1.00x) |" in table[4]
+    assert "| 1600.0 (0.25x, -) | 9.600 (1.20x, -, 8.00x) | 1440.0 (1.50x, -) |" in table[-1]

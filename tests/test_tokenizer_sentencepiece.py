@@ -238,11 +238,11 @@ def test_byte_fallback_answer_text_is_the_sentencepiece_decode(monkeypatch, load
     tokenizer, model, image_processor, _ = loaded_original
     ids = [*reference_encode(sp, "The word", {}), *map(sp.piece_to_id, pieces), sp.eos_id()]
 
-    def generate_these_ids(model, input_ids, pixel_values, sampling, eos_token_ids, should_stop, drop, image_sizes=None):
-        assert not any(should_stop(ids[:end]) for end in range(1, len(ids) + 1))
-        return GenerationOutput(token_ids=ids)
+    def generate_these_ids(model, requests, sampling, eos_token_ids, drop, compile_backend, cuda_graph):
+        assert not any(requests[0].should_stop(ids[:end]) for end in range(1, len(ids) + 1))
+        return [GenerationOutput(token_ids=ids)]
 
-    monkeypatch.setattr(answerer, "generate", generate_these_ids)
+    monkeypatch.setattr(answerer, "generate_batch", generate_these_ids)
     answer = Answerer(tokenizer, model, image_processor, "vicuna_v1", SamplingConfig()).answer("Word?", None)
     assert answer.text == reference_decode(sp, ids, special_ids(tokenizer)).strip()
 

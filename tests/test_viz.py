@@ -50,7 +50,7 @@ def _mask(patches: list[int], num_patches: int = NUM_PATCHES) -> np.ndarray:
 
 def test_identity_mapping() -> None:
     kept = [0, 17, 300, 575]
-    result = PrefillResult(torch.empty(0), drops=[(2, _keep(kept, NUM_PATCHES))])
+    result = PrefillResult(drops=[(2, _keep(kept, NUM_PATCHES))])
     stages = kept_patches_per_stage(_vision(NUM_PATCHES, keys=[17]), result, _prompt(NUM_PATCHES))
     assert [s.name for s in stages] == ["vision stage", "after layer 2"]
     assert [s.file_stem for s in stages] == ["0_vision", "1_layer02"]
@@ -65,7 +65,7 @@ def test_merged_window_mapping() -> None:
     groups = merged_patch_groups([5, 0], NUM_PATCHES, WINDOW)  # token 0: window 5, token 1: window 0
     count = len(groups)
     assert count == NUM_PATCHES - 2 * (WINDOW * WINDOW - 1)
-    result = PrefillResult(torch.empty(0), drops=[(2, _keep([0, 2, 10], count))])
+    result = PrefillResult(drops=[(2, _keep([0, 2, 10], count))])
     stages = kept_patches_per_stage(_vision(count, groups, keys=[2]), result, _prompt(count))
     vision, layer = stages
     assert vision.kept.all() and vision.tokens_kept == count
@@ -78,7 +78,7 @@ def test_merged_window_mapping() -> None:
 
 
 def test_two_drops_compose() -> None:
-    result = PrefillResult(torch.empty(0), drops=[(2, _keep([1, 3, 5, 7, 9], SMALL_PATCHES)),
+    result = PrefillResult(drops=[(2, _keep([1, 3, 5, 7, 9], SMALL_PATCHES)),
                                                   (6, _keep([0, 3], 5))])
     stages = kept_patches_per_stage(_vision(SMALL_PATCHES, keys=[7]), result, _prompt(SMALL_PATCHES),
                                     num_patches=SMALL_PATCHES)
@@ -91,7 +91,7 @@ def test_two_drops_compose() -> None:
 
 def test_fewer_tokens_without_groups_is_unknown() -> None:
     count = 64
-    result = PrefillResult(torch.empty(0), drops=[(2, _keep([0, 1], count))])
+    result = PrefillResult(drops=[(2, _keep([0, 1], count))])
     stages = kept_patches_per_stage(_vision(count), result, _prompt(count))
     assert [s.kept for s in stages] == [None, None] and [s.keys for s in stages] == [None, None]
     assert [s.tokens_kept for s in stages] == [count, 2]
@@ -100,7 +100,7 @@ def test_fewer_tokens_without_groups_is_unknown() -> None:
 def test_group_count_must_match_tokens() -> None:
     vision = _vision(10, groups=[[p] for p in range(9)])
     with pytest.raises(ValueError, match="9 patch groups for 10 vision tokens"):
-        kept_patches_per_stage(vision, PrefillResult(torch.empty(0)), _prompt(10))
+        kept_patches_per_stage(vision, PrefillResult(), _prompt(10))
 
 
 def test_outline_traces_the_group_boundary() -> None:
