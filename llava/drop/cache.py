@@ -47,15 +47,11 @@ class KVCache:
         return self.step_lengths is not None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, **_) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prefill: take (or append to) the layer's keys/values. Decoding: write each prompt's one new token
-        at its own length in this layer. Returns the layer's whole buffers."""
+        """Prefill (each layer runs once, on the whole padded batch): take the layer's keys/values. Decoding:
+        write each prompt's one new token at its own length in this layer. Returns the layer's whole buffers."""
         if self.reserved:
             return self._write_step(key_states, value_states, layer_idx)
-        if self.keys[layer_idx] is None:
-            self.keys[layer_idx], self.values[layer_idx] = key_states, value_states
-        else:
-            self.keys[layer_idx] = torch.cat([self.keys[layer_idx], key_states], dim=SEQ_DIM)
-            self.values[layer_idx] = torch.cat([self.values[layer_idx], value_states], dim=SEQ_DIM)
+        self.keys[layer_idx], self.values[layer_idx] = key_states, value_states
         self.row_counts[layer_idx] = None  # every row full until `set_lengths` says otherwise
         return self.keys[layer_idx], self.values[layer_idx]
 
