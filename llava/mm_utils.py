@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from PIL import Image
@@ -22,16 +23,18 @@ class ImageLoadError(ValueError):
     """An image file is missing or cannot be decoded; the message names the file."""
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Open an image as RGB, decoding it now so a corrupt file fails here and not mid-batch."""
+def load_image(path: str | Path | BinaryIO, name: str | None = None) -> Image.Image:
+    """Open an image as RGB, decoding it now so a corrupt file fails here and not mid-batch. `path` may be
+    an open binary file (a download), which error messages call `name`."""
+    name = name or path
     try:
         with Image.open(path) as image:
             image.load()
             return image.convert("RGB")
     except FileNotFoundError:
-        raise ImageLoadError(f"image not found: {path}") from None
+        raise ImageLoadError(f"image not found: {name}") from None
     except (OSError, ValueError, Image.DecompressionBombError) as error:
-        raise ImageLoadError(f"cannot read image {path}: {error}") from error
+        raise ImageLoadError(f"cannot read image {name}: {error}") from error
 
 
 def expand2square(image: Image.Image, background_color: tuple[int, ...]) -> Image.Image:

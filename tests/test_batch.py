@@ -121,6 +121,30 @@ def test_a_batched_prefill_keeps_each_prompt_s_own_tokens(loaded_original, loade
             assert len({str(prompt_drops[-1][1]) for prompt_drops in drops}) == len(QUESTIONS)
 
 
+def test_mustdrop_stage_one_runs_prompts_that_merge_alike_through_the_tower_together(loaded_original, demo_images,
+                                                                                   monkeypatch):
+    """Stage 1 on LLaVA-1.5: every prompt merges its own r windows (features, key set and statistics as alone),
+    layer 0 runs once for all images and the rest of the tower once per distinct r."""
+    import llava.drop.methods.mustdrop as mustdrop
+
+    _, model, _, _ = loaded_original
+    requests = requests_for(loaded_original, demo_images[:2]) + requests_for(loaded_original, demo_images[2:3])
+    method = create_method("mustdrop", {"merge_threshold": "0.2"})
+    alone_visions = [encode_vision(model, method, r.pixel_values, r.image_sizes) for r in requests]
+    passes = []
+    real_run = mustdrop.run_tower_to
+    monkeypatch.setattr(mustdrop, "run_tower_to", lambda layers, hidden, *rest: passes.append(hidden.shape[0]) or
+                        real_run(layers, hidden, *rest))
+    together = encode_visions(model, method, [r.pixel_values for r in requests], [r.image_sizes for r in requests])
+    merged = [vision.stats["merged_windows"] for vision in together]
+    assert len(set(merged)) > 1  # the demo images merge different numbers of windows
+    for vision, single in zip(together, alone_visions):
+        assert torch.equal(vision.features, single.features) and torch.equal(vision.key_indices, single.key_indices)
+        assert vision.stats == single.stats
+    by_count = {count: merged.count(count) for count in merged}
+    assert passes == [len(requests)] + [by_count[count] for count in sorted(by_count)]
+
+
 def test_a_text_only_prompt_shares_a_batch_with_image_prompts(loaded_original, demo_images):
     tokenizer, model, image_processor, _ = loaded_original
     requests = requests_for(loaded_original, demo_images)

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from llava.drop.cache import KVCache
-from llava.drop.prefill import build_prompt, prefill_prompt, rotary, run_layer
+from llava.drop.prefill import build_prompt, kept_slots, prefill_prompt, remap_key_mask, rotary, run_layer
 from llava.drop.methods import as_method
 from llava.drop.methods.mustdrop import DropConfig, dual_attention_keep
-from llava.drop.probe import TokenLayout, remap_key_indices, sequence_keep, text_to_vision_attention
+from llava.drop.probe import TokenLayout, vision_attention
 from llava.mm_utils import load_image, process_images, tokenizer_image_token
 from tests.conftest import answer, vicuna_prompt
 
@@ -47,43 +47,67 @@ def test_block_attention_equals_eager_rows(loaded_original, layer_idx, shifted_p
     cache = KVCache(32)
     with torch.no_grad():
         run_layer(model, layer_idx, layer_input, positions[None], None, cache, rotary(model, layer_input, positions[None]))
-        layout = TokenLayout(SYSTEM, VISION, seq)
-        block = text_to_vision_attention(model, layer_idx, layer_input, cache.keys[layer_idx], positions, layout)
+        text_rows = torch.arange(SYSTEM + VISION, seq)[None]
+        vision_slots = torch.arange(SYSTEM, SYSTEM + VISION)[None]
+        block = vision_attention(model, layer_idx, layer_input, cache.keys[layer_idx], positions[None], text_rows,
+                                 vision_slots)[0]
         reference = eager_attention_probs(model, layer_idx, layer_input, positions)
     expected = reference[:, SYSTEM + VISION :, SYSTEM : SYSTEM + VISION].mean(dim=0)
     assert block.shape == (TEXT, VISION)
     torch.testing.assert_close(block, expected, rtol=1e-5, atol=1e-6)
 
 
+def kept_positions(mask: torch.Tensor) -> list[int]:
+    return mask[0].nonzero().flatten().tolist()
+
+
 def test_dual_filter_drops_exactly_the_tokens_both_conditions_name():
     # 2 text rows x 5 vision tokens.  g = column sums, m = column maxima.
-    attention = torch.tensor([
+    attention = torch.tensor([[
         [0.50, 0.02, 0.01, 0.20, 0.03],
         [0.10, 0.02, 0.30, 0.01, 0.04],
-    ])
+    ]])
+    valid = torch.ones(1, 5, dtype=torch.bool)
+    key_4 = torch.tensor([[False, False, False, False, True]])
     # g = [0.60, 0.04, 0.31, 0.21, 0.07], total 1.23; global_thr 0.1 -> bound 0.123: g below it for 1, 4
     # m = [0.50, 0.02, 0.30, 0.20, 0.04]; individual_thr 0.035 -> m below it for 1 only
-    kept = dual_attention_keep(attention, global_thr=0.1, individual_thr=0.035, key_indices=None)
-    assert kept.tolist() == [0, 2, 3, 4]
+    assert kept_positions(dual_attention_keep(attention, 0.1, 0.035, None, valid)) == [0, 2, 3, 4]
     # raising individual_thr to 0.05 makes token 4 satisfy both conditions too
-    assert dual_attention_keep(attention, 0.1, 0.05, None).tolist() == [0, 2, 3]
+    assert kept_positions(dual_attention_keep(attention, 0.1, 0.05, None, valid)) == [0, 2, 3]
     # a key token is never dropped
-    assert dual_attention_keep(attention, 0.1, 0.05, torch.tensor([4])).tolist() == [0, 2, 3, 4]
+    assert kept_positions(dual_attention_keep(attention, 0.1, 0.05, key_4, valid)) == [0, 2, 3, 4]
     # individual_thr 0 (the --sparse default) drops nothing whatever global_thr is
-    assert dual_attention_keep(attention, 1.0, 0.0, None).tolist() == [0, 1, 2, 3, 4]
+    assert kept_positions(dual_attention_keep(attention, 1.0, 0.0, None, valid)) == [0, 1, 2, 3, 4]
     # global_thr 0 drops nothing whatever individual_thr is
-    assert dual_attention_keep(attention, 0.0, 1.0, None).tolist() == [0, 1, 2, 3, 4]
+    assert kept_positions(dual_attention_keep(attention, 0.0, 1.0, None, valid)) == [0, 1, 2, 3, 4]
 
 
-def test_key_indices_follow_the_kept_tokens():
-    kept = torch.tensor([0, 2, 3, 7, 9])
-    assert remap_key_indices(torch.tensor([3, 9]), kept).tolist() == [2, 4]
-    assert remap_key_indices(None, kept) is None
+def test_dual_filter_scores_each_prompt_of_a_batch_by_its_own_total():
+    # prompt 0 as above; prompt 1 has 3 vision tokens (padding zero), total 0.4, bound 0.04: token 2 (0.03)
+    attention = torch.tensor([
+        [[0.50, 0.02, 0.01, 0.20, 0.03], [0.10, 0.02, 0.30, 0.01, 0.04]],
+        [[0.20, 0.15, 0.03, 0.00, 0.00], [0.00, 0.00, 0.00, 0.00, 0.00]],  # one text row, then padding
+    ])
+    valid = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
+    mask = dual_attention_keep(attention, 0.1, 0.05, None, valid)
+    assert mask.tolist() == [[True, False, True, True, False], [True, True, False, False, False]]
 
 
-def test_sequence_keep_keeps_system_and_text():
-    layout = TokenLayout(vision_start=2, vision_count=4, seq_len=9)
-    assert sequence_keep(layout, torch.tensor([1, 3])).tolist() == [0, 1, 3, 5, 6, 7, 8]
+def test_key_tokens_follow_the_kept_tokens():
+    vision_keep = torch.tensor([[True, False, True, True, False, False, False, True, False, True]])
+    key_mask = torch.zeros(1, 10, dtype=torch.bool)
+    key_mask[0, [3, 9]] = True
+    remapped = remap_key_mask(key_mask, vision_keep, [5], 5)  # kept 0, 2, 3, 7, 9: keys at 2 and 4
+    assert kept_positions(remapped) == [2, 4]
+    assert remap_key_mask(None, vision_keep, [5], 5) is None
+
+
+def test_kept_slots_keep_system_and_text():
+    layouts = [TokenLayout(vision_start=2, vision_count=4, seq_len=9), TokenLayout(vision_start=1, vision_count=2, seq_len=5)]
+    vision_keep = torch.tensor([[False, True, False, True], [True, False, False, False]])
+    slots = kept_slots(layouts, vision_keep, 9)
+    assert slots[0].nonzero().flatten().tolist() == [0, 1, 3, 5, 6, 7, 8]
+    assert slots[1].nonzero().flatten().tolist() == [0, 1, 3, 4]  # slots 5.. are padding
 
 
 def mustdrop_prefill(loaded, image_path, drop: DropConfig):

@@ -13,7 +13,6 @@ from llava.drop.methods import DropMethod, create_method
 from llava.drop.method import LAST_QUERY
 from llava.drop.methods.fastv import FastV, FastVOptions, fastv_budget_keep
 from llava.drop.methods.pdrop import PDrop, PDropOptions, budget_counts
-from llava.drop.probe import TokenLayout
 from llava.mm_utils import load_image, process_images, tokenizer_image_token
 from llava.model.geometry import ModelGeometry
 from tests.conftest import DEMO_DIR
@@ -28,49 +27,79 @@ EARLY_STAGES = (2, 6, 12)  # PDrop layers that can reach 64 tokens: the default 
 
 
 class FixedAttention:
-    """Stands in for LayerContext: the last token's attention row is whatever the test chose."""
+    """Stands in for a one-prompt LayerContext: the last token's attention row is whatever the test chose."""
 
     def __init__(self, row: list[float], layer_idx: int, prompt_vision_count: int | None = None):
         self.row = torch.tensor(row)
         self.layer_idx = layer_idx
-        self.prompt_vision_count = len(row) if prompt_vision_count is None else prompt_vision_count
-        self.layout = TokenLayout(vision_start=3, vision_count=len(row), seq_len=3 + len(row) + 4)
+        self.vision_counts = [len(row)]
+        self.prompt_vision_counts = [len(row) if prompt_vision_count is None else prompt_vision_count]
+        self.vision_valid = torch.ones(1, len(row), dtype=torch.bool)
         self.geometry = GEOMETRY
         self.queries: list[str] = []
 
     def attention(self, queries: str) -> torch.Tensor:
         self.queries.append(queries)
-        return self.row[None]
+        return self.row[None, None]
+
+
+def kept(method, context: FixedAttention) -> torch.Tensor:
+    """The vision positions the method keeps, from its [1, V] mask."""
+    mask = method.select(context)
+    assert mask.shape == (1, len(context.row))
+    return mask[0].nonzero().flatten()
+
+
+class TwoPrompts(FixedAttention):
+    """Two prompts of different vision counts in one padded batch (the second padded with high scores that
+    must never be chosen)."""
+
+    def __init__(self, first: list[float], second: list[float], layer_idx: int):
+        super().__init__(first, layer_idx)
+        width = max(len(first), len(second))
+        self.row = torch.tensor([first + [9.0] * (width - len(first)), second + [9.0] * (width - len(second))])
+        self.vision_counts = self.prompt_vision_counts = [len(first), len(second)]
+        self.vision_valid = torch.arange(width)[None] < torch.tensor(self.vision_counts)[:, None]
+
+    def attention(self, queries: str) -> torch.Tensor:
+        return self.row[:, None]
+
+
+def test_a_batch_ranks_each_prompt_within_its_own_tokens():
+    # ratio 0.5: 5 tokens keep 3, 3 tokens keep 2; the padding's 9.0 scores are never taken
+    context = TwoPrompts([0.10, 0.40, 0.05, 0.30, 0.15], [0.2, 0.1, 0.3], layer_idx=1)
+    mask = FastV(FastVOptions(k=2, ratio=0.5)).select(context)
+    assert mask.tolist() == [[False, True, False, True, True], [True, False, True, False, False]]
 
 
 def test_fastv_keeps_the_most_attended_tokens():
     # ratio 0.5 of 5 tokens keeps round-half-up(2.5) = 3: the scores 0.40, 0.30, 0.15
     context = FixedAttention([0.10, 0.40, 0.05, 0.30, 0.15], layer_idx=1)
-    assert FastV(FastVOptions(k=2, ratio=0.5)).select(context).tolist() == [1, 3, 4]
+    assert kept(FastV(FastVOptions(k=2, ratio=0.5)), context).tolist() == [1, 3, 4]
     assert context.queries == [LAST_QUERY]
 
 
 def test_ties_go_to_the_earlier_position():
     # keep 3 (ratio 0.4 of 5): 0.3 first, then two of the three tied 0.2s, the earliest ones
     context = FixedAttention([0.2, 0.1, 0.2, 0.2, 0.3], layer_idx=1)
-    assert FastV(FastVOptions(ratio=0.4)).select(context).tolist() == [0, 2, 4]
+    assert kept(FastV(FastVOptions(ratio=0.4)), context).tolist() == [0, 2, 4]
 
 
 def test_pdrop_keeps_lambda_of_the_prompt_at_each_stage_end():
     method = PDrop(PDropOptions(layers=(8, 16, 24), ratio=0.5))
     assert method.prefill_layers(GEOMETRY) == (7, 15, 23)
     first = FixedAttention([0.05, 0.20, 0.10, 0.01, 0.30, 0.02, 0.25, 0.07], layer_idx=7)
-    assert method.select(first).tolist() == [1, 2, 4, 6]  # 8 -> 4
+    assert kept(method, first).tolist() == [1, 2, 4, 6]  # 8 -> 4
     second = FixedAttention([0.1, 0.4, 0.3, 0.2], layer_idx=15, prompt_vision_count=8)
-    assert method.select(second).tolist() == [1, 2]  # 8 * 0.25 = 2
+    assert kept(method, second).tolist() == [1, 2]  # 8 * 0.25 = 2
     third = FixedAttention([0.3, 0.7], layer_idx=23, prompt_vision_count=8)
-    assert method.select(third).tolist() == [1]  # 8 * 0.125 = 1
+    assert kept(method, third).tolist() == [1]  # 8 * 0.125 = 1
     assert first.queries == second.queries == third.queries == [LAST_QUERY]
 
 
 def test_keep_counts_round_halves_up():
-    assert FastV(FastVOptions(ratio=0.5)).select(FixedAttention([0.1] * 577, layer_idx=1)).numel() == 289
-    assert PDrop(PDropOptions(layers=(1,), ratio=0.5)).select(FixedAttention([0.1] * 5, layer_idx=0)).numel() == 3
+    assert kept(FastV(FastVOptions(ratio=0.5)), FixedAttention([0.1] * 577, layer_idx=1)).numel() == 289
+    assert kept(PDrop(PDropOptions(layers=(1,), ratio=0.5)), FixedAttention([0.1] * 5, layer_idx=0)).numel() == 3
 
 
 def test_budget_closed_forms():
@@ -92,15 +121,15 @@ def test_budget_closed_forms():
 def test_budget_follows_each_prompts_vision_count():
     """V differs per image (e.g. after a vision-stage merge); one method instance serves many prompts."""
     fastv = FastV(FastVOptions(k=2, budget=64))
-    assert fastv.select(FixedAttention([0.1] * 300, layer_idx=1)).numel() == 48  # (2048 - 600) / 30 = 48.3
-    assert fastv.select(FixedAttention([0.1] * 576, layer_idx=1)).numel() == 30
+    assert kept(fastv, FixedAttention([0.1] * 300, layer_idx=1)).numel() == 48  # (2048 - 600) / 30 = 48.3
+    assert kept(fastv, FixedAttention([0.1] * 576, layer_idx=1)).numel() == 30
     pdrop = PDrop(PDropOptions(layers=EARLY_STAGES, budget=64))
     for vision_count in (576, 400):
         expected = budget_counts(64, vision_count, EARLY_STAGES, NUM_LAYERS)
-        kept = vision_count
+        count_now = vision_count
         for layer_idx, count in zip(pdrop.prefill_layers(GEOMETRY), expected):
-            kept = pdrop.select(FixedAttention([0.1] * kept, layer_idx, vision_count)).numel()
-            assert kept == count
+            count_now = kept(pdrop, FixedAttention([0.1] * count_now, layer_idx, vision_count)).numel()
+            assert count_now == count
     assert expected != budget_counts(64, 576, EARLY_STAGES, NUM_LAYERS)  # the plan was redone for V = 400
 
 

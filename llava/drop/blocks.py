@@ -43,6 +43,24 @@ def ranked_keep(scores: torch.Tensor, key_indices: torch.Tensor | None, count: i
     return chosen.nonzero().flatten()
 
 
+def top_k_mask(scores: torch.Tensor, counts: list[int], valid: torch.Tensor) -> torch.Tensor:
+    """[N, V] boolean: each row's `counts[n]` best `valid` scores, ties to the earlier position (the rule of
+    `stable_top_k`, for a whole batch in one sort)."""
+    order = torch.sort(scores.masked_fill(~valid, float("-inf")), dim=1, descending=True, stable=True).indices
+    ranks = torch.arange(scores.shape[1], device=scores.device)[None]
+    chosen = ranks < torch.tensor(counts, device=scores.device)[:, None]
+    return torch.zeros_like(valid).scatter(1, order, chosen)
+
+
+def ranked_keep_mask(scores: torch.Tensor, key_mask: torch.Tensor | None, key_counts: list[int], counts: list[int],
+                     valid: torch.Tensor) -> torch.Tensor:
+    """`ranked_keep` for a batch [N, V]: each row's key tokens, then its best other tokens, `counts[n]` in all."""
+    if key_mask is None:
+        return top_k_mask(scores, counts, valid)
+    remaining = [max(0, count - keys) for count, keys in zip(counts, key_counts)]
+    return key_mask | top_k_mask(scores, remaining, valid & ~key_mask)
+
+
 def round_half_up(value: float) -> int:
     """Rounding that does not depend on parity (Python's round(288.5) is 288, round(289.5) is 290)."""
     return math.floor(value + 0.5)

@@ -113,13 +113,19 @@ def answer_done(tokens: list[int], limit: int, eos_token_ids: set[int],
 def decode_together(model, first_tokens: torch.Tensor, cache: KVCache, positions: Sequence[list[int]],
                     limits: list[int], sampling: SamplingConfig, eos_token_ids: set[int],
                     stops: Sequence[Callable[[list[int]], bool] | None], generators: list[torch.Generator | None],
-                    compile_backend: str | None = None, cuda_graph: bool = False) -> list[list[int]]:
+                    compile_backend: str | None = None, cuda_graph: bool = False,
+                    listeners: Sequence[Callable[[int], None] | None] | None = None) -> list[list[int]]:
     """Step every unfinished answer until each stops by its own rule; a finished one rides along (its tokens
     are ignored) so that the batch keeps its shape. `first_tokens` [N, 1] come from prefill, `positions[n][l]`
     is where layer l places answer n's next token. The step reads the fed-back tokens from one tensor and
     advances positions in place, so it can run eagerly, under `torch.compile` with `compile_backend` (it
-    compiles once per batch shape), or as a replayed CUDA graph (`cuda_graph`)."""
+    compiles once per batch shape), or as a replayed CUDA graph (`cuda_graph`). `listeners[n]`, where given,
+    is called with each of answer n's tokens as it is decoded (a chat streams the answer so)."""
     tokens = [[token] for token in first_tokens.view(-1).tolist()]
+    listeners = listeners or [None] * len(tokens)
+    for listener, answer in zip(listeners, tokens):
+        if listener is not None:
+            listener(answer[0])
     done = [answer_done(tokens[n], limits[n], eos_token_ids, stops[n]) for n in range(len(tokens))]
     if all(done):
         return tokens
@@ -140,5 +146,7 @@ def decode_together(model, first_tokens: torch.Tensor, cache: KVCache, positions
         for n, token in enumerate(fed_back.view(-1).tolist()):  # the one read per step, for the stop checks
             if not done[n]:
                 tokens[n].append(token)
+                if listeners[n] is not None:
+                    listeners[n](token)
                 done[n] = answer_done(tokens[n], limits[n], eos_token_ids, stops[n])
     return tokens

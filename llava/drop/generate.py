@@ -34,12 +34,14 @@ RU_MAXRSS_UNIT = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes o
 
 @dataclass
 class GenerationRequest:
-    """One prompt of a batch: its token ids (with the <image> sentinel), its image and when to stop."""
+    """One prompt of a batch: its token ids (with the <image> sentinel), its image, when to stop, and who
+    hears each new token as it is decoded (`on_token`: a chat streams its answer so)."""
 
     input_ids: torch.Tensor
     pixel_values: torch.Tensor | None
     image_sizes: torch.Tensor | None = None
     should_stop: Callable[[list[int]], bool] | None = None
+    on_token: Callable[[int], None] | None = None
 
 
 @dataclass
@@ -140,7 +142,8 @@ def generate_batch(model, requests: Sequence[GenerationRequest], sampling: Sampl
              for n, (prompt, vision, result, lengths) in enumerate(zip(prompts, visions, prefilled.results, kv_lengths))]
     limits = [min(sampling.max_new_tokens, room) for room in rooms]
     tokens = decode_together(model, first_tokens, cache, positions, limits, sampling, eos_token_ids,
-                             [request.should_stop for request in requests], generators, compile_backend, cuda_graph)
+                             [request.should_stop for request in requests], generators, compile_backend, cuda_graph,
+                             [request.on_token for request in requests])
     decode_seconds = now(device) - prefill_done
     outputs = []
     for answer_stats, answer_tokens, room in zip(stats, tokens, rooms):

@@ -14,7 +14,7 @@ from typing import ClassVar
 import torch
 
 from llava.drop.cache import KVCache
-from llava.drop.probe import TokenLayout, rows_to_vision_attention
+from llava.drop.probe import TokenLayout, vision_attention
 from llava.drop.vision import VisionOutput, encode_image, encode_images_together, encode_next_image, is_next
 from llava.model.geometry import ModelGeometry
 
@@ -30,49 +30,130 @@ BASELINE = "baseline"  # no learned or attention signal: random subsets, pooling
 FAMILIES = (ENCODER, PREFILL, MULTI_STAGE, BASELINE)
 
 
+def query_rows(queries: str, layouts: list[TokenLayout], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each prompt's query slots [N, Q] (a short row repeats its last real slot) and which are real [N, Q]."""
+    if queries == TEXT_QUERIES:
+        starts = [layout.text_start for layout in layouts]
+    elif queries == LAST_QUERY:
+        starts = [layout.seq_len - 1 for layout in layouts]
+    else:
+        raise ValueError(f"unknown query rows {queries!r}; use {TEXT_QUERIES!r} or {LAST_QUERY!r}")
+    ends = torch.tensor([layout.seq_len for layout in layouts], device=device)
+    width = max(layout.seq_len - start for layout, start in zip(layouts, starts))
+    rows = torch.tensor(starts, device=device)[:, None] + torch.arange(width, device=device)[None]
+    return rows.clamp(max=ends[:, None] - 1), rows < ends[:, None]
+
+
 @dataclass
 class LayerContext:
-    """What a method may look at after a decoder layer ran, with attention blocks computed on demand.
+    """What a method may look at after a decoder layer ran, for every prompt of the batch at once.
 
-    Only the requested block (some query rows x the vision keys) is computed, from the layer's input and
-    its cached keys, so no layer has to run eager attention.
+    Tensors are the padded batch: prompt n's tokens at slots 0..layouts[n].seq_len - 1. Vision-token
+    tensors are [N, V], V the most vision tokens any prompt has now; `vision_valid` says which are real.
+    Attention blocks (some query rows x the vision keys) are computed on demand, from the layer's input
+    and its cached keys, so no layer has to run eager attention.
     """
 
     model: object
     layer_idx: int
-    layer_input: torch.Tensor
+    layer_input: torch.Tensor  # [N, seq, hidden]
     layer_output: torch.Tensor
-    keys: torch.Tensor
-    positions: torch.Tensor
-    layout: TokenLayout
-    key_indices: torch.Tensor | None
-    prompt_vision_count: int  # vision tokens the decoder started with (after the vision stage)
+    keys: torch.Tensor  # [N, kv_heads, seq, head_dim]
+    positions: torch.Tensor  # [N, seq]
+    layouts: list[TokenLayout]
+    key_mask: torch.Tensor | None  # [N, V] the key tokens, which are never dropped
+    key_counts: list[int]  # key tokens per prompt (they are never dropped, so this stays on the host)
+    prompt_vision_counts: list[int]  # vision tokens each prompt entered the decoder with
     geometry: ModelGeometry
     _cache: dict = field(default_factory=dict)
 
+    @property
+    def vision_counts(self) -> list[int]:
+        return [layout.vision_count for layout in self.layouts]
+
+    @property
+    def vision_valid(self) -> torch.Tensor:
+        """[N, V]: which vision columns are real tokens of their prompt."""
+        if "valid" not in self._cache:
+            device = self.layer_output.device
+            counts = torch.tensor(self.vision_counts, device=device)
+            self._cache["valid"] = torch.arange(max(self.vision_counts), device=device)[None] < counts[:, None]
+        return self._cache["valid"]
+
     def attention(self, queries: str = TEXT_QUERIES) -> torch.Tensor:
-        """Head-averaged attention probabilities [query rows, vision tokens]."""
+        """Head-averaged attention probabilities [N, query rows, vision tokens], zero outside each prompt's
+        own query rows and vision tokens."""
         if queries not in self._cache:
-            if queries == TEXT_QUERIES:
-                rows = torch.arange(self.layout.text_start, self.layout.seq_len, device=self.layer_input.device)
-            elif queries == LAST_QUERY:
-                rows = torch.tensor([self.layout.seq_len - 1], device=self.layer_input.device)
-            else:
-                raise ValueError(f"unknown query rows {queries!r}; use {TEXT_QUERIES!r} or {LAST_QUERY!r}")
-            self._cache[queries] = rows_to_vision_attention(
-                self.model, self.layer_idx, self.layer_input, self.keys, self.positions, self.layout, rows
-            )
+            device = self.layer_output.device
+            rows, real_rows = query_rows(queries, self.layouts, device)
+            starts = torch.tensor([layout.vision_start for layout in self.layouts], device=device)
+            slots = starts[:, None] + torch.arange(self.vision_valid.shape[1], device=device)[None]
+            slots = slots.clamp(max=self.layer_input.shape[1] - 1)
+            block = vision_attention(self.model, self.layer_idx, self.layer_input, self.keys, self.positions,
+                                     rows, slots)
+            real = real_rows[:, :, None] & self.vision_valid[:, None, :]
+            self._cache[queries] = block.masked_fill(~real, 0.0)
         return self._cache[queries]
+
+    def row(self, n: int) -> PromptContext:
+        """Prompt n alone, for methods that select one prompt at a time."""
+        layout = self.layouts[n]
+        key_indices = None if self.key_mask is None else self.key_mask[n, : layout.vision_count].nonzero().flatten()
+        rows = slice(n, n + 1)
+        return PromptContext(LayerContext(
+            self.model, self.layer_idx, self.layer_input[rows, : layout.seq_len], self.layer_output[rows, : layout.seq_len],
+            self.keys[rows, :, : layout.seq_len], self.positions[rows, : layout.seq_len], [layout],
+            None if key_indices is None else self.key_mask[rows, : layout.vision_count], [self.key_counts[n]],
+            [self.prompt_vision_counts[n]], self.geometry), key_indices)
+
+
+@dataclass
+class PromptContext:
+    """One prompt's view of a layer (a batch of one), with its attention as [query rows, vision tokens]."""
+
+    batch: LayerContext
+    key_indices: torch.Tensor | None
+
+    @property
+    def layer_idx(self) -> int:
+        return self.batch.layer_idx
+
+    @property
+    def geometry(self) -> ModelGeometry:
+        return self.batch.geometry
+
+    @property
+    def layer_output(self) -> torch.Tensor:
+        return self.batch.layer_output
+
+    @property
+    def layout(self) -> TokenLayout:
+        return self.batch.layouts[0]
+
+    @property
+    def prompt_vision_count(self) -> int:
+        return self.batch.prompt_vision_counts[0]
+
+    def attention(self, queries: str = TEXT_QUERIES) -> torch.Tensor:
+        return self.batch.attention(queries)[0]
 
     @property
     def vision_hidden(self) -> torch.Tensor:
         """The layer's output hidden states of the current vision tokens, [vision, hidden]."""
-        return self.layer_output[0, self.layout.vision_start : self.layout.text_start]
+        return self.batch.layer_output[0, self.layout.vision_start : self.layout.text_start]
 
 
 def last_token_scores(context: LayerContext) -> torch.Tensor:
-    """Head-averaged attention [V] of the last prompt token on the current vision tokens."""
-    return context.attention(LAST_QUERY)[0]
+    """Head-averaged attention [N, V] of each prompt's last token on its vision tokens (zero past them)."""
+    return context.attention(LAST_QUERY)[:, 0]
+
+
+def positions_to_mask(kept: list[torch.Tensor], width: int, device) -> torch.Tensor:
+    """Per-prompt kept vision positions as one boolean mask [N, width]."""
+    mask = torch.zeros(len(kept), width, dtype=torch.bool, device=device)
+    for n, positions in enumerate(kept):
+        mask[n, positions.to(device)] = True
+    return mask
 
 
 class DropMethod:
@@ -112,11 +193,17 @@ class DropMethod:
         return ()
 
     def select(self, context: LayerContext) -> torch.Tensor:
-        """Vision positions (ascending) to keep after `context.layer_idx`."""
+        """The vision tokens each prompt keeps after `context.layer_idx`: a boolean mask [N, V] within
+        `context.vision_valid`. By default every prompt alone through `select_prompt`."""
+        return positions_to_mask([self.select_prompt(context.row(n)) for n in range(len(context.layouts))],
+                                 context.vision_valid.shape[1], context.vision_valid.device)
+
+    def select_prompt(self, context: PromptContext) -> torch.Tensor:
+        """Vision positions (ascending) one prompt keeps, for methods that select a prompt at a time."""
         return torch.arange(context.layout.vision_count, device=context.layer_output.device)
 
-    def recycle(self, context: LayerContext, kept: torch.Tensor) -> torch.Tensor | None:
-        """Extra hidden states [n, hidden] placed right after the kept vision tokens, counted as vision
+    def recycle(self, context: PromptContext, kept: torch.Tensor) -> torch.Tensor | None:
+        """One prompt's extra hidden states [n, hidden] placed right after the kept vision tokens, counted as vision
         tokens from the next layer on (default: none). Earlier layers' KV caches never hold them, so a
         method that recycles must not map `drops` back onto those caches in `after_prefill`."""
         return None

@@ -15,8 +15,8 @@ import torch
 
 from llava.constants import IMAGE_TOKEN_INDEX
 from llava.drop.cache import KVCache, gather_tokens, padded_rows
-from llava.drop.method import DropMethod, LayerContext
-from llava.drop.probe import TokenLayout, remap_key_indices, sequence_keep
+from llava.drop.method import DropMethod, LayerContext, positions_to_mask
+from llava.drop.probe import TokenLayout
 from llava.drop.timing import Stopwatch
 from llava.drop.vision import VisionOutput
 from llava.model.geometry import decoder_layer_count, geometry_of_model
@@ -133,48 +133,122 @@ def can_drop(layout: TokenLayout) -> bool:
     return layout.vision_count > 0 and layout.text_start < layout.seq_len
 
 
+def key_mask_of(prompts: list[MultimodalPrompt], device) -> tuple[torch.Tensor | None, list[int]]:
+    """The vision stage's key tokens (which no drop removes) as a mask [N, V], and how many each prompt has."""
+    if all(prompt.key_indices is None for prompt in prompts):
+        return None, [0] * len(prompts)
+    kept = [torch.tensor([], dtype=torch.long) if prompt.key_indices is None else prompt.key_indices
+            for prompt in prompts]
+    width = max(prompt.vision_count for prompt in prompts)
+    return positions_to_mask(kept, width, device), [indices.numel() for indices in kept]
+
+
+def recycled_tokens(method: DropMethod, context: LayerContext, vision_keep: torch.Tensor,
+                    droppable: list[bool]) -> list[torch.Tensor | None] | None:
+    """Each prompt's recycled tokens [n, hidden] (None: no method recycles, or that prompt adds none)."""
+    if type(method).recycle is DropMethod.recycle:
+        return None
+    return [method.recycle(context.row(n), vision_keep[n].nonzero().flatten()) if can else None
+            for n, can in enumerate(droppable)]
+
+
 @dataclass
-class RowDrop:
-    """One prompt's outcome at a dropping layer: the sequence positions it keeps and the tokens it adds
-    right after its kept vision tokens (a method's recycled tokens, [n, hidden])."""
+class Repacked:
+    """The batch after a drop: its padded hidden states and positions, each prompt's kept sequence positions
+    (in the sequence before the drop), vision and total token counts, and key tokens."""
 
-    kept: torch.Tensor  # vision positions kept, ascending
-    keep: torch.Tensor  # sequence positions kept: the system tokens, the kept vision tokens, the text
-    recycled: torch.Tensor | None = None
-
-    @property
-    def vision_kept(self) -> int:
-        return self.kept.numel()
-
-    @property
-    def added(self) -> int:
-        return 0 if self.recycled is None else self.recycled.shape[0]
+    hidden: torch.Tensor
+    positions: torch.Tensor
+    sequence_keeps: list[torch.Tensor]
+    vision_counts: list[int]
+    lengths: list[int]
+    key_mask: torch.Tensor | None
 
 
-def pack_rows(hidden: torch.Tensor, positions: torch.Tensor, layouts: list[TokenLayout], rows: list[RowDrop],
-              compact: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every row reduced to its kept tokens, its recycled tokens inserted after its kept vision tokens (sharing
-    the position of the token before them), padded again: one gather over [hidden; recycled] per batch."""
-    longest = hidden.shape[SEQUENCE_DIM]
-    extra = max(row.added for row in rows)
-    if extra:
-        recycled = hidden.new_zeros(hidden.shape[0], extra, hidden.shape[2])
-        for n, row in enumerate(rows):
-            if row.added:
-                recycled[n, : row.added] = row.recycled.to(hidden)
-        hidden = torch.cat([hidden, recycled], dim=SEQUENCE_DIM)
-    sources, position_sources = [], []
-    for layout, row in zip(layouts, rows):
-        at = layout.vision_start + row.vision_kept
-        keep = row.keep.to(hidden.device)
-        inserted = torch.arange(longest, longest + row.added, device=hidden.device)
-        sources.append(torch.cat([keep[:at], inserted, keep[at:]]))
-        position_sources.append(torch.cat([keep[:at], keep[max(at - 1, 0)].expand(row.added), keep[at:]]))
-    index = padded_rows(sources)
-    hidden = gather_tokens(hidden, index, SEQUENCE_DIM)
+def kept_slots(layouts: list[TokenLayout], vision_keep: torch.Tensor, seq: int) -> torch.Tensor:
+    """[N, seq] which sequence slots survive: every system and text token, the kept vision tokens."""
+    device = vision_keep.device
+    slots = torch.arange(seq, device=device)[None]
+    starts = torch.tensor([layout.vision_start for layout in layouts], device=device)[:, None]
+    text_starts = torch.tensor([layout.text_start for layout in layouts], device=device)[:, None]
+    ends = torch.tensor([layout.seq_len for layout in layouts], device=device)[:, None]
+    relative = slots - starts
+    in_vision = (relative >= 0) & (slots < text_starts)
+    vision_kept = vision_keep.gather(1, relative.clamp(0, vision_keep.shape[1] - 1)) & in_vision
+    return (slots < starts) | vision_kept | ((slots >= text_starts) & (slots < ends))
+
+
+def kept_first(mask: torch.Tensor) -> torch.Tensor:
+    """[N, width]: each row's True positions first, in ascending order, then the others."""
+    return torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices
+
+
+def repack(hidden: torch.Tensor, positions: torch.Tensor, layouts: list[TokenLayout], vision_keep: torch.Tensor,
+           recycled: list[torch.Tensor | None] | None, key_mask: torch.Tensor | None, compact: bool) -> Repacked:
+    """Every prompt reduced to its kept tokens, its recycled tokens inserted after its kept vision tokens
+    (sharing the position of the token before them), padded again: one gather over [hidden; recycled] for
+    the batch, and one host synchronisation (the new lengths)."""
+    batch, seq, _ = hidden.shape
+    device = hidden.device
+    keep_slots = kept_slots(layouts, vision_keep, seq)
+    kept_counts, vision_kept = torch.stack([keep_slots.sum(dim=1), vision_keep.sum(dim=1)]).tolist()
+    added = [0 if tokens is None else tokens.shape[0] for tokens in recycled or []] or [0] * batch
+    lengths = [kept + extra for kept, extra in zip(kept_counts, added)]
+    sequence_order = kept_first(keep_slots)
+    order = sequence_order
+    if max(added):
+        hidden, order = with_recycled(hidden, layouts, keep_slots, recycled, added)
+    index = order[:, : max(lengths)]
+    vision_counts = [kept + extra for kept, extra in zip(vision_kept, added)]
     if compact:
-        return hidden, torch.arange(index.shape[1], device=hidden.device)[None].expand(index.shape[0], -1)
-    return hidden, positions.gather(1, padded_rows(position_sources))
+        new_positions = torch.arange(index.shape[1], device=device)[None].expand(batch, -1)
+    else:
+        new_positions = positions.gather(1, source_slots(index, seq, added))
+    return Repacked(gather_tokens(hidden, index, SEQUENCE_DIM), new_positions,
+                    [sequence_order[n, :count] for n, count in enumerate(kept_counts)], vision_counts, lengths,
+                    remap_key_mask(key_mask, vision_keep, vision_kept, max(vision_counts)))
+
+
+def with_recycled(hidden: torch.Tensor, layouts: list[TokenLayout], keep_slots: torch.Tensor,
+                  recycled: list[torch.Tensor | None], added: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """[hidden; recycled] and the gather order that puts each prompt's recycled tokens right before its text."""
+    batch, seq, width = hidden.shape
+    device = hidden.device
+    extra = max(added)
+    tokens = hidden.new_zeros(batch, extra, width)
+    for n, rows in enumerate(recycled):
+        if rows is not None:
+            tokens[n, : rows.shape[0]] = rows.to(hidden)
+    never = 2 * (seq + extra)  # sorts after every kept token
+    slots = torch.arange(seq, device=device)[None]
+    real_keys = torch.where(keep_slots, 2 * slots, never)
+    text_starts = torch.tensor([layout.text_start for layout in layouts], device=device)[:, None]
+    inserted = torch.arange(extra, device=device)[None] < torch.tensor(added, device=device)[:, None]
+    recycled_keys = torch.where(inserted, 2 * text_starts - 1, never)  # between the last vision and first text slot
+    order = torch.sort(torch.cat([real_keys, recycled_keys], dim=1), dim=1, stable=True).indices
+    return torch.cat([hidden, tokens], dim=SEQUENCE_DIM), order
+
+
+def source_slots(index: torch.Tensor, seq: int, added: list[int]) -> torch.Tensor:
+    """The slot whose position each new token takes: its own, or for a recycled token the kept token before it
+    (the first kept token after it when nothing precedes it)."""
+    real = torch.where(index < seq, index, -1)
+    before = real.cummax(dim=1).values
+    first_after = index.gather(1, torch.tensor(added, device=index.device)[:, None])
+    return torch.where(before < 0, first_after, before)
+
+
+def remap_key_mask(key_mask: torch.Tensor | None, vision_keep: torch.Tensor, vision_kept: list[int],
+                   width: int) -> torch.Tensor | None:
+    """The key tokens among each prompt's kept vision tokens (every key token is kept), [N, width]."""
+    if key_mask is None:
+        return None
+    order = kept_first(vision_keep)[:, :width]
+    remapped = key_mask.gather(1, order.clamp(max=key_mask.shape[1] - 1)) if width else key_mask[:, :0]
+    if remapped.shape[1] < width:
+        remapped = torch.cat([remapped, remapped.new_zeros(remapped.shape[0], width - remapped.shape[1])], dim=1)
+    ranks = torch.arange(width, device=vision_keep.device)[None]
+    return remapped & (ranks < torch.tensor(vision_kept, device=vision_keep.device)[:, None])
 
 
 def prefill(model, prompts: list[MultimodalPrompt], cache: KVCache, method: DropMethod | None = None) -> BatchPrefill:
@@ -187,7 +261,8 @@ def prefill(model, prompts: list[MultimodalPrompt], cache: KVCache, method: Drop
     hidden = padded_rows([prompt.embeds[0] for prompt in prompts])
     positions = torch.arange(hidden.shape[1], device=hidden.device)[None].expand(len(prompts), -1)
     layouts = [TokenLayout(prompt.vision_start, prompt.vision_count, prompt.length) for prompt in prompts]
-    key_indices = [prompt.key_indices for prompt in prompts]
+    key_mask, key_counts = key_mask_of(prompts, hidden.device)
+    prompt_vision_counts = [prompt.vision_count for prompt in prompts]
     results = [PrefillResult() for _ in prompts]
     batch_drops: list[tuple[int, list[torch.Tensor]]] = []
     stopwatch = Stopwatch(hidden.device)
@@ -200,25 +275,25 @@ def prefill(model, prompts: list[MultimodalPrompt], cache: KVCache, method: Drop
         layer_input = hidden
         hidden = run_layer(model, layer_idx, hidden, positions, mask, cache, position_embeddings)
         cache.set_lengths(layer_idx, lengths)
-        if layer_idx not in drop_layers or not any(can_drop(layout) for layout in layouts):
+        droppable = [can_drop(layout) for layout in layouts]
+        if layer_idx not in drop_layers or not any(droppable):
             continue
         with stopwatch:
-            rows = []
-            for n, layout in enumerate(layouts):
-                rows.append(select_row(method, model, layer_idx, layer_input[n : n + 1, : layout.seq_len],
-                                       hidden[n : n + 1, : layout.seq_len], cache.keys[layer_idx][n : n + 1, :, : layout.seq_len],
-                                       positions[n, : layout.seq_len], layout, key_indices[n],
-                                       prompts[n].vision_count, geometry))
-                key_indices[n] = remap_key_indices(key_indices[n], rows[-1].kept)
-            hidden, positions = pack_rows(hidden, positions, layouts, rows, method.compact_positions)
-        for n, (layout, row) in enumerate(zip(layouts, rows)):
-            if can_drop(layout):
-                vision_count = row.vision_kept + row.added
-                results[n].drops.append((layer_idx, row.keep))
-                results[n].vision_tokens_after_layer[layer_idx] = vision_count
-                layouts[n] = TokenLayout(layout.vision_start, vision_count, row.keep.numel() + row.added)
-        batch_drops.append((layer_idx, [row.keep for row in rows]))
-        lengths = [layout.seq_len for layout in layouts]
+            context = LayerContext(model, layer_idx, layer_input, hidden, cache.keys[layer_idx], positions, layouts,
+                                   key_mask, key_counts, prompt_vision_counts, geometry)
+            vision_keep = method.select(context)
+            if not all(droppable):
+                vision_keep = torch.where(torch.tensor(droppable, device=hidden.device)[:, None], vision_keep,
+                                          context.vision_valid)
+            step = repack(hidden, positions, layouts, vision_keep, recycled_tokens(method, context, vision_keep, droppable),
+                          key_mask, method.compact_positions)
+        hidden, positions, key_mask, lengths = step.hidden, step.positions, step.key_mask, step.lengths
+        for n, (layout, can) in enumerate(zip(layouts, droppable)):
+            layouts[n] = TokenLayout(layout.vision_start, step.vision_counts[n], step.lengths[n])
+            if can:
+                results[n].drops.append((layer_idx, step.sequence_keeps[n]))
+                results[n].vision_tokens_after_layer[layer_idx] = step.vision_counts[n]
+        batch_drops.append((layer_idx, step.sequence_keeps))
         mask = attention_mask(model, lengths, hidden)
         position_embeddings = rotary(model, hidden, positions)
     logits = last_token_logits(model, hidden, lengths)
@@ -230,17 +305,3 @@ def prefill(model, prompts: list[MultimodalPrompt], cache: KVCache, method: Drop
 def prefill_prompt(model, prompt: MultimodalPrompt, method: DropMethod | None = None) -> PrefillResult:
     """One prompt's prefill (a batch of one, into a fresh cache): what it kept, layer by layer."""
     return prefill(model, [prompt], KVCache(decoder_layer_count(model)), method).results[0]
-
-
-def select_row(method: DropMethod, model, layer_idx: int, layer_input: torch.Tensor, layer_output: torch.Tensor,
-               keys: torch.Tensor, positions: torch.Tensor, layout: TokenLayout, key_indices: torch.Tensor | None,
-               prompt_vision_count: int, geometry) -> RowDrop:
-    """One prompt's selection at a dropping layer, from its own rows of the batch (a prompt without vision or
-    text tokens keeps everything)."""
-    if not can_drop(layout):
-        device = layer_output.device
-        return RowDrop(torch.arange(layout.vision_count, device=device), torch.arange(layout.seq_len, device=device))
-    context = LayerContext(model, layer_idx, layer_input, layer_output, keys, positions, layout, key_indices,
-                           prompt_vision_count, geometry)
-    kept = method.select(context)
-    return RowDrop(kept, sequence_keep(layout, kept), method.recycle(context, kept))

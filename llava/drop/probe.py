@@ -28,51 +28,30 @@ class TokenLayout:
         return self.vision_start + self.vision_count
 
 
-def text_to_vision_attention(
-    model, layer_idx: int, layer_input: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor, layout: TokenLayout
-) -> torch.Tensor:
-    """Head-averaged attention probabilities [text tokens, vision tokens] of one decoder layer.
-
-    `layer_input` is the hidden state entering the layer, `keys` the rotated keys it cached ([1, kv_heads,
-    seq, head_dim]) and `positions` the RoPE positions of the sequence. Each text query's softmax runs
-    over all keys it may see (causal), as in eager attention; only then are the vision columns taken.
-    """
-    text_rows = torch.arange(layout.text_start, layout.seq_len, device=layer_input.device)
-    return rows_to_vision_attention(model, layer_idx, layer_input, keys, positions, layout, text_rows)
-
-
-def rows_to_vision_attention(
+def vision_attention(
     model, layer_idx: int, layer_input: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor,
-    layout: TokenLayout, query_rows: torch.Tensor,
+    query_rows: torch.Tensor, vision_slots: torch.Tensor,
 ) -> torch.Tensor:
-    """Head-averaged attention [len(query_rows), vision tokens] for the given query positions only."""
+    """Head-averaged attention [N, queries, vision] of some query rows of each prompt on its vision keys.
+
+    `layer_input` [N, seq, hidden] is what entered the layer, `keys` the rotated keys it cached
+    ([N, kv_heads, seq, head_dim]) and `positions` [N, seq] the RoPE positions; `query_rows` [N, Q] and
+    `vision_slots` [N, V] are sequence slots of each prompt (a padded batch repeats a real slot and masks
+    the result). Each query's softmax runs over all keys it may see (causal), as in eager attention; only
+    then are the vision columns taken.
+    """
     layer = model.model.language_model.layers[layer_idx]
     attention = layer.self_attn
-    normed = layer.input_layernorm(layer_input[:, query_rows])
-    queries = attention.q_proj(normed).view(1, normed.shape[1], -1, attention.head_dim).transpose(1, 2)
-    cos, sin = model.model.language_model.rotary_emb(normed, positions[query_rows][None])
+    batch, rows = query_rows.shape
+    hidden_rows = query_rows[:, :, None].expand(-1, -1, layer_input.shape[2])
+    normed = layer.input_layernorm(layer_input.gather(1, hidden_rows))
+    queries = attention.q_proj(normed).view(batch, rows, -1, attention.head_dim).transpose(1, 2)
+    cos, sin = model.model.language_model.rotary_emb(normed, positions.gather(1, query_rows))
     queries, _ = apply_rotary_pos_emb(queries, queries, cos, sin)
     keys = repeat_kv(keys, attention.num_key_value_groups)
     scores = torch.matmul(queries.float(), keys.float().transpose(2, 3)) * attention.scaling
-    key_index = torch.arange(keys.shape[2], device=scores.device)[None, :]
-    scores = scores.masked_fill(key_index > query_rows.to(scores.device)[:, None], float("-inf"))
+    key_slots = torch.arange(keys.shape[2], device=scores.device)
+    scores = scores.masked_fill(key_slots[None, None, None, :] > query_rows[:, None, :, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
-    vision_columns = slice(layout.vision_start, layout.text_start)
-    return probs[0, :, :, vision_columns].mean(dim=0)
-
-
-def remap_key_indices(key_indices: torch.Tensor | None, kept: torch.Tensor) -> torch.Tensor | None:
-    """Positions of the key tokens within the kept vision tokens (every key token is kept)."""
-    if key_indices is None:
-        return None
-    return torch.searchsorted(kept, key_indices.to(kept.device))
-
-
-def sequence_keep(layout: TokenLayout, kept_vision: torch.Tensor) -> torch.Tensor:
-    """Sequence positions that survive: all system tokens, the kept vision tokens, all text tokens."""
-    device = kept_vision.device
-    return torch.cat([
-        torch.arange(layout.vision_start, device=device),
-        layout.vision_start + kept_vision,
-        torch.arange(layout.text_start, layout.seq_len, device=device),
-    ])
+    columns = vision_slots[:, None, None, :].expand(-1, probs.shape[1], rows, -1)
+    return probs.gather(3, columns).mean(dim=1)

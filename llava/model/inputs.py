@@ -32,17 +32,21 @@ class ModelInputs:
     image_sizes: torch.Tensor | None = None  # NeXT: [[height, width]] of the original image
 
 
+def image_placeholder(model_config=None) -> str:
+    """What stands for the image in a user turn: `<image>`, wrapped in `<im_start>`/`<im_end>` when the
+    model config's `mm_use_im_start_end` says so."""
+    if getattr(model_config, "mm_use_im_start_end", False):
+        return DEFAULT_IM_START_TOKEN + DEFAULT_IMAGE_TOKEN + DEFAULT_IM_END_TOKEN
+    return DEFAULT_IMAGE_TOKEN
+
+
 def templated_prompt(question: str, conv_mode: str, with_image: bool, model_config=None) -> tuple[str, str]:
     """The conversation template's prompt for one user turn, and the template's stop string.
 
-    With an image, `<image>` goes on its own line before the question, as LLaVA's CLIs put it, wrapped
-    in `<im_start>`/`<im_end>` when the model config's `mm_use_im_start_end` says so.
+    With an image, its placeholder goes on its own line before the question, as LLaVA's CLIs put it.
     """
     if with_image:
-        image_tokens = DEFAULT_IMAGE_TOKEN
-        if getattr(model_config, "mm_use_im_start_end", False):
-            image_tokens = DEFAULT_IM_START_TOKEN + DEFAULT_IMAGE_TOKEN + DEFAULT_IM_END_TOKEN
-        question = image_tokens + "\n" + question
+        question = image_placeholder(model_config) + "\n" + question
     conversation = get_conv_template(conv_mode)
     conversation.append_message(conversation.roles[0], question)
     conversation.append_message(conversation.roles[1], None)
@@ -54,6 +58,13 @@ def encode_question(question: str, image: Image.Image | None, model, tokenizer, 
     """Token ids and pixel values for one question, following the model config's
     `mm_use_im_start_end` and `image_aspect_ratio` (LLaVA-1.5: no im_start/end, pad to square)."""
     prompt, stop_str = templated_prompt(question, conv_mode, image is not None, model.config)
+    return encode_prompt(prompt, stop_str, image, model, tokenizer, image_processor)
+
+
+def encode_prompt(prompt: str, stop_str: str, image: Image.Image | None, model, tokenizer,
+                  image_processor) -> ModelInputs:
+    """Token ids and pixel values for an already templated prompt (a whole chat, say) holding the image's
+    placeholder once, or not at all without an image."""
     input_ids = tokenizer_image_token(prompt, tokenizer, return_tensors="pt")
     if image is None:
         return ModelInputs(input_ids, None, prompt, stop_str)

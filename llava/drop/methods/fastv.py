@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llava.drop.blocks import round_half_up, top_positions
+from llava.drop.blocks import round_half_up, top_k_mask
 from llava.drop.method import PREFILL, DropMethod, LayerContext, last_token_scores
 from llava.drop.methods.registry import register
 from llava.model.geometry import ModelGeometry
@@ -109,12 +109,12 @@ class FastV(DropMethod):
         if self.options.budget is not None:
             fastv_budget_keep(self.options.budget, geometry.max_vision_tokens, self.options.k, geometry.decoder_layers)
 
-    def keep_count(self, context: LayerContext) -> int:
-        """From the ratio, or solved from the budget for this prompt's vision count."""
-        vision_count = context.layout.vision_count
+    def keep_count(self, vision_count: int, geometry: ModelGeometry) -> int:
+        """From the ratio, or solved from the budget for a prompt's vision count."""
         if self.options.budget is None:
             return round_half_up((1.0 - self.options.ratio) * vision_count)
-        return fastv_budget_keep(self.options.budget, vision_count, self.options.k, context.geometry.decoder_layers)
+        return fastv_budget_keep(self.options.budget, vision_count, self.options.k, geometry.decoder_layers)
 
     def select(self, context: LayerContext) -> torch.Tensor:
-        return top_positions(last_token_scores(context), self.keep_count(context))
+        counts = [self.keep_count(count, context.geometry) for count in context.vision_counts]
+        return top_k_mask(last_token_scores(context), counts, context.vision_valid)

@@ -27,7 +27,7 @@ from llava.drop.blocks import (
     bisect,
     last_count_nudges,
     layer_average,
-    ranked_keep,
+    ranked_keep_mask,
     stable_top_k,
     stage_lengths,
     top_positions,
@@ -43,8 +43,8 @@ from llava.drop.vision import (
     check_feature_layer,
     cls_attention_to_patches,
     embed_patches,
+    is_next,
     project_batch,
-    project_features,
     run_tower_to,
     selected_layer_count,
     vision_token_offset,
@@ -178,12 +178,27 @@ def merge_windows_per_image(
     keeps the batch rectangular); each image then merges its own top-r windows. Returns the merged
     batch and each image's merged windows [B, r], best first.
     """
-    grid = patch_grid_side(hidden.shape[1] - PATCHES_START, window)
     scores = window_scores(hidden, window)
-    r = min(int((image_scores >= threshold).sum()) for image_scores in scores)
-    if count_bounds is not None:
-        r = min(max(r, count_bounds[0]), count_bounds[1])
-    tops = torch.stack([stable_top_k(image_scores, r) for image_scores in scores])  # ties: window order
+    r = min(windows_over_threshold(scores, threshold, count_bounds))
+    return merge_top_windows(hidden, scores, r, window)
+
+
+def windows_over_threshold(scores: list[torch.Tensor], threshold: float,
+                           count_bounds: tuple[int, int] | None = None) -> list[int]:
+    """Each image's count of windows scoring at or above `threshold`, clamped to `count_bounds` (least, most)
+    when given: one host synchronisation for the batch."""
+    counts = torch.stack([(image_scores >= threshold).sum() for image_scores in scores]).tolist()
+    if count_bounds is None:
+        return counts
+    return [min(max(count, count_bounds[0]), count_bounds[1]) for count in counts]
+
+
+def merge_top_windows(hidden: torch.Tensor, scores: list[torch.Tensor], r: int,
+                      window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every image of [B, 1 + num_patches, dim] merges its r best windows (ties: window order): the merged batch
+    and each image's merged windows [B, r], best first."""
+    grid = patch_grid_side(hidden.shape[1] - PATCHES_START, window)
+    tops = torch.stack([stable_top_k(image_scores, r) for image_scores in scores])
     if r == 0:
         return hidden, tops
     return torch.stack([merge_image_windows(image, top, grid, window) for image, top in zip(hidden, tops)]), tops
@@ -234,23 +249,14 @@ def top_key_indices(attn_row: torch.Tensor, rate: float) -> torch.Tensor:
 MergeBounds = Callable[[object, DropConfig, torch.Tensor], tuple[int, int]]
 
 
-def _merge_early(model, hidden: torch.Tensor, drop: DropConfig,
-                 merge_bounds: MergeBounds) -> tuple[torch.Tensor, int, torch.Tensor, float]:
-    """Run the tower up to the merge point and merge there (one r for a batch of images).
-
-    Returns the merged hidden states, their `hidden_states` index, each image's merged windows
-    [B, r] (best first) and the merge's wall time.
-    """
+def run_to_merge(model, hidden: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The tower's layers up to the merge point: the hidden states there and their `hidden_states` index."""
     layers = model.model.vision_tower.encoder.layers
     merge_index = MERGE_AFTER_LAYER + 1
     if selected_layer_count(len(layers), model.config.vision_feature_layer) < merge_index:
         raise ValueError(f"vision_feature_layer {model.config.vision_feature_layer} selects features from "
                          "before the merge")
-    hidden = run_tower_to(layers, hidden, 0, {merge_index})[merge_index]
-    bounds = merge_bounds(model, drop, hidden) if drop.budget is not None else None
-    (hidden, tops), seconds = timed(
-        lambda: merge_windows_per_image(hidden, drop.merge_threshold, drop.merge_window, bounds), hidden.device)
-    return hidden, merge_index, tops, seconds
+    return run_tower_to(layers, hidden, 0, {merge_index})[merge_index], merge_index
 
 
 @dataclass
@@ -261,25 +267,33 @@ class TowerPass:
     key_states: torch.Tensor  # hidden states entering the tower's last layer, same shape
     merged_windows: torch.Tensor  # [B, r], each image's merged windows, best first
     num_patches: int  # patches per image before the merge
-    merge_seconds: float
+    merge_seconds: float = 0.0
 
 
-def run_mustdrop_tower(model, pixel_values: torch.Tensor, drop: DropConfig,
-                       merge_bounds: MergeBounds | None = None) -> TowerPass:
-    """Embed the images, merge after layer 0 when asked, and run on to the feature layer and the
-    last layer's input (the key set is scored there). `merge_bounds` bounds r under a budget; by
-    default every image keeps the same count (`uniform_merge_bounds`)."""
+def finish_tower(model, hidden: torch.Tensor, start: int, merged_windows: torch.Tensor, num_patches: int) -> TowerPass:
+    """Run on from `hidden_states[start]` to the feature layer and the last layer's input (the key set is
+    scored there)."""
     layers = model.model.vision_tower.encoder.layers
     selected = selected_layer_count(len(layers), model.config.vision_feature_layer)
     key_input = len(layers) - 1  # hidden_states index of the input to the tower's last layer
+    states = run_tower_to(layers, hidden, start, {selected, key_input})
+    return TowerPass(states[selected], states[key_input], merged_windows, num_patches)
+
+
+def run_mustdrop_tower(model, pixel_values: torch.Tensor, drop: DropConfig, merge_bounds: MergeBounds) -> TowerPass:
+    """Embed a batch of images, merge after layer 0 when asked with one r for all of them (bounded by
+    `merge_bounds` under a budget), and run on (LLaVA-NeXT's base image and crops)."""
     hidden = embed_patches(model.model.vision_tower, pixel_values)
     num_patches = hidden.shape[1] - PATCHES_START
     start, merged_windows, merge_seconds = 0, torch.empty(hidden.shape[0], 0, dtype=torch.long), 0.0
     if drop.vision_merge:
-        hidden, start, merged_windows, merge_seconds = _merge_early(model, hidden, drop,
-                                                                    merge_bounds or uniform_merge_bounds)
-    states = run_tower_to(layers, hidden, start, {selected, key_input})
-    return TowerPass(states[selected], states[key_input], merged_windows, num_patches, merge_seconds)
+        hidden, start = run_to_merge(model, hidden)
+        bounds = merge_bounds(model, drop, hidden) if drop.budget is not None else None
+        (hidden, merged_windows), merge_seconds = timed(
+            lambda: merge_windows_per_image(hidden, drop.merge_threshold, drop.merge_window, bounds), hidden.device)
+    tower = finish_tower(model, hidden, start, merged_windows, num_patches)
+    tower.merge_seconds = merge_seconds
+    return tower
 
 
 def image_key_indices(model, key_states: torch.Tensor, rate: float) -> torch.Tensor:
@@ -289,22 +303,60 @@ def image_key_indices(model, key_states: torch.Tensor, rate: float) -> torch.Ten
 
 @torch.no_grad()
 def encode_mustdrop(model, pixel_values: torch.Tensor, drop: DropConfig) -> VisionOutput:
-    """Stage 1 (docs/algorithm.md): optional merge after layer 0, features as usual, CLS-attention key set."""
-    check_feature_layer(model.config)
+    """Stage 1 (docs/algorithm.md) on one LLaVA-1.5 image: optional merge after layer 0, features as usual,
+    CLS-attention key set."""
     if pixel_values.shape[0] != 1:
         raise ValueError(f"MustDrop's vision stage supports batch size 1, got {pixel_values.shape[0]}")
+    return encode_mustdrop_images(model, [pixel_values], drop)[0]
+
+
+@torch.no_grad()
+def encode_mustdrop_images(model, pixel_values: list[torch.Tensor], drop: DropConfig) -> list[VisionOutput]:
+    """Stage 1 on several prompts' LLaVA-1.5 images ([1, 3, H, W] each), each as it is alone: every image
+    runs layer 0 and scores its windows in one batch, picks its own r, and the images that merge the same
+    number of windows run the rest of the tower together (their sequences have one length, so nothing is
+    padded and no number changes). The selection time is shared equally among the prompts."""
+    check_feature_layer(model.config)
+    hidden = embed_patches(model.model.vision_tower, torch.cat(pixel_values))
+    num_patches = hidden.shape[1] - PATCHES_START
+    counts, start, scores, selection_seconds = [0] * hidden.shape[0], 0, None, 0.0
+    if drop.vision_merge:
+        hidden, start = run_to_merge(model, hidden)
+        bounds = uniform_merge_bounds(model, drop, hidden[:1]) if drop.budget is not None else None
+        scores, seconds = timed(lambda: window_scores(hidden, drop.merge_window), hidden.device)
+        counts, count_seconds = timed(lambda: windows_over_threshold(scores, drop.merge_threshold, bounds),
+                                      hidden.device)
+        selection_seconds += seconds + count_seconds
+    outputs: list[VisionOutput | None] = [None] * len(counts)
+    for r in sorted(set(counts)):
+        members = [n for n, count in enumerate(counts) if count == r]
+        group, tops = hidden[members], torch.empty(len(members), 0, dtype=torch.long)
+        if scores is not None:
+            (group, tops), seconds = timed(
+                lambda: merge_top_windows(group, [scores[n] for n in members], r, drop.merge_window), hidden.device)
+            selection_seconds += seconds
+        tower = finish_tower(model, group, start, tops, num_patches)
+        encoded, seconds = timed(lambda: mustdrop_outputs(model, tower, drop), hidden.device)
+        selection_seconds += seconds
+        for n, output in zip(members, encoded):
+            outputs[n] = output
+    for output in outputs:
+        output.selection_seconds = selection_seconds / len(outputs)
+    return outputs
+
+
+def mustdrop_outputs(model, tower: TowerPass, drop: DropConfig) -> list[VisionOutput]:
+    """Each image's features, key set (its most CLS-attended patches), statistics and patch groups."""
     offset = vision_token_offset(model.config)
-    tower = run_mustdrop_tower(model, pixel_values, drop)
-    key_row, key_seconds = timed(lambda: image_key_indices(model, tower.key_states, drop.key_token_rate),
-                                 tower.key_states.device)
-    features = project_features(model, tower.feature_states)
-    key_indices = key_row + offset
-    merged_windows = tower.merged_windows[0].tolist()
-    stats = {"vision_tokens_in": tower.num_patches + offset, "vision_tokens": features.shape[0],
-             "merged_windows": len(merged_windows), "key_tokens": key_indices.numel()}
-    patch_groups = [[]] * offset + merged_patch_groups(merged_windows, tower.num_patches, drop.merge_window)
-    return VisionOutput(features=features, key_indices=key_indices, stats=stats, patch_groups=patch_groups,
-                        selection_seconds=tower.merge_seconds + key_seconds)
+    outputs = []
+    for image, features in enumerate(project_batch(model, tower.feature_states)):
+        key_indices = image_key_indices(model, tower.key_states[image : image + 1], drop.key_token_rate) + offset
+        merged_windows = tower.merged_windows[image].tolist()
+        stats = {"vision_tokens_in": tower.num_patches + offset, "vision_tokens": features.shape[0],
+                 "merged_windows": len(merged_windows), "key_tokens": key_indices.numel()}
+        patch_groups = [[]] * offset + merged_patch_groups(merged_windows, tower.num_patches, drop.merge_window)
+        outputs.append(VisionOutput(features=features, key_indices=key_indices, stats=stats, patch_groups=patch_groups))
+    return outputs
 
 
 def flat_key_indices(model, key_states: torch.Tensor, rate: float, tokens_per_image: int, offset: int) -> torch.Tensor:
@@ -335,7 +387,7 @@ def run_next_pass(model, pixel_values: torch.Tensor, drop: DropConfig, merge_bou
                   offset: int = 0) -> NextPass:
     """The base image and its crops ([1, 1 + K, 3, H, W]) through the tower as one batch, all merging the
     same r windows; projected features and key sets per image (`offset`: where patch 0 sits)."""
-    tower = run_mustdrop_tower(model, pixel_values[0], drop, merge_bounds)
+    tower = run_mustdrop_tower(model, pixel_values[0], drop, merge_bounds or uniform_merge_bounds)
     per_image = project_batch(model, tower.feature_states)
     key_indices, key_seconds = timed(
         lambda: flat_key_indices(model, tower.key_states, drop.key_token_rate, per_image.shape[1], offset),
@@ -431,18 +483,19 @@ def encode_mustdrop_spatial(model, pixel_values: torch.Tensor, image_sizes: torc
 # Stage 2: dual attention filter.
 
 def dual_attention_keep(
-    attention: torch.Tensor, global_thr: float, individual_thr: float, key_indices: torch.Tensor | None
+    attention: torch.Tensor, global_thr: float, individual_thr: float, key_mask: torch.Tensor | None,
+    valid: torch.Tensor,
 ) -> torch.Tensor:
-    """Vision positions to keep (ascending): drop j only if BOTH its summed attention over text queries
-    is below `global_thr` times the total AND its largest single attention is below `individual_thr`;
-    the key set is never dropped."""
-    global_score = attention.sum(dim=0)
-    individual_score = attention.max(dim=0).values
-    dropped = (global_score < global_thr * global_score.sum()) & (individual_score < individual_thr)
-    keep = ~dropped
-    if key_indices is not None and key_indices.numel():
-        keep[key_indices.to(keep.device)] = True
-    return keep.nonzero().flatten()
+    """Which vision tokens each prompt keeps, [N, V] from its attention [N, text queries, V] (zero outside
+    its own rows and tokens): drop j only if BOTH its summed attention over text queries is below
+    `global_thr` times the total AND its largest single attention is below `individual_thr`; the key set
+    is never dropped."""
+    global_score = attention.sum(dim=1)
+    individual_score = attention.max(dim=1).values
+    total = global_score.sum(dim=1, keepdim=True)
+    dropped = (global_score < global_thr * total) & (individual_score < individual_thr)
+    keep = valid & ~dropped
+    return keep if key_mask is None else keep | key_mask
 
 
 # Stage 3: output-aware KV cache. After prefill, layer l's cache holds the tokens that entered layer l.
@@ -625,6 +678,14 @@ class MustDrop(DropMethod):
             return super().encode_image(model, pixel_values)
         return encode_mustdrop(model, pixel_values, self.options)
 
+    def encode_images(self, model, pixel_values: list[torch.Tensor],
+                      image_sizes: list[torch.Tensor | None]) -> list[VisionOutput]:
+        """LLaVA-1.5: all prompts' images through stage 1 together (`encode_mustdrop_images`); LLaVA-NeXT:
+        each prompt's base image and crops as one batch, a prompt at a time."""
+        if not self.options.enabled or is_next(model):
+            return super().encode_images(model, pixel_values, image_sizes)
+        return encode_mustdrop_images(model, pixel_values, self.options)
+
     def encode_next(self, model, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> VisionOutput:
         if not self.options.enabled:
             return super().encode_next(model, pixel_values, image_sizes)
@@ -644,8 +705,11 @@ class MustDrop(DropMethod):
         attention = context.attention(TEXT_QUERIES)
         if self.options.budget is None:
             return dual_attention_keep(attention, self.options.global_thr, self.options.individual_thr,
-                                       context.key_indices)
-        return ranked_keep(attention.sum(dim=0), context.key_indices, self.budget_count(context))
+                                       context.key_mask, context.vision_valid)
+        counts = [self.budget_count(vision, keys, context) for vision, keys in
+                  zip(context.prompt_vision_counts, context.key_counts)]
+        return ranked_keep_mask(attention.sum(dim=1), context.key_mask, context.key_counts, counts,
+                                context.vision_valid)
 
     def check_model(self, geometry: ModelGeometry) -> None:
         """Also refuse a budget below what merging every window and keeping only the key set reaches; on
@@ -667,10 +731,9 @@ class MustDrop(DropMethod):
                              f"it can reach with drop_layers {options.drop_layers} and key_rate "
                              f"{options.key_token_rate} on {geometry.patch_tokens} patches{tiling}{rows}{how}")
 
-    def budget_count(self, context: LayerContext) -> int:
+    def budget_count(self, prompt_vision_count: int, key_count: int, context: LayerContext) -> int:
         """Budget variant: this layer's share of a geometric schedule over the dropping layers."""
-        key_count = 0 if context.key_indices is None else context.key_indices.numel()
-        counts = geometric_keep_counts(context.prompt_vision_count, self.options.budget, self.options.drop_layers,
+        counts = geometric_keep_counts(prompt_vision_count, self.options.budget, self.options.drop_layers,
                                        context.geometry.decoder_layers, minimum=key_count)
         return counts[self.options.drop_layers.index(context.layer_idx)]
 

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llava.drop.blocks import bisect, layer_average, round_half_up, stage_lengths, top_positions
+from llava.drop.blocks import bisect, layer_average, round_half_up, stage_lengths, top_k_mask
 from llava.drop.method import PREFILL, DropMethod, LayerContext, last_token_scores
 from llava.drop.methods.registry import register
 from llava.model.geometry import ModelGeometry
@@ -165,5 +165,5 @@ class PDrop(DropMethod):
 
     def select(self, context: LayerContext) -> torch.Tensor:
         stage = self.prefill_layers(context.geometry).index(context.layer_idx)
-        counts = self.plan(context.prompt_vision_count, context.geometry)
-        return top_positions(last_token_scores(context), counts[stage])
+        counts = [self.plan(count, context.geometry)[stage] for count in context.prompt_vision_counts]
+        return top_k_mask(last_token_scores(context), counts, context.vision_valid)

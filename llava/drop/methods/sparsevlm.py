@@ -66,7 +66,7 @@ from llava.drop.blocks import (
     ranked_keep,
     stage_lengths,
 )
-from llava.drop.method import PREFILL, TEXT_QUERIES, DropMethod, LayerContext
+from llava.drop.method import PREFILL, TEXT_QUERIES, DropMethod, PromptContext
 from llava.drop.methods.registry import register
 from llava.model.geometry import ModelGeometry
 
@@ -237,7 +237,7 @@ class SparseVLM(DropMethod):
             return f"start dropping at an earlier layer than {self.options.layers[0]}"
         return "lower recycle_ratio or start dropping at an earlier layer"
 
-    def keep_count(self, context: LayerContext, rater_attention: torch.Tensor) -> int:
+    def keep_count(self, context: PromptContext, rater_attention: torch.Tensor) -> int:
         """The schedule floored by the rank term, or in budget mode the plan for this prompt's vision count."""
         vision_count = context.layout.vision_count
         stage = self.options.layers.index(context.layer_idx)
@@ -246,12 +246,12 @@ class SparseVLM(DropMethod):
         plan = budget_keep_counts(context.prompt_vision_count, context.geometry.decoder_layers, self.options)
         return min(plan[stage], vision_count)
 
-    def select(self, context: LayerContext) -> torch.Tensor:
+    def select_prompt(self, context: PromptContext) -> torch.Tensor:
         attention = context.attention(TEXT_QUERIES)
         rater_attention = attention[text_raters(attention)]
         return ranked_keep(rater_attention.mean(dim=0), None, self.keep_count(context, rater_attention))
 
-    def recycle(self, context: LayerContext, kept: torch.Tensor) -> torch.Tensor | None:
+    def recycle(self, context: PromptContext, kept: torch.Tensor) -> torch.Tensor | None:
         """Merged tokens [clusters, hidden] from the best-scored dropped tokens (None if none)."""
         scores = vision_scores(context.attention(TEXT_QUERIES))
         dropped_mask = torch.ones_like(scores, dtype=torch.bool)

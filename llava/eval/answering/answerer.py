@@ -6,6 +6,7 @@ Shared by every benchmark CLI so that prompts, preprocessing and decoding are th
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from PIL import Image
@@ -62,16 +63,26 @@ class Answerer:
                                  as_method(self.drop), self.compile_backend, self.cuda_graph)
         return [self.finished(inputs, output) for (inputs, _), output in zip(prepared, outputs)]
 
+    def answer_inputs(self, inputs: ModelInputs, on_token: Callable[[int], None] | None = None) -> Answer:
+        """An already encoded prompt (a whole chat so far, say); `on_token` hears each new token as it is decoded."""
+        output = generate_batch(self.model, [self.request_for(inputs, on_token)], self.sampling, self.eos_token_ids,
+                                as_method(self.drop), self.compile_backend, self.cuda_graph)[0]
+        return self.finished(inputs, output)
+
     def request(self, question: str, image: Image.Image | None) -> tuple[ModelInputs, GenerationRequest]:
         """The question's model inputs, and a generation request that stops at the template's stop string."""
         inputs = encode_question(question, image, self.model, self.tokenizer, self.image_processor, self.conv_mode)
+        return inputs, self.request_for(inputs)
+
+    def request_for(self, inputs: ModelInputs, on_token: Callable[[int], None] | None = None) -> GenerationRequest:
+        """A generation request for encoded inputs that stops at their template's stop string."""
         stop_str = inputs.stop_str
 
         def stopped_by_string(tokens: list[int]) -> bool:
             tail = self.tokenizer.decode(tokens[-STOP_CHECK_TOKENS:], skip_special_tokens=True)
             return (bool(stop_str) and tail.rstrip().endswith(stop_str)) or any(stop in tail for stop in self.stop_strings)
 
-        return inputs, GenerationRequest(inputs.input_ids, inputs.pixel_values, inputs.image_sizes, stopped_by_string)
+        return GenerationRequest(inputs.input_ids, inputs.pixel_values, inputs.image_sizes, stopped_by_string, on_token)
 
     def finished(self, inputs: ModelInputs, output: GenerationOutput) -> Answer:
         """The answer's text: decoded, cut at the first of `stop_strings`, the template's stop string cut off."""

@@ -107,18 +107,24 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     """LLaVA's model, sampling and sharding flags, and the dropping switches."""
     add_loading_args(parser)
     parser.add_argument("--answers-file", type=str, default="answer.jsonl")
-    parser.add_argument("--conv-mode", type=str, default="llava_v1",
-                        help="conversation template (llava/conversation.py), or auto: the checkpoint's own "
-                             "(vicuna_v1, mistral_instruct or chatml_direct, from its config files)")
     parser.add_argument("--num-chunks", type=int, default=1)
     parser.add_argument("--chunk-idx", type=int, default=0)
-    parser.add_argument("--temperature", type=float, default=0.2)
-    parser.add_argument("--top_p", type=float, default=None)
     parser.add_argument("--num_beams", type=int, default=1)
-    parser.add_argument("--max_new_tokens", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=1,
                         help="questions answered at once (each keeps its own prompt and vision tokens; greedy "
                              "answers equal batch size 1's)")
+    add_generation_args(parser)
+    add_drop_args(parser)
+
+
+def add_generation_args(parser: argparse.ArgumentParser) -> None:
+    """How an answer is prompted and decoded: template, sampling, decode-step speed-ups (every CLI that answers)."""
+    parser.add_argument("--conv-mode", type=str, default="llava_v1",
+                        help="conversation template (llava/conversation.py), or auto: the checkpoint's own "
+                             "(vicuna_v1, mistral_instruct or chatml_direct, from its config files)")
+    parser.add_argument("--temperature", type=float, default=0.2)
+    parser.add_argument("--top_p", type=float, default=None)
+    parser.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=128)
     parser.add_argument("--compile", action="store_true",
                         help="compile the decode step with torch.compile (pays a compilation per batch shape; "
                              "worth it on a GPU for long runs)")
@@ -126,6 +132,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="replay the decode step as a CUDA graph (CUDA only): the same kernels, so the same "
                              "answers, without launching each layer's kernels from Python")
     parser.add_argument("--seed", type=int, default=None)
+
+
+def add_drop_args(parser: argparse.ArgumentParser) -> None:
+    """The dropping switches: --sparse (MustDrop and its knobs), or any registered --method."""
     parser.add_argument("--sparse", action="store_true", help="switch on MustDrop (all three stages)")
     parser.add_argument("--method", type=str, default=None,
                         help="token-dropping method: none, mustdrop (the default with --sparse), ... (see llava/drop/methods)")
@@ -169,11 +179,8 @@ def method_from_args(args: argparse.Namespace) -> DropMethod:
 
 def validate_args(args: argparse.Namespace) -> tuple[SamplingConfig, DropMethod]:
     """Check every option before the (slow) model load, so mistakes fail in a second."""
+    sampling, drop = validate_generation_args(args)
     try:
-        if args.conv_mode != AUTO_CONV_MODE:  # auto is resolved from the checkpoint (resolve_conv_mode)
-            get_conv_template(args.conv_mode)
-        sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.seed)
-        drop = method_from_args(args)
         get_chunk([], args.num_chunks, args.chunk_idx)
     except ValueError as error:
         raise RunError(str(error)) from None
@@ -181,6 +188,18 @@ def validate_args(args: argparse.Namespace) -> tuple[SamplingConfig, DropMethod]
         raise RunError(f"--num_beams {args.num_beams}: beam search is not supported; use --num_beams 1")
     if args.batch_size < 1:
         raise RunError(f"--batch-size must be at least 1, got {args.batch_size}")
+    return sampling, drop
+
+
+def validate_generation_args(args: argparse.Namespace) -> tuple[SamplingConfig, DropMethod]:
+    """The flags of `add_generation_args` and `add_drop_args`, checked before the model loads."""
+    try:
+        if args.conv_mode != AUTO_CONV_MODE:  # auto is resolved from the checkpoint (resolve_conv_mode)
+            get_conv_template(args.conv_mode)
+        sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+        drop = method_from_args(args)
+    except ValueError as error:
+        raise RunError(str(error)) from None
     check_decode_step_args(args)
     return sampling, drop
 
