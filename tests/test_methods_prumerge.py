@@ -23,6 +23,7 @@ from llava.drop.methods.prumerge import (
     similar_neighbours,
     uniform_samples,
 )
+from llava.drop.timing import Stopwatch
 from llava.drop.vision import encode_image
 from llava.mm_utils import load_image, process_images
 from tests.conftest import NEXT_DEMO_IMAGES, next_demo_inputs
@@ -182,7 +183,7 @@ def test_budget_fixes_the_count(loaded_original, tower_view):
     assert output.features.shape[0] == 64 and output.stats["vision_tokens"] == 64
     assert len(output.patch_groups) == 64
     # Budget 1: no patch kept whole, only the attention-weighted sum of all of them.
-    (one,) = create_method("prumerge", {"budget": "1"}).reduce(model, pixel_values, [1])
+    (one,) = create_method("prumerge", {"budget": "1"}).reduce(model, pixel_values, [1], Stopwatch(pixel_values.device))
     torch.testing.assert_close(one.hidden, torch.stack([hidden[0], cls_attn @ hidden[1:]]), rtol=1e-5, atol=1e-6)
 
 

@@ -198,8 +198,8 @@ def test_an_unreachable_budget_names_the_smallest_reachable_one(loaded_original,
 class RecordingToMe(ToMe):
     """ToMe keeping its last reductions, so that one pass shows each tower image's share."""
 
-    def reduce(self, model, images, counts):
-        self.reduced = super().reduce(model, images, counts)
+    def reduce(self, model, images, counts, selecting):
+        self.reduced = super().reduce(model, images, counts, selecting)
         return self.reduced
 
 

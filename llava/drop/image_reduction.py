@@ -14,17 +14,20 @@ longer exists. A budget is the image's total, shared over its 1 + K tower images
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
 
 from llava.drop.method import DropMethod
+from llava.drop.timing import Stopwatch
 from llava.drop.vision import (
     FLAT_MERGE,
     PATCHES_START,
     VisionOutput,
     check_feature_layer,
     embed_patches,
+    is_next,
     project_features,
     run_tower_to,
     selected_layer_count,
@@ -94,6 +97,24 @@ def check_next_inputs(name: str, pixel_values: torch.Tensor, image_sizes: torch.
                          f"and its size [[height, width]]; got {tuple(pixel_values.shape)} and {image_sizes}")
 
 
+def prompt_tower_images(name: str, model, pixel_values: list[torch.Tensor], image_sizes: list[torch.Tensor | None],
+                        tiled: bool) -> tuple[list[torch.Tensor], list[tuple[int, int] | None]]:
+    """Each prompt's tower images [n, 3, H, W]: its one image, or (`tiled`, LLaVA-NeXT) its base image and crops,
+    checked against its crop grid, which comes back too (None for one image); refused before any tower work."""
+    images, grids = [], []
+    for pixels, sizes in zip(pixel_values, image_sizes):
+        if tiled:
+            check_next_inputs(name, pixels, sizes)
+            grids.append(crop_grid(model, sizes, pixels.shape[1] - 1))
+            images.append(pixels[0])
+        elif pixels.shape[0] != 1:
+            raise ValueError(f"{name}'s vision stage takes one image per prompt, got {pixels.shape[0]}")
+        else:
+            images.append(pixels)
+            grids.append(None)
+    return images, grids
+
+
 def patch_side(model) -> int:
     """Patches along one side of a tower image (24 for CLIP-L/14 at 336 px)."""
     vision = model.config.vision_config
@@ -107,13 +128,15 @@ class ImageReduction(DropMethod):
 
     supports_next = True
     options_class: type
+    prompts_together: ClassVar[bool] = True  # all prompts' tower images go through `reduce` in one call
 
     def __init__(self, options=None):
         self.options = options or self.options_class()
 
-    def reduce(self, model, images: torch.Tensor, counts: list[int | None]) -> list[ReducedImage]:
+    def reduce(self, model, images: torch.Tensor, counts: list[int | None], selecting: Stopwatch) -> list[ReducedImage]:
         """Each of the images [n, 3, H, W] (already in the tower's dtype and device) cut to its count of
-        patch tokens (None: the method's own choice)."""
+        patch tokens (None: the method's own choice); the work of choosing and merging tokens (not the
+        tower's own layers) runs inside `with selecting:`."""
         raise NotImplementedError
 
     @property
@@ -146,34 +169,59 @@ class ImageReduction(DropMethod):
                              f"{max(shares)}; each must be 1..{patches} (the patches of one image)")
         return shares
 
-    def run(self, model, images: torch.Tensor) -> tuple[list[torch.Tensor], list[ReducedImage], int]:
-        """Reduce and project images [n, 3, H, W]: each image's features, the reductions and the CLS
-        tokens kept per image (1 under the `full` select strategy, else 0)."""
-        check_feature_layer(model.config)
-        weight = model.model.vision_tower.embeddings.patch_embedding.weight
-        images = images.to(device=weight.device, dtype=weight.dtype)
-        reduced = self.reduce(model, images, self.counts(images.shape[0], patch_side(model) ** 2))
-        return [project_features(model, image.hidden[None]) for image in reduced], reduced, \
-            vision_token_offset(model.config)
+    def encode_images(self, model, pixel_values: list[torch.Tensor],
+                      image_sizes: list[torch.Tensor | None]) -> list[VisionOutput]:
+        return self.reduce_prompts(model, pixel_values, image_sizes, is_next(model))
+
+    def encode_image(self, model, pixel_values: torch.Tensor) -> VisionOutput:
+        return self.reduce_prompts(model, [pixel_values], [None], tiled=False)[0]
+
+    def encode_next(self, model, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> VisionOutput:
+        return self.reduce_prompts(model, [pixel_values], [image_sizes], tiled=True)[0]
 
     @torch.no_grad()
-    def encode_image(self, model, pixel_values: torch.Tensor) -> VisionOutput:
-        if pixel_values.shape[0] != 1:
-            raise ValueError(f"{self.name}'s vision stage supports batch size 1, got {pixel_values.shape[0]}")
-        (features,), (reduced,), cls_kept = self.run(model, pixel_values)
+    def reduce_prompts(self, model, pixel_values: list[torch.Tensor], image_sizes: list[torch.Tensor | None],
+                       tiled: bool) -> list[VisionOutput]:
+        """Every prompt's tower images (its image, or `tiled`: its base image and crops) reduced in one call of
+        `reduce`, each image to its own prompt's share of the budget, as it would be alone (a prompt at a time
+        where `prompts_together` is false)."""
+        if not self.prompts_together and len(pixel_values) > 1:
+            return [output for pixels, sizes in zip(pixel_values, image_sizes)
+                    for output in self.reduce_prompts(model, [pixels], [sizes], tiled)]
+        check_feature_layer(model.config)
+        tower_images, grids = prompt_tower_images(self.name, model, pixel_values, image_sizes, tiled)
+        side = patch_side(model)
+        counts = [count for images in tower_images for count in self.counts(images.shape[0], side * side)]
+        weight = model.model.vision_tower.embeddings.patch_embedding.weight
+        selecting = Stopwatch(weight.device)
+        reduced = self.reduce(model, torch.cat(tower_images).to(device=weight.device, dtype=weight.dtype), counts,
+                              selecting)
+        cls_kept = vision_token_offset(model.config)
+        outputs, first = [], 0
+        for n, images in enumerate(tower_images):
+            mine = reduced[first : first + images.shape[0]]
+            first += images.shape[0]
+            outputs.append(self.image_output(model, mine[0], cls_kept) if grids[n] is None
+                           else self.next_output(model, mine, image_sizes[n], grids[n], cls_kept))
+        share = selecting.seconds() / len(outputs)
+        for output in outputs:
+            output.selection_seconds = share
+        return outputs
+
+    def image_output(self, model, reduced: ReducedImage, cls_kept: int) -> VisionOutput:
+        """A LLaVA-1.5 prompt's features from its reduced image."""
+        features = project_features(model, reduced.hidden[None])
         stats = {"vision_tokens_in": patch_side(model) ** 2 + cls_kept, "vision_tokens": features.shape[0]}
         return VisionOutput(features=features, stats=stats, patch_groups=[[]] * cls_kept + reduced.patch_groups)
 
-    @torch.no_grad()
-    def encode_next(self, model, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> VisionOutput:
-        """Every tower image reduced on its own, one after the other (module docstring)."""
-        check_next_inputs(self.name, pixel_values, image_sizes)
-        grid, side = crop_grid(model, image_sizes, pixel_values.shape[1] - 1), patch_side(model)
-        projected, _, cls_kept = self.run(model, pixel_values[0])
-        features = torch.cat(projected)
+    def next_output(self, model, reduced: list[ReducedImage], image_sizes: torch.Tensor, grid: tuple[int, int],
+                    cls_kept: int) -> VisionOutput:
+        """A LLaVA-NeXT prompt's features: its reduced tower images one after the other (module docstring)."""
+        side = patch_side(model)
+        features = torch.cat([project_features(model, image.hidden[None]) for image in reduced])
         per_image = side * side + cls_kept
         stats = {"vision_tokens_in": unpruned_next_count(model, image_sizes, grid, per_image, side),
-                 "vision_tokens": features.shape[0], "images": len(projected), "crops": len(projected) - 1,
+                 "vision_tokens": features.shape[0], "images": len(reduced), "crops": len(reduced) - 1,
                  "vision_tokens_per_image_in": per_image}
         return VisionOutput(features=features, stats=stats)
 

@@ -7,8 +7,9 @@
   `convert_mmvet_for_eval`, `summarize_review` (scoring) and the module `m4c_evaluator`.
 - Top level, our commands: `run` (every registered task: answer, merge, score; the benchmark scripts
   wrap it), `calibrate` (thresholds for a target token count), `thresholds` (the published pairs),
-  `report` (tables from run summaries), `make_demo_data` (the tiny TextVQA demo); and three small
-  helpers both sides use: `jsonl`, `cli_errors`, `option_letters`.
+  `report` (tables from run summaries; `paper_table` and `paper_reference` for the paper's layout),
+  `make_demo_data` (the tiny TextVQA demo); and three small helpers both sides use: `jsonl`,
+  `cli_errors`, `option_letters`.
 - `answering/`: the question formats behind the answering commands, `answerer` (one question, one
   answer, with LLaVA-1.5's prompt and image rules), the shared `loop`, `answers_file` and `sharding`.
 - `scoring/`: one scorer or submission converter per benchmark, `results`, the checked reader of

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from llava.drop.image_reduction import ImageReduction, ReducedImage, check_whole_budget, run_to_select_layer
 from llava.drop.method import BASELINE
 from llava.drop.methods.registry import register
+from llava.drop.timing import Stopwatch
 from llava.drop.vision import PATCHES_START
 
 DEFAULT_SIDE = 12
@@ -90,12 +91,13 @@ class Pool(ImageReduction):
             raise ValueError(f"a pooled grid of side {side} is larger than the image's {grid} x {grid} patches")
         return side
 
-    def reduce(self, model, images: torch.Tensor, counts: list[int | None]) -> list[ReducedImage]:
+    def reduce(self, model, images: torch.Tensor, counts: list[int | None], selecting: Stopwatch) -> list[ReducedImage]:
         _, _, hidden = run_to_select_layer(model, images)
         grid = math.isqrt(hidden.shape[1] - PATCHES_START)
         reduced = []
-        for states, count in zip(hidden, counts):
-            side = self.side_for(count, grid)
-            pooled = pool_patches(states[PATCHES_START:], side)
-            reduced.append(ReducedImage(torch.cat([states[:PATCHES_START], pooled]), pooled_groups(grid, side)))
+        with selecting:
+            for states, count in zip(hidden, counts):
+                side = self.side_for(count, grid)
+                pooled = pool_patches(states[PATCHES_START:], side)
+                reduced.append(ReducedImage(torch.cat([states[:PATCHES_START], pooled]), pooled_groups(grid, side)))
         return reduced

@@ -77,6 +77,7 @@ from llava.drop.blocks import stable_top_k
 from llava.drop.image_reduction import ImageReduction, ReducedImage, check_whole_budget
 from llava.drop.method import ENCODER
 from llava.drop.methods.registry import register
+from llava.drop.timing import Stopwatch
 from llava.drop.vision import CLS_INDEX, PATCHES_START, embed_patches, run_tower_to, selected_layer_count
 
 NEIGHBOURS = 32  # most key-similar tokens merged into each kept token (the released code's k=int(32))
@@ -215,6 +216,9 @@ class PruMerge(ImageReduction):
     name = "prumerge"
     family = ENCODER
     options_class = PruMergeOptions
+    # The CLS query's projection is one matrix product over the images it scores, whose rounding depends on
+    # how many there are: scoring several prompts' images at once moves scores by ~1e-6 and can swap a token.
+    prompts_together = False
 
     def kept_patches(self, cls_attn: torch.Tensor, count: int | None) -> torch.Tensor:
         """Patches kept whole, in output order: the top ones by cls_attn, best first; `count` (a share of
@@ -224,15 +228,16 @@ class PruMerge(ImageReduction):
         return stable_top_k(cls_attn, keep)
 
     @torch.no_grad()
-    def reduce(self, model, images: torch.Tensor, counts: list[int | None]) -> list[ReducedImage]:
+    def reduce(self, model, images: torch.Tensor, counts: list[int | None], selecting: Stopwatch) -> list[ReducedImage]:
         tower = model.model.vision_tower
         layers = tower.encoder.layers
         selected = selected_layer_count(len(layers), model.config.vision_feature_layer)
         layer = scoring_layer(layers, selected)
         hidden = run_tower_to(layers, embed_patches(tower, images), 0, {selected})[selected]
-        cls_attn, keys = cls_attention_and_keys(layer, hidden)
-        return [self.reduce_image(hidden[image], cls_attn[image], keys[image], count)
-                for image, count in enumerate(counts)]
+        with selecting:
+            cls_attn, keys = cls_attention_and_keys(layer, hidden)
+            return [self.reduce_image(hidden[image], cls_attn[image], keys[image], count)
+                    for image, count in enumerate(counts)]
 
     def reduce_image(self, hidden: torch.Tensor, cls_attn: torch.Tensor, keys: torch.Tensor,
                      count: int | None) -> ReducedImage:

@@ -29,6 +29,7 @@ from llava.drop.image_reduction import (
 )
 from llava.drop.method import BASELINE
 from llava.drop.methods.registry import register
+from llava.drop.timing import Stopwatch
 from llava.drop.vision import PATCHES_START
 
 DEFAULT_BUDGET = 64
@@ -69,11 +70,12 @@ class RandomDrop(ImageReduction):
     family = BASELINE
     options_class = RandomOptions
 
-    def reduce(self, model, images: torch.Tensor, counts: list[int | None]) -> list[ReducedImage]:
+    def reduce(self, model, images: torch.Tensor, counts: list[int | None], selecting: Stopwatch) -> list[ReducedImage]:
         _, _, hidden = run_to_select_layer(model, images)
         patches = hidden.shape[1] - PATCHES_START
         reduced = []
-        for image, states, count in zip(images, hidden, counts):
-            kept = random_subset(patches, count, image_seed(image, self.options.seed)).to(states.device)
-            reduced.append(keep_patches(states, kept))
+        with selecting:
+            for image, states, count in zip(images, hidden, counts):
+                kept = random_subset(patches, count, image_seed(image, self.options.seed)).to(states.device)
+                reduced.append(keep_patches(states, kept))
         return reduced

@@ -45,6 +45,7 @@ not give, so it is checked when the model runs (`reduce`), before any layer does
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +55,7 @@ from llava.drop.blocks import index_sum, stable_top_k
 from llava.drop.image_reduction import ImageReduction, ReducedImage, check_whole_budget
 from llava.drop.method import ENCODER
 from llava.drop.methods.registry import register
+from llava.drop.timing import Stopwatch
 from llava.drop.vision import CLS_INDEX, PATCHES_START, embed_patches, selected_layer_count
 
 DEFAULT_R = 8  # tokens merged per layer without a budget: ToMe's ViT-L setting (paper Table 1, README)
@@ -186,13 +188,13 @@ def proportional_attention(attention: torch.nn.Module, normed: torch.Tensor,
     return output, keys[0].mean(dim=0)
 
 
-def merging_layer(layer: torch.nn.Module, hidden: torch.Tensor, sizes: torch.Tensor | None,
-                  r: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+def merging_layer(layer: torch.nn.Module, hidden: torch.Tensor, sizes: torch.Tensor | None, r: int,
+                  selecting: Stopwatch | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """One CLIP layer of image `hidden` [1, t, dim] with r merges between attention and MLP.
 
     Returns the output, the sizes after it and each input token's new position (None where nothing
     merged). With no merge and unit sizes (`sizes` None) the layer itself runs, bit-identical to
-    transformers.
+    transformers. The matching and merging run inside `selecting` when it is given.
     """
     if r == 0 and sizes is None:
         return layer(hidden, None), None, None
@@ -201,7 +203,8 @@ def merging_layer(layer: torch.nn.Module, hidden: torch.Tensor, sizes: torch.Ten
     destination = None
     if r:
         current = torch.ones(hidden.shape[1], device=hidden.device) if sizes is None else sizes
-        tokens, sizes, destination = bipartite_merge(hidden[0], current, metric, r)
+        with selecting or nullcontext():
+            tokens, sizes, destination = bipartite_merge(hidden[0], current, metric, r)
         hidden = tokens[None]
     return hidden + layer.mlp(layer.layer_norm2(hidden)), sizes, destination
 
@@ -214,13 +217,13 @@ def groups_of(owner: torch.Tensor, tokens: int) -> list[list[int]]:
     return groups
 
 
-def merge_image(layers, hidden: torch.Tensor, schedule: list[int]) -> ReducedImage:
+def merge_image(layers, hidden: torch.Tensor, schedule: list[int], selecting: Stopwatch | None = None) -> ReducedImage:
     """One embedded image [1, 1 + P, dim] through `layers`, merging `schedule[l]` tokens in layer l."""
     patches = hidden.shape[1] - PATCHES_START
     owner = torch.arange(PATCHES_START, PATCHES_START + patches, device=hidden.device)
     sizes = None
     for layer, r in zip(layers, schedule):
-        hidden, sizes, destination = merging_layer(layer, hidden, sizes, r)
+        hidden, sizes, destination = merging_layer(layer, hidden, sizes, r, selecting)
         if destination is not None:
             owner = destination[owner]
     return ReducedImage(hidden[0], groups_of(owner, hidden.shape[1]))
@@ -233,6 +236,8 @@ class ToMe(ImageReduction):
     name = "tome"
     family = ENCODER
     options_class = ToMeOptions
+    prompts_together = False  # every image merges through the layers on its own anyway, and a refused
+    # count names the prompt's own tower images
 
     def schedule(self, count: int | None, patches: int, layers: int, images: int) -> list[int]:
         """Merges per run layer leaving `count` patch tokens (None: `r` per layer, capped); a count the
@@ -251,7 +256,7 @@ class ToMe(ImageReduction):
                              f"does); the smallest reachable budget is {smallest * images}{per_image}")
         return constant_schedule(patches - count, layers)
 
-    def reduce(self, model, images: torch.Tensor, counts: list[int | None]) -> list[ReducedImage]:
+    def reduce(self, model, images: torch.Tensor, counts: list[int | None], selecting: Stopwatch) -> list[ReducedImage]:
         """Each image merged on its own through the run layers down to its count (module docstring)."""
         layers = model.model.vision_tower.encoder.layers
         run = selected_layer_count(len(layers), model.config.vision_feature_layer)
@@ -261,5 +266,5 @@ class ToMe(ImageReduction):
         embedded = embed_patches(model.model.vision_tower, images)
         patches = embedded.shape[1] - PATCHES_START
         schedules = [self.schedule(count, patches, run, len(counts)) for count in counts]
-        return [merge_image(layers[:run], embedded[index : index + 1], schedule)
+        return [merge_image(layers[:run], embedded[index : index + 1], schedule, selecting)
                 for index, schedule in enumerate(schedules)]

@@ -41,9 +41,8 @@ import torch
 from llava.drop.blocks import grouped_mean, nearest_centres, top_positions
 from llava.drop.image_reduction import (
     budget_shares,
-    check_next_inputs,
     check_whole_budget,
-    crop_grid,
+    prompt_tower_images,
     run_to_select_layer,
     unpruned_next_count,
 )
@@ -56,6 +55,7 @@ from llava.drop.vision import (
     VisionOutput,
     check_feature_layer,
     cls_attention_to_patches,
+    is_next,
     project_features,
 )
 from llava.model.geometry import ModelGeometry
@@ -206,13 +206,35 @@ class VisionZip(DropMethod):
             raise ValueError(f"dominant + contextual = {dominant} + {contextual} exceeds the "
                              f"{geometry.patch_tokens} patches this model gives an image")
 
-    @torch.no_grad()
+    def encode_images(self, model, pixel_values: list[torch.Tensor],
+                      image_sizes: list[torch.Tensor | None]) -> list[VisionOutput]:
+        return self.zip_prompts(model, pixel_values, image_sizes, is_next(model))
+
     def encode_image(self, model, pixel_values: torch.Tensor) -> VisionOutput:
+        return self.zip_prompts(model, [pixel_values], [None], tiled=False)[0]
+
+    def encode_next(self, model, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> VisionOutput:
+        return self.zip_prompts(model, [pixel_values], [image_sizes], tiled=True)[0]
+
+    @torch.no_grad()
+    def zip_prompts(self, model, pixel_values: list[torch.Tensor], image_sizes: list[torch.Tensor | None],
+                    tiled: bool) -> list[VisionOutput]:
+        """All prompts' tower images (their images, or `tiled`: base images and crops) through CLIP as one
+        batch; then every tower image is zipped on its own."""
         check_feature_layer(model.config)
-        if pixel_values.shape[0] != 1:
-            raise ValueError(f"VisionZip's vision stage supports batch size 1, got {pixel_values.shape[0]}")
+        tower_images, grids = prompt_tower_images("VisionZip", model, pixel_values, image_sizes, tiled)
+        layer, layer_input, hidden = run_to_select_layer(model, torch.cat(tower_images))
+        outputs, first = [], 0
+        for images, sizes, grid in zip(tower_images, image_sizes, grids):
+            mine = slice(first, first + images.shape[0])
+            first += images.shape[0]
+            outputs.append(self.zip_one(model, layer, layer_input[mine], hidden[mine]) if grid is None
+                           else self.zip_next(model, layer, layer_input[mine], hidden[mine], sizes, grid))
+        return outputs
+
+    def zip_one(self, model, layer, layer_input: torch.Tensor, hidden: torch.Tensor) -> VisionOutput:
+        """A LLaVA-1.5 image zipped from its select layer's input and output [1, 1 + P, dim]."""
         dominant, contextual = self.options.counts()
-        layer, layer_input, hidden = run_to_select_layer(model, pixel_values)
         (sequence, kept, rest, keys), seconds = timed(
             lambda: zip_image(layer, layer_input, hidden, dominant, contextual), hidden.device)
         features = project_features(model, sequence)
@@ -222,21 +244,18 @@ class VisionZip(DropMethod):
         return VisionOutput(features=features, stats=stats, selection_seconds=seconds,
                             patch_groups=self.patch_groups(kept, rest, keys, contextual, cls_kept))
 
-    @torch.no_grad()
-    def encode_next(self, model, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> VisionOutput:
-        """Every image (base, then crops) zipped on its own, laid out as the released code does (module
-        docstring): crops' dominant tokens in grid reading order under "spatial_unpad", image after image
-        under "flat"."""
-        check_feature_layer(model.config)
-        check_next_inputs("VisionZip", pixel_values, image_sizes)
-        counts = self.options.image_counts(pixel_values.shape[1])
-        layer, layer_input, hidden = run_to_select_layer(model, pixel_values[0])
+    def zip_next(self, model, layer, layer_input: torch.Tensor, hidden: torch.Tensor, image_sizes: torch.Tensor,
+                 grid: tuple[int, int]) -> VisionOutput:
+        """A LLaVA-NeXT image, every tower image (base, then crops) zipped on its own, laid out as the released
+        code does (module docstring): crops' dominant tokens in grid reading order under "spatial_unpad",
+        image after image under "flat"."""
+        counts = self.options.image_counts(hidden.shape[0])
         zipped, seconds = timed(lambda: [
             zip_image(layer, layer_input[image : image + 1], hidden[image : image + 1], dominant, contextual)
             for image, (dominant, contextual) in enumerate(counts)], hidden.device)
         projected = [project_features(model, sequence) for sequence, *_ in zipped]
         cls_kept = projected[0].shape[0] - sum(counts[0])  # 1 under the `full` select strategy, else 0
-        grid, side = crop_grid(model, image_sizes, len(counts) - 1), math.isqrt(hidden.shape[1] - PATCHES_START)
+        side = math.isqrt(hidden.shape[1] - PATCHES_START)
         if getattr(model.config, "mm_patch_merge_type", None) == FLAT_MERGE:
             features = torch.cat(projected)
         else:
