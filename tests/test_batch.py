@@ -145,6 +145,29 @@ def test_mustdrop_stage_one_runs_prompts_that_merge_alike_through_the_tower_toge
     assert passes == [len(requests)] + [by_count[count] for count in sorted(by_count)]
 
 
+@pytest.mark.parametrize("name", ["visionzip", "random", "pool"])
+def test_vision_stage_methods_run_every_prompt_s_images_through_the_tower_once(loaded_original, loaded_next_original,
+                                                                             demo_images, name, monkeypatch):
+    """One tower pass for the whole batch (LLaVA-NeXT: every prompt's base image and crops), each prompt's
+    features as alone."""
+    import llava.drop.image_reduction as image_reduction
+
+    real_run = image_reduction.run_tower_to
+    for loaded, budget in ((loaded_original, BUDGETS["llava"]), (loaded_next_original, BUDGETS["next"])):
+        model, method = loaded[1], method_at_budget(name, budget)
+        requests = requests_for(loaded, demo_images)
+        alone_visions = [encode_vision(model, method, r.pixel_values, r.image_sizes) for r in requests]
+        passes = []
+        monkeypatch.setattr(image_reduction, "run_tower_to", lambda layers, hidden, *rest: passes.append(hidden.shape[0])
+                            or real_run(layers, hidden, *rest))
+        together = encode_visions(model, method, [r.pixel_values for r in requests], [r.image_sizes for r in requests])
+        monkeypatch.setattr(image_reduction, "run_tower_to", real_run)
+        assert passes == [sum(r.pixel_values.shape[-4] for r in requests)]
+        for vision, single in zip(together, alone_visions):
+            assert torch.equal(vision.features, single.features) and vision.stats == single.stats
+            assert vision.selection_seconds > 0
+
+
 def test_a_text_only_prompt_shares_a_batch_with_image_prompts(loaded_original, demo_images):
     tokenizer, model, image_processor, _ = loaded_original
     requests = requests_for(loaded_original, demo_images)
