@@ -13,4 +13,6 @@ if [ "${1:-}" = "--lmms" ]; then
     exec .venv-lmms/bin/python -m pytest -q tests/test_lmms_eval.py tests/test_lmms_args.py "$@"
 fi
 bash scripts/setup.sh
-.venv/bin/python -m pytest -q -n "${PYTEST_WORKERS:-auto}" "$@"
+# loadgroup: a module marked with one xdist_group (the web page's, which starts one server for its tests)
+# runs on one worker; every other test is shared out as before.
+.venv/bin/python -m pytest -q -n "${PYTEST_WORKERS:-auto}" --dist loadgroup "$@"

@@ -113,6 +113,22 @@ def cli_args(model: Path, questions: Path, answers: Path, *extra: str, max_new_t
     ]
 
 
+def loader_answer(model: Path, image_name: str, question: str, tmp_path: Path, *flags: str,
+                  max_new_tokens: int = 4) -> dict:
+    """model_vqa_loader's answers line for one greedy question about demo image `image_name`, with `flags`."""
+    import json
+    import tempfile
+
+    from llava.eval.model_vqa_loader import main as answer_questions
+
+    run_dir = Path(tempfile.mkdtemp(dir=tmp_path))  # a fresh answers file: no resume across calls
+    questions = run_dir / "question.jsonl"
+    questions.write_text(json.dumps({"question_id": "q", "image": image_name, "text": question}) + "\n")
+    answers = run_dir / "answers.jsonl"
+    answer_questions(cli_args(model, questions, answers, *flags, max_new_tokens=max_new_tokens))
+    return json.loads(answers.read_text())
+
+
 def first_questions(tmp_path: Path, count: int) -> Path:
     lines = DEMO_QUESTION_FILE.read_text().splitlines()[:count]
     path = tmp_path / "questions.jsonl"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import http.server
-import json
 import os
 import re
 import select
@@ -21,12 +20,11 @@ import pytest
 from llava.conversation import get_conv_template
 from llava.drop.generate import SamplingConfig, generate
 from llava.drop.methods import create_method
-from llava.eval.model_vqa_loader import main as answer_questions
 from llava.mm_utils import ImageLoadError, load_image, process_images, tokenizer_image_token
 from llava.serve.cli import INTERRUPTED_EXIT_CODE, main
 from llava.serve.image_source import open_image
 from llava.serve.stats_line import stats_line
-from tests.conftest import DEMO_IMAGE_FOLDER, REPO_ROOT, cli_args
+from tests.conftest import DEMO_IMAGE_FOLDER, REPO_ROOT, loader_answer
 
 IMAGE_NAME = "175e99412607ad5f.png"
 IMAGE = DEMO_IMAGE_FOLDER / IMAGE_NAME
@@ -47,15 +45,6 @@ def chat(model: Path, stdin: str, *flags: str) -> subprocess.CompletedProcess:
     """The chat CLI in its own process, `stdin` typed into it."""
     return subprocess.run(chat_command(model, *flags), input=stdin, cwd=REPO_ROOT, capture_output=True, text=True,
                           timeout=CHAT_TIMEOUT_S)
-
-
-def loader_answer(model: Path, question: str, tmp_path: Path, *flags: str) -> dict:
-    """model_vqa_loader's answers line for one question about IMAGE, greedy, with the same flags."""
-    questions = tmp_path / "question.jsonl"
-    questions.write_text(json.dumps({"question_id": "q", "image": IMAGE_NAME, "text": question}) + "\n")
-    answers = tmp_path / "answers.jsonl"
-    answer_questions(cli_args(model, questions, answers, *flags, max_new_tokens=NEW_TOKENS))
-    return json.loads(answers.read_text())
 
 
 def conversation_answer(loaded, turns: list[tuple[str, str | None]], drop) -> str:
@@ -82,7 +71,8 @@ def test_two_turns_stream_the_answers_to_the_whole_conversation(tiny_original, l
     assert finished.stdout.endswith("USER: \n")  # the end of input ended the chat at its next prompt
 
     # turn 1 is model_vqa_loader's answer to the same question with the same method, statistics included
-    expected = loader_answer(tiny_original, QUESTIONS[0], tmp_path, *MUSTDROP_FLAGS)
+    expected = loader_answer(tiny_original, IMAGE_NAME, QUESTIONS[0], tmp_path, *MUSTDROP_FLAGS,
+                             max_new_tokens=NEW_TOKENS)
     assert first.strip() == expected["text"] and first.strip()
     stats = expected["metadata"]
     assert first_stats.startswith(f"[vision tokens 576 -> {stats['vision_tokens']} (vision stage) -> ")
