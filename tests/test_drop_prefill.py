@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from llava.drop.cache import KVCache
-from llava.drop.prefill import build_prompt, kept_slots, prefill_prompt, remap_key_mask, rotary, run_layer
+from llava.drop.prefill import build_prompt, kept_slots, prefill_prompt, remap_key_mask, repack, rotary, run_layer
 from llava.drop.methods import as_method
 from llava.drop.methods.mustdrop import DropConfig, dual_attention_keep
 from llava.drop.probe import TokenLayout, vision_attention
@@ -110,6 +110,35 @@ def test_kept_slots_keep_system_and_text():
     assert slots[1].nonzero().flatten().tolist() == [0, 1, 3, 4]  # slots 5.. are padding
 
 
+@pytest.mark.parametrize("compact", [True, False])
+def test_repack_keeps_each_prompt_s_tokens_and_places_recycled_ones_after_its_vision_tokens(compact):
+    # prompt 0: [s v v v t t], keeps vision 0 and 2 and recycles one token; prompt 1: [s v v t], keeps vision 1
+    hidden = torch.arange(6.0)[None, :, None].repeat(2, 1, 1)  # each token's value is its slot
+    positions = (torch.arange(6) * 10)[None].repeat(2, 1)
+    layouts = [TokenLayout(vision_start=1, vision_count=3, seq_len=6), TokenLayout(vision_start=1, vision_count=2, seq_len=4)]
+    vision_keep = torch.tensor([[True, False, True], [False, True, False]])
+    step = repack(hidden, positions, layouts, vision_keep, [torch.tensor([[100.0]]), None], None, compact)
+    assert step.lengths == [6, 3] and step.vision_counts == [3, 1]
+    assert [keep.tolist() for keep in step.sequence_keeps] == [[0, 1, 3, 4, 5], [0, 2, 3]]
+    assert step.hidden[0, :, 0].tolist() == [0, 1, 3, 100, 4, 5]
+    assert step.hidden[1, :3, 0].tolist() == [0, 2, 3]
+    if compact:
+        assert step.positions[0].tolist() == [0, 1, 2, 3, 4, 5] and step.positions[1, :3].tolist() == [0, 1, 2]
+    else:  # original positions; the recycled token shares the position of the vision token before it
+        assert step.positions[0].tolist() == [0, 10, 30, 30, 40, 50] and step.positions[1, :3].tolist() == [0, 20, 30]
+
+
+def test_original_positions_after_a_real_drop_change_the_answer_s_logits(loaded_original, demo_images):
+    """The compact_positions=False path with tokens really dropped: the first drop (before any position
+    changed) keeps the same tokens; from there the rotations differ, and so do the scores and logits."""
+    settings = {"global_thr": 0.011, "individual_thr": 0.01}
+    _, compact = mustdrop_prefill(loaded_original, demo_images[0], DropConfig(**settings))
+    _, original = mustdrop_prefill(loaded_original, demo_images[0], DropConfig(**settings, compact_positions=False))
+    assert torch.equal(compact.drops[0][1], original.drops[0][1])
+    assert compact.vision_tokens_after_layer[compact.drops[0][0]] < 576
+    assert not torch.equal(compact.logits, original.logits)
+
+
 def mustdrop_prefill(loaded, image_path, drop: DropConfig):
     tokenizer, model, image_processor, _ = loaded
     input_ids = tokenizer_image_token(vicuna_prompt("What is the word?"), tokenizer, return_tensors="pt")
@@ -143,9 +172,8 @@ def test_vision_counts_per_layer(loaded_original, demo_images):
         assert counts[layer] == (previous_drops[-1] if previous_drops else prompt.vision_count)
 
 
-@pytest.mark.parametrize("compact_positions", [True, False])
-def test_dropping_nothing_equals_the_unpruned_model(loaded_original, demo_images, compact_positions):
-    nothing = DropConfig(vision_merge=False, global_thr=0.0, individual_thr=0.0, compact_positions=compact_positions)
+def test_dropping_nothing_equals_the_unpruned_model(loaded_original, demo_images):
+    nothing = DropConfig(vision_merge=False, global_thr=0.0, individual_thr=0.0)
     for image_path in demo_images[:3]:
         unpruned = answer(loaded_original, image_path, DropConfig.disabled())
         mustdrop = answer(loaded_original, image_path, nothing)
