@@ -48,7 +48,9 @@ def test_mustdrop_budget_on_the_model(loaded_original, demo_images):
     assert stats["vision_tokens"] == 360
     assert abs(stats["avg_vision_tokens"] - 128) <= 1
     counts = [stats["vision_tokens_after_layer"][str(layer)] for layer in MUSTDROP_LAYERS]
-    assert counts == geometric_keep_counts(360, 128, MUSTDROP_LAYERS, 32, minimum=29)
+    # a geometric schedule with rho ~ 0.65 (234/360, 151/234, 98/151, 64/98), averaging
+    # (3 x 360 + 4 x 234 + 4 x 151 + 4 x 98 + 17 x 64) / 32 = 4100 / 32 = 128.1, every count above the 29 key tokens
+    assert counts == [234, 151, 98, 64]
 
 
 def test_budget_must_be_positive():

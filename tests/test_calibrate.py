@@ -104,8 +104,16 @@ def test_path_keeps_thresholds_within_range():
 
 
 def test_seeded_sample_is_reproducible(questions):
+    """The seed alone decides the sample: Python's global random state does not, and other seeds differ."""
     assert sample_questions(questions, 2, seed=None) == questions[:2]
-    assert sample_questions(questions, 2, seed=7) == sample_questions(questions, 2, seed=7)
+    import random
+
+    random.seed(1)
+    first = sample_questions(questions, 2, seed=7)
+    random.seed(2)
+    assert sample_questions(questions, 2, seed=7) == first
+    assert len(first) == 2 and all(question in questions for question in first)
+    assert any(sample_questions(questions, 2, seed=seed) != first for seed in range(8, 12))
 
 
 def cli_args(model_path, *extra: str) -> list[str]:

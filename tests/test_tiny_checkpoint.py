@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -122,7 +123,14 @@ def test_bin_and_safetensors_hold_the_same_tensors(build: Callable[..., Path], c
 
 
 def test_sentencepiece_training_is_deterministic() -> None:
-    assert tiny.train_sentencepiece() == tiny.train_sentencepiece()
+    """The same tokenizer bytes from a fresh process (its own hash seed and thread timing) as from this one."""
+    import subprocess
+    import sys
+
+    script = "import sys; from llava.model import tiny; sys.stdout.buffer.write(tiny.train_sentencepiece())"
+    other_process = subprocess.run([sys.executable, "-c", script], capture_output=True, check=True,
+                                   env={**os.environ, "PYTHONHASHSEED": "12345"}).stdout
+    assert other_process == tiny.train_sentencepiece()
 
 
 def test_tokenizer_loads_and_round_trips(ckpt: Path) -> None:
