@@ -17,15 +17,16 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
 
 from llava.drop.method import DropMethod
+from llava.drop.next_layout import crop_grid as layout_grid
 from llava.drop.timing import Stopwatch
 from llava.drop.vision import (
     FLAT_MERGE,
     PATCHES_START,
     VisionOutput,
     check_feature_layer,
+    check_next_inputs,
     embed_patches,
     is_next,
     project_features,
@@ -71,13 +72,11 @@ def run_to_select_layer(model, images: torch.Tensor) -> tuple[torch.nn.Module, t
 def crop_grid(model, image_sizes: torch.Tensor, crops: int) -> tuple[int, int]:
     """(rows, columns) of crops LLaVA-NeXT tiled this image into, by transformers' own anyres rule;
     refused unless it holds the `crops` crops that were given."""
-    config = model.config
-    grid = get_anyres_image_grid_shape(image_sizes[0].tolist(), config.image_grid_pinpoints,
-                                       config.vision_config.image_size)
-    if grid[0] * grid[1] != crops:
-        raise ValueError(f"image size {image_sizes[0].tolist()} tiles into {grid[0]} x {grid[1]} crops, "
-                         f"but {crops} crops were given")
-    return grid
+    grid = layout_grid(model.config, image_sizes[0].tolist())
+    if grid.crops != crops:
+        raise ValueError(f"image size {image_sizes[0].tolist()} tiles into {grid.crops_high} x {grid.crops_wide} "
+                         f"crops, but {crops} crops were given")
+    return grid.crops_high, grid.crops_wide
 
 
 def unpruned_next_count(model, image_sizes: torch.Tensor, grid: tuple[int, int], per_image: int, side: int) -> int:
@@ -86,15 +85,8 @@ def unpruned_next_count(model, image_sizes: torch.Tensor, grid: tuple[int, int],
     newline token per row ("spatial_unpad")."""
     if getattr(model.config, "mm_patch_merge_type", None) == FLAT_MERGE:
         return (1 + grid[0] * grid[1]) * per_image
-    rows, columns = unpad_image(torch.empty(0, grid[0] * side, grid[1] * side), image_sizes[0].tolist()).shape[1:]
-    return per_image + rows * (columns + 1)
-
-
-def check_next_inputs(name: str, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None) -> None:
-    """One image per prompt: its base image and crops [1, 1 + K, 3, H, W] and its [[height, width]]."""
-    if pixel_values.dim() != 5 or pixel_values.shape[0] != 1 or image_sizes is None or image_sizes.shape[0] != 1:
-        raise ValueError(f"{name} on LLaVA-NeXT takes one image per prompt: pixel values [1, 1 + crops, 3, H, W] "
-                         f"and its size [[height, width]]; got {tuple(pixel_values.shape)} and {image_sizes}")
+    unpadded = layout_grid(model.config, image_sizes[0].tolist()).kept
+    return per_image + unpadded.shape[0] * (unpadded.shape[1] + 1)
 
 
 def prompt_tower_images(name: str, model, pixel_values: list[torch.Tensor], image_sizes: list[torch.Tensor | None],
@@ -104,7 +96,7 @@ def prompt_tower_images(name: str, model, pixel_values: list[torch.Tensor], imag
     images, grids = [], []
     for pixels, sizes in zip(pixel_values, image_sizes):
         if tiled:
-            check_next_inputs(name, pixels, sizes)
+            check_next_inputs(pixels, sizes)
             grids.append(crop_grid(model, sizes, pixels.shape[1] - 1))
             images.append(pixels[0])
         elif pixels.shape[0] != 1:

@@ -145,13 +145,18 @@ def encode_next_image(model, pixel_values: torch.Tensor, image_sizes: torch.Tens
     return encode_next_images(model, [pixel_values], [image_sizes])[0]
 
 
+def check_next_inputs(pixel_values: torch.Tensor, image_sizes: torch.Tensor | None) -> None:
+    """One image per prompt: its base image and crops [1, 1 + K, 3, H, W] and its [[height, width]]."""
+    if pixel_values.dim() != 5 or pixel_values.shape[0] != 1 or image_sizes is None or image_sizes.shape[0] != 1:
+        raise ValueError("LLaVA-NeXT takes one image per prompt: pixel values [1, 1 + crops, 3, H, W] and its size "
+                         f"[[height, width]]; got {tuple(pixel_values.shape)} and {image_sizes}")
+
+
 def encode_next_images(model, pixel_values: list[torch.Tensor], image_sizes: list[torch.Tensor]) -> list[VisionOutput]:
     """`encode_next_image` for several prompts, every prompt's base image and crops in one tower pass."""
     check_feature_layer(model.config)
     for pixels, sizes in zip(pixel_values, image_sizes):
-        if pixels.dim() != 5 or pixels.shape[0] != 1 or sizes is None or sizes.shape[0] != 1:
-            raise ValueError("LLaVA-NeXT takes one image per prompt: pixel values [1, 1 + crops, 3, H, W] and its "
-                             f"size [[height, width]]; got {tuple(pixels.shape)} and {sizes}")
+        check_next_inputs(pixels, sizes)
     config = model.config
     weight = model.model.vision_tower.embeddings.patch_embedding.weight
     images = torch.cat([pixels[0] for pixels in pixel_values]).to(device=weight.device, dtype=weight.dtype)

@@ -101,7 +101,7 @@ def anyres_grid(image_size: Size, pinpoints, crop_size: int) -> tuple[int, int]:
     return width // crop_size, height // crop_size
 
 
-def crop_grid(image: Image.Image, crop_size: int) -> list[Image.Image]:
+def cut_into_crops(image: Image.Image, crop_size: int) -> list[Image.Image]:
     """Cut an image whose sides are multiples of `crop_size` into squares, row by row, left to right."""
     check_divisible(image.size, crop_size)
     return [
@@ -116,7 +116,7 @@ def anyres_images(image: Image.Image, pinpoints, crop_size: int, base_size: int)
     image = image.convert("RGB")
     padded = resize_and_pad(image, select_best_resolution(image.size, pinpoints))
     base = image.resize((base_size, base_size), LLAVA_RESAMPLE)
-    return [base, *crop_grid(padded, crop_size)]
+    return [base, *cut_into_crops(padded, crop_size)]
 
 
 def process_anyres_image(image: Image.Image, image_processor: BaseImageProcessor, pinpoints) -> torch.Tensor:

@@ -41,6 +41,7 @@ from llava.drop.vision import (
     PATCHES_START,
     VisionOutput,
     check_feature_layer,
+    check_next_inputs,
     cls_attention_to_patches,
     embed_patches,
     is_next,
@@ -395,14 +396,6 @@ def run_next_pass(model, pixel_values: torch.Tensor, drop: DropConfig, merge_bou
     return NextPass(tower, per_image, key_indices, key_seconds)
 
 
-def check_next_pixels(model, pixel_values: torch.Tensor) -> None:
-    """MustDrop on LLaVA-NeXT takes one image, as its base image and crops, and one feature layer."""
-    check_feature_layer(model.config)
-    if pixel_values.dim() != 5 or pixel_values.shape[0] != 1:
-        raise ValueError("MustDrop on LLaVA-NeXT takes one image per prompt: pixel values [1, 1 + crops, 3, H, W], "
-                         f"got {tuple(pixel_values.shape)}")
-
-
 def next_stats(stage: NextPass, tokens_in: int, tokens: int, key_tokens: int, per_image_in: float,
                per_image: float) -> dict:
     """Stage 1's figures on LLaVA-NeXT: totals over the 1 + K images, and per image."""
@@ -413,11 +406,12 @@ def next_stats(stage: NextPass, tokens_in: int, tokens: int, key_tokens: int, pe
 
 
 @torch.no_grad()
-def encode_mustdrop_next(model, pixel_values: torch.Tensor, drop: DropConfig) -> VisionOutput:
+def encode_mustdrop_next(model, pixel_values: torch.Tensor, image_sizes: torch.Tensor, drop: DropConfig) -> VisionOutput:
     """Stage 1 on LLaVA-NeXT in the reference's flat layout: the base image and its crops
     ([1, 1 + K, 3, H, W]) go through the tower as one batch, all merging the same r windows, and their
     features are concatenated in order (no unpad, no newline tokens)."""
-    check_next_pixels(model, pixel_values)
+    check_feature_layer(model.config)
+    check_next_inputs(pixel_values, image_sizes)
     offset = vision_token_offset(model.config)
     stage = run_next_pass(model, pixel_values, drop, offset=offset)
     per_image_in, per_image = stage.tower.num_patches + offset, stage.per_image.shape[1]
@@ -460,7 +454,8 @@ def encode_mustdrop_spatial(model, pixel_values: torch.Tensor, image_sizes: torc
     where their windows were in the crop grid, unpadded as the model does, with a newline after each row.
     Newline tokens join the key set, so stages 2 and 3 keep them. The images no longer keep equal counts:
     the per-image figures are the totals divided by 1 + K."""
-    check_next_pixels(model, pixel_values)
+    check_feature_layer(model.config)
+    check_next_inputs(pixel_values, image_sizes)
     if vision_token_offset(model.config):
         raise ValueError("--next_layout spatial needs the CLS token dropped (vision_feature_select_strategy "
                          f"'default'), got {model.config.vision_feature_select_strategy!r}")
@@ -691,7 +686,7 @@ class MustDrop(DropMethod):
             return super().encode_next(model, pixel_values, image_sizes)
         if self.options.next_layout == SPATIAL_LAYOUT:
             return encode_mustdrop_spatial(model, pixel_values, image_sizes, self.options)
-        return encode_mustdrop_next(model, pixel_values, self.options)
+        return encode_mustdrop_next(model, pixel_values, image_sizes, self.options)
 
     @property
     def enabled(self) -> bool:
