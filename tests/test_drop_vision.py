@@ -15,8 +15,7 @@ from transformers.models.clip.modeling_clip import eager_attention_forward
 from llava.drop.methods import as_method
 from llava.drop.methods.mustdrop import (
     DropConfig,
-    merge_windows,
-    merge_windows_in_order,
+    merge_windows_per_image,
     merged_patch_groups,
     top_key_indices,
     window_similarity,
@@ -99,6 +98,12 @@ def _hand_built_hidden() -> torch.Tensor:
     return hidden
 
 
+def merged_and_count(hidden: torch.Tensor, threshold: float, window: int) -> tuple[torch.Tensor, int]:
+    """One image's merged sequence and r, the count of windows it merged."""
+    merged, tops = merge_windows_per_image(hidden, threshold, window)
+    return merged, tops.shape[1]
+
+
 def test_window_similarity_matches_pairwise_loop() -> None:
     patches = _random_hidden()[0, 1:]
     scores = window_similarity(patches, GRID, WINDOW)
@@ -116,7 +121,7 @@ def test_similar_windows_merge_in_score_order() -> None:
     assert scores[merged_order[0]] > scores[merged_order[1]] > scores[merged_order[2]] >= THRESHOLD
     assert (scores >= THRESHOLD).sum() == len(merged_order), "setup: only the hand-built windows are similar"
 
-    out, r = merge_windows(hidden, THRESHOLD, WINDOW)
+    out, r = merged_and_count(hidden, THRESHOLD, WINDOW)
 
     assert r == len(merged_order)
     assert out.shape == (1, 1 + NUM_PATCHES - (TOKENS_PER_WINDOW - 1) * r, DIM)
@@ -133,22 +138,22 @@ def test_threshold_is_inclusive() -> None:
     _fill_window(hidden, MORE_NOISE_WINDOW, MORE_NOISE, seed=3)
     score = window_similarity(hidden[0, 1:], GRID, WINDOW)[MORE_NOISE_WINDOW]
     just_above = torch.nextafter(score, torch.tensor(math.inf))  # next float32: scores are float32
-    assert merge_windows(hidden, score.item(), WINDOW)[1] == 1
-    assert merge_windows(hidden, just_above.item(), WINDOW)[1] == 0
+    assert merged_and_count(hidden, score.item(), WINDOW)[1] == 1
+    assert merged_and_count(hidden, just_above.item(), WINDOW)[1] == 0
 
 
 def test_no_similar_window_leaves_input_untouched() -> None:
     hidden = _random_hidden()
-    out, r = merge_windows(hidden, THRESHOLD, WINDOW)
+    out, r = merged_and_count(hidden, THRESHOLD, WINDOW)
     assert r == 0
     assert torch.equal(out, hidden)
 
 
 def test_merge_rejects_grids_it_cannot_cut() -> None:
     with pytest.raises(ValueError, match="cannot be cut"):
-        merge_windows(_random_hidden(), THRESHOLD, window=5)
+        merged_and_count(_random_hidden(), THRESHOLD, window=5)
     with pytest.raises(ValueError, match="square grid"):
-        merge_windows(_random_hidden()[:, :-1], THRESHOLD, WINDOW)
+        merged_and_count(_random_hidden()[:, :-1], THRESHOLD, WINDOW)
 
 
 def test_cls_attention_matches_eager_attention(model, demo_pixels: torch.Tensor) -> None:
@@ -262,7 +267,8 @@ def _assert_partition(groups: list[list[int]]) -> None:
 
 def test_merged_patch_groups_follow_the_merged_sequence() -> None:
     hidden = _hand_built_hidden()
-    merged, top = merge_windows_in_order(hidden, THRESHOLD, WINDOW)
+    merged, tops = merge_windows_per_image(hidden, THRESHOLD, WINDOW)
+    top = tops[0]
     assert top.tolist() == [IDENTICAL_WINDOW, SLIGHT_NOISE_WINDOW, MORE_NOISE_WINDOW]
     groups = merged_patch_groups(top.tolist(), NUM_PATCHES, WINDOW)
     assert len(groups) == merged.shape[1] - 1

@@ -1,5 +1,6 @@
 """Image loading, LLaVA-1.5 padding + CLIP preprocessing, and `<image>`-aware tokenization."""
 
+import importlib
 import json
 
 import numpy as np
@@ -128,7 +129,7 @@ def test_process_images_rejects_unknown_aspect_ratio_and_anyres_without_pinpoint
 def fast_clip_processor_or_skip():
     """The torchvision-based processor, or a skip where torchvision cannot be imported."""
     try:
-        import torchvision  # noqa: F401
+        importlib.import_module("torchvision")
     except Exception as error:  # a torch/torchvision mismatch raises more than ImportError
         pytest.skip(f"torchvision is not importable here ({error}); the fast CLIP processor needs it")
     from transformers.models.clip.image_processing_clip import CLIPImageProcessor

@@ -17,7 +17,6 @@ from llava.drop.prefill import build_prompt, prefill_prompt
 from llava.drop.methods.mustdrop import (
     bounds_from_counts,
     merge_count_bounds,
-    merge_windows_in_order,
     merge_windows_per_image,
     mustdrop_budget_floor,
     window_similarity,
@@ -86,7 +85,8 @@ def test_batch_merges_the_fewest_windows_any_image_has_each_its_own_best() -> No
     for image in range(2):
         torch.testing.assert_close(merged[image], expected_merge(hidden[image], tops[image].tolist()),
                                    rtol=0, atol=1e-6)
-        alone, alone_top = merge_windows_in_order(hidden[image : image + 1], THRESHOLD, WINDOW, count_bounds=(r, r))
+        alone, alone_tops = merge_windows_per_image(hidden[image : image + 1], THRESHOLD, WINDOW, count_bounds=(r, r))
+        alone_top = alone_tops[0]
         assert torch.equal(merged[image], alone[0]) and torch.equal(tops[image], alone_top)
 
 

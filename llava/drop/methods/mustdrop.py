@@ -146,34 +146,12 @@ def window_similarity(patches: torch.Tensor, grid: int, window: int) -> torch.Te
     return cosine.masked_fill(~off_diagonal, 0.0).sum(dim=(-1, -2)) / pair_count
 
 
-def merge_windows(hidden: torch.Tensor, threshold: float, window: int) -> tuple[torch.Tensor, int]:
-    """MustDrop's local spatial merge: similar windows collapse into one mean token each.
-
-    `hidden` is [1, 1 + num_patches, dim] with CLS first. Returns the new sequence
-    `[CLS] + [merged tokens, best window first] + [tokens of unmerged windows, grid order]` and r.
-    """
-    merged, top = merge_windows_in_order(hidden, threshold, window)
-    return merged, top.numel()
-
-
-def merge_windows_in_order(
-    hidden: torch.Tensor, threshold: float, window: int, count_bounds: tuple[int, int] | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`merge_windows`, returning the merged windows' row-major indices (best first) instead of r.
-
-    The indices are what `merged_patch_groups` needs to map the merged tokens back to the grid.
-    `count_bounds` (least, most) clamps r, for the budget variant; the threshold alone decides otherwise.
-    """
-    if hidden.shape[0] != 1:
-        raise ValueError(f"the vision merge supports batch size 1, got {hidden.shape[0]}")
-    merged, tops = merge_windows_per_image(hidden, threshold, window, count_bounds)
-    return merged, tops[0]
-
-
 def merge_windows_per_image(
     hidden: torch.Tensor, threshold: float, window: int, count_bounds: tuple[int, int] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The merge on a batch of images [B, 1 + num_patches, dim] with one r for all of them.
+    """MustDrop's local spatial merge on a batch of images [B, 1 + num_patches, dim] (CLS first) with one r
+    for all of them: each image becomes `[CLS] + [merged tokens, best window first] + [tokens of unmerged
+    windows, grid order]`. `count_bounds` (least, most) clamps r, for the budget variant.
 
     r is the fewest windows any image has at or above `threshold` (the reference's batch rule, which
     keeps the batch rectangular); each image then merges its own top-r windows. Returns the merged
