@@ -20,6 +20,7 @@ from llava.drop.methods import METHODS, create_method
 from llava.drop.methods.registry import discover_methods
 from llava.mm_utils import load_image
 from llava.model.builder import load_pretrained_model
+from llava.model.geometry import geometry_of_model
 from llava.model.inputs import encode_question
 from tests.conftest import hf_input_ids, method_at_budget
 
@@ -142,6 +143,46 @@ def syncs_while_decoding(model, inputs, method, new_tokens: int) -> int:
             finally:
                 torch.cuda.set_sync_debug_mode("default")
     assert len(tokens) == new_tokens
+    return sum("synchroniz" in str(warning.message) for warning in caught)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="counts CUDA synchronisations")
+@pytest.mark.parametrize("name", ["fastv", "pdrop", "mustdrop"])
+def test_a_batched_prefill_syncs_with_the_host_once_per_dropping_layer(checkpoint, name):
+    """Selecting for the whole batch waits for the GPU only to learn the new lengths: a prefill of three
+    prompts with D dropping layers syncs at most D + 1 times more than the unpruned one (the one more reads
+    the selection time's last event)."""
+    tokenizer, model, image_processor, _ = loaded(checkpoint, "bf16")
+    inputs = question_inputs(tokenizer, model, image_processor)
+    options = {"budget": str(BUDGETS["next" if inputs.image_sizes is not None else "llava"])}
+    method = create_method(name, {"global_thr": "0.011", "individual_thr": "0.01"} if name == "mustdrop" else options)
+    dropping_layers = len(method.prefill_layers(geometry_of_model(model)))
+    syncs_while_prefilling(model, inputs, method)  # the allocator keeps the blocks: no cudaMalloc counted
+    syncs_while_prefilling(model, inputs, None)
+    unpruned, dropping = syncs_while_prefilling(model, inputs, None), syncs_while_prefilling(model, inputs, method)
+    assert dropping - unpruned <= dropping_layers + 1, (name, unpruned, dropping)
+
+
+def syncs_while_prefilling(model, inputs, method, prompts: int = 3) -> int:
+    """CUDA synchronisations while `prompts` copies of the prompt go through the decoder together."""
+    import warnings
+
+    from llava.drop.cache import KVCache
+    from llava.drop.generate import encode_vision
+    from llava.drop.prefill import build_prompt, prefill
+    from llava.model.geometry import decoder_layer_count
+
+    with torch.inference_mode():
+        prompt = build_prompt(model, inputs.input_ids, encode_vision(model, method, inputs.pixel_values,
+                                                                     inputs.image_sizes))
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                prefill(model, [prompt] * prompts, KVCache(decoder_layer_count(model)), method)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
     return sum("synchroniz" in str(warning.message) for warning in caught)
 
 

@@ -16,6 +16,12 @@ BISECTION_STEPS = 60  # halves an interval below float resolution
 NUDGES = (-2, -1, 1, 2)  # fine steps on the last keep count after rounding a solved schedule
 
 
+def device_tensor(values: list[int] | list[bool], device: torch.device) -> torch.Tensor:
+    """Host numbers (per-prompt lengths, counts) as a tensor on `device`, copied without waiting: a plain
+    `torch.tensor(values, device=cuda)` synchronises the stream, which would stall every dropping layer."""
+    return torch.tensor(values).to(device, non_blocking=True)
+
+
 def stable_top_k(scores: torch.Tensor, count: int) -> torch.Tensor:
     """Positions of the `count` highest scores, best first; equal scores prefer the earlier position.
 
@@ -48,7 +54,7 @@ def top_k_mask(scores: torch.Tensor, counts: list[int], valid: torch.Tensor) -> 
     `stable_top_k`, for a whole batch in one sort)."""
     order = torch.sort(scores.masked_fill(~valid, float("-inf")), dim=1, descending=True, stable=True).indices
     ranks = torch.arange(scores.shape[1], device=scores.device)[None]
-    chosen = ranks < torch.tensor(counts, device=scores.device)[:, None]
+    chosen = ranks < device_tensor(counts, scores.device)[:, None]
     return torch.zeros_like(valid).scatter(1, order, chosen)
 
 

@@ -13,6 +13,7 @@ from typing import ClassVar
 
 import torch
 
+from llava.drop.blocks import device_tensor
 from llava.drop.cache import KVCache
 from llava.drop.probe import TokenLayout, vision_attention
 from llava.drop.vision import VisionOutput, encode_image, encode_images_together, encode_next_image, is_next
@@ -38,9 +39,9 @@ def query_rows(queries: str, layouts: list[TokenLayout], device) -> tuple[torch.
         starts = [layout.seq_len - 1 for layout in layouts]
     else:
         raise ValueError(f"unknown query rows {queries!r}; use {TEXT_QUERIES!r} or {LAST_QUERY!r}")
-    ends = torch.tensor([layout.seq_len for layout in layouts], device=device)
+    ends = device_tensor([layout.seq_len for layout in layouts], device)
     width = max(layout.seq_len - start for layout, start in zip(layouts, starts))
-    rows = torch.tensor(starts, device=device)[:, None] + torch.arange(width, device=device)[None]
+    rows = device_tensor(starts, device)[:, None] + torch.arange(width, device=device)[None]
     return rows.clamp(max=ends[:, None] - 1), rows < ends[:, None]
 
 
@@ -76,7 +77,7 @@ class LayerContext:
         """[N, V]: which vision columns are real tokens of their prompt."""
         if "valid" not in self._cache:
             device = self.layer_output.device
-            counts = torch.tensor(self.vision_counts, device=device)
+            counts = device_tensor(self.vision_counts, device)
             self._cache["valid"] = torch.arange(max(self.vision_counts), device=device)[None] < counts[:, None]
         return self._cache["valid"]
 
@@ -86,7 +87,7 @@ class LayerContext:
         if queries not in self._cache:
             device = self.layer_output.device
             rows, real_rows = query_rows(queries, self.layouts, device)
-            starts = torch.tensor([layout.vision_start for layout in self.layouts], device=device)
+            starts = device_tensor([layout.vision_start for layout in self.layouts], device)
             slots = starts[:, None] + torch.arange(self.vision_valid.shape[1], device=device)[None]
             slots = slots.clamp(max=self.layer_input.shape[1] - 1)
             block = vision_attention(self.model, self.layer_idx, self.layer_input, self.keys, self.positions,

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from llava.constants import IMAGE_TOKEN_INDEX
+from llava.drop.blocks import device_tensor
 from llava.drop.cache import KVCache, gather_tokens, padded_rows
 from llava.drop.method import DropMethod, LayerContext, positions_to_mask
 from llava.drop.probe import TokenLayout
@@ -66,7 +67,7 @@ def attention_mask(model, lengths: list[int], like: torch.Tensor) -> torch.Tenso
     if model.config._attn_implementation != EAGER and all(length == seq for length in lengths):
         return None
     slots = torch.arange(seq, device=like.device)
-    valid = slots[None] < torch.tensor(lengths, device=like.device)[:, None]  # [N, seq] real keys
+    valid = slots[None] < device_tensor(lengths, like.device)[:, None]  # [N, seq] real keys
     allowed = (slots[None, :] <= slots[:, None])[None] & valid[:, None, :]  # causal and real
     allowed |= torch.eye(seq, dtype=torch.bool, device=like.device)[None]  # a padding query sees itself: no NaN
     mask = torch.zeros(allowed.shape, dtype=like.dtype, device=like.device)
@@ -90,7 +91,7 @@ def run_layer(model, layer_idx: int, hidden: torch.Tensor, positions: torch.Tens
 def last_token_logits(model, hidden: torch.Tensor, lengths: list[int]) -> torch.Tensor:
     """Final norm and LM head on each row's last real token: [N, vocab] in float."""
     rows = torch.arange(hidden.shape[0], device=hidden.device)
-    last = hidden[rows, torch.tensor(lengths, device=hidden.device) - 1]
+    last = hidden[rows, device_tensor(lengths, hidden.device) - 1]
     return model.lm_head(model.model.language_model.norm(last)).float()
 
 
@@ -169,9 +170,9 @@ def kept_slots(layouts: list[TokenLayout], vision_keep: torch.Tensor, seq: int) 
     """[N, seq] which sequence slots survive: every system and text token, the kept vision tokens."""
     device = vision_keep.device
     slots = torch.arange(seq, device=device)[None]
-    starts = torch.tensor([layout.vision_start for layout in layouts], device=device)[:, None]
-    text_starts = torch.tensor([layout.text_start for layout in layouts], device=device)[:, None]
-    ends = torch.tensor([layout.seq_len for layout in layouts], device=device)[:, None]
+    starts = device_tensor([layout.vision_start for layout in layouts], device)[:, None]
+    text_starts = device_tensor([layout.text_start for layout in layouts], device)[:, None]
+    ends = device_tensor([layout.seq_len for layout in layouts], device)[:, None]
     relative = slots - starts
     in_vision = (relative >= 0) & (slots < text_starts)
     vision_kept = vision_keep.gather(1, relative.clamp(0, vision_keep.shape[1] - 1)) & in_vision
@@ -222,8 +223,8 @@ def with_recycled(hidden: torch.Tensor, layouts: list[TokenLayout], keep_slots: 
     never = 2 * (seq + extra)  # sorts after every kept token
     slots = torch.arange(seq, device=device)[None]
     real_keys = torch.where(keep_slots, 2 * slots, never)
-    text_starts = torch.tensor([layout.text_start for layout in layouts], device=device)[:, None]
-    inserted = torch.arange(extra, device=device)[None] < torch.tensor(added, device=device)[:, None]
+    text_starts = device_tensor([layout.text_start for layout in layouts], device)[:, None]
+    inserted = torch.arange(extra, device=device)[None] < device_tensor(added, device)[:, None]
     recycled_keys = torch.where(inserted, 2 * text_starts - 1, never)  # between the last vision and first text slot
     order = torch.sort(torch.cat([real_keys, recycled_keys], dim=1), dim=1, stable=True).indices
     return torch.cat([hidden, tokens], dim=SEQUENCE_DIM), order
@@ -234,7 +235,7 @@ def source_slots(index: torch.Tensor, seq: int, added: list[int]) -> torch.Tenso
     (the first kept token after it when nothing precedes it)."""
     real = torch.where(index < seq, index, -1)
     before = real.cummax(dim=1).values
-    first_after = index.gather(1, torch.tensor(added, device=index.device)[:, None])
+    first_after = index.gather(1, device_tensor(added, index.device)[:, None])
     return torch.where(before < 0, first_after, before)
 
 
@@ -248,7 +249,7 @@ def remap_key_mask(key_mask: torch.Tensor | None, vision_keep: torch.Tensor, vis
     if remapped.shape[1] < width:
         remapped = torch.cat([remapped, remapped.new_zeros(remapped.shape[0], width - remapped.shape[1])], dim=1)
     ranks = torch.arange(width, device=vision_keep.device)[None]
-    return remapped & (ranks < torch.tensor(vision_kept, device=vision_keep.device)[:, None])
+    return remapped & (ranks < device_tensor(vision_kept, vision_keep.device)[:, None])
 
 
 def prefill(model, prompts: list[MultimodalPrompt], cache: KVCache, method: DropMethod | None = None) -> BatchPrefill:
@@ -283,7 +284,7 @@ def prefill(model, prompts: list[MultimodalPrompt], cache: KVCache, method: Drop
                                    key_mask, key_counts, prompt_vision_counts, geometry)
             vision_keep = method.select(context)
             if not all(droppable):
-                vision_keep = torch.where(torch.tensor(droppable, device=hidden.device)[:, None], vision_keep,
+                vision_keep = torch.where(device_tensor(droppable, hidden.device)[:, None], vision_keep,
                                           context.vision_valid)
             step = repack(hidden, positions, layouts, vision_keep, recycled_tokens(method, context, vision_keep, droppable),
                           key_mask, method.compact_positions)

@@ -1,6 +1,6 @@
 """The pictures of what a method kept at each stage, as images the web page can show.
 
-The drawing is `llava.viz`'s (one panel per stage: dropped patches greyed, merged windows outlined, key
+The drawing is `llava.viz`'s (one panel per stage: dropped patches shaded blue, merged windows outlined, key
 tokens dotted, each with its legend); here it is only rendered to images instead of PNG files.
 """
 

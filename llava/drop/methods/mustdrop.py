@@ -328,9 +328,10 @@ def mustdrop_outputs(model, tower: TowerPass, drop: DropConfig) -> list[VisionOu
     """Each image's features, key set (its most CLS-attended patches), statistics and patch groups."""
     offset = vision_token_offset(model.config)
     outputs = []
+    merged_per_image = tower.merged_windows.tolist()  # one read for the group's pictures and statistics
     for image, features in enumerate(project_batch(model, tower.feature_states)):
         key_indices = image_key_indices(model, tower.key_states[image : image + 1], drop.key_token_rate) + offset
-        merged_windows = tower.merged_windows[image].tolist()
+        merged_windows = merged_per_image[image]
         stats = {"vision_tokens_in": tower.num_patches + offset, "vision_tokens": features.shape[0],
                  "merged_windows": len(merged_windows), "key_tokens": key_indices.numel()}
         patch_groups = [[]] * offset + merged_patch_groups(merged_windows, tower.num_patches, drop.merge_window)
