@@ -49,7 +49,9 @@ PANEL_INCHES = 4.6
 TITLE_INCHES = 0.6  # room above the image for the two-line title
 LEGEND_INCHES = 0.7
 DPI = 110
-DIM_RGBA = (0.35, 0.35, 0.35, 0.8)  # dropped patches: greyed out
+# Dropped patches: shaded dark blue, not grey, so that they stand apart from LLaVA's pad-to-square margin,
+# which is CLIP's mean colour (a warm grey) and is often dropped too.
+DIM_RGBA = (0.05, 0.07, 0.3, 0.78)
 GRID_LINE = {"color": "white", "linewidth": 0.3, "alpha": 0.35}
 MERGED_COLOUR = "#ff9f1c"
 MERGED_LINE_WIDTH = 1.6
@@ -162,7 +164,7 @@ def group_outline(group: Sequence[int], grid: int) -> list[tuple[tuple[int, int]
 
 
 def draw_stage(ax, image: np.ndarray, stage: StageView, method: str) -> None:
-    """The image on its patch grid: dropped patches greyed, merged tokens outlined, key tokens dotted."""
+    """The image on its patch grid: dropped patches shaded, merged tokens outlined, key tokens dotted."""
     grid = math.isqrt(NUM_PATCHES if stage.kept is None else stage.kept.size)
     extent = (0, grid, grid, 0)
     ax.imshow(image, extent=extent)
@@ -194,7 +196,7 @@ def legend_handles(stages: Sequence[StageView]) -> list:
     if all(stage.kept is None for stage in stages):
         return []
     handles = [Patch(facecolor="none", edgecolor="black", label="kept patch (clear)"),
-               Patch(facecolor=DIM_RGBA, label="dropped patch (greyed)")]
+               Patch(facecolor=DIM_RGBA, label="dropped patch (shaded blue)")]
     if any(stage.merged for stage in stages):
         handles.append(Patch(facecolor="none", edgecolor=MERGED_COLOUR, linewidth=MERGED_LINE_WIDTH,
                              label="merged window (one token)"))
