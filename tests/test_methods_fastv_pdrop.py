@@ -12,6 +12,7 @@ from llava.drop.prefill import build_prompt, prefill_prompt
 from llava.drop.methods import DropMethod, create_method
 from llava.drop.method import LAST_QUERY
 from llava.drop.methods.fastv import FastV, FastVOptions, fastv_budget_keep
+from llava.drop.methods import pdrop as pdrop_module
 from llava.drop.methods.pdrop import PDrop, PDropOptions, budget_counts
 from llava.mm_utils import load_image, process_images, tokenizer_image_token
 from llava.model.geometry import ModelGeometry
@@ -41,6 +42,13 @@ class FixedAttention:
     def attention(self, queries: str) -> torch.Tensor:
         self.queries.append(queries)
         return self.row[None, None]
+
+
+@pytest.fixture
+def fixed_next_layer(monkeypatch):
+    """PyramidDrop ranks by the attention the NEXT layer would give (its released code); on a FixedAttention
+    the chosen row stands for that."""
+    monkeypatch.setattr(pdrop_module, "next_layer_scores", lambda context: context.attention(LAST_QUERY)[:, 0])
 
 
 def kept(method, context: FixedAttention) -> torch.Tensor:
@@ -85,7 +93,7 @@ def test_ties_go_to_the_earlier_position():
     assert kept(FastV(FastVOptions(ratio=0.4)), context).tolist() == [0, 2, 4]
 
 
-def test_pdrop_keeps_lambda_of_the_prompt_at_each_stage_end():
+def test_pdrop_keeps_lambda_of_the_prompt_at_each_stage_end(fixed_next_layer):
     method = PDrop(PDropOptions(layers=(8, 16, 24), ratio=0.5))
     assert method.prefill_layers(GEOMETRY) == (7, 15, 23)
     first = FixedAttention([0.05, 0.20, 0.10, 0.01, 0.30, 0.02, 0.25, 0.07], layer_idx=7)
@@ -97,7 +105,7 @@ def test_pdrop_keeps_lambda_of_the_prompt_at_each_stage_end():
     assert first.queries == second.queries == third.queries == [LAST_QUERY]
 
 
-def test_keep_counts_round_halves_up():
+def test_keep_counts_round_halves_up(fixed_next_layer):
     assert kept(FastV(FastVOptions(ratio=0.5)), FixedAttention([0.1] * 577, layer_idx=1)).numel() == 289
     assert kept(PDrop(PDropOptions(layers=(1,), ratio=0.5)), FixedAttention([0.1] * 5, layer_idx=0)).numel() == 3
 
@@ -118,7 +126,7 @@ def test_budget_closed_forms():
             assert abs(layer_average([FULL_VISION, *counts], lengths) - budget) <= max(lengths[1:]) / NUM_LAYERS / 2
 
 
-def test_budget_follows_each_prompts_vision_count():
+def test_budget_follows_each_prompts_vision_count(fixed_next_layer):
     """V differs per image (e.g. after a vision-stage merge); one method instance serves many prompts."""
     fastv = FastV(FastVOptions(k=2, budget=64))
     assert kept(fastv, FixedAttention([0.1] * 300, layer_idx=1)).numel() == 48  # (2048 - 600) / 30 = 48.3

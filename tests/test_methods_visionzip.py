@@ -1,4 +1,6 @@
-"""VisionZip: dominant/contextual selection on hand-made tensors, then the method on the tiny model."""
+"""VisionZip as its authors released it: dominant/contextual selection on hand-made tensors, then the method on
+the tiny model (CLS is one of the dominant tokens; a contextual token is its target plus the mean of the
+tokens that joined it)."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from llava.mm_utils import load_image, process_images
 from tests.conftest import answer
 
 PATCHES = 576
+TOKENS = 1 + PATCHES  # CLS and the patches
 SELECT_LAYER_INPUT = 22  # hidden_states index entering CLIP layer 22, whose output LLaVA-1.5 selects
 PAPER_SPLITS = {64: (54, 10), 128: (108, 20), 192: (162, 30)}
 
@@ -43,23 +46,23 @@ def test_targets_are_spaced_uniformly_from_the_first_token():
         target_positions(4, 5)
 
 
-def test_contextual_merge_averages_each_target_with_its_most_similar_tokens():
+def test_a_contextual_token_is_its_target_plus_the_mean_of_the_tokens_that_joined_it():
     tokens = torch.tensor([[0.0, 6.0], [1.0, 5.0], [2.0, 4.0], [3.0, 3.0], [4.0, 2.0], [5.0, 1.0]])
     # Targets are tokens 0 and 3. Token 1's key has the larger dot product with target 0 but the larger
     # cosine with target 3, so it must join target 3; tokens 2 and 4 point at target 0, token 5 at 3.
     keys = torch.tensor([[10.0, 0.0], [1.0, 2.0], [3.0, 0.5], [0.0, 1.0], [1.0, 0.2], [-0.1, 1.0]])
     merged = contextual_merge(tokens, keys, 2)
-    expected = torch.stack([tokens[[0, 2, 4]].mean(dim=0), tokens[[1, 3, 5]].mean(dim=0)])
-    torch.testing.assert_close(merged, expected)
+    # [0, 6] + ([2, 4] + [4, 2]) / 2 = [3, 9];  [3, 3] + ([1, 5] + [5, 1]) / 2 = [6, 6]
+    torch.testing.assert_close(merged, torch.tensor([[3.0, 9.0], [6.0, 6.0]]))
 
 
 def test_a_target_always_leads_its_own_group():
     tokens = torch.arange(8.0).view(4, 2)
     keys = torch.tensor([[1.0, 0.0], [1.0, 0.1], [1.0, 0.0], [0.0, 1.0]])  # targets 0 and 2 share a key
     merged = contextual_merge(tokens, keys, 2)
-    # Tokens 1 and 3 tie between the two targets and join the earlier one; target 2, as similar to
-    # target 0 as to itself, still stays in its own group.
-    torch.testing.assert_close(merged, torch.stack([tokens[[0, 1, 3]].mean(dim=0), tokens[2]]))
+    # Tokens 1 and 3 tie between the two targets and join the earlier one: [0, 1] + ([2, 3] + [6, 7]) / 2.
+    # Target 2, as similar to target 0 as to itself, joins no one, and with nobody joining it stays [4, 5].
+    torch.testing.assert_close(merged, torch.tensor([[4.0, 6.0], [4.0, 5.0]]))
 
 
 def test_contextual_merge_edge_counts_and_dtype():
@@ -77,14 +80,15 @@ def test_budget_is_split_like_the_paper_and_adds_up_exactly():
         assert VisionZipOptions(dominant=1, contextual=1, budget=float(budget)).counts() == split  # budget wins
     for budget in range(1, PATCHES + 1):
         dominant, contextual = VisionZipOptions(budget=budget).counts()
-        assert dominant + contextual == budget and dominant >= 0 and contextual >= 0
+        assert dominant + contextual == budget and dominant >= 1 and contextual >= 0
     assert VisionZipOptions().counts() == PAPER_SPLITS[64]
+    assert VisionZipOptions(budget=1).counts() == (1, 0)  # CLS alone
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"dominant": -1}, "dominant must be >= 0, got -1"),
+    ({"dominant": -1}, "dominant must be >= 1 \\(it counts the CLS token\\), got -1"),
+    ({"dominant": 0, "contextual": 20}, "dominant must be >= 1 \\(it counts the CLS token\\), got 0"),
     ({"contextual": -2}, "contextual must be >= 0, got -2"),
-    ({"dominant": 0, "contextual": 0}, "got 0 \\+ 0"),
     ({"budget": 0}, "got 0"),
     ({"budget": 64.5}, "got 64.5"),
 ])
@@ -102,7 +106,7 @@ def test_created_by_name_with_string_options():
         create_method("visionzip", {"dominant": "many"})
 
 
-@pytest.mark.parametrize("dominant, contextual", [(54, 10), (100, 0), (0, 20)])
+@pytest.mark.parametrize("dominant, contextual", [(54, 10), (100, 0), (1, 20)])
 def test_token_count_is_dominant_plus_contextual(loaded_original, demo_images, dominant, contextual):
     output = VisionZip(VisionZipOptions(dominant, contextual)).encode_image(loaded_original[1],
                                                                             pixels(loaded_original, demo_images[0]))
@@ -112,37 +116,52 @@ def test_token_count_is_dominant_plus_contextual(loaded_original, demo_images, d
                             "dominant": dominant, "contextual": contextual}
 
 
-def test_dominant_tokens_are_the_select_layers_most_cls_attended_patches(loaded_original, demo_images):
+def projected_cls(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The CLS token of the select layer's output, projected: what the released code puts first."""
+    tower = model.model.vision_tower
+    with torch.no_grad():
+        select = tower(pixel_values, output_hidden_states=True).hidden_states[SELECT_LAYER_INPUT + 1]
+        return model.model.multi_modal_projector(select[:, :1])[0]
+
+
+def test_dominant_tokens_are_cls_then_the_select_layers_most_cls_attended_patches(loaded_original, demo_images):
+    """54 dominant tokens are CLS and 53 patches, as the released `visionzip(model, dominant=54)` passes 53
+    to the tower."""
     model = loaded_original[1]
     pixel_values = pixels(loaded_original, demo_images[1])
     tower = model.model.vision_tower
     with torch.no_grad():
         states = tower(pixel_values, output_hidden_states=True).hidden_states
         cls_row = cls_attention_to_patches(tower.encoder.layers[SELECT_LAYER_INPUT], states[SELECT_LAYER_INPUT])
-    expected = encode_image(model, pixel_values).features[dominant_indices(cls_row, 54)]
+    patches = encode_image(model, pixel_values).features[dominant_indices(cls_row, 53)]
     output = VisionZip(VisionZipOptions(54, 10)).encode_image(model, pixel_values)
-    torch.testing.assert_close(output.features[:54], expected)
+    torch.testing.assert_close(output.features[:54], torch.cat([projected_cls(model, pixel_values), patches]))
 
 
 def test_keeping_every_patch_between_both_kinds_reorders_the_unpruned_features(loaded_original, demo_images):
-    """With dominant + contextual = 576 every contextual group is a lone target: nothing is averaged."""
+    """With dominant + contextual = 577 every contextual group is a lone target: nothing is added."""
     model = loaded_original[1]
     pixel_values = pixels(loaded_original, demo_images[2])
     unpruned = encode_image(model, pixel_values).features
-    features = VisionZip(VisionZipOptions(PATCHES - 10, 10)).encode_image(model, pixel_values).features
+    features = VisionZip(VisionZipOptions(TOKENS - 10, 10)).encode_image(model, pixel_values).features[1:]
     matches = torch.cdist(features, unpruned).argmin(dim=1)
     torch.testing.assert_close(features, unpruned[matches])
     assert sorted(matches.tolist()) == list(range(PATCHES))
     assert matches[:-10].diff().gt(0).all() and matches[-10:].diff().gt(0).all()
 
 
-def test_dropping_nothing_equals_the_unpruned_model(loaded_original, demo_images):
-    everything = VisionZip(VisionZipOptions(dominant=PATCHES, contextual=0))
+def test_keeping_everything_is_llavas_full_select_strategy(loaded_original, demo_images, monkeypatch):
+    """CLS and every patch, nothing merged: the unpruned features with CLS in front, i.e. the model whose
+    select strategy keeps CLS ("full"), answer for answer."""
+    everything = VisionZip(VisionZipOptions(dominant=TOKENS, contextual=0))
     model = loaded_original[1]
     for image_path in demo_images[:3]:
         pixel_values = pixels(loaded_original, image_path)
-        assert torch.equal(everything.encode_image(model, pixel_values).features,
-                           encode_image(model, pixel_values).features)
+        features = everything.encode_image(model, pixel_values).features
+        torch.testing.assert_close(features[1:], encode_image(model, pixel_values).features, rtol=0, atol=1e-6)
+        torch.testing.assert_close(features[:1], projected_cls(model, pixel_values))
+    monkeypatch.setattr(model.config, "vision_feature_select_strategy", "full")
+    for image_path in demo_images[:3]:
         assert answer(loaded_original, image_path, everything).token_ids == \
             answer(loaded_original, image_path, DropMethod()).token_ids
 
@@ -156,20 +175,18 @@ def test_budget_reaches_the_target_on_every_demo_image(loaded_original, demo_ima
         assert abs(stats["avg_vision_tokens"] - budget) <= 1
 
 
-def test_asking_for_more_tokens_than_patches_names_the_counts(loaded_original, demo_images):
+def test_asking_for_more_tokens_than_the_image_has_names_the_counts(loaded_original, demo_images):
     method = VisionZip(VisionZipOptions(dominant=570, contextual=10))
-    with pytest.raises(ValueError, match="570 \\+ 10 exceeds the image's 576 patches"):
+    with pytest.raises(ValueError, match="570 \\+ 10 exceeds the image's 577 tokens \\(CLS and 576 patches\\)"):
         method.encode_image(loaded_original[1], pixels(loaded_original, demo_images[0]))
 
 
 def test_patch_groups_cover_every_patch_once(loaded_original, demo_images):
-    from llava.drop.methods.visionzip import VisionZip, VisionZipOptions
-    from llava.mm_utils import load_image, process_images
-
     _, model, image_processor, _ = loaded_original
     pixel_values = process_images([load_image(demo_images[0])], image_processor)
     vision = VisionZip(VisionZipOptions(dominant=54, contextual=10)).encode_image(model, pixel_values)
     assert len(vision.patch_groups) == vision.features.shape[0] == 64
-    assert all(len(group) == 1 for group in vision.patch_groups[:54])
+    assert vision.patch_groups[0] == []  # CLS stands for no patch
+    assert all(len(group) == 1 for group in vision.patch_groups[1:54])
     covered = sorted(patch for group in vision.patch_groups for patch in group)
     assert covered == list(range(576))

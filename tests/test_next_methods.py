@@ -102,18 +102,23 @@ def test_keeping_everything_answers_as_the_unpruned_model(loaded_next_original, 
     assert kept.token_ids == unpruned.token_ids
 
 
-ZIP_EVERYTHING = VisionZipOptions(dominant=PATCHES, contextual=0)
+ZIP_EVERYTHING = VisionZipOptions(dominant=1 + PATCHES, contextual=0)  # CLS and every patch of each image
 
 
-def test_visionzip_keeping_every_patch_is_the_unpruned_flat_model(loaded_next_original, next_inputs, monkeypatch):
+def test_visionzip_keeping_every_patch_is_the_unpruned_flat_model_with_cls(loaded_next_original, next_inputs,
+                                                                          monkeypatch):
+    """Every image's CLS and patches, image after image: the flat model whose select strategy keeps CLS."""
     model = loaded_next_original[1]
     monkeypatch.setattr(model.config, "mm_patch_merge_type", "flat", raising=False)
     for shape, inputs in next_inputs.items():
         zipped = VisionZip(ZIP_EVERYTHING).encode_next(model, inputs.pixel_values, inputs.image_sizes)
-        unpruned = flat_next_features(model, inputs.pixel_values[0]).flatten(0, 1)
-        torch.testing.assert_close(zipped.features, unpruned, rtol=0, atol=1e-6)
-        images = 1 + GRIDS[shape][0] * GRIDS[shape][1]
-        assert zipped.stats["vision_tokens"] == zipped.stats["vision_tokens_in"] == images * PATCHES
+        unpruned = flat_next_features(model, inputs.pixel_values[0])
+        images = unpruned.shape[0]
+        torch.testing.assert_close(zipped.features.view(images, 1 + PATCHES, -1)[:, 1:], unpruned, rtol=0, atol=1e-6)
+        assert images == 1 + GRIDS[shape][0] * GRIDS[shape][1]
+        assert (zipped.stats["vision_tokens"], zipped.stats["vision_tokens_in"]) == (images * (1 + PATCHES),
+                                                                                    images * PATCHES)
+    monkeypatch.setattr(model.config, "vision_feature_select_strategy", "full")
     inputs = next_inputs["tall"]
     kept = answer(loaded_next_original, inputs, VisionZip(ZIP_EVERYTHING), new_tokens=4)
     assert kept.token_ids == answer(loaded_next_original, inputs, None, new_tokens=4).token_ids
@@ -124,16 +129,18 @@ def test_visionzip_keeping_every_patch_is_the_unpruned_grid_without_unpad_or_new
                                                                                      shape):
     """The released code packs the crops' kept patches on the whole crop grid, row by row, and neither
     unpads it nor adds newline tokens: with every patch kept, the rows the model's own layout keeps match
-    it token for token once its newline tokens are left out."""
+    it token for token once its newline tokens are left out. The base image brings its CLS first, the
+    crops theirs after the grid."""
     model = loaded_next_original[1]
     inputs = next_inputs[shape]
     zipped = VisionZip(ZIP_EVERYTHING).encode_next(model, inputs.pixel_values, inputs.image_sizes)
     unpruned = encode_next_image(model, inputs.pixel_values, inputs.image_sizes).features
     rows, columns = (count * SIDE for count in GRIDS[shape])
-    assert zipped.features.shape[0] == PATCHES + rows * columns
+    crops = GRIDS[shape][0] * GRIDS[shape][1]
+    assert zipped.features.shape[0] == 1 + PATCHES + rows * columns + crops
     assert zipped.stats["vision_tokens_in"] == unpruned.shape[0] == VISION_TOKENS[shape]
-    torch.testing.assert_close(zipped.features[:PATCHES], unpruned[:PATCHES], rtol=0, atol=1e-6)
-    grid = zipped.features[PATCHES:].view(rows, columns, -1)
+    torch.testing.assert_close(zipped.features[1 : 1 + PATCHES], unpruned[:PATCHES], rtol=0, atol=1e-6)
+    grid = zipped.features[1 + PATCHES : 1 + PATCHES + rows * columns].view(rows, columns, -1)
     kept_rows = UNPADDED_ROWS[shape]
     cut = (rows - kept_rows) // 2
     own = unpruned[PATCHES:].view(kept_rows, columns + 1, -1)[:, :columns]  # the newline closes each row
@@ -169,9 +176,9 @@ def test_visionzip_reads_the_crops_dominant_patches_row_by_row_across_the_grid()
 
 
 def zipped_alone(model, image: torch.Tensor, dominant: int, contextual: int):
-    """One tower image zipped on its own, the LLaVA-1.5 way: its features and its kept patches."""
+    """One tower image zipped on its own, the LLaVA-1.5 way: its features (CLS first) and its dominant patches."""
     out = VisionZip(VisionZipOptions(dominant=dominant, contextual=contextual)).encode_image(model, image[None])
-    return out.features, [group[0] for group in out.patch_groups[:dominant]]
+    return out.features, [group[0] for group in out.patch_groups[1:dominant]]
 
 
 @pytest.mark.parametrize("shape", ["square", "wide"])
@@ -186,9 +193,10 @@ def test_visionzip_spatial_layout_is_base_then_grid_ordered_dominant_then_contex
     placed = []  # (grid row, grid column, token) of every crop's dominant patch
     for crop, ((features, patches), (dominant, _)) in enumerate(zip(alone[1:], counts[1:])):
         crop_row, crop_column = divmod(crop, columns)
-        placed += [(crop_row * SIDE + patch // SIDE, crop_column * SIDE + patch % SIDE, features[index])
+        placed += [(crop_row * SIDE + patch // SIDE, crop_column * SIDE + patch % SIDE, features[1 + index])
                    for index, patch in enumerate(patches)]
     expected = torch.cat([alone[0][0], torch.stack([token for *_, token in sorted(placed, key=lambda p: p[:2])]),
+                          *(features[:1] for features, _ in alone[1:]),
                           *(features[dominant:] for (features, _), (dominant, _) in zip(alone[1:], counts[1:]))])
     assert zipped.features.shape[0] == 320
     torch.testing.assert_close(zipped.features, expected, rtol=0, atol=1e-5)

@@ -81,17 +81,24 @@ class LayerContext:
             self._cache["valid"] = torch.arange(max(self.vision_counts), device=device)[None] < counts[:, None]
         return self._cache["valid"]
 
+    @property
+    def vision_slots(self) -> torch.Tensor:
+        """[N, V]: each prompt's vision tokens' sequence slots (a short prompt's past-the-end ones repeat a
+        real slot; `vision_valid` masks them)."""
+        if "slots" not in self._cache:
+            device = self.layer_output.device
+            starts = device_tensor([layout.vision_start for layout in self.layouts], device)
+            slots = starts[:, None] + torch.arange(self.vision_valid.shape[1], device=device)[None]
+            self._cache["slots"] = slots.clamp(max=self.layer_input.shape[1] - 1)
+        return self._cache["slots"]
+
     def attention(self, queries: str = TEXT_QUERIES) -> torch.Tensor:
         """Head-averaged attention probabilities [N, query rows, vision tokens], zero outside each prompt's
         own query rows and vision tokens."""
         if queries not in self._cache:
-            device = self.layer_output.device
-            rows, real_rows = query_rows(queries, self.layouts, device)
-            starts = device_tensor([layout.vision_start for layout in self.layouts], device)
-            slots = starts[:, None] + torch.arange(self.vision_valid.shape[1], device=device)[None]
-            slots = slots.clamp(max=self.layer_input.shape[1] - 1)
+            rows, real_rows = query_rows(queries, self.layouts, self.layer_output.device)
             block = vision_attention(self.model, self.layer_idx, self.layer_input, self.keys, self.positions,
-                                     rows, slots)
+                                     rows, self.vision_slots)
             real = real_rows[:, :, None] & self.vision_valid[:, None, :]
             self._cache[queries] = block.masked_fill(~real, 0.0)
         return self._cache[queries]

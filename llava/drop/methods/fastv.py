@@ -15,6 +15,18 @@ Choices, where the paper leaves room:
   score go to the earlier position.
 - Budget: with `budget` set, keep is solved per prompt from its vision count V and the decoder depth L
   so that the layer average (k * V + (L - k) * keep) / L equals the budget (closed form, then rounded).
+- Positions: the released code (github.com/pkunlp-icler/FastV, `src/FastV/lmms-eval/fastv_kvcache.py`, the
+  KV-cache variant for LLaVA on transformers 4.37) hands layers k, k+1, ... the kept tokens' original
+  position ids (`position_ids = keep_indexs`) and decodes on from the full prompt length (generate's
+  position ids count every prompt token), so `compact_positions` is False here: RoPE sees gaps where tokens
+  were dropped, and the first answer token fed back sits at position = prompt length in every layer.
+
+Where the released code differs and we do not follow it (docs/released_code.md): it runs layer k - 1
+twice to read its attention, and both runs append to that layer's KV cache, so during decoding layer
+k - 1 attends to every prompt key twice (its cache holds 2 x the prompt). That is a slip of the
+implementation, not the method; this engine keeps one copy. On the golden fixtures
+(tests/test_golden_released.py: K = 2 keeping 288 / 144 / 64 of 576, 12 questions each) the kept tokens,
+their positions and all 36 answers equal the released code's all the same.
 
 LLaVA-NeXT: the released code (github.com/pkunlp-icler/FastV, README's `fastv_config`) has no NeXT code of
 its own; it is told the image span as `image_token_start_index` and `image_token_length` and ranks every
@@ -95,6 +107,7 @@ class FastV(DropMethod):
     family = PREFILL
     options_class = FastVOptions
     supports_next = True
+    compact_positions = False  # the released code keeps the kept tokens' original positions (module docstring)
 
     def __init__(self, options: FastVOptions | None = None):
         self.options = options or FastVOptions()

@@ -5,11 +5,20 @@ layers of LLaVA-1.5); at the end of each stage, rank the image tokens by the att
 instruction token gives them and keep lambda of them, so stage s sees V * lambda^s tokens (a pyramid).
 
 Choices, where the paper leaves room:
-- Where: `select` runs after layers l_s - 1 (7, 15, 23), the LAST layer of each stage, ranking by that
-  layer's attention; layers l_s, l_s + 1, ... see the kept tokens, so every stage is exactly l_s - l_{s-1}
-  layers long, as the paper's stage/FLOPs accounting assumes. (The released code instead scores with
-  the q/k projections of layer l_s applied to its input, just before running it; the engine exposes
-  attention only for a layer that ran, and the paper describes the drop as ending the stage.)
+- Where: `select` runs after layers l_s - 1 (7, 15, 23), the LAST layer of each stage; layers l_s,
+  l_s + 1, ... see the kept tokens, so every stage is exactly l_s - l_{s-1} layers long, as the paper's
+  stage/FLOPs accounting assumes.
+- Score, as released (github.com/Cooperx521/PyramidDrop, `llava/model/modeling_llama_pdrop.py`,
+  `pdrop_rank_drop`): the attention that layer l_s WOULD give, i.e. layer l_s's input norm and q / k
+  projections applied to layer l_s - 1's output, RoPE at the current positions, a causal softmax over every
+  key in float32, averaged over heads. (Reading the paper, one would take layer l_s - 1's own attention;
+  the released code made the numbers.) Only the last prompt token's query is computed, and the keys of
+  layer l_s once for the whole sequence; layer l_s itself then runs as usual on the kept tokens. The golden
+  fixtures (tests/test_golden_released.py, docs/released_code.md) hold our kept tokens at every stage, and
+  the answers, equal to the released code's.
+- Positions: the released code (`llava/model/modeling_llama_pdrop.py`, `pdrop_rank_drop`) gives the shorter
+  sequence positions 0..len-1 after each drop, and while decoding it lowers each stage's position ids by
+  the tokens that stage dropped, so a new token sits at its layer's cache length: `compact_positions`.
 - Query: the last instruction token is the last prompt token (the template's "ASSISTANT:" tail), its
   head-averaged attention row over the current vision tokens.
 - Counts: stage s keeps round(V * lambda^s) tokens (halves up), V being the prompt's vision count; with lambda = 0.5 and V = 576 that is 288, 144, 72 as in the paper. Ties in the score
@@ -36,9 +45,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from llava.drop.blocks import bisect, layer_average, round_half_up, stage_lengths, top_k_mask
-from llava.drop.method import PREFILL, DropMethod, LayerContext, last_token_scores
+from llava.drop.method import LAST_QUERY, PREFILL, DropMethod, LayerContext, query_rows
+from llava.drop.probe import vision_attention
 from llava.drop.methods.registry import register
 from llava.model.geometry import ModelGeometry
 
@@ -123,9 +134,31 @@ def budget_counts(budget: float, vision_count: int, layers: tuple[int, ...], num
     return nudge_counts(rounded, lengths, budget)[1:]
 
 
+def rotated_keys(model, layer_idx: int, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Layer `layer_idx`'s keys [N, kv_heads, seq, head_dim] for the hidden states entering it, rotated at
+    `positions` [N, seq], as the layer would cache them."""
+    layer = model.model.language_model.layers[layer_idx]
+    normed = layer.input_layernorm(hidden)
+    keys = layer.self_attn.k_proj(normed).view(*hidden.shape[:2], -1, layer.self_attn.head_dim).transpose(1, 2)
+    cos, sin = model.model.language_model.rotary_emb(normed, positions)
+    return apply_rotary_pos_emb(keys, keys, cos, sin)[1]
+
+
+def next_layer_scores(context: LayerContext) -> torch.Tensor:
+    """[N, V] the head-averaged attention each prompt's last token would give its vision tokens in the NEXT
+    layer (its norm and q / k projections on this layer's output), zero past each prompt's vision tokens:
+    the released code's ranking."""
+    model, scoring_layer = context.model, context.layer_idx + 1
+    hidden, positions = context.layer_output, context.positions
+    rows, _ = query_rows(LAST_QUERY, context.layouts, hidden.device)
+    keys = rotated_keys(model, scoring_layer, hidden, positions)
+    block = vision_attention(model, scoring_layer, hidden, keys, positions, rows, context.vision_slots)
+    return block[:, 0].masked_fill(~context.vision_valid, 0.0)
+
+
 @register
 class PDrop(DropMethod):
-    """Drops at the end of each stage, ranked by the last prompt token's attention.
+    """Drops at the end of each stage, ranked by the last prompt token's attention in the next layer.
 
     The keep counts are planned from the vision count the prompt started with, at every drop, so one
     method object serves any number of prompts without state.
@@ -133,6 +166,7 @@ class PDrop(DropMethod):
 
     name = "pdrop"
     family = PREFILL
+    compact_positions = True  # as released: positions 0..len-1 after each drop (module docstring)
     options_class = PDropOptions
     supports_next = True
 
@@ -161,9 +195,14 @@ class PDrop(DropMethod):
         """Also refuse a budget below the first stage's share of the most vision tokens one image can bring
         (planning the counts raises)."""
         super().check_model(geometry)
+        last = max(self.stage_layers(geometry))
+        if last >= geometry.decoder_layers:
+            raise ValueError(f"a stage starting at layer {last} is scored with that layer, which a model with "
+                             f"{geometry.decoder_layers} decoder layers does not have; use layers below "
+                             f"{geometry.decoder_layers}")
         self.plan(geometry.max_vision_tokens, geometry)
 
     def select(self, context: LayerContext) -> torch.Tensor:
         stage = self.prefill_layers(context.geometry).index(context.layer_idx)
         counts = [self.plan(count, context.geometry)[stage] for count in context.prompt_vision_counts]
-        return top_k_mask(last_token_scores(context), counts, context.vision_valid)
+        return top_k_mask(next_layer_scores(context), counts, context.vision_valid)

@@ -62,6 +62,9 @@ Counts: PruMerge+ can keep every patch (more than a sixth of them as outliers gi
 samples all but the last patch; if the last is an outlier nothing is pruned), and then, as the released
 code does, still appends the extra token, a zero vector: N + 1 tokens, one more than the unpruned model.
 
+Golden fixtures (tests/test_golden_released.py, docs/released_code.md): on the demo questions our kept
+patches and answers equal the released reductions' for both variants.
+
 `patch_groups`: a kept token stands for itself and its neighbours (ascending), the extra token for
 every pruned patch (ascending); the groups overlap, as the merge does.
 """
@@ -215,6 +218,7 @@ class PruMerge(ImageReduction):
 
     name = "prumerge"
     family = ENCODER
+    compact_positions = True  # nothing is dropped inside the decoder: positions never change
     options_class = PruMergeOptions
     # The CLS query's projection is one matrix product over the images it scores, whose rounding depends on
     # how many there are: scoring several prompts' images at once moves scores by ~1e-6 and can swap a token.

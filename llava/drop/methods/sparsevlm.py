@@ -34,6 +34,9 @@ Approximations, where this differs from the paper or its code:
   token (keep <= V - 1), while here keep >= V keeps everything, so a large schedule is the unpruned
   model. The released code computes no rank (its rank term is 0), i.e. `rank_scale=None`.
 - Budget mode fixes the counts per layer (the rank floor is not applied), see `budget_keep_counts`.
+- Positions: as the released code's default mode (`modelling_sparse_llama.py` without `USE_VERSION=2_0`)
+  does, the shorter sequence takes positions 0..len-1 after each drop and a decoded token the position
+  of its layer's cache length (`compact_positions`); its later "V2.0" mode keeps original positions instead.
 
 LLaVA-NeXT: the released code (github.com/Gumpest/SparseVLMs, `llava/model/llava_arch.py`,
 `prepare_sparse_inputs_labels_for_multimodal`) packs a NeXT image in the model's own layout (base image,
@@ -207,6 +210,7 @@ class SparseVLM(DropMethod):
 
     name = "sparsevlm"
     family = PREFILL
+    compact_positions = True  # as released (its default mode): positions 0..len-1 after each drop
     options_class = SparseVLMOptions
     supports_next = True
 

@@ -235,6 +235,7 @@ class ToMe(ImageReduction):
 
     name = "tome"
     family = ENCODER
+    compact_positions = True  # nothing is dropped inside the decoder: positions never change
     options_class = ToMeOptions
     prompts_together = False  # every image merges through the layers on its own anyway, and a refused
     # count names the prompt's own tower images

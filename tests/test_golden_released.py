@@ -1,0 +1,288 @@
+"""Every peer keeps what its authors' released code keeps: golden fixtures recorded from that code.
+
+`tools/golden_released.py` ran each method's released code (with LLaVA's own, transformers 4.37, CPU, exact
+float32 weights) once on the tiny LLaVA-1.5 checkpoint that `write_tiny_checkpoint` builds, over the demo
+questions, and wrote `tests/fixtures/golden_<method>.json`. Here our method runs the same questions: the
+tokens it keeps (indices where it selects, counts everywhere) and every layer's KV-cache length must equal
+the fixture's, and the answer too, except from a step where the released run's two best logits were
+within TIE_MARGIN of each other (a numerical tie: the helper finds and names it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llava.drop.generate import SamplingConfig, generate
+from llava.drop.image_reduction import run_to_select_layer
+from llava.drop.methods.fastv import FastV, FastVOptions
+from llava.drop.methods.pdrop import PDrop, PDropOptions
+from llava.drop.methods.prumerge import PruMerge, PruMergePlus, cls_attention_and_keys, scoring_layer
+from llava.drop.methods.visionzip import VisionZip, VisionZipOptions, target_positions, zip_image
+from llava.drop.vision import selected_layer_count, vision_token_offset
+from llava.mm_utils import load_image, process_images, tokenizer_image_token
+from tests.conftest import DEMO_IMAGE_FOLDER, DEMO_QUESTION_FILE, vicuna_prompt
+
+FIXTURES = Path(__file__).parent / "fixtures"
+TIE_MARGIN = 1e-3  # top-2 logit margin under which two answers may part by rounding alone
+NORM_TOLERANCE = 1e-4  # relative, on the norms of VisionZip's projected vision tokens
+COSINE_TIE = 1e-6  # two key similarities this close are a tie that float rounding decides
+PATCHES = 576
+
+
+def fixture(method: str) -> dict:
+    return json.loads((FIXTURES / f"golden_{method}.json").read_text())
+
+
+def settings_of(method: str) -> list[tuple[str, int]]:
+    return [(method, index) for index in range(len(fixture(method)["settings"]))]
+
+
+def check_checkpoint(checkpoint: Path, recorded: dict[str, str]) -> None:
+    """The fixtures hold for one checkpoint: refuse another rather than report false differences."""
+    changed = [name for name, digest in recorded.items()
+               if hashlib.sha256((checkpoint / name).read_bytes()).hexdigest() != digest]
+    assert not changed, (f"the tiny checkpoint changed ({changed}); regenerate tests/fixtures/golden_*.json with "
+                         "tools/golden_released.py")
+
+
+def first_difference(ours: list[int], theirs: list[int]) -> int | None:
+    """The first step where two answers differ (one ending earlier counts), or None."""
+    for step, (mine, released) in enumerate(zip(ours, theirs)):
+        if mine != released:
+            return step
+    return None if len(ours) == len(theirs) else min(len(ours), len(theirs))
+
+
+def answer_tie(ours: list[int], recorded: dict) -> str | None:
+    """None when the answers agree; a named tie when they part where the released run's top-2 logits were
+    within TIE_MARGIN; fails otherwise."""
+    step = first_difference(ours, recorded["generated_ids"])
+    if step is None:
+        return None
+    margins = recorded["top2_margins"]
+    margin = margins[step] if step < len(margins) else float("inf")
+    assert margin < TIE_MARGIN, (f"{recorded['question_id']}: answers part at token {step} where the released "
+                                 f"code's top-2 margin was {margin:.2e}: ours {ours}, released "
+                                 f"{recorded['generated_ids']}")
+    return f"{recorded['question_id']}: tie at token {step} (top-2 margin {margin:.1e})"
+
+
+def question_inputs(loaded, question_id: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The demo question's token ids (vicuna_v1, the image placeholder first) and its image's pixels."""
+    tokenizer, _, image_processor, _ = loaded
+    question = next(row for row in map(json.loads, DEMO_QUESTION_FILE.read_text().splitlines())
+                    if row["question_id"] == question_id)
+    input_ids = tokenizer_image_token(vicuna_prompt(question["text"]), tokenizer, return_tensors="pt")
+    pixels = process_images([load_image(DEMO_IMAGE_FOLDER / question["image"])], loaded[2])
+    return input_ids, pixels
+
+
+def answer(loaded, input_ids, pixels, method, new_tokens: int):
+    tokenizer, model, _, _ = loaded
+    return generate(model, input_ids, pixels, SamplingConfig(max_new_tokens=new_tokens), {tokenizer.eos_token_id},
+                    drop=method)
+
+
+class LayerPositions:
+    """The position ids one decoder layer receives: at prefill and at the first decoding step."""
+
+    def __init__(self, layer: torch.nn.Module):
+        self.prefill: list[int] | None = None
+        self.first_decode: int | None = None
+        self.handle = layer.register_forward_pre_hook(self.see, with_kwargs=True)
+
+    def see(self, module, args, kwargs) -> None:
+        positions = kwargs["position_ids"][0].tolist()
+        if len(positions) > 1 and self.prefill is None:
+            self.prefill = positions
+        elif len(positions) == 1 and self.first_decode is None:
+            self.first_decode = positions[0]
+
+
+def compare(loaded, tiny_original, method_name: str, index: int, run_one) -> None:
+    """Run every recorded question through `run_one(recorded, input_ids, pixels, new_tokens)` (which asserts
+    what the method kept and returns our answer), then compare the answers; print the named ties."""
+    golden = fixture(method_name)
+    check_checkpoint(tiny_original, golden["checkpoint"])
+    ties = []
+    for recorded in golden["settings"][index]["questions"]:
+        input_ids, pixels = question_inputs(loaded, recorded["question_id"])
+        assert input_ids.view(-1).tolist() == recorded["input_ids"], recorded["question_id"]
+        ours = run_one(recorded, input_ids, pixels, golden["max_new_tokens"])
+        tie = answer_tie(ours, recorded)
+        if tie is not None:
+            ties.append(tie)
+    print(f"{method_name} {golden['settings'][index]['options']}: answers equal on "
+          f"{len(golden['settings'][index]['questions']) - len(ties)}; numerical ties: {ties or 'none'}")
+
+
+@pytest.mark.parametrize("method_name, index", settings_of("visionzip"))
+def test_visionzip_keeps_and_answers_as_released(loaded_original, tiny_original, method_name, index):
+    options = fixture(method_name)["settings"][index]["options"]
+    method = VisionZip(VisionZipOptions(dominant=options["dominant"], contextual=options["contextual"]))
+    model = loaded_original[1]
+
+    def run_one(recorded, input_ids, pixels, new_tokens):
+        vision = method.encode_image(model, pixels)
+        assert recorded["cls_kept"] and vision.patch_groups[0] == []
+        dominant = [group[0] for group in vision.patch_groups[1 : options["dominant"]]]
+        assert dominant == recorded["dominant_patches"], recorded["question_id"]
+        assert vision.features.shape[0] == recorded["vision_tokens"]
+        norms, released = vision.features.norm(dim=-1), torch.tensor(recorded["feature_norms"])
+        differing = set(((norms - released).abs() > NORM_TOLERANCE * released).nonzero().flatten().tolist())
+        tied = {options["dominant"] + group for group in contextual_ties(model, pixels, options["dominant"], options["contextual"])}
+        assert differing <= tied, (f"{recorded['question_id']}: vision tokens {sorted(differing - tied)} differ "
+                                   "from the released code's without a tie in the contextual assignment")
+        ours = answer(loaded_original, input_ids, pixels, method, new_tokens)
+        assert ours.stats["kv_cache_lengths"] == recorded["kv_lengths"], recorded["question_id"]
+        return ours.token_ids
+
+    compare(loaded_original, tiny_original, method_name, index, run_one)
+
+
+@pytest.mark.parametrize("method_name, index", settings_of("fastv"))
+def test_fastv_keeps_and_answers_as_released(loaded_original, tiny_original, method_name, index):
+    setting = fixture(method_name)["settings"][index]
+    k, keep = setting["options"]["k"], setting["options"]["keep"]
+    method = FastV(FastVOptions(k=k, ratio=1 - keep / PATCHES))
+    model = loaded_original[1]
+
+    def run_one(recorded, input_ids, pixels, new_tokens):
+        positions = LayerPositions(model.model.language_model.layers[k])
+        try:
+            ours = answer(loaded_original, input_ids, pixels, method, new_tokens)
+        finally:
+            positions.handle.remove()
+        start = setting["vision_start"]
+        kept = [position - start for position in positions.prefill if start <= position < start + PATCHES]
+        assert kept == recorded["kept_vision"], recorded["question_id"]
+        assert positions.prefill == recorded["positions_after_drop"]
+        assert positions.first_decode == recorded["first_decode_position"] == ours.stats["prompt_tokens"]
+        assert ours.stats["vision_tokens_after_layer"] == {str(k - 1): recorded["vision_tokens_after_drop"]}
+        assert_cache_lengths(ours.stats["kv_cache_lengths"], recorded["kv_lengths"], k)
+        return ours.token_ids
+
+    compare(loaded_original, tiny_original, method_name, index, run_one)
+
+
+class SelectionLog:
+    """Each mask a method's `select` returns, in order (one per dropping layer of a one-prompt batch)."""
+
+    def __init__(self, method):
+        self.masks: list[torch.Tensor] = []
+        select = method.select
+
+        def recording(context):
+            mask = select(context)
+            self.masks.append(mask[0].nonzero().flatten().tolist())
+            return mask
+
+        method.select = recording
+
+
+@pytest.mark.parametrize("method_name, index", settings_of("pdrop"))
+def test_pdrop_keeps_and_answers_as_released(loaded_original, tiny_original, method_name, index):
+    options = fixture(method_name)["settings"][index]["options"]
+    ratio = options["ratios"][0]
+    assert options["ratios"] == [ratio ** stage for stage in range(1, len(options["ratios"]) + 1)]
+    method = PDrop(PDropOptions(layers=tuple(options["layers"]), ratio=ratio))
+    log = SelectionLog(method)
+    model = loaded_original[1]
+
+    def run_one(recorded, input_ids, pixels, new_tokens):
+        log.masks.clear()
+        positions = LayerPositions(model.model.language_model.layers[-1])
+        try:
+            ours = answer(loaded_original, input_ids, pixels, method, new_tokens)
+        finally:
+            positions.handle.remove()
+        assert log.masks == [stage["kept_vision"] for stage in recorded["stages"]], recorded["question_id"]
+        assert ours.stats["vision_tokens_after_layer"] == {str(stage["after_layer"]): len(stage["kept_vision"])
+                                                          for stage in recorded["stages"]}
+        assert ours.stats["kv_cache_lengths"] == recorded["kv_lengths"]
+        assert positions.first_decode == recorded["first_decode_positions"][-1] == recorded["kv_lengths"][-1]
+        return ours.token_ids
+
+    compare(loaded_original, tiny_original, method_name, index, run_one)
+
+
+PRUMERGE_VARIANTS = {"prumerge": PruMerge, "prumerge_plus": PruMergePlus}
+
+
+@pytest.mark.parametrize("method_name, index", settings_of("prumerge"))
+def test_prumerge_keeps_and_answers_as_released(loaded_original, tiny_original, method_name, index):
+    variant = fixture(method_name)["settings"][index]["options"]["variant"]
+    method = PRUMERGE_VARIANTS[variant]()
+    chosen: list[list[int]] = []
+    choose = method.kept_patches
+
+    def recording(cls_attn, count):
+        kept = choose(cls_attn, count)
+        chosen.append(kept.tolist())
+        return kept
+
+    method.kept_patches = recording
+    model = loaded_original[1]
+
+    def run_one(recorded, input_ids, pixels, new_tokens):
+        chosen.clear()
+        vision = method.encode_image(model, pixels)
+        assert chosen == [recorded["kept_patches"]], recorded["question_id"]
+        assert vision.features.shape[0] == recorded["vision_tokens"]
+        norms, released = vision.features.norm(dim=-1), torch.tensor(recorded["feature_norms"])
+        differing = set(((norms - released).abs() > NORM_TOLERANCE * released).nonzero().flatten().tolist())
+        tied = neighbour_ties(model, pixels, torch.tensor(chosen[0]), method.options.neighbours)
+        assert differing <= tied, (f"{recorded['question_id']}: vision tokens {sorted(differing - tied)} differ "
+                                   "from the released code's without a tie at the edge of their neighbours")
+        ours = answer(loaded_original, input_ids, pixels, method, new_tokens)
+        assert ours.stats["kv_cache_lengths"] == recorded["kv_lengths"], recorded["question_id"]
+        return ours.token_ids
+
+    compare(loaded_original, tiny_original, method_name, index, run_one)
+
+
+def neighbour_ties(model, pixels: torch.Tensor, kept: torch.Tensor, neighbours: int) -> set[int]:
+    """The kept tokens (their places among the vision tokens, CLS first where the select strategy keeps it)
+    whose last chosen neighbour and first passed-over candidate have key similarities within COSINE_TIE: float
+    rounding decides which of the two joins the token."""
+    layers = model.model.vision_tower.encoder.layers
+    selected = selected_layer_count(len(layers), model.config.vision_feature_layer)
+    hidden = run_to_select_layer(model, pixels)[2]
+    _, keys = cls_attention_and_keys(scoring_layer(layers, selected), hidden)
+    unit = F.normalize(keys[0].float(), dim=-1)
+    similarity = unit[kept] @ unit.T
+    similarity[torch.arange(kept.numel()), kept] = float("-inf")
+    ranked = similarity.sort(dim=-1, descending=True).values
+    near = (ranked[:, neighbours - 1] - ranked[:, neighbours]) < COSINE_TIE
+    offset = vision_token_offset(model.config)
+    return {offset + token for token in near.nonzero().flatten().tolist()}
+
+
+def contextual_ties(model, pixels: torch.Tensor, dominant: int, contextual: int) -> set[int]:
+    """The contextual groups (0-based) that a token joins or could join by rounding alone: its two most
+    key-similar targets are within COSINE_TIE of each other (the tiny tower gives flat image regions equal
+    keys), so float summation order decides between them."""
+    if contextual == 0:
+        return set()
+    layer, layer_input, hidden = run_to_select_layer(model, pixels)
+    zipped = zip_image(layer, layer_input, hidden, dominant, 0)
+    keys = F.normalize(zipped.keys[zipped.rest].float(), dim=-1)
+    targets = target_positions(keys.shape[0], contextual)
+    members = torch.ones(keys.shape[0], dtype=torch.bool)
+    members[targets] = False
+    best = (keys[members] @ keys[targets].T).topk(2, dim=-1)
+    near = (best.values[:, 0] - best.values[:, 1]) < COSINE_TIE
+    return set(best.indices[near].flatten().tolist())
+
+
+def assert_cache_lengths(ours: list[int], released: list[int], k: int) -> None:
+    """Every layer's cache length as released, except layer k - 1, which the released code fills twice (it
+    runs that layer a second time to read its attention, and both runs append): twice the prompt there."""
+    assert released[k - 1] == 2 * ours[k - 1]
+    assert ours[: k - 1] + ours[k:] == released[: k - 1] + released[k:]
