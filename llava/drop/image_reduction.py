@@ -119,11 +119,7 @@ class ImageReduction(DropMethod):
     method's own count) and write `reduce`."""
 
     supports_next = True
-    options_class: type
     prompts_together: ClassVar[bool] = True  # all prompts' tower images go through `reduce` in one call
-
-    def __init__(self, options=None):
-        self.options = options or self.options_class()
 
     def reduce(self, model, images: torch.Tensor, counts: list[int | None], selecting: Stopwatch) -> list[ReducedImage]:
         """Each of the images [n, 3, H, W] (already in the tower's dtype and device) cut to its count of

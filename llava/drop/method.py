@@ -172,6 +172,11 @@ class DropMethod:
     compact_positions: bool = True  # give the shorter sequence positions 0..len-1 (the reference's rule)
     supports_next: ClassVar[bool] = False  # its vision stage takes LLaVA-NeXT's base image + crops
     own_count: ClassVar[bool] = False  # picks its own token count per image and refuses a budget
+    options_class: ClassVar[type | None] = None  # the frozen dataclass of the method's options (none: no options)
+
+    def __init__(self, options=None):
+        """The method with `options` (an `options_class` instance), or with that class's defaults."""
+        self.options = options or (self.options_class() if self.options_class is not None else None)
 
     def encode_image(self, model, pixel_values: torch.Tensor) -> VisionOutput:
         return encode_image(model, pixel_values)

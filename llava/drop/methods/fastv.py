@@ -109,9 +109,6 @@ class FastV(DropMethod):
     supports_next = True
     compact_positions = False  # the released code keeps the kept tokens' original positions (module docstring)
 
-    def __init__(self, options: FastVOptions | None = None):
-        self.options = options or FastVOptions()
-
     def prefill_layers(self, geometry: ModelGeometry) -> tuple[int, ...]:
         return (self.options.k - 1,)
 

@@ -644,7 +644,7 @@ class MustDrop(DropMethod):
     supports_next = True
 
     def __init__(self, options: DropConfig | None = None):
-        self.options = options or DropConfig()
+        super().__init__(options)
         self.compact_positions = self.options.compact_positions
 
     def encode_image(self, model, pixel_values: torch.Tensor) -> VisionOutput:

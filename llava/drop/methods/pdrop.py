@@ -170,9 +170,6 @@ class PDrop(DropMethod):
     options_class = PDropOptions
     supports_next = True
 
-    def __init__(self, options: PDropOptions | None = None):
-        self.options = options or PDropOptions()
-
     def stage_layers(self, geometry: ModelGeometry) -> tuple[int, ...]:
         """The configured stages, or the default for this budget and model (see EARLY_STAGE_LAYERS)."""
         if self.options.layers is not None:

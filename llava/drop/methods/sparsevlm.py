@@ -214,9 +214,6 @@ class SparseVLM(DropMethod):
     options_class = SparseVLMOptions
     supports_next = True
 
-    def __init__(self, options: SparseVLMOptions | None = None):
-        self.options = options or SparseVLMOptions()
-
     def prefill_layers(self, geometry: ModelGeometry) -> tuple[int, ...]:
         return self.options.layers
 

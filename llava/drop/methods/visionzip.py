@@ -227,9 +227,6 @@ class VisionZip(DropMethod):
     supports_next = True
     compact_positions = True  # nothing is dropped inside the decoder: positions never change
 
-    def __init__(self, options: VisionZipOptions | None = None):
-        self.options = options or VisionZipOptions()
-
     def check_model(self, geometry: ModelGeometry) -> None:
         """Also refuse more tokens than an image has (CLS and its patches); on LLaVA-NeXT for the budget's
         share of an image tiled into the most crops (an image with fewer crops is checked when it arrives)."""
