@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
+import numpy as np
 import torch
 from PIL import Image
 from transformers import PreTrainedTokenizerBase
@@ -15,6 +17,7 @@ from llava.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 from llava.model.anyres import ANYRES_ASPECT_RATIO, process_anyres_batch
 
 PIXEL_MAX = 255
+HIGH_DEPTH_MODES = ("I", "F", "I;16", "I;16L", "I;16B", "I;16N")  # PIL's modes of more than 8 bits per pixel
 PAD_ASPECT_RATIO = "pad"
 SQUARE_ASPECT_RATIOS = ("square", None)  # no padding: the processor's resize + centre crop only
 
@@ -23,18 +26,49 @@ class ImageLoadError(ValueError):
     """An image file is missing or cannot be decoded; the message names the file."""
 
 
-def load_image(path: str | Path | BinaryIO, name: str | None = None) -> Image.Image:
-    """Open an image as RGB, decoding it now so a corrupt file fails here and not mid-batch. `path` may be
-    an open binary file (a download), which error messages call `name`."""
-    name = name or path
+@contextmanager
+def image_errors(name: str | Path | BinaryIO) -> Iterator[None]:
+    """PIL's errors on opening or decoding image `name` as one ImageLoadError naming it."""
     try:
-        with Image.open(path) as image:
-            image.load()
-            return image.convert("RGB")
+        yield
     except FileNotFoundError:
         raise ImageLoadError(f"image not found: {name}") from None
     except (OSError, ValueError, Image.DecompressionBombError) as error:
-        raise ImageLoadError(f"cannot read image {name}: {error}") from error
+        raise ImageLoadError(f"cannot read image {name}: {error}") from None
+
+
+def check_image_header(path: str | Path) -> None:
+    """Open only the header of image `path` (cheap): it exists and PIL knows its format. Run over every
+    question's image before the model loads, so that a missing file does not wait for a 7B load."""
+    with image_errors(path), Image.open(path):
+        pass
+
+
+def load_image(path: str | Path | BinaryIO, name: str | None = None) -> Image.Image:
+    """Open an image as RGB, decoding it now so a corrupt file fails here and not mid-batch. `path` may be
+    an open binary file (a download), which error messages call `name`."""
+    with image_errors(name or path), Image.open(path) as image:
+        image.load()
+        return as_rgb(image)
+
+
+def as_rgb(image: Image.Image) -> Image.Image:
+    """A decoded image as 8-bit RGB; one deeper than 8 bits is first scaled by its range (`to_8bit_by_range`)."""
+    if image.mode in HIGH_DEPTH_MODES:
+        image = to_8bit_by_range(image)
+    return image.convert("RGB")
+
+
+def to_8bit_by_range(image: Image.Image) -> Image.Image:
+    """A 16-bit, 32-bit integer or float single-channel image as 8-bit grey, its own lowest to highest
+    value spread over 0..255: PIL's RGB conversion clips every value above 255, turning it white."""
+    values = np.asarray(image, dtype=np.float64)
+    finite = values[np.isfinite(values)]
+    low, high = (finite.min(), finite.max()) if finite.size else (0.0, 0.0)
+    if high > low:
+        values = (values - low) * (PIXEL_MAX / (high - low))
+    grey = np.nan_to_num(values, nan=0.0, posinf=PIXEL_MAX, neginf=0.0).clip(0, PIXEL_MAX).round()
+    return Image.fromarray(grey.astype(np.uint8))  # 2-D uint8: mode "L"
 
 
 def expand2square(image: Image.Image, background_color: tuple[int, ...]) -> Image.Image:

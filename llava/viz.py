@@ -32,11 +32,12 @@ from llava.conversation import get_conv_template
 from llava.drop.prefill import MultimodalPrompt, PrefillResult, build_prompt, prefill_prompt
 from llava.drop.methods import DropMethod, create_method, parse_method_args
 from llava.drop.vision import VisionOutput
-from llava.eval.cli_errors import RunError, main_guard
+from llava.eval.cli_errors import RunError, interruptible, main_guard, refuse_non_finite_options
 from llava.mm_utils import load_image
-from llava.model.builder import load_pretrained_model
+from llava.model.builder import check_device, default_device, load_pretrained_model
 from llava.model.geometry import geometry_of_model
 from llava.model.inputs import encode_question
+from llava.output_paths import check_output_folder
 
 NUM_PATCHES = 576  # LLaVA-1.5's 24 x 24 grid
 DEFAULT_METHOD = "mustdrop"
@@ -263,7 +264,11 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> list[Path]:
     """Check the method, template and image first (fast failures), then load, trace and draw."""
     try:
-        method = create_method(args.method, parse_method_args(args.method_args))
+        check_output_folder(args.out_dir, "--out-dir")
+        check_device(args.device or default_device())
+        method_args = parse_method_args(args.method_args)
+        refuse_non_finite_options(method_args)
+        method = create_method(args.method, method_args)
         get_conv_template(args.conv_mode)
         image = load_image(args.image)
         tokenizer, model, image_processor, _ = load_pretrained_model(args.model_path, device=args.device,
@@ -278,6 +283,7 @@ def run(args: argparse.Namespace) -> list[Path]:
     return paths
 
 
+@interruptible
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     main_guard(lambda: run(args))

@@ -38,6 +38,7 @@ from llava.bench.workload import (
 )
 from llava.drop.methods import DropMethod, create_method
 from llava.drop.methods.registry import METHODS, discover_methods, family_of
+from llava.eval.cli_errors import interruptible
 from llava.eval.thresholds import TOKEN_SETTINGS
 
 DEFAULT_BUDGETS = TOKEN_SETTINGS  # the paper's LLaVA-1.5 settings (layer-averaged vision tokens)
@@ -198,6 +199,7 @@ def describe_run(args: argparse.Namespace, work: Workload, dtype: torch.dtype, s
             f"{memory_note(args.device)}, one extra run per setting.{notes}")
 
 
+@interruptible
 def main(argv: list[str] | None = None) -> list[dict]:
     """Run the comparison, print the table and write compare.json, compare.md and compare.png."""
     args = parse_args(argv)

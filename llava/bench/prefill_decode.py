@@ -37,6 +37,7 @@ from llava.bench.workload import (
     summarize,
 )
 from llava.drop.methods import DropConfig
+from llava.eval.cli_errors import interruptible
 from llava.eval.thresholds import PUBLISHED, REFERENCE_BENCHMARK
 
 # The published LLaVA-1.5-7B TextVQA settings (target tokens -> thresholds), after the unpruned baseline.
@@ -101,6 +102,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+@interruptible
 def main(argv: list[str] | None = None) -> list[dict]:
     """Run the benchmark, print the table and write results.json, results.md and results.png."""
     args = parse_args(argv)

@@ -41,6 +41,7 @@ from llava.bench.workload import (
     start_run,
 )
 from llava.drop.generate import COMPILE_BACKEND, GenerationRequest, SamplingConfig, generate_batch
+from llava.eval.cli_errors import interruptible
 
 SHORT_ANSWER_TOKENS = 3  # a VQA answer: the main mode
 DEFAULT_BATCH_SIZES = (1, 16, 64)
@@ -300,6 +301,7 @@ def describe_run(args: argparse.Namespace, work: Workload, dtype: torch.dtype, s
             f"eagerly. Peak: CUDA max allocated above the weights (not measured on CPU).{notes}")
 
 
+@interruptible
 def main(argv: list[str] | None = None) -> list[dict]:
     """Measure, print the table and write throughput.{md,json,png}."""
     args = parse_args(argv)

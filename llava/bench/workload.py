@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,10 +34,11 @@ from llava.drop.generate import SamplingConfig, generate
 from llava.drop.methods import DropConfig, DropMethod, as_method
 from llava.mm_utils import load_image
 from llava.model.anyres import ANYRES_ASPECT_RATIO, anyres_grid
-from llava.model.builder import load_pretrained_model, resolve_dtype
+from llava.model.builder import check_device, load_pretrained_model, resolve_dtype
 from llava.model.image_processor import default_clip_image_processor
 from llava.model.inputs import encode_question, image_inputs
 from llava.model.original_layout import swap_pairs
+from llava.output_paths import check_output_folder
 
 CHECKOUT = Path(__file__).resolve().parents[2]  # the repository this package runs from (pip install -e .)
 DEMO_IMAGES = CHECKOUT / "playground" / "data" / "eval" / "demo" / "images"
@@ -311,7 +313,13 @@ def check_decode_length(parser: argparse.ArgumentParser, tokens: list[int], flag
 
 
 def start_run(args: argparse.Namespace) -> tuple[torch.dtype, float]:
-    """Set torch's threads; the run's dtype and its start time."""
+    """Check the device and the output folder (before minutes of measuring), set torch's threads; the run's
+    dtype and its start time."""
+    try:
+        check_device(args.device)
+        check_output_folder(args.out, "--out")
+    except ValueError as error:
+        sys.exit(f"error: {error}")
     torch.set_num_threads(args.threads)
     return resolve_dtype(args.dtype, args.device), time.perf_counter()
 

@@ -43,12 +43,15 @@ from llava.eval.answering.loop import (
     RunError,
     add_loading_args,
     add_stage_args,
+    check_machine_args,
     drop_config_from_args,
     load_model,
     main_guard,
     resolve_conv_mode,
 )
+from llava.eval.cli_errors import interruptible, refuse_non_finite_flags
 from llava.eval.thresholds import TOKEN_SETTINGS
+from llava.output_paths import check_output_file
 from llava.model.conv_mode import AUTO_CONV_MODE
 from llava.model.geometry import geometry_of_model
 from llava.model.inputs import ModelInputs, encode_question
@@ -295,7 +298,11 @@ def sample_questions(questions: list[Question], count: int, seed: int | None) ->
 
 def run(args: argparse.Namespace) -> list[CalibrationResult]:
     """Validate every flag, then load the model and calibrate; input problems become RunError."""
+    refuse_non_finite_flags(args)
+    check_machine_args(args)
     try:
+        if args.out:
+            check_output_file(args.out, "--out")
         targets = parse_targets(args.targets)
         check_settings(targets, args.ratio, args.tolerance, args.steps)
         if args.num_questions < 1:
@@ -333,6 +340,7 @@ def write_json(path: Path, args: argparse.Namespace, results: Sequence[Calibrati
     print(f"wrote {path}")
 
 
+@interruptible
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     main_guard(lambda: run(args))

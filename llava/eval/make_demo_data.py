@@ -19,6 +19,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont, features
 
+from llava.eval.cli_errors import interruptible
 from llava.eval.scoring.vqa_accuracy import HUMAN_ANSWERS_PER_QUESTION
 
 SEED = 1234
@@ -159,6 +160,7 @@ def make_demo_data(out_dir: Path, seed: int = SEED) -> None:
     (out_dir / ANNOTATION_FILE).write_text(json.dumps(dataset, indent=1) + "\n", encoding="utf-8")
 
 
+@interruptible
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="output directory, e.g. playground/data/eval/demo")

@@ -17,7 +17,7 @@ import math
 import sys
 from pathlib import Path
 
-from llava.eval.cli_errors import RunError, main_guard
+from llava.eval.cli_errors import RunError, interruptible, main_guard
 from llava.eval.paper_table import fill_averages, layout, paper_rows
 from llava.eval.paper_reference import read_reference
 from llava.eval.scoring.results import json_type
@@ -156,6 +156,7 @@ def report(args: argparse.Namespace) -> None:
         print(f"note: {note}", file=sys.stderr)
 
 
+@interruptible
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("paths", nargs="+", help="summary.json files or directories to search")

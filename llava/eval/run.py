@@ -32,7 +32,7 @@ import sys
 from pathlib import Path
 
 from llava.eval.answering.answers_file import finished_lines, locked_answers_file, remove_if_empty
-from llava.eval.cli_errors import RunError, main_guard
+from llava.eval.cli_errors import INTERRUPTED_EXIT_CODE, Interrupted, RunError, interruptible, kept_note, main_guard
 from llava.eval.answering.loop import add_model_args, answer_shard, resolve_conv_mode, validate_args
 from llava.eval.scoring.run_summary import build_summary, read_scores
 from llava.eval.answering.sharding import ONE_PROCESS, launcher_shard, llava_chunk_path, merged_answers, replace_if_changed, run_on_gpus
@@ -136,9 +136,11 @@ def answer(task: Task, values: dict[str, str], args: argparse.Namespace, paths: 
     questions = task.questions(task_args)
     try:
         answer_shard(task_args, questions, shard, chunk, task.identity_args())
-    except (RunError, KeyboardInterrupt) as error:
-        answered = len(finished_lines(chunk)) if chunk.is_file() else 0
-        reason = str(error) or "interrupted"
+    except (Interrupted, KeyboardInterrupt):
+        raise Interrupted(kept_note(answers_in(chunk), paths.answer_dir)) from None
+    except RunError as error:
+        answered = answers_in(chunk)
+        reason = str(error)
         if not answered:
             raise RunError(reason) from None
         print(f"error: {reason}", file=sys.stderr)
@@ -153,6 +155,10 @@ def answer(task: Task, values: dict[str, str], args: argparse.Namespace, paths: 
             for stale in STALE_AFTER_NEW_ANSWERS:
                 (paths.answer_dir / stale).unlink(missing_ok=True)
         score_and_summarise(task, values, args, paths)
+
+
+def answers_in(chunk: Path) -> int:
+    return len(finished_lines(chunk)) if chunk.is_file() else 0
 
 
 def score_and_summarise(task: Task, values: dict[str, str], args: argparse.Namespace, paths: RunPaths) -> None:
@@ -178,12 +184,17 @@ def answer_on_gpus(task: Task, gpus: list[str], argv: list[str], paths: RunPaths
     """One process per GPU, each a rank of this run limited to `task`; a failure is reported once all
     have stopped, and a run that answered nothing leaves no folder behind."""
     created = [folder for folder in (paths.answer_dir, *paths.answer_dir.parents) if not folder.exists()]
-    codes = run_on_gpus([sys.executable, "-m", "llava.eval.run", *worker_argv(argv, task.name)], gpus)
+    try:
+        codes = run_on_gpus([sys.executable, "-m", "llava.eval.run", *worker_argv(argv, task.name)], gpus)
+    except KeyboardInterrupt:
+        codes = [INTERRUPTED_EXIT_CODE]  # every process has stopped (run_on_gpus waits for them)
     failed = [(rank, code) for rank, code in enumerate(codes) if code != 0]
     if not failed:
         return
     remove_if_empty(created)
-    answered = sum(len(finished_lines(path)) for path in paths.answer_dir.glob(f"{len(gpus)}_*.jsonl"))
+    answered = sum(answers_in(path) for path in paths.answer_dir.glob(f"{len(gpus)}_*.jsonl"))
+    if INTERRUPTED_EXIT_CODE in codes:  # the processes stay silent on Ctrl-C: say once what they kept
+        raise Interrupted(kept_note(answered, paths.answer_dir))
     if answered:
         raise RunError(f"stopped with {answered} answers in {paths.answer_dir}; "
                        "fix the cause and re-run the same command to resume")
@@ -222,6 +233,9 @@ def check_runner_args(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> None:
+    gpus = [gpu.strip() for gpu in (args.gpus or "").split(",") if gpu.strip()]
+    if len(gpus) == 1:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpus[0]  # before anything (the device check too) touches CUDA
     check_runner_args(args)
     validate_args(args)
     try:
@@ -230,9 +244,6 @@ def run(args: argparse.Namespace, argv: list[str]) -> None:
         raise RunError(str(error)) from None
     if not tasks:
         raise RunError("--tasks names no task")
-    gpus = [gpu.strip() for gpu in (args.gpus or "").split(",") if gpu.strip()]
-    if len(gpus) == 1:
-        os.environ["CUDA_VISIBLE_DEVICES"] = gpus[0]  # before anything touches CUDA
     eval_dir = Path(args.eval_dir or os.environ.get("EVAL_DIR") or REPO_EVAL_DIR)
     runs = []
     for task in tasks:  # every task's data, before any model loads
@@ -248,6 +259,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> None:
             answer(task, values, drop_args_for(task, args), paths)
 
 
+@interruptible
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)

@@ -13,6 +13,8 @@ import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from llava.eval.cli_errors import interruptible
+
 REFERENCE_BENCHMARK = "textvqa"
 
 
@@ -45,6 +47,7 @@ def thresholds_for(benchmark: str, tokens: int) -> Thresholds:
     return PUBLISHED.get(benchmark.lower(), {}).get(tokens, PUBLISHED[REFERENCE_BENCHMARK][tokens])
 
 
+@interruptible
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("benchmark", help="e.g. textvqa, vizwiz, gqa (without published thresholds: TextVQA's)")

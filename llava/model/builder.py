@@ -10,7 +10,8 @@ config's `image_grid_pinpoints` are in transformers' [height, width] order (orig
 
 from __future__ import annotations
 
-import json
+import importlib.util
+import os
 from pathlib import Path
 
 import torch
@@ -26,13 +27,22 @@ from llava.constants import (
     DEFAULT_IM_START_TOKEN,
     DEFAULT_IMAGE_PATCH_TOKEN,
 )
-from llava.model.checkpoint_files import CheckpointError, check_weight_files, weight_files
+from llava.model.checkpoint_files import (
+    CheckpointError,
+    check_field_types,
+    check_weight_files,
+    config_field_errors,
+    read_json_object,
+    weight_files,
+)
 from llava.model.image_processor import load_image_processor, load_next_image_processor
 from llava.model.original_layout import (
     ANYRES,
     LLAVA_DEFAULTS,
+    LLAVA_FIELD_TYPES,
     SPATIAL_UNPAD,
     is_original_layout,
+    llava_options,
     load_original_layout,
 )
 from llava.model.tokenizer import load_llava_tokenizer
@@ -61,6 +71,48 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+RUNNABLE_DEVICE_TYPES = ("cpu", "cuda")
+CUDA_TORCH_HINT = "install a CUDA build of torch (https://pytorch.org/get-started/locally/) or use --device cpu"
+
+
+def check_device(device: str) -> None:
+    """Refuse a device this machine's torch cannot run on, before any weight loads (else: a traceback
+    after the load), saying what to install or choose instead."""
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a device torch knows; choose cpu, cuda or cuda:N") from None
+    if parsed.type not in RUNNABLE_DEVICE_TYPES:
+        raise ValueError(f"--device {device}: this project runs on cpu or cuda (cuda:N), not {parsed.type}")
+    if parsed.type == "cuda":
+        check_cuda_device(device, parsed.index)
+
+
+def check_cuda_device(device: str, index: int | None) -> None:
+    if torch.version.cuda is None and torch.version.hip is None:
+        raise ValueError(f"--device {device}: this torch ({torch.__version__}) has no CUDA support; {CUDA_TORCH_HINT}")
+    count = torch.cuda.device_count()
+    if count == 0:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        where = f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else ""
+        raise ValueError(f"--device {device}: no CUDA GPU is visible{where}; use --device cpu")
+    if index is not None and index >= count:
+        raise ValueError(f"--device {device}: only {count} CUDA GPU(s) are visible (cuda:0 to cuda:{count - 1})")
+
+
+def check_quantization(load_8bit: bool, load_4bit: bool) -> None:
+    """8/4-bit loading goes through bitsandbytes on a CUDA GPU: refuse it before the load when either is missing."""
+    if load_8bit and load_4bit:
+        raise ValueError("--load-8bit and --load-4bit: choose one")
+    if not (load_8bit or load_4bit):
+        return
+    flag = "--load-8bit" if load_8bit else "--load-4bit"
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError(f"{flag} needs bitsandbytes, which is not installed: pip install bitsandbytes")
+    if not torch.cuda.is_available():
+        raise ValueError(f"{flag} needs a CUDA GPU (bitsandbytes quantises on CUDA); load without it on this machine")
+
+
 def read_config(model_dir: Path) -> dict:
     config_path = model_dir / "config.json"
     if not model_dir.is_dir():
@@ -70,10 +122,9 @@ def read_config(model_dir: Path) -> dict:
         )
     if not config_path.is_file():
         raise CheckpointError(f"{model_dir} has no config.json; is this a LLaVA checkpoint?")
-    try:
-        return json.loads(config_path.read_text())
-    except json.JSONDecodeError as error:
-        raise CheckpointError(f"cannot parse {config_path}: {error}") from error
+    config = read_json_object(config_path)
+    check_field_types(config, LLAVA_FIELD_TYPES, config_path)
+    return config
 
 
 def resolve_model_dir(model_path: str) -> Path:
@@ -101,8 +152,10 @@ def load_tokenizer(model_dir: Path, options: dict) -> PreTrainedTokenizerBase:
     """
     try:
         tokenizer = load_llava_tokenizer(model_dir)
-    except (OSError, ValueError, RuntimeError) as error:  # RuntimeError: a corrupt tokenizer.model
-        raise CheckpointError(f"cannot load the tokenizer of {model_dir}: {error}") from error
+    except CheckpointError:
+        raise
+    except (OSError, ValueError, RuntimeError) as error:
+        raise CheckpointError(f"cannot load the tokenizer of {model_dir}: {error}") from None
     extra = []
     if options["mm_use_im_patch_token"]:
         extra.append(DEFAULT_IMAGE_PATCH_TOKEN)
@@ -131,6 +184,8 @@ def load_pretrained_model(
     `device_map="auto"` spreads the model over the visible GPUs with accelerate.
     """
     device = device or default_device()
+    check_device(device)
+    check_quantization(load_8bit, load_4bit)
     dtype = resolve_dtype(torch_dtype, device)
     model_dir = resolve_model_dir(model_path)
     raw_config = read_config(model_dir)
@@ -144,21 +199,20 @@ def load_pretrained_model(
             )
         tower_dir = resolve_vision_tower(raw_config["mm_vision_tower"], model_dir, vision_tower)
         base_dir = resolve_model_dir(model_base) if model_base else None
+        tokenizer = load_tokenizer(base_dir or model_dir, llava_options(raw_config))  # before the (long) weight load
         model = load_original_layout(model_dir, tower_dir, dtype, base_dir=base_dir)
         placed = False
-        options = {key: getattr(model.config, key) for key in LLAVA_DEFAULTS}
-        tokenizer = load_tokenizer(base_dir or model_dir, options)
         image_processor = load_image_processor(tower_dir)
     else:
-        model, placed = load_hf_layout(model_dir, dtype, load_8bit, load_4bit, device_map, attn_implementation)
         is_next = is_next_hf_config(raw_config)
         defaults = HF_NEXT_LAYOUT_DEFAULTS if is_next else HF_LAYOUT_DEFAULTS
         options = {key: raw_config.get(key, default) for key, default in defaults.items()}
+        tokenizer = load_tokenizer(model_dir, options)  # before the (long) weight load
+        model, placed = load_hf_layout(model_dir, dtype, load_8bit, load_4bit, device_map, attn_implementation)
         for key, value in options.items():
             setattr(model.config, key, value)
         if is_next:
             model.config.mm_patch_merge_type = SPATIAL_UNPAD  # the only merging transformers implements
-        tokenizer = load_tokenizer(model_dir, options)
         image_processor = load_next_image_processor(model_dir) if is_next else load_image_processor(model_dir)
     model.config._attn_implementation = attn_implementation
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
@@ -205,7 +259,8 @@ def load_hf_layout(
     is_next = is_next_hf_config(read_config(model_dir))
     model_class = LlavaNextForConditionalGeneration if is_next else LlavaForConditionalGeneration
     try:
-        model = model_class.from_pretrained(model_dir, **kwargs)
+        with config_field_errors(model_dir / "config.json"):
+            model = model_class.from_pretrained(model_dir, **kwargs)
     except (OSError, SafetensorError) as error:
         raise CheckpointError(f"cannot load {model_dir}: {error}") from None
     return model.eval(), "device_map" in kwargs

@@ -7,10 +7,12 @@ matters for 7B checkpoints on user machines.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError, safe_open
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -21,6 +23,50 @@ BIN_SINGLE = "pytorch_model.bin"
 
 class CheckpointError(ValueError):
     """A checkpoint directory is incomplete or unreadable; the message says what to fix."""
+
+
+FieldTypes = Mapping[str, tuple[type, ...]]  # a JSON field's name -> the Python types its value may have
+SHOWN_VALUE_CHARS = 60
+ALTERNATIVES_DETAIL = ". Errors: "  # where transformers goes on to list why each allowed type failed
+
+
+def read_json_object(path: Path) -> dict:
+    """One of a checkpoint's JSON files (config, tokenizer config, ...) as a dict; a file that cannot be
+    read, parsed, or is not an object is one line naming it, not a library's traceback."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise CheckpointError(f"cannot read {path}: {error.strerror or error}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"cannot parse {path}: {error}; download it again") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def check_field_types(record: dict, types: FieldTypes, path: Path) -> None:
+    """Refuse a field of `record` (read from `path`) whose value has a type it may not have; bool never
+    passes for int. Fields that are absent are left to their defaults."""
+    for name, allowed in types.items():
+        if name not in record:
+            continue
+        value = record[name]
+        if isinstance(value, allowed) and (bool in allowed or not isinstance(value, bool)):
+            continue
+        expected = " or ".join("null" if kind is type(None) else kind.__name__ for kind in allowed)
+        shown = repr(value)[:SHOWN_VALUE_CHARS]
+        raise CheckpointError(f"{path}: field {name!r} must be {expected}, got {type(value).__name__} {shown}")
+
+
+@contextmanager
+def config_field_errors(path: Path) -> Iterator[None]:
+    """transformers' config classes check their fields' types; their error (a chained library traceback)
+    becomes one line naming the file and the field."""
+    try:
+        yield
+    except StrictDataclassError as error:
+        cause = " ".join(str(error.__cause__ or error).split())
+        raise CheckpointError(f"{path}: {cause.split(ALTERNATIVES_DETAIL)[0]}") from None
 
 
 def weight_files(checkpoint_dir: Path) -> list[Path]:

@@ -62,11 +62,9 @@ def detect_conv_mode(model_path: str, model_base: str | None = None) -> ConvMode
     except CheckpointError as error:
         raise CheckpointError(f"--conv-mode auto: {error}") from None
     config_path = model_dir / CONFIG_FILE
-    if not isinstance(config, dict):
-        raise CheckpointError(f"--conv-mode auto: {config_path} is not a JSON object; {ESCAPE_HINT}")
     original = is_original_layout(config)
     tokenizer_dir = resolve_model_dir(model_base) if model_base and original else model_dir
-    is_mistral = mistral_language_model(language_model_fields(config, original, config_path), config_path)
+    is_mistral = mistral_language_model(language_model_fields(config, original), config_path)
     chatml_file = file_with_chatml_token(tokenizer_dir)
     if is_mistral and chatml_file is not None:
         raise CheckpointError(f"--conv-mode auto: {config_path} names a Mistral language model but {chatml_file} "
@@ -78,16 +76,14 @@ def detect_conv_mode(model_path: str, model_base: str | None = None) -> ConvMode
     return ConvModeChoice(VICUNA_MODE, config_path)
 
 
-def language_model_fields(config: dict, original: bool, config_path: Path) -> dict[str, object]:
+def language_model_fields(config: dict, original: bool) -> dict[str, object]:
     """The config fields that name the language model: the top level of an original-layout config (LLaVA
-    subclasses the LM's config), `text_config` of a transformers one (its top level says only llava_next)."""
+    subclasses the LM's config), `text_config` of a transformers one (its top level says only llava_next;
+    `read_config` has checked that it is an object)."""
     if original:
         section, prefix = config, ""
     else:
         section, prefix = config.get("text_config") or {}, "text_config."
-    if not isinstance(section, dict):
-        raise CheckpointError(f"--conv-mode auto: {config_path}: text_config is {section!r}, not an object; "
-                              f"{ESCAPE_HINT}")
     return {prefix + key: section[key] for key in LANGUAGE_MODEL_KEYS if key in section}
 
 

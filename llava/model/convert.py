@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -28,9 +29,11 @@ from llava.model.builder import load_pretrained_model
 from llava.model.checkpoint_files import CheckpointError
 from llava.model.image_processor import next_image_processor_from_clip
 from llava.model.original_layout import LINEAR_PROJECTOR, LLAVA_DEFAULTS
+from llava.output_paths import OutputPathError, check_output_folder
 
 PAD_TOKEN = "<pad>"
 VOCAB_MULTIPLE = 64
+INTERRUPTED_EXIT_CODE = 128 + signal.SIGINT  # 130, what a shell reports for a Ctrl-C'd command
 
 
 def grow_embeddings(model, new_size: int) -> None:
@@ -89,9 +92,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vision-tower", default=None, help="local CLIP tower directory (overrides mm_vision_tower)")
     args = parser.parse_args(argv)
     try:
+        check_output_folder(args.out, "--out")
         out = convert_checkpoint(args.model_path, args.out, args.vision_tower)
-    except CheckpointError as error:
+    except (CheckpointError, OutputPathError) as error:
         sys.exit(f"error: {error}")
+    except KeyboardInterrupt:  # as llava/eval/cli_errors.py reports it (this layer does not import eval)
+        print(f"interrupted: {args.out} may hold part of a checkpoint; run the same command again", file=sys.stderr)
+        sys.exit(INTERRUPTED_EXIT_CODE)
     print(f"wrote {out}")
 
 

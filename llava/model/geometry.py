@@ -15,6 +15,7 @@ from pathlib import Path
 from transformers import LlavaConfig, LlavaNextConfig
 
 from llava.model.builder import is_next_hf_config, read_config, resolve_model_dir
+from llava.model.checkpoint_files import config_field_errors
 from llava.model.original_layout import (
     build_llava_config,
     build_llava_next_config,
@@ -93,9 +94,10 @@ def read_geometry(model_path: str, vision_tower: str | None = None) -> ModelGeom
     """
     model_dir: Path = resolve_model_dir(model_path)
     raw_config = read_config(model_dir)
-    if is_original_layout(raw_config):
-        tower_dir = resolve_vision_tower(raw_config["mm_vision_tower"], model_dir, vision_tower)
-        build = build_llava_next_config if is_next_config(raw_config) else build_llava_config
-        return geometry_of_config(build(raw_config, tower_dir))
-    config_class = LlavaNextConfig if is_next_hf_config(raw_config) else LlavaConfig
-    return geometry_of_config(config_class.from_pretrained(model_dir))
+    with config_field_errors(model_dir / "config.json"):
+        if is_original_layout(raw_config):
+            tower_dir = resolve_vision_tower(raw_config["mm_vision_tower"], model_dir, vision_tower)
+            build = build_llava_next_config if is_next_config(raw_config) else build_llava_config
+            return geometry_of_config(build(raw_config, tower_dir))
+        config_class = LlavaNextConfig if is_next_hf_config(raw_config) else LlavaConfig
+        return geometry_of_config(config_class.from_pretrained(model_dir))

@@ -30,6 +30,7 @@ from transformers import (
 from llava.model.checkpoint_files import (
     CheckpointError,
     check_weight_files,
+    config_field_errors,
     iter_tensors,
     weight_files,
 )
@@ -47,12 +48,32 @@ LLAVA_DEFAULTS = {
     "mm_use_im_start_end": False,
     "mm_use_im_patch_token": False,
 }
+# The types config.json's LLaVA fields may have (transformers checks its own fields); a wrong one is
+# refused naming the field, before it fails somewhere inside the load.
+LLAVA_FIELD_TYPES = {
+    "mm_vision_tower": (str,),
+    "mm_vision_select_layer": (int,),
+    "mm_vision_select_feature": (str,),
+    "mm_projector_type": (str,),
+    "image_aspect_ratio": (str, type(None)),
+    "mm_use_im_start_end": (bool,),
+    "mm_use_im_patch_token": (bool,),
+    "mm_patch_merge_type": (str, type(None)),
+    "image_grid_pinpoints": (list, type(None)),
+    "tokenizer_model_max_length": (int, type(None)),
+    "max_sequence_length": (int, type(None)),
+    "model_type": (str,),
+    "text_config": (dict,),
+    "vision_config": (dict,),
+}
 SKIPPED_SUFFIXES = ("rotary_emb.inv_freq",)
 SKIPPED_PREFIXES = ("model.vision_tower.",)  # fine-tuned copies of the tower; LLaVA reloads it too
 ANYRES = "anyres"
 SPATIAL_UNPAD = "spatial_unpad"  # crops re-assembled, padding removed, a newline after each row
 FLAT = "flat"  # every crop's tokens one after another, no newline
 SUPPORTED_MERGE_TYPES = (SPATIAL_UNPAD, FLAT)
+CLIP_VISION_PREFIX = "vision_model."
+CLIP_NON_VISION_PREFIXES = ("text_model.", "text_projection.", "visual_projection.", "logit_scale")
 EMBEDDED_TOWER_PREFIX = "model.vision_tower.vision_tower.vision_model."  # v1.6's fine-tuned tower
 
 
@@ -132,8 +153,10 @@ def shared_config_kwargs(config: dict, tower_dir: Path) -> dict:
         raise CheckpointError(f"mm_vision_select_feature '{select_feature}' is not supported")
     llama_keys = set(LlamaConfig().to_dict()) - {"architectures", "model_type", "transformers_version"}
     text_config = LlamaConfig(**{k: v for k, v in config.items() if k in llama_keys})
+    with config_field_errors(tower_dir / "config.json"):
+        vision_config = CLIPVisionConfig.from_pretrained(tower_dir)
     return {
-        "vision_config": CLIPVisionConfig.from_pretrained(tower_dir),
+        "vision_config": vision_config,
         "text_config": text_config,
         "vision_feature_layer": config.get("mm_vision_select_layer", -2),
         "vision_feature_select_strategy": "default" if select_feature == PATCH_FEATURES else "full",
@@ -168,9 +191,14 @@ def language_model_name(name: str, projector: str) -> str | None:
 
 
 def vision_tower_name(name: str) -> str | None:
-    """Map a CLIPModel / CLIPVisionModel tensor name to its place in the Llava model."""
-    prefix = "vision_model."
-    return "model.vision_tower." + name[len(prefix) :] if name.startswith(prefix) else None
+    """Map a CLIP tower's tensor name to its place in the Llava model. `CLIPModel` (and `CLIPVisionModel`
+    before transformers 5) prefix the tower's names with `vision_model.`; transformers 5's
+    `CLIPVisionModel.save_pretrained` writes them bare, as transformers itself loads them."""
+    if name.startswith(CLIP_VISION_PREFIX):
+        return "model.vision_tower." + name[len(CLIP_VISION_PREFIX) :]
+    if name.startswith(CLIP_NON_VISION_PREFIXES):
+        return None
+    return "model.vision_tower." + name
 
 
 def next_tensor_name(name: str, projector: str) -> str | None:
@@ -209,7 +237,8 @@ def load_original_layout(
     the tensors in `model_dir` (e.g. a projector-only `mm_projector.bin`) override it.
     """
     raw_config = json.loads((model_dir / "config.json").read_text())
-    model = build_empty_model(raw_config, tower_dir)
+    with config_field_errors(model_dir / "config.json"):
+        model = build_empty_model(raw_config, tower_dir)
     config = model.config
     is_next = isinstance(model, LlavaNextForConditionalGeneration)
     rename = next_tensor_name if is_next else language_model_name

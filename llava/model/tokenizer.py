@@ -31,9 +31,23 @@ from pathlib import Path
 from transformers import AddedToken, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
 
+from llava.model.checkpoint_files import CheckpointError, check_field_types, read_json_object
+
 SPIECE_UNDERLINE = "▁"
 SENTENCEPIECE_FILE = "tokenizer.model"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+TOKENIZER_JSON_FILES = (TOKENIZER_CONFIG_FILE, "special_tokens_map.json", "added_tokens.json")
+VOCABULARY_FILES = (SENTENCEPIECE_FILE, "tokenizer.json", "vocab.json")  # one of them holds the vocabulary
+SPECIAL_TOKEN_TYPES = (str, dict, type(None))  # a token's text, or an AddedToken written as a dict
+TOKENIZER_FIELD_TYPES = {
+    "tokenizer_class": (str, type(None)),
+    "add_bos_token": (bool,),
+    "add_eos_token": (bool,),
+    "legacy": (bool, type(None)),
+    "clean_up_tokenization_spaces": (bool,),
+    "model_max_length": (int, float),
+    **{name: SPECIAL_TOKEN_TYPES for name in ("bos_token", "eos_token", "unk_token", "pad_token")},
+}
 SAVED_CLASS_NAME = "LlamaTokenizer"  # what other tools (and transformers 4.x) load the saved files with
 LLAMA_TOKENIZER_CLASSES = (None, "LlamaTokenizer", "LlamaTokenizerFast")
 
@@ -185,7 +199,28 @@ def declared_tokenizer_class(model_dir: Path) -> str | None:
     config_file = model_dir / TOKENIZER_CONFIG_FILE
     if not config_file.is_file():
         return None
-    return json.loads(config_file.read_text()).get("tokenizer_class")
+    return read_json_object(config_file).get("tokenizer_class")
+
+
+def check_tokenizer_files(model_dir: Path) -> None:
+    """Check the tokenizer files a load reads, so that a missing or broken one is named in one line (the
+    libraries report it as a chained traceback, or as "install sentencepiece" when the vocabulary is gone)."""
+    for name in TOKENIZER_JSON_FILES:
+        path = model_dir / name
+        if path.exists():
+            check_field_types(read_json_object(path), TOKENIZER_FIELD_TYPES if name == TOKENIZER_CONFIG_FILE else {},
+                              path)
+    if not any((model_dir / name).is_file() for name in VOCABULARY_FILES):
+        raise CheckpointError(f"{model_dir} holds no tokenizer vocabulary (none of {', '.join(VOCABULARY_FILES)}); "
+                              "download the checkpoint's tokenizer files")
+
+
+def load_sentencepiece_tokenizer(model_dir: Path) -> SentencePieceLlamaTokenizer:
+    try:
+        return SentencePieceLlamaTokenizer.from_pretrained(model_dir)
+    except (RuntimeError, OSError) as error:  # sentencepiece: "could not parse ModelProto"
+        raise CheckpointError(f"cannot read {model_dir / SENTENCEPIECE_FILE} ({error}): it is not a SentencePiece "
+                              "model, or truncated; download it again") from None
 
 
 def load_llava_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
@@ -196,6 +231,7 @@ def load_llava_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
     tokenizer.model, or another tokenizer class) falls back to transformers' `AutoTokenizer`, which in
     transformers 5 is always the `tokenizers` (fast) one.
     """
+    check_tokenizer_files(model_dir)
     if (model_dir / SENTENCEPIECE_FILE).is_file() and declared_tokenizer_class(model_dir) in LLAMA_TOKENIZER_CLASSES:
-        return SentencePieceLlamaTokenizer.from_pretrained(model_dir)
+        return load_sentencepiece_tokenizer(model_dir)
     return AutoTokenizer.from_pretrained(model_dir)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 import pkgutil
 import typing
 
@@ -47,7 +48,16 @@ def parse_method_args(text: str) -> dict[str, str]:
 
 
 def _convert(value: str, annotation, name: str):
-    """Turn a command-line string into the option's declared type."""
+    """Turn a command-line string into the option's declared type; NaN and infinities are refused for every
+    caller (the CLIs name the flag before this, the web page and the Python API rely on it)."""
+    converted = _convert_type(value, annotation, name)
+    numbers = converted if isinstance(converted, tuple) else (converted,)
+    if any(isinstance(number, float) and not math.isfinite(number) for number in numbers):
+        raise ValueError(f"option {name}={value!r} must be a finite number")
+    return converted
+
+
+def _convert_type(value: str, annotation, name: str):
     arguments = typing.get_args(annotation)
     if type(None) in arguments:  # an optional option: "none" clears it, anything else is the inner type
         if value.lower() == "none":

@@ -3,8 +3,9 @@
 Answers are written in question order, so resuming means skipping as many questions as there are
 complete lines. The skipped question ids are checked against the file, because TextVQA-style question
 files repeat ids (one per image) and an answers file from another question file must not be extended;
-so are the run settings every line records, so that a resumed file never mixes two settings. A run
-holds an exclusive lock on its file, so two runs cannot interleave their lines.
+so are the run settings every line records, so that a resumed file never mixes two settings, and the
+fingerprint of each answered question (its text and image), so that an edited question file is not
+extended either. A run holds an exclusive lock on its file, so two runs cannot interleave their lines.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import IO
 from llava.eval.jsonl import parse_line
 
 RUN_KEY = "run"  # metadata field holding the settings an answer was made with
+ASKED_KEY = "asked"  # metadata field holding a fingerprint of the question as it was asked
 LOCK_SUFFIX = ".lock"
 MISSING = "<not recorded>"
 
@@ -77,9 +79,11 @@ def parse_answers(path: Path, finished: bytes) -> list[dict]:
     return records
 
 
-def resume_position(path: Path, question_ids: list, identity: dict | None = None) -> int:
+def resume_position(path: Path, question_ids: list, identity: dict | None = None,
+                    fingerprints: list[str] | None = None) -> int:
     """How many questions are already answered in `path`, checked against the question ids and, when
-    `identity` is given, against the run settings every line records (`metadata["run"]`)."""
+    given, against the run settings every line records (`metadata["run"]`) and the fingerprint of each
+    question as it was asked (`metadata["asked"]`: its text and image)."""
     done = complete_lines(path)
     if len(done) > len(question_ids):
         raise AnswersFileError(f"{path} has {len(done)} answers but there are only {len(question_ids)} questions")
@@ -92,7 +96,21 @@ def resume_position(path: Path, question_ids: list, identity: dict | None = None
             )
         if identity is not None:
             check_same_run(path, index + 1, answer, identity)
+        if fingerprints is not None:
+            check_same_question(path, index + 1, answer, fingerprints[index])
     return len(done)
+
+
+def check_same_question(path: Path, line: int, answer: dict, fingerprint: str) -> None:
+    """Refuse to extend a file whose answered question has changed since (same id, other text or image).
+    Lines written before fingerprints were recorded are not checked."""
+    metadata = answer.get("metadata")
+    recorded = metadata.get(ASKED_KEY) if isinstance(metadata, dict) else None
+    if recorded is not None and recorded != fingerprint:
+        raise AnswersFileError(
+            f"{path} line {line} answers question {answer.get('question_id')!r} as it was asked then, but the "
+            "question file now asks it with another text or image; delete the file or choose another --answers-file"
+        )
 
 
 def check_same_run(path: Path, line: int, answer: dict, identity: dict) -> None:
@@ -137,6 +155,9 @@ def locked_answers_file(path: Path, wait: bool = False) -> Iterator[None]:
     """
     if path.is_dir():
         raise AnswersFileError(f"--answers-file {path} is a directory; give a file path such as {path / 'answers.jsonl'}")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise AnswersFileError(f"--answers-file {path} cannot be written (read-only or immutable); make it writable "
+                               "or choose another --answers-file")
     lock_path = path.with_name(path.name + LOCK_SUFFIX)
     created = [folder for folder in path.parents if not folder.exists()]
     existed = path.exists()
@@ -145,7 +166,7 @@ def locked_answers_file(path: Path, wait: bool = False) -> Iterator[None]:
     except OSError as error:
         raise AnswersFileError(f"cannot create the folder of --answers-file {path}: {error.strerror or error}") from None
     try:
-        handle = _acquire(lock_path, path, wait)
+        handle = acquire_writable(lock_path, path, wait)
         try:
             yield
         finally:
@@ -165,6 +186,16 @@ def remove_if_empty(folders: list[Path]) -> None:
             folder.rmdir()
         except OSError:
             return
+
+
+def acquire_writable(lock_path: Path, answers_path: Path, wait: bool) -> IO[str]:
+    """The lock, whose sidecar file is the first thing a run writes beside its answers: a folder the run
+    cannot write in is refused here, before the model loads, not after the first answer."""
+    try:
+        return _acquire(lock_path, answers_path, wait)
+    except OSError as error:
+        raise AnswersFileError(f"cannot write in the folder of --answers-file {answers_path}: "
+                               f"{error.strerror or error} (creating {lock_path.name})") from None
 
 
 def _acquire(lock_path: Path, answers_path: Path, wait: bool) -> IO[str]:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,19 +38,35 @@ from llava.drop.methods import DropMethod, create_method, parse_method_args
 from llava.drop.methods.registry import option_names
 from llava.eval.answering.answerer import Answerer
 from llava.eval.answering.answers_file import (
+    ASKED_KEY,
     RUN_KEY,
+    finished_lines,
     get_chunk,
     locked_answers_file,
     open_for_append,
     resume_position,
     write_line,
 )
-from llava.eval.cli_errors import RunError, main_guard  # noqa: F401  (re-exported for the CLIs)
+from llava.eval.cli_errors import (  # noqa: F401  (RunError, main_guard re-exported for the CLIs)
+    Interrupted,
+    RunError,
+    interruptible,
+    kept_note,
+    main_guard,
+    refuse_non_finite_flags,
+    refuse_non_finite_options,
+)
 from llava.eval.jsonl import iter_jsonl, read_jsonl
 from llava.eval.answering.sharding import Shard, launcher_shard, merged_answers, replace_if_changed, shard_path
 from llava.eval.scoring.summary import summarize_answers, summary_line
-from llava.mm_utils import load_image
-from llava.model.builder import default_device, load_pretrained_model, resolve_dtype
+from llava.mm_utils import ImageLoadError, check_image_header, load_image
+from llava.model.builder import (
+    check_device,
+    check_quantization,
+    default_device,
+    load_pretrained_model,
+    resolve_dtype,
+)
 from llava.model.checkpoint_files import CheckpointError
 from llava.model.conv_mode import AUTO_CONV_MODE, detect_conv_mode
 from llava.model.geometry import read_geometry
@@ -73,6 +91,31 @@ class Question:
             return load_image(self.image_path)
         except ValueError as error:
             raise RunError(f"question {self.question_id!r}: {error}") from None
+
+
+def check_images_readable(questions: list[Question]) -> None:
+    """Open the header of every image these questions read, before the model loads: a 7B load should not
+    come before "image not found" on question 1. Names the first unreadable image and counts the rest."""
+    problems = []
+    for question in questions:
+        if question.image_path is not None:
+            try:
+                check_image_header(question.image_path)
+            except ImageLoadError as error:
+                problems.append(f"question {question.question_id!r}: {error}")
+    if problems:
+        more = f" (and {len(problems) - 1} more of the {len(questions)} questions)" if len(problems) > 1 else ""
+        raise RunError(f"{problems[0]}{more}")
+
+
+def question_image(record: dict, image_folder: str, where: str) -> Path | None:
+    """The image of a question line: its "image" under the image folder, None for a text-only question (no
+    "image" field, or null). An empty name is refused: answering it text-only would silently change the task."""
+    image = question_field(record, "image", (str,), where, required=False)
+    if image is not None and not image.strip():
+        raise RunError(f"{where}: 'image' is empty; name the image file, or leave the field out for a text-only "
+                       "question")
+    return Path(image_folder) / image if image is not None else None
 
 
 def add_loading_args(parser: argparse.ArgumentParser, model_path_default: str | None = "facebook/opt-350m") -> None:
@@ -101,6 +144,7 @@ def add_stage_args(parser: argparse.ArgumentParser) -> None:
 
 
 SEED_OPTION = "seed"  # a method option that --seed sets too
+FINGERPRINT_CHARS = 16  # 64 bits of a question's SHA-256: a changed question is never taken for the old one
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -168,6 +212,7 @@ def method_from_args(args: argparse.Namespace) -> DropMethod:
         raise ValueError(f"--sparse switches on MustDrop; drop it to use --method {name}")
     base = mustdrop_options if name == "mustdrop" else None
     method_args = parse_method_args(args.method_args)
+    refuse_non_finite_options(method_args)
     if args.budget is not None:
         if name == "none":
             raise ValueError("--budget needs a dropping method: add --sparse or --method NAME")
@@ -193,6 +238,7 @@ def validate_args(args: argparse.Namespace) -> tuple[SamplingConfig, DropMethod]
 
 def validate_generation_args(args: argparse.Namespace) -> tuple[SamplingConfig, DropMethod]:
     """The flags of `add_generation_args` and `add_drop_args`, checked before the model loads."""
+    refuse_non_finite_flags(args)
     try:
         if args.conv_mode != AUTO_CONV_MODE:  # auto is resolved from the checkpoint (resolve_conv_mode)
             get_conv_template(args.conv_mode)
@@ -200,8 +246,18 @@ def validate_generation_args(args: argparse.Namespace) -> tuple[SamplingConfig, 
         drop = method_from_args(args)
     except ValueError as error:
         raise RunError(str(error)) from None
+    check_machine_args(args)
     check_decode_step_args(args)
     return sampling, drop
+
+
+def check_machine_args(args: argparse.Namespace) -> None:
+    """The device and quantisation asked for are ones this machine can run (before the load, not after)."""
+    try:
+        check_device(args.device or default_device())
+        check_quantization(args.load_8bit, args.load_4bit)
+    except ValueError as error:
+        raise RunError(str(error)) from None
 
 
 def check_decode_step_args(args: argparse.Namespace) -> None:
@@ -323,7 +379,7 @@ def run_questions(args: argparse.Namespace, questions: list[Question], identity_
     shard = launcher_shard()
     if shard is None:  # LLaVA's --num-chunks / --chunk-idx: this process's chunk is the answers file
         answer_shard(args, questions, Shard(args.chunk_idx, args.num_chunks, 0), answers_path, identity_args)
-        print(summary_line(summarize_answers(read_jsonl(answers_path))))
+        print_summary_line(answers_path)
         return answers_path
     chunk_path = shard_path(answers_path, shard)
     answer_shard(args, questions, shard, chunk_path, identity_args)
@@ -332,8 +388,16 @@ def run_questions(args: argparse.Namespace, questions: list[Question], identity_
         if merged is not None:
             replace_if_changed(answers_path, merged)
             print(f"all {shard.count} shards complete: merged into {answers_path}")
-    print(summary_line(summarize_answers(read_jsonl(chunk_path))))
+    print_summary_line(chunk_path)
     return chunk_path
+
+
+def print_summary_line(path: Path) -> None:
+    """The run's one-line summary of the answers in `path` (a resumed file may hold another tool's lines)."""
+    try:
+        print(summary_line(summarize_answers(read_jsonl(path, "answers file"), f"answers file {path}")))
+    except ValueError as error:
+        raise RunError(str(error)) from None
 
 
 def answer_shard(args: argparse.Namespace, questions: list[Question], shard: Shard, path: Path,
@@ -354,18 +418,44 @@ def answer_chunk(args: argparse.Namespace, chunk: list[Question], path: Path, fi
     identity = run_identity(args, drop, identity_args)
     try:
         with locked_answers_file(path):
-            start = resume_position(path, [q.question_id for q in chunk], identity)
-            if start == len(chunk):
+            fingerprints = [question_fingerprint(q, getattr(args, "image_folder", None)) for q in chunk]
+            start = resume_position(path, [q.question_id for q in chunk], identity, fingerprints)
+            if chunk and start == len(chunk):
                 print(f"{path}: all {len(chunk)} questions already answered")
-                return
-            check_model_fits(args, drop)
-            answer_remaining(args, chunk, path, start, first_position, sampling, drop, identity)
+            elif chunk:
+                check_images_readable(chunk[start:])
+                check_model_fits(args, drop)
+                answer_remaining(args, chunk, path, start, first_position, sampling, drop, identity, fingerprints)
+        if not chunk:
+            write_empty_chunk(path)
     except ValueError as error:  # answers-file problems (lock, resume); RunError passes through
         raise RunError(str(error)) from None
+    except KeyboardInterrupt:  # after the lock's release: the file is whole, or gone if it held nothing
+        raise Interrupted(kept_note(len(finished_lines(path)) if path.is_file() else 0, path)) from None
+
+
+def question_fingerprint(question: Question, image_folder: str | None) -> str:
+    """A short fingerprint of what a question asks (its prompt and its image's name in the question file),
+    recorded with its answer so that a resumed run refuses a question file whose answered questions
+    changed, not only their ids."""
+    image = None if question.image_path is None else os.path.relpath(question.image_path, image_folder or os.curdir)
+    content = json.dumps([question.text, image], ensure_ascii=False)
+    return hashlib.sha256(content.encode()).hexdigest()[:FINGERPRINT_CHARS]
+
+
+def write_empty_chunk(path: Path) -> None:
+    """A shard left without questions (more shards than questions) still leaves its file, empty, so that
+    the merge (ours, or LLaVA's `cat` of every chunk file) finds every chunk and goes ahead."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+    except OSError as error:
+        raise RunError(f"cannot write the answers file {path}: {error.strerror or error}") from None
+    print(f"{path}: this shard has no questions (more shards than questions); its file is empty")
 
 
 def answer_remaining(args: argparse.Namespace, chunk: list[Question], path: Path, start: int, first_position: int,
-                     sampling: SamplingConfig, drop: DropMethod, identity: dict) -> None:
+                     sampling: SamplingConfig, drop: DropMethod, identity: dict, fingerprints: list[str]) -> None:
     tokenizer, model, image_processor, _ = load_model(args)
     answerer = Answerer(tokenizer, model, image_processor, args.conv_mode, sampling, drop, **decode_step_args(args))
     model_id = Path(args.model_path.rstrip("/")).name
@@ -381,7 +471,7 @@ def answer_remaining(args: argparse.Namespace, chunk: list[Question], path: Path
                     "text": answer.text,
                     "answer_id": answer_id(model_id, question.question_id, first_position + offset),
                     "model_id": model_id,
-                    "metadata": {**answer.stats, RUN_KEY: identity},
+                    "metadata": {**answer.stats, RUN_KEY: identity, ASKED_KEY: fingerprints[offset]},
                 })
                 progress.update()
 
@@ -402,9 +492,15 @@ def answer_group(answerer: Answerer, chunk: list[Question], group: range, first_
             yield answerer.answer(question.text, question.load_image())
         except ValueError as error:
             raise RunError(f"question {question.question_id!r} (question {first_position + offset + 1} of the "
-                           f"question file): {error}; the {offset} answers before it are kept in {path}") from None
+                           f"question file): {error}; {answers_kept(offset, path)}") from None
 
 
+def answers_kept(count: int, path: Path) -> str:
+    """What a stopped run leaves, naming the answers file only when it holds answers (else it is removed)."""
+    return f"the {count} answers before it are kept in {path}" if count else "no answer was written"
+
+
+@interruptible
 def run_cli(parser: argparse.ArgumentParser, questions_from_args: Callable[[argparse.Namespace], list[Question]],
             argv: list[str] | None = None, identity_args: tuple[str, ...] = ()) -> None:
     """A benchmark CLI's whole main(): parse, check flags before reading questions, answer them.

@@ -33,6 +33,7 @@ from llava.eval.scoring.mmbench import (
     rotate,
     round_answer,
 )
+from llava.mm_utils import as_rgb
 
 SINGLE_PRED_PROMPTS = {
     "en": "Answer with the option's letter from the given choices directly.",
@@ -66,7 +67,7 @@ def image_loader(row: MMBenchRow) -> Callable[[], Image.Image]:
     def load() -> Image.Image:
         try:
             with Image.open(BytesIO(base64.b64decode(row.image))) as image:
-                return image.convert("RGB")
+                return as_rgb(image)
         except (binascii.Error, OSError, ValueError) as error:
             raise RunError(f"question {row.index}: cannot decode its base64 image ({error})") from None
 

@@ -20,6 +20,7 @@ from llava.eval.answering.loop import (
     RunError,
     add_model_args,
     question_field,
+    question_image,
     run_cli,
 )
 
@@ -60,13 +61,13 @@ def to_question(problem: dict, image_folder: str, single_pred_prompt: bool, wher
     if not isinstance(problem, dict):
         raise RunError(f"{where}: expected a JSON object, got {type(problem).__name__}")
     question_id = question_field(problem, "id", (str, int), where)
-    image = question_field(problem, "image", (str,), where, required=False)
+    image_path = question_image(problem, image_folder, where)
     text = question_text(problem, single_pred_prompt)
     return Question(
         question_id=question_id,
         text=text,
-        image_path=Path(image_folder) / image if image else None,
-        record={"prompt": f"{DEFAULT_IMAGE_TOKEN}\n{text}" if image else text},
+        image_path=image_path,
+        record={"prompt": f"{DEFAULT_IMAGE_TOKEN}\n{text}" if image_path else text},
     )
 
 

@@ -11,14 +11,18 @@ such ranks, each seeing only its own GPU.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from llava.eval.answering.answers_file import finished_lines, get_chunk
+from llava.eval.cli_errors import PARENT_REPORTS_INTERRUPT
 
 WORLD_SIZE_ENV, RANK_ENV, LOCAL_RANK_ENV = "WORLD_SIZE", "RANK", "LOCAL_RANK"
+INTERRUPT_GRACE_S = 5.0  # how long processes interrupted with this one get to stop on their own
 
 
 @dataclass(frozen=True)
@@ -75,10 +79,28 @@ def replace_if_changed(path: Path, content: bytes) -> bool:
 
 def run_on_gpus(command: Sequence[str], gpus: Sequence[str]) -> list[int]:
     """Run `command` once per GPU, all at once, as the ranks of one sharded run; their exit codes
-    (negative: killed by that signal)."""
+    (negative: killed by that signal). On Ctrl-C they are stopped too (`interrupt_all`), and it goes on."""
     processes = []
     for rank, gpu in enumerate(gpus):
         env = {**os.environ, WORLD_SIZE_ENV: str(len(gpus)), RANK_ENV: str(rank), LOCAL_RANK_ENV: "0",
-               "CUDA_VISIBLE_DEVICES": gpu}
+               "CUDA_VISIBLE_DEVICES": gpu, PARENT_REPORTS_INTERRUPT: "1"}
         processes.append(subprocess.Popen(list(command), env=env))
-    return [process.wait() for process in processes]
+    try:
+        return [process.wait() for process in processes]
+    except KeyboardInterrupt:
+        interrupt_all(processes)
+        raise
+
+
+def interrupt_all(processes: Sequence[subprocess.Popen]) -> None:
+    """Stop the processes after a Ctrl-C and wait for them. A terminal's Ctrl-C has reached them already (a
+    second one could cut their own clean stop short); a SIGINT sent to this process alone has not, so those
+    still running after a grace period get one."""
+    deadline = time.monotonic() + INTERRUPT_GRACE_S
+    for process in processes:
+        try:
+            process.wait(timeout=max(deadline - time.monotonic(), 0))
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGINT)
+    for process in processes:
+        process.wait()

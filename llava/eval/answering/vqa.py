@@ -10,12 +10,12 @@ last answered question. `--num-chunks/--chunk-idx` split the questions as LLaVA 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from llava.eval.answering.loop import (
     Question,
     add_model_args,
     question_field,
+    question_image,
     read_question_lines,
     run_cli,
 )
@@ -39,8 +39,7 @@ def questions_from_file(args: argparse.Namespace) -> list[Question]:
         where = f"question file {args.question_file}, line {number}"
         question_id = question_field(line, "question_id", (str, int), where)
         text = question_field(line, "text", (str,), where)
-        image = question_field(line, "image", (str,), where, required=False)
-        image_path = Path(args.image_folder) / image if image else None
+        image_path = question_image(line, args.image_folder, where)
         questions.append(Question(question_id=question_id, text=text, image_path=image_path))
     return questions
 

@@ -21,6 +21,7 @@ from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
+from llava.eval.cli_errors import interruptible
 from llava.eval.scoring.results import (
     AnswerKey,
     ScoringError,
@@ -140,6 +141,7 @@ def _print_scores(scores: dict[str, Any]) -> None:
             print(f"  {kind} {name}: {accuracy:.2f}%")
 
 
+@interruptible
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--questions", required=True, help="GQA questions JSON (testdev_balanced_questions.json)")

@@ -19,6 +19,7 @@ from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
+from llava.eval.cli_errors import interruptible
 from llava.eval.jsonl import JsonlError, iter_jsonl
 from llava.eval.scoring.results import ScoringError, json_type, write_json
 
@@ -95,6 +96,7 @@ def print_scores(path: str | Path, scores: dict[str, Any]) -> None:
     print("=================================")
 
 
+@interruptible
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--review-file", required=True, help="review JSONL (LLaVA's eval_gpt_review_bench.py output)")

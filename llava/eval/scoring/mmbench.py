@@ -29,6 +29,7 @@ from typing import Any
 from openpyxl import Workbook
 from openpyxl.cell.cell import ILLEGAL_CHARACTERS_RE
 
+from llava.eval.cli_errors import interruptible
 from llava.eval.option_letters import (
     FAILED,
     OPTION_LETTERS,
@@ -292,6 +293,7 @@ def print_scores(scores: dict[str, Any]) -> None:
         print(f"  {name or '(no category)'}: {accuracy:.2f}%")
 
 
+@interruptible
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--question-file", required=True, help="MMBench TSV")

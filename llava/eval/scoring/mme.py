@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from llava.eval.cli_errors import interruptible
 from llava.eval.scoring.results import (
     AnswerKey,
     ScoringError,
@@ -184,6 +185,7 @@ def _print_scores(scores: dict[str, Any]) -> None:
         print(unanswered_line(scores["unanswered"], questions))
 
 
+@interruptible
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--question-file", required=True, help="llava_mme.jsonl")

@@ -15,6 +15,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
+from llava.eval.cli_errors import interruptible
 from llava.eval.scoring.results import (
     ALLOW_PARTIAL_HELP,
     Results,
@@ -42,6 +43,7 @@ def check_questions(answers: Results, question_file: str | Path, allow_partial: 
     return answers.unanswered(question_ids, allow_partial)
 
 
+@interruptible
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--src", required=True, help="LLaVA answers JSONL (merge.jsonl)")

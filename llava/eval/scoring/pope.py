@@ -21,9 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llava.eval.cli_errors import interruptible
 from llava.eval.scoring.results import (
     ScoringError,
     add_scoring_flags,
+    check_label,
+    numbered_records,
     question_id,
     read_records,
     read_results,
@@ -32,6 +35,8 @@ from llava.eval.scoring.results import (
     write_scores_if_asked,
 )
 
+YES, NO = "yes", "no"
+LABELS = (YES, NO)  # POPE's annotations say exactly one of these
 NEGATIVE_WORDS = frozenset({"No", "no", "not"})
 SENTENCE_END = re.compile(r"[.\n]")
 ANNOTATION_FILE = "coco_pope_{category}.json"
@@ -90,11 +95,12 @@ def _questions_by_category(questions: list[dict[str, Any]]) -> dict[str, list[di
 
 def score_category(questions: list[dict[str, Any]], answers: dict[str, str], label_file: Path) -> dict[str, float]:
     """Metrics of one category's answered questions; its questions and label lines are paired in order."""
-    labels = read_records(label_file, "annotation file", ("image", "label"))
+    labels = numbered_records(label_file, "annotation file", ("image", "label"))
     if len(labels) != len(questions):
         raise ScoringError(f"{label_file} has {len(labels)} labels but the question file {len(questions)} questions")
     confusion = Confusion()
-    for question, label in zip(questions, labels):
+    for question, (line, label) in zip(questions, labels):
+        check_label(label["label"], LABELS, f"annotation file {label_file}, line {line}")
         if question.get("image") != label["image"]:
             raise ScoringError(
                 f"question_id {question['question_id']!r} shows {question.get('image')!r} but its label in "
@@ -102,7 +108,7 @@ def score_category(questions: list[dict[str, Any]], answers: dict[str, str], lab
             )
         answer = answers.get(question_id(question))
         if answer is not None:
-            confusion.add(answer_is_yes(answer), label["label"] != "no")
+            confusion.add(answer_is_yes(answer), label["label"] == YES)
     return confusion.metrics()
 
 
@@ -142,6 +148,7 @@ def _print_scores(scores: dict[str, Any]) -> None:
         print(unanswered_line(scores["unanswered"], answered + scores["unanswered"]))
 
 
+@interruptible
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--annotation-dir", required=True, help="folder with coco_pope_<category>.json")

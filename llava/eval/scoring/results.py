@@ -3,9 +3,10 @@
 A result file holds one JSON object per line (`question_id`, `prompt`, `text`, ...). `read_results`
 refuses what would distort a score: a line that is not an object, a missing field, an answer `text`
 that is not a string (a `null` would score as a wrong answer, a number might score as a right one),
-and a second answer to a question already answered (twelve copies of one right answer must not score
-100 %). A question is what the benchmark's own key says it is (`AnswerKey`): MME asks two questions
-per image id, MMBench one per round. `check_coverage` then says how many questions of the benchmark
+a second answer to a question already answered (twelve copies of one right answer must not score
+100 %), and lines of different runs (their recorded `metadata.run` settings differ). A question is
+what the benchmark's own key says it is (`AnswerKey`): MME asks two questions per image id, MMBench one
+per round. `check_coverage` then says how many questions of the benchmark
 are unanswered and refuses a partial file unless the user passed `--allow-partial`.
 
 Every error is a `ScoringError` whose message names the file and the 1-based line, so each scorer's
@@ -21,10 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llava.eval.answering.answers_file import RUN_KEY, first_difference
 from llava.eval.jsonl import JsonlError, iter_jsonl
+from llava.output_paths import OutputPathError, check_output_file
 
 ANSWER_FIELDS = ("question_id", "text")
 PERCENT = 100.0
+OUTPUT_FILE_FLAGS = {"scores_file": "--scores-file", "result_upload_file": "--result-upload-file"}  # what scorers write
 SHOWN_KEYS = 5  # unanswered questions named in an error; the count says how many there are in all
 ALLOW_PARTIAL_HELP = "score a result file that leaves questions unanswered (the count is reported)"
 SCORES_FILE_HELP = "also write the scores as JSON here (for summary.json)"
@@ -104,7 +108,20 @@ def json_type(value: Any) -> str:
 def read_records(path: str | Path, what: str, required: Iterable[str] = ()) -> list[dict[str, Any]]:
     """Every line of a JSONL question or annotation file, each an object with the `required` fields
     (`question_id` a string or an integer, any other a string)."""
-    return [record for _, record in _numbered_objects(path, what, tuple(required))]
+    return [record for _, record in numbered_records(path, what, required)]
+
+
+def numbered_records(path: str | Path, what: str, required: Iterable[str] = ()) -> list[tuple[int, dict[str, Any]]]:
+    """`read_records` with each record's 1-based line number, for messages that name the line."""
+    return _numbered_objects(path, what, tuple(required))
+
+
+def check_label(value: Any, vocabulary: Sequence[str], where: str) -> str:
+    """An annotation's label, refused when outside the benchmark's vocabulary: any other value would
+    silently count as one of them (POPE reads every label but "no" as "yes")."""
+    if isinstance(value, str) and value in vocabulary:
+        return value
+    raise ScoringError(f"{where}: label {value!r} is not one of {', '.join(map(repr, vocabulary))}")
 
 
 def _numbered_objects(path: str | Path, what: str, required: tuple[str, ...]) -> list[tuple[int, dict[str, Any]]]:
@@ -143,7 +160,34 @@ def read_results(path: str | Path, key: AnswerKey = QUESTION_ID, required: Seque
         results.answers[answer_key] = Answer(number, answer_key, record)
     if not results.answers:
         raise ScoringError(f"{what} {path} holds no answers")
+    check_one_run(results)
     return results
+
+
+def run_settings(record: dict[str, Any]) -> dict | None:
+    """The settings an answers line records it was made with (`metadata.run`), None for lines without."""
+    metadata = record.get("metadata")
+    settings = metadata.get(RUN_KEY) if isinstance(metadata, dict) else None
+    return settings if isinstance(settings, dict) else None
+
+
+def check_one_run(results: Results) -> None:
+    """Refuse a file whose lines were written by different runs (their recorded settings differ): two
+    runs' answers merged or concatenated would be scored as one."""
+    first, *others = results.answers.values()
+    settings = run_settings(first.record)
+    for answer in others:
+        these = run_settings(answer.record)
+        if these == settings:
+            continue
+        if these is None or settings is None:
+            recorded, missing = (first, answer) if these is None else (answer, first)
+            detail = f"line {recorded.line} records its run's settings, line {missing.line} does not"
+        else:
+            name, before, now = first_difference(settings, these)
+            detail = f"{name}={before!r} on line {first.line}, {name}={now!r} on line {answer.line}"
+        raise ScoringError(f"{results.source} mixes the answers of different runs ({detail}); score one run's "
+                           "answers at a time")
 
 
 def _check_types(record: dict[str, Any], required: Sequence[str], where: str) -> None:
@@ -203,9 +247,17 @@ def run_scorer_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
     """A scorer's main(): parse the flags and run; a ScoringError becomes the parser's one `error:` line."""
     args = parser.parse_args(argv)
     try:
+        check_output_flags(args)
         run(args)
-    except ScoringError as error:
+    except (ScoringError, OutputPathError) as error:
         parser.error(str(error))
+
+
+def check_output_flags(args: argparse.Namespace) -> None:
+    """The files a scorer writes, checked before it reads and scores anything."""
+    for name, flag in OUTPUT_FILE_FLAGS.items():
+        if getattr(args, name, None):
+            check_output_file(getattr(args, name), flag)
 
 
 def write_scores_if_asked(args: argparse.Namespace, scores: dict) -> None:

@@ -16,8 +16,9 @@ from pathlib import Path
 
 from llava.drop.methods.registry import family_of
 from llava.eval.jsonl import read_jsonl
-from llava.eval.cli_errors import RunError, main_guard
+from llava.eval.cli_errors import RunError, interruptible, main_guard
 from llava.eval.scoring.summary import summarize_answers
+from llava.output_paths import OutputPathError, check_output_file
 
 VERSIONED_PACKAGES = ("mustdrop", "torch", "transformers", "accelerate")
 
@@ -44,6 +45,7 @@ def build_summary(answers_file: Path, benchmark: str, setting: str, model_path: 
                   scores: dict) -> dict:
     try:
         records = read_jsonl(answers_file, "answers file")
+        statistics = summarize_answers(records, f"answers file {answers_file}")
     except (OSError, ValueError) as error:
         raise RunError(str(error)) from None
     return {
@@ -56,20 +58,30 @@ def build_summary(answers_file: Path, benchmark: str, setting: str, model_path: 
         "drop_flags": drop_flags,
         "questions": len(records),
         "scores": scores,
-        **summarize_answers(records),
+        **statistics,
         "versions": software_versions(),
     }
 
 
 def read_scores(path: str | None) -> dict:
+    """A scorer's scores.json: a JSON object of scores (numbers, or objects of them per category)."""
     if path is None or not Path(path).is_file():
         return {}
     try:
-        return json.loads(Path(path).read_text())
+        scores = json.loads(Path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise RunError(f"cannot parse scores file {path}: {error}") from None
+    except UnicodeDecodeError as error:
+        raise RunError(f"scores file {path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    except OSError as error:
+        raise RunError(f"cannot read scores file {path}: {error.strerror or error}") from None
+    if not isinstance(scores, dict):
+        raise RunError(f"scores file {path} is not a scorer's output: expected a JSON object, got "
+                       f"{type(scores).__name__}")
+    return scores
 
 
+@interruptible
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--answers-file", required=True)
@@ -82,9 +94,16 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     def run() -> None:
+        try:
+            check_output_file(args.out, "--out")
+        except OutputPathError as error:
+            raise RunError(str(error)) from None
         summary = build_summary(Path(args.answers_file), args.benchmark, args.setting, args.model_path,
                                 args.drop_flags, read_scores(args.scores_file))
-        Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
+        try:
+            Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
+        except OSError as error:
+            raise RunError(f"cannot write --out {args.out}: {error.strerror or error}") from None
         print(f"summary: {args.out}")
 
     main_guard(run)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llava.eval.cli_errors import interruptible
 from llava.eval.option_letters import (
     FAILED,
     OPTION_LETTERS,
@@ -73,15 +74,22 @@ def load_split_problems(base_dir: str | Path, split: str) -> dict[str, dict[str,
     return {pid: problems[pid] for pid in splits[split]}
 
 
+def answer_index(answer: Any, choices: int) -> int:
+    """A problem's answer: an index into its choices (a negative one, or a boolean, would pick a choice too)."""
+    if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < choices:
+        raise ValueError(f"answer {answer!r} is not an index of its {choices} choices")
+    return answer
+
+
 def grade(problem_id: str, problem: dict[str, Any], prediction: dict[str, Any] | None) -> Graded:
     """Parse the answer's letter and compare it with the problem's answer index."""
     try:
         letters = option_letters(len(problem["choices"]))
-        truth = letters[problem["answer"]]
+        truth = letters[answer_index(problem["answer"], len(letters))]
     except (KeyError, TypeError, IndexError, ValueError) as error:
         raise ScoringError(
             f"problem {problem_id!r} needs 'choices' and an 'answer' index ({error!r})"
-        ) from error
+        ) from None
     text = FAILED if prediction is None else prediction["text"]
     parsed = parse_option_letter(text, letters)
     return Graded(
@@ -141,6 +149,7 @@ def _format_percent(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}%"
 
 
+@interruptible
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--base-dir", required=True, help="folder with problems.json and pid_splits.json")

@@ -18,10 +18,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from llava.eval.cli_errors import interruptible
 from llava.eval.scoring.results import (
     Results,
     ScoringError,
     add_scoring_flags,
+    check_label,
     percent,
     read_json,
     read_results,
@@ -34,7 +36,8 @@ from llava.eval.scoring.results import (
 SCORED_DATA_TYPE = "image"
 # An upper-case option letter, after any leading spaces or brackets, that does not begin a word:
 # "A", "A.", "(A) cat" parse; "Apple" and "a cat" (the article) do not.
-OPTION_LETTER = re.compile(r"^\W*([A-D])(?![A-Za-z])")
+OPTION_LETTERS = ("A", "B", "C", "D")  # every SEED-Bench question has four options
+OPTION_LETTER = re.compile(rf"^\W*([{''.join(OPTION_LETTERS)}])(?![A-Za-z])")
 
 
 @dataclass(frozen=True)
@@ -61,8 +64,9 @@ def load_annotations(annotation_file: str | Path) -> list[SeedQuestion]:
     try:
         type_names = {type_id: name for name, type_id in data["question_type"].items()}
         return [
-            SeedQuestion(str(q["question_id"]), q["answer"], q["data_type"], q["question_type_id"],
-                         type_names[q["question_type_id"]])
+            SeedQuestion(str(q["question_id"]), check_label(q["answer"], OPTION_LETTERS, f"annotation file {path}, "
+                                                            f"question {q['question_id']}"),
+                         q["data_type"], q["question_type_id"], type_names[q["question_type_id"]])
             for q in data["questions"]
         ]
     except (KeyError, TypeError, AttributeError) as error:
@@ -130,6 +134,7 @@ def run(args: argparse.Namespace) -> dict:
     return scores
 
 
+@interruptible
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--annotation-file", required=True, help="SEED-Bench.json")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from statistics import mean
 
 SUMMARY_FIELDS = {  # answers-file metadata key -> summary key
@@ -13,9 +14,15 @@ SUMMARY_FIELDS = {  # answers-file metadata key -> summary key
 }
 
 
-def summarize_answers(records: list[dict]) -> dict:
-    """Means over the answers that carry statistics (older files without them are skipped)."""
-    with_stats = [r["metadata"] for r in records if isinstance(r.get("metadata"), dict) and "avg_vision_tokens" in r["metadata"]]
+STATS_MARKER = "avg_vision_tokens"  # an answer whose metadata has it carries statistics
+NEEDED_STATS = (*SUMMARY_FIELDS, "new_tokens")
+OPTIONAL_STATS = ("avg_vision_tokens_per_image", "peak_memory_bytes", "peak_rss_bytes")
+
+
+def summarize_answers(records: list, source: str = "answers file") -> dict:
+    """Means over the answers that carry statistics (older files without them are skipped); a line of the
+    wrong shape is a ValueError naming `source` and the line."""
+    with_stats = answers_with_stats(records, source)
     summary: dict = {"answers": len(records), "answers_with_stats": len(with_stats)}
     if not with_stats:
         return summary
@@ -32,6 +39,24 @@ def summarize_answers(records: list[dict]) -> dict:
         if values:
             summary[key] = max(values)
     return summary
+
+
+def answers_with_stats(records: list, source: str) -> list[dict]:
+    """The metadata of the answers that carry statistics, each checked: a statistic that is not a number
+    would end in a traceback, or in a mean that is not one."""
+    with_stats = []
+    for line, record in enumerate(records, start=1):
+        if not isinstance(record, dict):
+            raise ValueError(f"{source}, line {line}: expected a JSON object, got {type(record).__name__}")
+        metadata = record.get("metadata")
+        if not isinstance(metadata, dict) or STATS_MARKER not in metadata:
+            continue
+        for name in (*NEEDED_STATS, *(name for name in OPTIONAL_STATS if name in metadata)):
+            value = metadata.get(name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{source}, line {line}: metadata {name!r} must be a finite number, got {value!r}")
+        with_stats.append(metadata)
+    return with_stats
 
 
 def summary_line(summary: dict) -> str:

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from llava.eval.cli_errors import interruptible
 from llava.eval.scoring.results import (
     ALLOW_PARTIAL_HELP,
     AnswerKey,
@@ -174,6 +175,7 @@ def _print_scores(result_file: Path, scores: dict[str, Any]) -> None:
     print()
 
 
+@interruptible
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--annotation-file", required=True, help="TextVQA_0.5.1 annotation JSON")

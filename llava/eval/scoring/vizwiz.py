@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from llava.eval.cli_errors import interruptible
 from llava.eval.scoring.results import (
     add_scoring_flags,
     question_id,
@@ -61,6 +62,7 @@ def convert_vizwiz(annotation_file: str | Path, result_file: str | Path, upload_
     return counts
 
 
+@interruptible
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--annotation-file", required=True, help="VizWiz question file (llava_test.jsonl)")

@@ -20,6 +20,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from llava.eval.cli_errors import interruptible
 from llava.eval.scoring.results import (
     Results,
     add_scoring_flags,
@@ -86,6 +87,7 @@ def run(args: argparse.Namespace) -> dict:
     return scores
 
 
+@interruptible
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dir", default=DEFAULT_DIR, help="the vqav2 folder (holds the test split file)")
