@@ -238,3 +238,13 @@ def questions_about(image_names: Iterable[str], tmp_path: Path) -> Path:
     path = tmp_path / "questions.jsonl"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def cli_refusal(main, argv: list[str]) -> str:
+    """Run a CLI in-process; its one `error:` line (SystemExit with a message is exit code 1 on stderr)."""
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    message = stopped.value.code
+    assert isinstance(message, str) and message.startswith("error: "), message
+    assert "\n" not in message and "Traceback" not in message
+    return message

@@ -29,20 +29,13 @@ from llava.drop.methods.registry import discover_methods
 from llava.eval import calibrate
 from llava.eval import run as runner
 from llava.eval.answering import vqa
-from tests.conftest import DEMO_IMAGE_FOLDER, DEMO_QUESTION_FILE, REPO_ROOT, cli_args, first_questions
+from tests.conftest import DEMO_IMAGE_FOLDER, DEMO_QUESTION_FILE, REPO_ROOT, cli_args, cli_refusal, first_questions
 from tests.test_reliability_scripts import demo_textvqa
 
 NON_FINITE = ("nan", "inf", "-inf")
 
 
-def refusal(main: Callable[[list[str]], None], argv: list[str]) -> str:
-    """Run a CLI in-process; its one `error:` line (SystemExit with a message is exit code 1 on stderr)."""
-    with pytest.raises(SystemExit) as stopped:
-        main(argv)
-    message = stopped.value.code
-    assert isinstance(message, str) and message.startswith("error: "), message
-    assert "\n" not in message and "Traceback" not in message
-    return message
+refusal = cli_refusal
 
 
 def run_module(module: str, argv: list[str], timeout: int = 300) -> subprocess.CompletedProcess:

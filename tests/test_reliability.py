@@ -18,7 +18,7 @@ import llava.eval.answering.loop as question_loop
 from llava.eval.answering.answers_file import locked_answers_file
 from llava.eval.model_vqa_loader import main
 from tests.conftest import DEMO_QUESTION_FILE as QUESTION_FILE
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, cli_refusal
 from tests.conftest import cli_args as demo_cli_args
 
 
@@ -41,13 +41,8 @@ def run_subprocess(args: list[str]) -> subprocess.CompletedProcess:
 
 
 def refusal(args: list[str]) -> str:
-    """Run the CLI in-process and return its one-line error (SystemExit with a message: exit code 1)."""
-    with pytest.raises(SystemExit) as stopped:
-        main(args)
-    message = stopped.value.code
-    assert isinstance(message, str) and message.startswith("error: "), message
-    assert "\n" not in message and "Traceback" not in message
-    return message
+    """model_vqa_loader run in-process: its one-line error."""
+    return cli_refusal(main, args)
 
 
 @pytest.fixture
