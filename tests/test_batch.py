@@ -233,6 +233,27 @@ def test_cli_batch_answers_equal_batch_one_and_resume_in_order(tiny_original, tm
         == [1, 2, 2, 2, 2, 1]
 
 
+def test_a_batch_that_fails_while_every_question_answers_alone_is_raised_as_a_bug(tiny_original, tmp_path, monkeypatch):
+    """A ValueError from the batched path is retried one by one only to find the question at fault; when
+    every question answers alone, the batch's error is a batching bug and stops the run (nothing hidden)."""
+    from llava.eval.answering.answerer import Answerer
+    from llava.eval.model_vqa_loader import main as answer_main
+    from tests.conftest import cli_args, first_questions
+
+    answer_batch = Answerer.answer_batch
+
+    def broken_batch(self, pairs):
+        if len(pairs) > 1:
+            raise ValueError("a batching bug")
+        return answer_batch(self, pairs)
+
+    monkeypatch.setattr(Answerer, "answer_batch", broken_batch)
+    answers = tmp_path / "answers.jsonl"
+    with pytest.raises(RuntimeError, match=r"answering 2 questions together failed \(a batching bug\), yet each "
+                                           "answers alone"):
+        answer_main(cli_args(tiny_original, first_questions(tmp_path, 2), answers, "--batch-size", "2"))
+
+
 def test_runner_refuses_a_batch_size_below_one(tmp_path):
     from llava.eval.run import main as run_main
 

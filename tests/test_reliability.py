@@ -191,12 +191,14 @@ def test_truncated_weight_shard(tmp_path, layout, weights_format):
     assert not answers.exists()
 
 
-def test_prompt_longer_than_the_context_stops_and_keeps_earlier_answers(tiny_original, tmp_path):
+@pytest.mark.parametrize("batch_size", ["1", "2"])
+def test_prompt_longer_than_the_context_stops_and_keeps_earlier_answers(tiny_original, tmp_path, batch_size):
+    """In a batch too: the batch fails, its questions are answered one by one up to the one at fault."""
     long_question = {"question_id": "long", "image": json.loads(demo_lines(1)[0])["image"],
                      "text": " ".join(["word"] * 3000)}
     questions = write_questions(tmp_path / "q.jsonl", demo_lines(1) + [json.dumps(long_question)])
     answers = tmp_path / "a.jsonl"
-    message = refusal(cli_args(tiny_original, questions, answers))
+    message = refusal(cli_args(tiny_original, questions, answers, "--batch-size", batch_size))
     assert "question 'long' (question 2 of the question file)" in message
     assert "but the model's context holds 2048" in message and "the 1 answers before it are kept" in message
     assert len(answers.read_text().splitlines()) == 1

@@ -479,20 +479,28 @@ def answer_remaining(args: argparse.Namespace, chunk: list[Question], path: Path
 def answer_group(answerer: Answerer, chunk: list[Question], group: range, first_position: int, path: Path):
     """The answers of `chunk[group]`, in order. A question that cannot be answered (e.g. a prompt longer
     than the context) stops the run with its number; in a batch the group is answered again one by one
-    so that the answers before it are kept."""
+    so that the answers before it are kept. A batch that fails although every question answers alone is a
+    batching bug, and is raised as one rather than hidden behind the one-by-one answers."""
+    batch_error = None
     if len(group) > 1:
         try:
             yield from answerer.answer_batch([(chunk[offset].text, chunk[offset].load_image()) for offset in group])
             return
-        except ValueError:
-            pass
+        except ValueError as error:
+            batch_error = error
+    answers = []
     for offset in group:
         question = chunk[offset]
         try:
-            yield answerer.answer(question.text, question.load_image())
+            answers.append(answerer.answer(question.text, question.load_image()))
         except ValueError as error:
+            yield from answers
             raise RunError(f"question {question.question_id!r} (question {first_position + offset + 1} of the "
                            f"question file): {error}; {answers_kept(offset, path)}") from None
+    if batch_error is not None:
+        raise RuntimeError(f"answering {len(group)} questions together failed ({batch_error}), yet each answers "
+                           "alone: a bug in batched answering; run with --batch-size 1 meanwhile") from batch_error
+    yield from answers
 
 
 def answers_kept(count: int, path: Path) -> str:
