@@ -65,3 +65,19 @@ def test_all_ten_methods_are_registered_with_their_family():
                         "prumerge": "encoder", "prumerge_plus": "encoder", "random": "baseline",
                         "sparsevlm": "prefill", "tome": "encoder", "visionzip": "encoder"}
     assert METHODS["none"].family == "unpruned"
+
+
+WHOLE_COUNT_METHODS = {"pool", "prumerge", "random", "tome", "visionzip"}  # a per-image token count
+
+
+@pytest.mark.parametrize("name", BUDGETED_METHODS)
+@pytest.mark.parametrize("budget", ["0", "-2"])
+def test_every_method_refuses_a_budget_below_one_token_in_the_same_words(name, budget):
+    rule = "a whole number of tokens >= 1" if name in WHOLE_COUNT_METHODS else "a positive number of tokens"
+    with pytest.raises(ValueError, match=f"^budget must be {rule}, got {budget}$"):
+        create_method(name, {"budget": budget})
+
+
+def test_the_whole_count_methods_are_the_vision_stage_ones():
+    """The split above follows the families: encoder and baseline methods count tokens per image."""
+    assert WHOLE_COUNT_METHODS == {name for name in BUDGETED_METHODS if METHODS[name].family in ("encoder", "baseline")}

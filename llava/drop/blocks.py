@@ -67,6 +67,17 @@ def ranked_keep_mask(scores: torch.Tensor, key_mask: torch.Tensor | None, key_co
     return key_mask | top_k_mask(scores, remaining, valid & ~key_mask)
 
 
+def check_budget(budget: float | None, whole: bool = False) -> None:
+    """The one rule for a `budget` option: a positive number of tokens, and with `whole` (a per-image token
+    count, as the vision-stage methods take it, not a layer average) a whole number, at least one."""
+    if budget is None:
+        return
+    if whole and (budget < 1 or budget != int(budget)):
+        raise ValueError(f"budget must be a whole number of tokens >= 1, got {budget:g}")
+    if budget <= 0:
+        raise ValueError(f"budget must be a positive number of tokens, got {budget:g}")
+
+
 def round_half_up(value: float) -> int:
     """Rounding that does not depend on parity (Python's round(288.5) is 288, round(289.5) is 290)."""
     return math.floor(value + 0.5)

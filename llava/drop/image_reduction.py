@@ -45,12 +45,6 @@ class ReducedImage:
     patch_groups: list[list[int]]  # per token after CLS, the row-major patches it stands for
 
 
-def check_whole_budget(budget: float | None) -> None:
-    """A budget counts tokens: a whole number, at least one."""
-    if budget is not None and (budget < 1 or budget != int(budget)):
-        raise ValueError(f"budget must be a whole number of tokens >= 1, got {budget:g}")
-
-
 def budget_shares(total: int, images: int) -> list[int]:
     """`total` tokens over `images` images as equally as whole tokens allow, earlier images first taking
     the remainder (the released code gives every image the same count)."""

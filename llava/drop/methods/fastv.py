@@ -46,7 +46,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llava.drop.blocks import round_half_up, top_k_mask
+from llava.drop.blocks import check_budget, round_half_up, top_k_mask
 from llava.drop.method import PREFILL, DropMethod, LayerContext, last_token_scores
 from llava.drop.methods.registry import register
 from llava.model.geometry import ModelGeometry
@@ -69,8 +69,7 @@ class FastVOptions:
             raise ValueError(f"k must be >= 1 (the first k layers see every vision token), got {self.k}")
         if not 0.0 <= self.ratio <= 1.0:
             raise ValueError(f"ratio must be between 0 and 1, got {self.ratio}")
-        if self.budget is not None and self.budget < 0:
-            raise ValueError(f"budget must be a non-negative number of tokens, got {self.budget}")
+        check_budget(self.budget)
 
 
 def fastv_budget_keep(budget: float, vision_count: int, k: int, num_layers: int) -> int:

@@ -25,6 +25,7 @@ from einops import rearrange
 
 from llava.drop.blocks import (
     bisect,
+    check_budget,
     last_count_nudges,
     layer_average,
     ranked_keep_mask,
@@ -105,8 +106,7 @@ class DropConfig:
             raise ValueError(f"merge_threshold is a cosine similarity and must be in [-1, 1], got {self.merge_threshold}")
         if self.merge_window < 1:
             raise ValueError(f"merge_window must be >= 1, got {self.merge_window}")
-        if self.budget is not None and self.budget <= 0:
-            raise ValueError(f"budget must be a positive number of tokens, got {self.budget}")
+        check_budget(self.budget)
         if self.next_layout not in NEXT_LAYOUTS:
             raise ValueError(f"next_layout must be one of {', '.join(NEXT_LAYOUTS)}, got {self.next_layout!r}")
         if any(layer < 0 for layer in self.drop_layers) or list(self.drop_layers) != sorted(set(self.drop_layers)):

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from llava.drop.blocks import bisect, layer_average, round_half_up, stage_lengths, top_k_mask
+from llava.drop.blocks import bisect, check_budget, layer_average, round_half_up, stage_lengths, top_k_mask
 from llava.drop.method import LAST_QUERY, PREFILL, DropMethod, LayerContext, query_rows
 from llava.drop.probe import vision_attention
 from llava.drop.methods.registry import register
@@ -76,8 +76,7 @@ class PDropOptions:
             raise ValueError(f"layers must be non-empty, distinct, ascending and >= 1, got {self.layers}")
         if not 0.0 <= self.ratio <= 1.0:
             raise ValueError(f"ratio must be between 0 and 1, got {self.ratio}")
-        if self.budget is not None and self.budget < 0:
-            raise ValueError(f"budget must be a non-negative number of tokens, got {self.budget}")
+        check_budget(self.budget)
 
 
 def pyramid(vision_count: int, ratio: float, stages: int) -> list[float]:

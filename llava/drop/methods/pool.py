@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from llava.drop.image_reduction import ImageReduction, ReducedImage, check_whole_budget, run_to_select_layer
+from llava.drop.blocks import check_budget
+from llava.drop.image_reduction import ImageReduction, ReducedImage, run_to_select_layer
 from llava.drop.method import BASELINE
 from llava.drop.methods.registry import register
 from llava.drop.timing import Stopwatch
@@ -41,7 +42,7 @@ class PoolOptions:
     def __post_init__(self):
         if self.side < 1:
             raise ValueError(f"side must be >= 1, got {self.side}")
-        check_whole_budget(self.budget)
+        check_budget(self.budget, whole=True)
 
 
 def nearest_side(tokens: int) -> int:

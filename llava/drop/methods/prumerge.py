@@ -76,8 +76,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from llava.drop.blocks import stable_top_k
-from llava.drop.image_reduction import ImageReduction, ReducedImage, check_whole_budget
+from llava.drop.blocks import check_budget, stable_top_k
+from llava.drop.image_reduction import ImageReduction, ReducedImage
 from llava.drop.method import ENCODER
 from llava.drop.methods.registry import register
 from llava.drop.timing import Stopwatch
@@ -99,7 +99,7 @@ class PruMergeOptions:
     neighbours: int = NEIGHBOURS
 
     def __post_init__(self):
-        check_whole_budget(self.budget)
+        check_budget(self.budget, whole=True)
         if self.neighbours < 0:
             raise ValueError(f"neighbours must be >= 0, got {self.neighbours}")
 

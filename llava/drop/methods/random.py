@@ -20,10 +20,10 @@ from dataclasses import dataclass
 
 import torch
 
+from llava.drop.blocks import check_budget
 from llava.drop.image_reduction import (
     ImageReduction,
     ReducedImage,
-    check_whole_budget,
     keep_patches,
     run_to_select_layer,
 )
@@ -46,7 +46,7 @@ class RandomOptions:
     def __post_init__(self):
         if self.budget is None:
             raise ValueError("random dropping needs a budget (the tokens to keep)")
-        check_whole_budget(self.budget)
+        check_budget(self.budget, whole=True)
 
 
 def image_seed(image: torch.Tensor, seed: int) -> int:

@@ -62,6 +62,7 @@ import torch
 
 from llava.drop.blocks import (
     bisect,
+    check_budget,
     grouped_mean,
     last_count_nudges,
     layer_average,
@@ -111,8 +112,7 @@ class SparseVLMOptions:
             raise ValueError(f"cluster_size must be >= 1, got {self.cluster_size}")
         if self.rank_scale is not None and self.rank_scale <= 0:
             raise ValueError(f"rank_scale must be > 0 (or None for the schedule alone), got {self.rank_scale}")
-        if self.budget is not None and self.budget < 0:
-            raise ValueError(f"budget must be a non-negative number of tokens, got {self.budget}")
+        check_budget(self.budget)
         if self.budget is not None and not any(self.keep):
             raise ValueError(f"budget scales the keep schedule, which must have a count > 0, got {self.keep}")
 

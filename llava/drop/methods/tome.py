@@ -51,8 +51,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from llava.drop.blocks import index_sum, stable_top_k
-from llava.drop.image_reduction import ImageReduction, ReducedImage, check_whole_budget
+from llava.drop.blocks import check_budget, index_sum, stable_top_k
+from llava.drop.image_reduction import ImageReduction, ReducedImage
 from llava.drop.method import ENCODER
 from llava.drop.methods.registry import register
 from llava.drop.timing import Stopwatch
@@ -73,7 +73,7 @@ class ToMeOptions:
     def __post_init__(self):
         if self.r < 0:
             raise ValueError(f"r (tokens merged per layer) must be >= 0, got {self.r}")
-        check_whole_budget(self.budget)
+        check_budget(self.budget, whole=True)
 
 
 # --- schedule -----------------------------------------------------------------------------------------

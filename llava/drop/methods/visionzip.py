@@ -52,10 +52,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from llava.drop.blocks import index_sum, top_positions
+from llava.drop.blocks import check_budget, index_sum, top_positions
 from llava.drop.image_reduction import (
     budget_shares,
-    check_whole_budget,
     prompt_tower_images,
     run_to_select_layer,
     unpruned_next_count,
@@ -94,7 +93,7 @@ class VisionZipOptions:
             raise ValueError(f"dominant must be >= {CLS_TOKENS} (it counts the CLS token), got {self.dominant}")
         if self.contextual < 0:
             raise ValueError(f"contextual must be >= 0, got {self.contextual}")
-        check_whole_budget(self.budget)
+        check_budget(self.budget, whole=True)
 
     def counts(self) -> tuple[int, int]:
         """(dominant, contextual); a budget is split so that the two add up to it exactly."""
