@@ -248,3 +248,10 @@ def test_copying_a_checkpoint_keeps_it_loadable(tiny_original, tmp_path):
     answers = tmp_path / "a.jsonl"
     main(cli_args(copy, write_questions(tmp_path / "q.jsonl", demo_lines(1)), answers))
     assert len(answers.read_text().splitlines()) == 1
+
+
+def test_a_missing_model_path_is_refused_not_defaulted(tmp_path):
+    """LLaVA's CLIs default to facebook/opt-350m, which is no LLaVA checkpoint: here the flag is required."""
+    questions = write_questions(tmp_path / "q.jsonl", demo_lines(1))
+    argv = ["--question-file", str(questions), "--answers-file", str(tmp_path / "a.jsonl")]
+    assert refusal(argv) == "error: --model-path is required: a LLaVA checkpoint (a folder or a Hugging Face hub id)"

@@ -267,7 +267,7 @@ def parse_targets(text: str) -> list[int]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_loading_args(parser, model_path_default=None)
+    add_loading_args(parser, model_path_required=True)
     parser.add_argument("--question-file", type=str, required=True, help="LLaVA question JSONL")
     parser.add_argument("--image-folder", type=str, default="")
     parser.add_argument("--num-questions", type=int, default=DEFAULT_NUM_QUESTIONS)

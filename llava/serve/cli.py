@@ -46,7 +46,7 @@ INTERRUPTED_EXIT_CODE = 128 + signal.SIGINT  # 130, what a shell reports for a C
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_loading_args(parser, model_path_default=None)
+    add_loading_args(parser, model_path_required=True)
     parser.add_argument("--image-file", type=str, required=True, help="the image to talk about: a path or an http(s) URL")
     add_generation_args(parser)
     add_drop_args(parser)

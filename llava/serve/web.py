@@ -40,7 +40,7 @@ WEB_LIBRARIES = ("gradio", "matplotlib")  # the `web` extra's
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_loading_args(parser, model_path_default=None)
+    add_loading_args(parser, model_path_required=True)
     parser.add_argument("--host", type=str, default=DEFAULT_HOST, help="the address to listen on")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT)
     add_generation_args(parser)

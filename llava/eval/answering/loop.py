@@ -118,9 +118,11 @@ def question_image(record: dict, image_folder: str, where: str) -> Path | None:
     return Path(image_folder) / image if image is not None else None
 
 
-def add_loading_args(parser: argparse.ArgumentParser, model_path_default: str | None = "facebook/opt-350m") -> None:
-    """Where the checkpoint is and how to place it (LLaVA's flags plus device/dtype)."""
-    parser.add_argument("--model-path", type=str, default=model_path_default, required=model_path_default is None)
+def add_loading_args(parser: argparse.ArgumentParser, model_path_required: bool = False) -> None:
+    """Where the checkpoint is and how to place it (LLaVA's flags plus device/dtype). `--model-path` has no
+    default (LLaVA's, facebook/opt-350m, is no LLaVA checkpoint): argparse requires it, or `validate_args`
+    does, for parsers the runner also reads without one."""
+    parser.add_argument("--model-path", type=str, default=None, required=model_path_required)
     parser.add_argument("--model-base", type=str, default=None)
     parser.add_argument("--vision-tower", type=str, default=None, help="local CLIP tower dir (original layout)")
     parser.add_argument("--device", type=str, default=None, help="cpu or cuda (default: cuda when available)")
@@ -224,6 +226,8 @@ def method_from_args(args: argparse.Namespace) -> DropMethod:
 
 def validate_args(args: argparse.Namespace) -> tuple[SamplingConfig, DropMethod]:
     """Check every option before the (slow) model load, so mistakes fail in a second."""
+    if args.model_path is None:
+        raise RunError("--model-path is required: a LLaVA checkpoint (a folder or a Hugging Face hub id)")
     sampling, drop = validate_generation_args(args)
     try:
         get_chunk([], args.num_chunks, args.chunk_idx)
