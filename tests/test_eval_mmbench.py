@@ -227,7 +227,8 @@ def test_missing_columns_are_named(tmp_path: Path) -> None:
 def test_clis_exit_with_one_line_for_a_missing_tsv(tmp_path: Path) -> None:
     missing = str(tmp_path / "nope.tsv")
     for module, extra in (("llava.eval.eval_mmbench", ["--result-file", "x.jsonl"]),
-                          ("llava.eval.model_vqa_mmbench", ["--answers-file", str(tmp_path / "a.jsonl")])):
+                          ("llava.eval.model_vqa_mmbench", ["--answers-file", str(tmp_path / "a.jsonl"),
+                                                            "--model-path", str(tmp_path / "model")])):
         completed = subprocess.run([sys.executable, "-m", module, "--question-file", missing, *extra],
                                    capture_output=True, text=True, cwd=REPO_ROOT)
         assert completed.returncode != 0

@@ -165,7 +165,7 @@ def test_broken_answers_line_is_reported_by_its_own_line_number(tiny_original, t
     (["--method", "fastv", "--method-args", "k=40"], r"dropping after layer 39"),
     (["--method", "fastv", "--budget", "20"], r"budget 20.0 is below 36"),
     (["--method", "pdrop", "--budget", "30"], r"budget 30.0 is below 36"),
-    (["--method", "sparsevlm", "--budget", "0"], r"budget 0 is below 57.0"),
+    (["--method", "sparsevlm", "--budget", "10"], r"budget 10 is below 57.0"),
     (["--method", "sparsevlm", "--budget", "1"], r"budget 1 is below 57.0"),
     (["--sparse", "--no_merge", "--budget", "64"], r"budget 64 is below 96.6.*without --no_merge"),
     (["--method", "visionzip", "--budget", "600"], r"budget 600 exceeds the 576 vision tokens"),

@@ -225,9 +225,8 @@ def method_from_args(args: argparse.Namespace) -> DropMethod:
 
 
 def validate_args(args: argparse.Namespace) -> tuple[SamplingConfig, DropMethod]:
-    """Check every option before the (slow) model load, so mistakes fail in a second."""
-    if args.model_path is None:
-        raise RunError("--model-path is required: a LLaVA checkpoint (a folder or a Hugging Face hub id)")
+    """Check every option before the (slow) model load, so mistakes fail in a second (the flags' values
+    first, then that a checkpoint was named at all)."""
     sampling, drop = validate_generation_args(args)
     try:
         get_chunk([], args.num_chunks, args.chunk_idx)
@@ -237,6 +236,8 @@ def validate_args(args: argparse.Namespace) -> tuple[SamplingConfig, DropMethod]
         raise RunError(f"--num_beams {args.num_beams}: beam search is not supported; use --num_beams 1")
     if args.batch_size < 1:
         raise RunError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.model_path is None:
+        raise RunError("--model-path is required: a LLaVA checkpoint (a folder or a Hugging Face hub id)")
     return sampling, drop
 
 
