@@ -73,6 +73,14 @@ def answer_tie(ours: list[int], recorded: dict) -> str | None:
     return f"{recorded['question_id']}: tie at token {step} (top-2 margin {margin:.1e})"
 
 
+def assert_differences_are_ties(features: torch.Tensor, recorded: dict, tied: set[int], tie: str) -> None:
+    """Our vision tokens' norms equal the released code's (within NORM_TOLERANCE) except at `tied` tokens."""
+    norms, released = features.norm(dim=-1), torch.tensor(recorded["feature_norms"])
+    differing = set(((norms - released).abs() > NORM_TOLERANCE * released).nonzero().flatten().tolist())
+    assert differing <= tied, (f"{recorded['question_id']}: vision tokens {sorted(differing - tied)} differ "
+                               f"from the released code's without {tie}")
+
+
 def question_inputs(loaded, question_id: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The demo question's token ids (vicuna_v1, the image placeholder first) and its image's pixels."""
     tokenizer, _, image_processor, _ = loaded
@@ -134,11 +142,8 @@ def test_visionzip_keeps_and_answers_as_released(loaded_original, tiny_original,
         dominant = [group[0] for group in vision.patch_groups[1 : options["dominant"]]]
         assert dominant == recorded["dominant_patches"], recorded["question_id"]
         assert vision.features.shape[0] == recorded["vision_tokens"]
-        norms, released = vision.features.norm(dim=-1), torch.tensor(recorded["feature_norms"])
-        differing = set(((norms - released).abs() > NORM_TOLERANCE * released).nonzero().flatten().tolist())
         tied = {options["dominant"] + group for group in contextual_ties(model, pixels, options["dominant"], options["contextual"])}
-        assert differing <= tied, (f"{recorded['question_id']}: vision tokens {sorted(differing - tied)} differ "
-                                   "from the released code's without a tie in the contextual assignment")
+        assert_differences_are_ties(vision.features, recorded, tied, "a tie in the contextual assignment")
         ours = answer(loaded_original, input_ids, pixels, method, new_tokens)
         assert ours.stats["kv_cache_lengths"] == recorded["kv_lengths"], recorded["question_id"]
         return ours.token_ids
@@ -235,11 +240,8 @@ def test_prumerge_keeps_and_answers_as_released(loaded_original, tiny_original, 
         vision = method.encode_image(model, pixels)
         assert chosen == [recorded["kept_patches"]], recorded["question_id"]
         assert vision.features.shape[0] == recorded["vision_tokens"]
-        norms, released = vision.features.norm(dim=-1), torch.tensor(recorded["feature_norms"])
-        differing = set(((norms - released).abs() > NORM_TOLERANCE * released).nonzero().flatten().tolist())
         tied = neighbour_ties(model, pixels, torch.tensor(chosen[0]), method.options.neighbours)
-        assert differing <= tied, (f"{recorded['question_id']}: vision tokens {sorted(differing - tied)} differ "
-                                   "from the released code's without a tie at the edge of their neighbours")
+        assert_differences_are_ties(vision.features, recorded, tied, "a tie at the edge of their neighbours")
         ours = answer(loaded_original, input_ids, pixels, method, new_tokens)
         assert ours.stats["kv_cache_lengths"] == recorded["kv_lengths"], recorded["question_id"]
         return ours.token_ids

@@ -18,7 +18,7 @@ from typing import ClassVar
 
 import torch
 
-from llava.drop.method import DropMethod
+from llava.drop.method import DropMethod, PromptsTogether
 from llava.drop.next_layout import crop_grid as layout_grid
 from llava.drop.timing import Stopwatch
 from llava.drop.vision import (
@@ -28,7 +28,6 @@ from llava.drop.vision import (
     check_feature_layer,
     check_next_inputs,
     embed_patches,
-    is_next,
     project_features,
     run_tower_to,
     selected_layer_count,
@@ -107,7 +106,7 @@ def patch_side(model) -> int:
     return vision.image_size // vision.patch_size
 
 
-class ImageReduction(DropMethod):
+class ImageReduction(PromptsTogether, DropMethod):
     """A vision-stage method applied to each tower image on its own (module docstring); subclasses keep
     their options in `self.options` (an `options_class` instance with a `budget` field, None for the
     method's own count) and write `reduce`."""
@@ -151,25 +150,15 @@ class ImageReduction(DropMethod):
                              f"{max(shares)}; each must be 1..{patches} (the patches of one image)")
         return shares
 
-    def encode_images(self, model, pixel_values: list[torch.Tensor],
-                      image_sizes: list[torch.Tensor | None]) -> list[VisionOutput]:
-        return self.reduce_prompts(model, pixel_values, image_sizes, is_next(model))
-
-    def encode_image(self, model, pixel_values: torch.Tensor) -> VisionOutput:
-        return self.reduce_prompts(model, [pixel_values], [None], tiled=False)[0]
-
-    def encode_next(self, model, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> VisionOutput:
-        return self.reduce_prompts(model, [pixel_values], [image_sizes], tiled=True)[0]
-
     @torch.no_grad()
-    def reduce_prompts(self, model, pixel_values: list[torch.Tensor], image_sizes: list[torch.Tensor | None],
+    def encode_prompts(self, model, pixel_values: list[torch.Tensor], image_sizes: list[torch.Tensor | None],
                        tiled: bool) -> list[VisionOutput]:
         """Every prompt's tower images (its image, or `tiled`: its base image and crops) reduced in one call of
         `reduce`, each image to its own prompt's share of the budget, as it would be alone (a prompt at a time
         where `prompts_together` is false)."""
         if not self.prompts_together and len(pixel_values) > 1:
             return [output for pixels, sizes in zip(pixel_values, image_sizes)
-                    for output in self.reduce_prompts(model, [pixels], [sizes], tiled)]
+                    for output in self.encode_prompts(model, [pixels], [sizes], tiled)]
         check_feature_layer(model.config)
         tower_images, grids = prompt_tower_images(self.name, model, pixel_values, image_sizes, tiled)
         side = patch_side(model)

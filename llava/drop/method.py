@@ -244,3 +244,23 @@ class DropMethod:
     @property
     def enabled(self) -> bool:
         return type(self) is not DropMethod
+
+
+class PromptsTogether:
+    """A vision stage written once, for several prompts (`encode_prompts`): the engine's batch goes through it
+    whole, and one prompt (`encode_image`, `encode_next`) is a batch of one. Listed before DropMethod."""
+
+    def encode_prompts(self, model, pixel_values: list[torch.Tensor], image_sizes: list[torch.Tensor | None],
+                       tiled: bool) -> list[VisionOutput]:
+        """Every prompt's vision tokens: its image, or (`tiled`, LLaVA-NeXT) its base image and crops."""
+        raise NotImplementedError
+
+    def encode_images(self, model, pixel_values: list[torch.Tensor],
+                      image_sizes: list[torch.Tensor | None]) -> list[VisionOutput]:
+        return self.encode_prompts(model, pixel_values, image_sizes, is_next(model))
+
+    def encode_image(self, model, pixel_values: torch.Tensor) -> VisionOutput:
+        return self.encode_prompts(model, [pixel_values], [None], tiled=False)[0]
+
+    def encode_next(self, model, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> VisionOutput:
+        return self.encode_prompts(model, [pixel_values], [image_sizes], tiled=True)[0]

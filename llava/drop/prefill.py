@@ -276,8 +276,10 @@ def prefill(model, prompts: list[MultimodalPrompt], cache: KVCache, method: Drop
         layer_input = hidden
         hidden = run_layer(model, layer_idx, hidden, positions, mask, cache, position_embeddings)
         cache.set_lengths(layer_idx, lengths)
+        if layer_idx not in drop_layers:
+            continue
         droppable = [can_drop(layout) for layout in layouts]
-        if layer_idx not in drop_layers or not any(droppable):
+        if not any(droppable):
             continue
         with stopwatch:
             context = LayerContext(model, layer_idx, layer_input, hidden, cache.keys[layer_idx], positions, layouts,

@@ -28,6 +28,7 @@ from llava.drop.blocks import (
     check_budget,
     last_count_nudges,
     layer_average,
+    planned,
     ranked_keep_mask,
     stable_top_k,
     stage_lengths,
@@ -166,7 +167,7 @@ def windows_over_threshold(scores: list[torch.Tensor], threshold: float,
                            count_bounds: tuple[int, int] | None = None) -> list[int]:
     """Each image's count of windows scoring at or above `threshold`, clamped to `count_bounds` (least, most)
     when given: one host synchronisation for the batch."""
-    counts = torch.stack([(image_scores >= threshold).sum() for image_scores in scores]).tolist()
+    counts = (torch.stack(scores) >= threshold).sum(dim=1).tolist()
     if count_bounds is None:
         return counts
     return [min(max(count, count_bounds[0]), count_bounds[1]) for count in counts]
@@ -504,6 +505,7 @@ def apply_output_aware_cache(cache: KVCache, drops: list[tuple[int, list[torch.T
 # (each drop keeps the same share of what is left), rho solved by bisection, then rounded so that
 # the integer layer average is closest to the target.
 
+@planned
 def geometric_keep_counts(
     vision_count: int, budget: float, drop_layers: tuple[int, ...], num_layers: int, minimum: int = 0
 ) -> list[int]:

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from llava.drop.blocks import bisect, check_budget, layer_average, round_half_up, stage_lengths, top_k_mask
+from llava.drop.blocks import bisect, check_budget, layer_average, planned, round_half_up, stage_lengths, top_k_mask
 from llava.drop.method import LAST_QUERY, PREFILL, DropMethod, LayerContext, query_rows
 from llava.drop.probe import vision_attention
 from llava.drop.methods.registry import register
@@ -119,6 +119,7 @@ def default_stages_floor(geometry: ModelGeometry) -> float:
     return DEFAULT_STAGE_LAYERS[0] * geometry.max_vision_tokens / geometry.decoder_layers
 
 
+@planned
 def budget_counts(budget: float, vision_count: int, layers: tuple[int, ...], num_layers: int) -> list[int]:
     """Tokens kept after each drop so that the integer layer average is as close to `budget` as we get."""
     lengths = stage_lengths(tuple(layer - 1 for layer in layers), num_layers)  # selects run after l - 1

@@ -67,6 +67,7 @@ from llava.drop.blocks import (
     last_count_nudges,
     layer_average,
     nearest_centres,
+    planned,
     ranked_keep,
     stage_lengths,
 )
@@ -167,6 +168,7 @@ def stage_counts(vision_count: int, keeps: list[int], options: SparseVLMOptions)
     return counts
 
 
+@planned
 def budget_keep_counts(vision_count: int, num_layers: int, options: SparseVLMOptions) -> tuple[int, ...]:
     """Keep counts, proportional to `options.keep`, whose layer-averaged vision count (recycled tokens
     included) is closest to the budget.

@@ -59,7 +59,7 @@ from llava.drop.image_reduction import (
     run_to_select_layer,
     unpruned_next_count,
 )
-from llava.drop.method import ENCODER, DropMethod
+from llava.drop.method import ENCODER, DropMethod, PromptsTogether
 from llava.drop.methods.registry import register
 from llava.drop.timing import timed
 from llava.drop.vision import (
@@ -68,7 +68,6 @@ from llava.drop.vision import (
     VisionOutput,
     check_feature_layer,
     cls_attention_to_patches,
-    is_next,
     vision_token_offset,
 )
 from llava.model.geometry import ModelGeometry
@@ -216,7 +215,7 @@ def spatial_features(projected: list[torch.Tensor], counts: list[tuple[int, int]
 
 
 @register
-class VisionZip(DropMethod):
+class VisionZip(PromptsTogether, DropMethod):
     """Dominant (CLS and the CLS-attended patches) + contextual (merged) tokens out of CLIP; the decoder runs
     unchanged."""
 
@@ -236,18 +235,8 @@ class VisionZip(DropMethod):
                              f"{CLS_TOKENS + geometry.patch_tokens} tokens (CLS and {geometry.patch_tokens} patches) "
                              "this model gives an image")
 
-    def encode_images(self, model, pixel_values: list[torch.Tensor],
-                      image_sizes: list[torch.Tensor | None]) -> list[VisionOutput]:
-        return self.zip_prompts(model, pixel_values, image_sizes, is_next(model))
-
-    def encode_image(self, model, pixel_values: torch.Tensor) -> VisionOutput:
-        return self.zip_prompts(model, [pixel_values], [None], tiled=False)[0]
-
-    def encode_next(self, model, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> VisionOutput:
-        return self.zip_prompts(model, [pixel_values], [image_sizes], tiled=True)[0]
-
     @torch.no_grad()
-    def zip_prompts(self, model, pixel_values: list[torch.Tensor], image_sizes: list[torch.Tensor | None],
+    def encode_prompts(self, model, pixel_values: list[torch.Tensor], image_sizes: list[torch.Tensor | None],
                     tiled: bool) -> list[VisionOutput]:
         """All prompts' tower images (their images, or `tiled`: base images and crops) through CLIP as one
         batch; then every tower image is zipped on its own."""
