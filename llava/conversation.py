@@ -51,6 +51,8 @@ class Conversation:
         """The string that ends the assistant's answer (LLaVA's rule: sep2 for TWO, sep otherwise)."""
         if self.sep_style is SeparatorStyle.TWO:
             return self.sep2
+        if self.sep_style is SeparatorStyle.MPT:
+            return self.sep.rstrip("\n")  # Qwen's turns end "<|im_end|>\n"; the answer ends at "<|im_end|>"
         return self.sep
 
     def get_prompt(self) -> str:
@@ -141,6 +143,13 @@ conv_templates: dict[str, Conversation] = {
         roles=("<|im_start|>user\n", "<|im_start|>assistant\n"),
         sep_style=SeparatorStyle.MPT,
         sep="<|im_end|>",
+    ),
+    # Qwen2-VL / Qwen2.5-VL's chat template: ChatML with its default system turn, one newline after each turn.
+    "qwen": Conversation(
+        system="<|im_start|>system\nYou are a helpful assistant.",
+        roles=("<|im_start|>user\n", "<|im_start|>assistant\n"),
+        sep_style=SeparatorStyle.MPT,
+        sep="<|im_end|>\n",
     ),
 }
 

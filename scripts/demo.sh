@@ -5,7 +5,8 @@
 # (`python -m llava.eval.report --paper`: score, Avg, vision tokens, FLOPs ratio, prefill ms), then the
 # path of one `llava.viz` picture of what MustDrop keeps of one image. Last, scripts/demo_next.sh asks
 # the tiny LLaVA-NeXT checkpoint one anyres question (a base image and two crops), and its answer with
-# its per-image and total vision-token figures is printed.
+# its per-image and total vision-token figures is printed, and scripts/demo_qwen.sh asks the tiny Qwen2.5-VL
+# checkpoint one question at the image's own resolution, FastV keeping 0.222 of its vision tokens.
 # Override MODEL_PATH (LLaVA-1.5) and NEXT_MODEL_PATH (LLaVA-NeXT) to run the same job on real checkpoints.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -57,6 +58,8 @@ VIZ_PID=$!
 trap 'kill "$VIZ_PID" 2> /dev/null || true' EXIT  # if the LLaVA-NeXT part fails
 NEXT_STATUS=0
 bash scripts/demo_next.sh > "$RUNS/next.log" 2>&1 || NEXT_STATUS=$?
+QWEN_STATUS=0
+bash scripts/demo_qwen.sh > "$RUNS/qwen.log" 2>&1 || QWEN_STATUS=$?
 if wait "$VIZ_PID"; then
     echo "== What MustDrop keeps of $VIZ_IMAGE, stage by stage (python -m llava.viz): $RUNS/viz/overview.png"
 else
@@ -65,4 +68,6 @@ else
 fi
 
 cat "$RUNS/next.log"  # LLaVA-NeXT: one anyres question, its answer and vision-token figures
-exit "$NEXT_STATUS"
+cat "$RUNS/qwen.log"  # Qwen2.5-VL: one question at the image's own resolution, FastV keeping a share
+[ "$NEXT_STATUS" -eq 0 ] || exit "$NEXT_STATUS"
+exit "$QWEN_STATUS"

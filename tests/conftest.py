@@ -248,3 +248,25 @@ def cli_refusal(main, argv: list[str]) -> str:
     assert isinstance(message, str) and message.startswith("error: "), message
     assert "\n" not in message and "Traceback" not in message
     return message
+
+
+# --- Qwen2.5-VL / Qwen2-VL tiny checkpoints (transformers layout, as Qwen ships them) --------------------
+
+@pytest.fixture(scope="session")
+def tiny_qwen(tmp_path_factory) -> Path:
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "qwen2.5-vl-tiny", layout="hf", arch="qwen2_5_vl")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory) -> Path:
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "qwen2-vl-tiny", layout="hf", arch="qwen2_vl")
+
+
+@pytest.fixture(scope="session")
+def loaded_qwen(tiny_qwen):
+    return load_on_cpu(tiny_qwen)
+
+
+@pytest.fixture(scope="session")
+def loaded_qwen2(tiny_qwen2):
+    return load_on_cpu(tiny_qwen2)

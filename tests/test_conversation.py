@@ -37,6 +37,11 @@ EXPECTED_ONE_QUESTION = {
         "<|im_start|>user\n<image>\nWhat is shown?<|im_end|>"
         "<|im_start|>assistant\n"
     ),
+    "qwen": (  # a LLaVA model config: the image on its own line (Qwen's own placement is in tests/test_qwen.py)
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\n<image>\nWhat is shown?<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    ),
 }
 
 

@@ -11,9 +11,10 @@ import pytest
 
 from llava.eval.scoring.gqa import (
     convert_results,
+    load_questions,
     main,
     prediction_text,
-    score_gqa,
+    score_predictions,
 )
 from llava.eval.scoring.results import ScoringError
 
@@ -67,7 +68,7 @@ def test_convert_results(result_file: Path) -> None:
 
 
 def test_score_overall_and_per_type(questions_file: Path, result_file: Path) -> None:
-    scores = score_gqa(questions_file, convert_results(result_file))
+    scores = score_predictions(load_questions(questions_file), convert_results(result_file))
     # right: yes, left, no; wrong: gray vs white -> 3 / 4 balanced questions
     assert scores["questions"] == 4
     assert scores["accuracy"] == pytest.approx(75.0)
@@ -81,15 +82,15 @@ def test_integer_question_ids_match_string_keys(questions_file: Path) -> None:
     predictions = [{"questionId": int(qid), "prediction": "no"} for qid in ("201307251", "201640614", "202225914")]
     predictions.append({"questionId": "20515720", "prediction": "no"})
     # only "20515720" (answer "no") is right -> 1 / 4
-    assert score_gqa(questions_file, predictions)["accuracy"] == pytest.approx(25.0)
+    assert score_predictions(load_questions(questions_file), predictions)["accuracy"] == pytest.approx(25.0)
 
 
 def test_missing_predictions_name_the_ids(questions_file: Path) -> None:
     predictions = [{"questionId": "201307251", "prediction": "yes"}, {"questionId": "201640614", "prediction": "left"}]
     with pytest.raises(ScoringError, match="2 of 4 questions unanswered, e.g. questionId 202225914, 20515720"):
-        score_gqa(questions_file, predictions)
+        score_predictions(load_questions(questions_file), predictions)
     # allowed, they count wrong over all 4 balanced questions: 2 right of 4
-    scores = score_gqa(questions_file, predictions, allow_partial=True)
+    scores = score_predictions(load_questions(questions_file), predictions, allow_partial=True)
     assert scores["accuracy"] == pytest.approx(50.0) and scores["unanswered"] == 2
 
 
@@ -117,7 +118,7 @@ def test_malformed_questions_file_is_a_clear_error(tmp_path: Path, result_file: 
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"1": {"question": "no answer field"}}))
     with pytest.raises(ScoringError, match="question '1' has no 'answer'"):
-        score_gqa(bad, convert_results(result_file))
+        score_predictions(load_questions(bad), convert_results(result_file))
 
 
 def test_cli_missing_questions_exits_2_without_traceback(tmp_path: Path, result_file: Path) -> None:

@@ -15,7 +15,9 @@ import pytest
 from openpyxl import load_workbook
 from PIL import Image
 
+from llava.eval.answering import loop as question_loop
 from llava.eval.answering.mmbench import build_parser, questions_from_file
+from llava.eval.answering.mmbench import main as answer_main
 from llava.eval.answering.loop import RunError
 from llava.eval.scoring.mmbench import (
     MMBenchError,
@@ -26,7 +28,7 @@ from llava.eval.scoring.mmbench import (
     round_answer,
 )
 from llava.eval.scoring.results import ScoringError
-from tests.conftest import MMBENCH_COLUMNS, REPO_ROOT, sample_rows, write_tsv
+from tests.conftest import MMBENCH_COLUMNS, REPO_ROOT, cli_refusal, sample_rows, write_tsv
 
 INSTRUCTION = "Answer with the option's letter from the given choices directly."
 NOISE_SIDE = 256  # a random-noise PNG this size is ~260k base64 characters, beyond csv's default field limit
@@ -94,12 +96,98 @@ def test_image_is_decoded_from_base64(tsv: Path) -> None:
     assert image.mode == "RGB" and image.size == (24, 16)
 
 
-def test_bad_base64_names_the_question(tmp_path: Path) -> None:
+def truncated_png() -> str:
+    """A noise PNG cut in half, as base64: its header reads, its pixels do not."""
+    buffer = BytesIO()
+    Image.frombytes("RGB", (32, 32), os.urandom(3 * 32 * 32)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()[: len(buffer.getvalue()) // 2]).decode("ascii")
+
+# (the image cells of TSV rows 0, 1, 2 (None: a good image), what the one line says); the header is line 1
+BAD_IMAGE_CELLS = [
+    ((None, "bm90IGFuIGltYWdl", None),  # base64 of "not an image"
+     "line 3 (index 1): its image cell is base64 but not an image (12 bytes in no format PIL knows)"),
+    ((None, None, "abc"), "line 4 (index 2): its image cell is not valid base64 (Incorrect padding)"),
+    (("é", None, None), "line 2 (index 0): its image cell is not valid base64 (string argument should contain only "
+                        "ASCII characters)"),
+    ((None, "", None), "line 3 (index 1): its image cell is empty"),
+    ((None, "nan", "bmFu"), "line 3 (index 1): its image cell is empty (and 1 more of the 3 rows)"),  # pandas' nan
+]
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fail the test if the CLI gets as far as loading weights."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the model was loaded although the question file could be refused before")
+
+    monkeypatch.setattr(question_loop, "load_pretrained_model", forbidden)
+
+
+def _answer_argv(tsv: Path, tmp_path: Path) -> list[str]:
+    return ["--question-file", str(tsv), "--answers-file", str(tmp_path / "answers.jsonl"),
+            "--model-path", str(tmp_path / "no-model")]
+
+
+@pytest.mark.parametrize(("cells", "message"), BAD_IMAGE_CELLS,
+                         ids=["not-an-image", "bad-padding", "not-ascii", "empty", "two-bad"])
+def test_every_image_cell_is_checked_before_the_model_loads(tmp_path: Path, no_model_load, cells, message) -> None:
     rows = sample_rows()
-    rows[1]["image"] = "bm90IGFuIGltYWdl"  # "not an image"
+    for row, cell in zip(rows, cells):
+        if cell is not None:
+            row["image"] = cell
     tsv = write_tsv(tmp_path / "bad.tsv", rows)
-    with pytest.raises(RunError, match="question 1: cannot decode"):
-        questions_from_file(_args(tsv))[1].load_image()
+    error = cli_refusal(answer_main, _answer_argv(tsv, tmp_path))
+    assert error == f"error: question file {str(tsv)!r}, {message}"
+    assert not (tmp_path / "answers.jsonl").exists()
+
+
+def test_a_tsv_without_an_image_column_is_refused(tmp_path: Path, no_model_load) -> None:
+    tsv = write_tsv(tmp_path / "bad.tsv", sample_rows(), [c for c in MMBENCH_COLUMNS if c != "image"])
+    error = cli_refusal(answer_main, _answer_argv(tsv, tmp_path))
+    assert error.startswith(f"error: question file {str(tsv)!r} has no 'image' column (MMBench's base64 images)")
+
+
+def test_a_truncated_row_is_named_by_its_line(tmp_path: Path, no_model_load) -> None:
+    tsv = write_tsv(tmp_path / "cut.tsv", sample_rows())
+    text = tsv.read_text()
+    tsv.write_text(text[: text.rindex("\t", 0, text.rindex("\t"))] + "\n")  # the last row loses two cells
+    error = cli_refusal(answer_main, _answer_argv(tsv, tmp_path))
+    assert error == (f"error: question file {str(tsv)!r}, line 4: {len(MMBENCH_COLUMNS) - 2} cells where the header "
+                     f"has {len(MMBENCH_COLUMNS)} columns (a truncated file?)")
+
+
+def test_line_numbers_count_cells_that_span_lines_and_skip_blank_lines(tmp_path: Path) -> None:
+    rows = sample_rows()
+    rows[0]["hint"] = "A sign\nby the road."  # quoted over two lines
+    rows[2]["image"] = "abc"
+    tsv = write_tsv(tmp_path / "multi.tsv", rows)
+    lines = tsv.read_text().split("\n")
+    tsv.write_text("\n".join([*lines[:3], "", *lines[3:]]))  # a blank line between rows 0 and 1
+    _, parsed = read_mmbench(tsv)
+    assert [row.line for row in parsed] == [2, 5, 6]
+    assert parsed[0].hint == "A sign\nby the road." and parsed[1].index == 1
+    with pytest.raises(RunError, match=r"line 6 \(index 2\): its image cell is not valid base64"):
+        questions_from_file(_args(tsv))
+
+
+def test_a_header_readable_image_that_cannot_decode_names_its_question_when_asked(tmp_path: Path) -> None:
+    rows = sample_rows()
+    rows[1]["image"] = truncated_png()  # passes the header check, as a truncated image file does
+    questions = questions_from_file(_args(write_tsv(tmp_path / "cut.tsv", rows)))
+    assert questions[0].load_image().size == (24, 16)
+    with pytest.raises(RunError, match=r"question 1: cannot decode its base64 image \(image file is truncated"):
+        questions[1].load_image()
+
+
+def test_a_bad_image_cell_stops_a_real_process_in_one_line(tmp_path: Path) -> None:
+    rows = sample_rows()
+    rows[2]["image"] = "abc"
+    tsv = write_tsv(tmp_path / "bad.tsv", rows)
+    done = subprocess.run([sys.executable, "-m", "llava.eval.model_vqa_mmbench", *_answer_argv(tsv, tmp_path)],
+                          capture_output=True, text=True, cwd=REPO_ROOT)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [f"error: question file {str(tsv)!r}, line 4 (index 2): its image "
+                                                "cell is not valid base64 (Incorrect padding)"]
 
 
 def test_image_cells_beyond_csv_default_limit(tmp_path: Path) -> None:

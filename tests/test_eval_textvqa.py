@@ -200,7 +200,7 @@ def result_file(tmp_path: Path) -> Path:
 
 
 def test_score_textvqa(annotation_file: Path, result_file: Path) -> None:
-    scores = score_textvqa(annotation_file, result_file)
+    scores = score_textvqa(load_annotations(annotation_file), result_file)
     assert scores["samples"] == 3
     # 100 * (1.0 + 0.6 + 0.3) / 3 = 63.33...
     assert scores["accuracy"] == pytest.approx(100 * 1.9 / 3)
@@ -259,7 +259,7 @@ def test_a_question_the_annotations_ask_twice_takes_two_answers_and_no_more(tmp_
     two = _write_results(tmp_path / "two.jsonl", [("img0", "What is it?", "yes"), ("img1", "Which color?", "red"),
                                                   ("img0", "What is it?", "no")])
     # yes vs the last entry (1 match): 0.3; red (2 matches): 0.6; no (9 matches): 1.0 -> mean 0.6333
-    assert score_textvqa(annotations, two) == {"samples": 3, "accuracy": pytest.approx(100 * 1.9 / 3)}
+    assert score_textvqa(load_annotations(annotations), two) == {"samples": 3, "accuracy": pytest.approx(100 * 1.9 / 3)}
     three = _write_results(tmp_path / "three.jsonl", [("img0", "What is it?", "yes"), ("img1", "Which color?", "red"),
                                                       ("img0", "What is it?", "no"), ("img0", "What is it?", "no")])
     error = _cli_error(capsys, "--annotation-file", str(annotations), "--result-file", str(three))
@@ -294,14 +294,14 @@ def test_unknown_prompt_layout_names_line_and_prompt(annotation_file: Path, tmp_
     results = tmp_path / "answers.jsonl"
     results.write_text(json.dumps({"question_id": "img0", "prompt": "what is it?", "text": "yes"}) + "\n")
     with pytest.raises(ScoringError, match="line 1: prompt 'what is it\\?' is not in a known TextVQA layout"):
-        score_textvqa(annotation_file, results)
+        score_textvqa(load_annotations(annotation_file), results)
 
 
 def test_annotation_with_nine_answers_is_an_error(tmp_path: Path) -> None:
     annotations = _write_annotations(tmp_path / "nine.json", [("img0", "what is it?", ["yes"] * 9)])
     results = _write_results(tmp_path / "answers.jsonl", [("img0", "what is it?", "yes")])
     with pytest.raises(ScoringError, match="needs 10 answers"):
-        score_textvqa(annotations, results)
+        score_textvqa(load_annotations(annotations), results)
 
 
 def test_malformed_inputs_are_clear_errors(tmp_path: Path, annotation_file: Path) -> None:
@@ -312,11 +312,11 @@ def test_malformed_inputs_are_clear_errors(tmp_path: Path, annotation_file: Path
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
     with pytest.raises(ScoringError, match="holds no answers"):
-        score_textvqa(annotation_file, empty)
+        score_textvqa(load_annotations(annotation_file), empty)
     broken = tmp_path / "broken.jsonl"
     broken.write_text("{not json\n")
     with pytest.raises(ScoringError, match="broken.jsonl, line 1: not valid JSON"):
-        score_textvqa(annotation_file, broken)
+        score_textvqa(load_annotations(annotation_file), broken)
 
 
 # ---------------------------------------------------------------- bundled demo data
@@ -372,7 +372,7 @@ def test_demo_scores_are_non_trivial(rank: int, expected: float, tmp_path: Path)
             prediction = counts.most_common()[rank][0]
             handle.write(json.dumps({"question_id": question["question_id"], "prompt": question["text"],
                                      "text": prediction}) + "\n")
-    assert score_textvqa(DEMO_DIR / ANNOTATION_FILE, results)["accuracy"] == pytest.approx(expected)
+    assert score_textvqa(load_annotations(DEMO_DIR / ANNOTATION_FILE), results)["accuracy"] == pytest.approx(expected)
 
 
 def test_demo_generator_is_deterministic(tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ class VisionPrefix(DropMethod):
     supports_next = True
 
     def __init__(self, count: int):
+        super().__init__()
         self.count = count
 
     def encode_image(self, model, pixel_values: torch.Tensor) -> VisionOutput:
@@ -37,10 +38,15 @@ class VisionPrefix(DropMethod):
         """All prompts' images through the tower together, as the unpruned model runs them."""
         return [self.first(vision) for vision in encode_images_together(model, pixel_values, image_sizes)]
 
+    @property
+    def runs_on_qwen(self) -> bool:
+        return True  # the first tokens keep their own 3-D positions
+
     def first(self, vision: VisionOutput) -> VisionOutput:
         features = vision.features[: self.count]
+        positions = None if vision.positions is None else vision.positions[:, : self.count]
         return replace(vision, features=features, stats={**vision.stats, "vision_tokens": features.shape[0]},
-                       patch_groups=None)
+                       patch_groups=None, positions=positions)
 
 
 def limit_settings(reached: dict[str, float]) -> dict[str, VisionPrefix]:

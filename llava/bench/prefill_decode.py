@@ -4,9 +4,11 @@ All settings run in one process on one model, interleaved per repeat after a war
 machine slows them alike; ratios to "none" are what to read. Without `--model-path` the model is a
 seeded random LLaVA-1.5 (real CLIP ViT-L/14-336 tower, real 32 decoder layers, widths of `--shape`).
 With `--next` it is LLaVA-NeXT (v1.6) on an image that fills the 2 x 2 grid, and MustDrop runs at the
-paper's NeXT settings, 640 / 320 / 160 layer-averaged vision tokens (thresholds found on the prompt).
+paper's NeXT settings, 640 / 320 / 160 layer-averaged vision tokens (thresholds found on the prompt). With
+`--qwen` it is Qwen2.5-VL (llava/bench/qwen_model.py) on a 1024 x 768 image, FastV keeping 0.333 / 0.222 /
+0.111 of its vision tokens.
 
-    python -m llava.bench.prefill_decode [--quick] [--next] [--shape S] [--model-path P] [--device cpu|cuda]
+    python -m llava.bench.prefill_decode [--quick] [--next | --qwen] [--shape S] [--model-path P] [--device cpu|cuda]
                                          [--dtype D] [--repeats N] [--new-tokens N] [--threads N] [--out DIR]
 """
 
@@ -21,6 +23,7 @@ import torch
 from llava.bench.limit import LIMIT_PREFIX, add_limit_ratios, limit_settings
 from llava.bench.next_settings import FoundPair, find_pairs, pairs_record
 from llava.bench.output import ratio_bars, save_results
+from llava.bench.qwen_model import QWEN_SHAPES
 from llava.bench.workload import (
     BASELINE,
     MIB,
@@ -36,7 +39,7 @@ from llava.bench.workload import (
     start_run,
     summarize,
 )
-from llava.drop.methods import DropConfig
+from llava.drop.methods import DropConfig, DropMethod, create_method
 from llava.eval.cli_errors import interruptible
 from llava.eval.thresholds import PUBLISHED, REFERENCE_BENCHMARK
 
@@ -48,6 +51,16 @@ SETTINGS: dict[str, DropConfig] = {
 }
 OUTPUT_STEM = "results"
 NEXT_RESULTS_DIR = RESULTS_DIR / "next"  # --next's default --out, so that it keeps LLaVA-1.5's results
+QWEN_RESULTS_DIR = RESULTS_DIR / "qwen"
+# Qwen2.5-VL: an image brings as many tokens as its resolution gives, so settings are kept shares (the
+# 192 / 128 / 64 of 576 shares), by FastV (no thresholds are published for Qwen).
+QWEN_KEEPS = (0.333, 0.222, 0.111)
+QWEN_METHOD = "fastv"
+
+
+def qwen_settings() -> dict[str, DropMethod | None]:
+    return {BASELINE: None, **{f"{QWEN_METHOD}@{keep}": create_method(QWEN_METHOD, {"keep_fraction": str(keep)})
+                               for keep in QWEN_KEEPS}}
 
 
 def next_settings(work: Workload) -> tuple[dict[str, DropConfig], list[FoundPair]]:
@@ -88,17 +101,23 @@ def markdown_table(rows: list[dict]) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="quick-shape random model, 1 repeat, 4 new tokens (CI)")
-    parser.add_argument("--next", action="store_true",
+    family = parser.add_mutually_exclusive_group()
+    family.add_argument("--next", action="store_true",
                         help="LLaVA-NeXT (v1.6) at 640 / 320 / 160 vision tokens instead of LLaVA-1.5 at 192 / 128 / 64")
+    family.add_argument("--qwen", action="store_true",
+                        help=f"Qwen2.5-VL on a 1024 x 768 image, {QWEN_METHOD} keeping {' / '.join(map(str, QWEN_KEEPS))} "
+                             "of its vision tokens")
     add_workload_args(parser)
     parser.add_argument("--repeats", type=int, help="timed runs per setting (default 3, quick 1)")
     parser.add_argument("--new-tokens", type=int, help="tokens decoded per run (default 32, quick 4)")
     parser.add_argument("--out", type=Path, help=f"default {RESULTS_DIR}, with --next {NEXT_RESULTS_DIR}")
     args = parser.parse_args(argv)
-    args.out = args.out or (NEXT_RESULTS_DIR if args.next else RESULTS_DIR)
+    args.out = args.out or (NEXT_RESULTS_DIR if args.next else QWEN_RESULTS_DIR if args.qwen else RESULTS_DIR)
     args.repeats = args.repeats or (1 if args.quick else 3)
     args.new_tokens = args.new_tokens or (4 if args.quick else 32)
     check_decode_length(parser, [args.new_tokens], "--new-tokens")
+    if args.qwen and args.shape is not None and args.shape not in QWEN_SHAPES:
+        parser.error(f"--qwen takes --shape {', '.join(QWEN_SHAPES)}, not {args.shape}")
     return args
 
 
@@ -107,8 +126,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     """Run the benchmark, print the table and write results.json, results.md and results.png."""
     args = parse_args(argv)
     dtype, started = start_run(args)
-    work = load_workload(args, dtype, next_model=args.next)
-    settings, pairs = next_settings(work) if args.next else (SETTINGS, [])
+    work = load_workload(args, dtype, next_model=args.next, qwen=args.qwen)
+    settings, pairs = next_settings(work) if args.next else (qwen_settings() if args.qwen else SETTINGS, [])
     reached = {label: run_once(work, drop, args.new_tokens)["avg_vision_tokens"]  # warm-up
                for label, drop in settings.items()}
     limits = limit_settings({label: tokens for label, tokens in reached.items() if label != BASELINE})
@@ -116,7 +135,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         run_once(work, drop, args.new_tokens)
     rows = summarize(measure(work, {**settings, **limits}, args.repeats, args.new_tokens))
     add_limit_ratios(rows)
-    header = (f"Model: {work.description}.\n\n{settings_note(pairs)}Device {args.device} "
+    header = (f"Model: {work.description}.\n\n{settings_note(pairs, args.qwen)}Device {args.device} "
               f"({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), dtype {dtype}, "
               f"{args.new_tokens} new tokens (EOS off), median of {args.repeats} interleaved repeat(s) after a warm-up. "
               f"Ratios to \"none\" in parentheses. Peak extra memory: {memory_note(args.device)}, one extra run per "
@@ -124,16 +143,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
               f"{LIMIT_PREFIX}X: the same model fed only X's layer-averaged count of vision tokens (the unpruned vision "
               f"stage's first ones, nothing scored or merged), the floor X can reach; 'vs limit' = X's time / that floor.")
     table = markdown_table(rows)
-    source = args.model_path or f"random {'LLaVA-NeXT' if args.next else 'LLaVA-1.5'} model, shape {shape_name(args)}"
-    title = f"MustDrop vs no dropping: {source} ({args.device}, {dtype}, {args.new_tokens} new tokens)"
+    family = "LLaVA-NeXT" if args.next else "Qwen2.5-VL" if args.qwen else "LLaVA-1.5"
+    source = args.model_path or f"random {family} model, shape {shape_name(args)}"
+    method = QWEN_METHOD if args.qwen else "MustDrop"
+    title = f"{method} vs no dropping: {source} ({args.device}, {dtype}, {args.new_tokens} new tokens)"
     save_results(args, OUTPUT_STEM, header, table, {"rows": rows, "next_pairs": pairs_record(pairs)},
                  lambda path: ratio_bars([r for r in rows if not r["setting"].startswith(LIMIT_PREFIX)], title, path),
                  started)
     return rows
 
 
-def settings_note(pairs: list[FoundPair]) -> str:
-    """Where the MustDrop settings come from: the published LLaVA-1.5 pairs, or the pairs found on NeXT."""
+def settings_note(pairs: list[FoundPair], qwen: bool = False) -> str:
+    """Where the MustDrop settings come from: the published LLaVA-1.5 pairs, or the pairs found on NeXT; on
+    Qwen, the kept shares."""
+    if qwen:
+        return (f"Settings: {QWEN_METHOD} with keep_fraction {', '.join(map(str, QWEN_KEEPS))} (the shares of "
+                "LLaVA-1.5's 192 / 128 / 64 of 576 tokens).\n\n")
     if not pairs:
         return f"Settings: the published LLaVA-1.5-7B {REFERENCE_BENCHMARK} thresholds.\n\n"
     found = "; ".join(pair.describe() for pair in pairs)

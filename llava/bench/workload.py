@@ -38,6 +38,7 @@ from llava.model.builder import check_device, load_pretrained_model, resolve_dty
 from llava.model.image_processor import default_clip_image_processor
 from llava.model.inputs import encode_question, image_inputs
 from llava.model.original_layout import swap_pairs
+from llava.model.qwen import QWEN_CONV_MODE, is_qwen
 from llava.output_paths import check_output_folder
 
 CHECKOUT = Path(__file__).resolve().parents[2]  # the repository this package runs from (pip install -e .)
@@ -253,11 +254,15 @@ def next_token_counts(config: LlavaNextConfig, image: Image.Image) -> NextTokenC
 
 def synthetic_input_ids(seed: int) -> torch.Tensor:
     """[BOS][system][<image>][text] with seeded word-piece ids: the layout of a LLaVA-1.5 prompt."""
-    gen = torch.Generator().manual_seed(seed)
-    system = torch.randint(FIRST_WORD_ID, VOCAB_SIZE, (SYSTEM_TOKENS,), generator=gen)
-    text = torch.randint(FIRST_WORD_ID, VOCAB_SIZE, (TEXT_TOKENS,), generator=gen)
+    system, text = synthetic_text_ids(seed, VOCAB_SIZE, (SYSTEM_TOKENS, TEXT_TOKENS))
     ids = torch.cat([torch.tensor([BOS_ID]), system, torch.tensor([IMAGE_TOKEN_INDEX]), text])
     return ids[None]
+
+
+def synthetic_text_ids(seed: int, vocab_size: int, lengths: tuple[int, ...]) -> list[torch.Tensor]:
+    """Seeded word-piece ids (no special or byte tokens), one run per length."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(FIRST_WORD_ID, vocab_size, (length,), generator=gen) for length in lengths]
 
 
 def random_workload(shape_name: str, seed: int, device: str, dtype: torch.dtype, next_model: bool = False) -> Workload:
@@ -289,7 +294,8 @@ def checkpoint_workload(model_path: str, device: str, dtype: torch.dtype, next_m
     encoded as the CLIs do."""
     tokenizer, model, image_processor, _ = load_pretrained_model(model_path, device=device, torch_dtype=dtype)
     image = next_image(seed) if next_model else first_demo_image()
-    inputs = encode_question(QUESTION, image, model, tokenizer, image_processor, CONV_MODE)
+    conv_mode = QWEN_CONV_MODE if is_qwen(model) else CONV_MODE
+    inputs = encode_question(QUESTION, image, model, tokenizer, image_processor, conv_mode)
     return Workload(model.eval(), inputs.input_ids, inputs.pixel_values, f"checkpoint {model_path}",
                     inputs.image_sizes)
 
@@ -299,10 +305,14 @@ def shape_name(args: argparse.Namespace) -> str:
     return args.shape or (QUICK_SHAPE if args.quick else DEFAULT_SHAPE)
 
 
-def load_workload(args: argparse.Namespace, dtype: torch.dtype, next_model: bool = False) -> Workload:
-    """The checkpoint of `--model-path`, else the random model at `shape_name(args)`."""
+def load_workload(args: argparse.Namespace, dtype: torch.dtype, next_model: bool = False, qwen: bool = False) -> Workload:
+    """The checkpoint of `--model-path`, else the random model at `shape_name(args)` (Qwen2.5-VL's with `qwen`)."""
     if args.model_path:
         return checkpoint_workload(args.model_path, args.device, dtype, next_model, args.seed)
+    if qwen:
+        from llava.bench.qwen_model import qwen_workload  # it imports this module
+
+        return qwen_workload(shape_name(args), args.seed, args.device, dtype)
     return random_workload(shape_name(args), args.seed, args.device, dtype, next_model)
 
 

@@ -82,6 +82,25 @@ def check_budget(budget: float | None, whole: bool = False) -> None:
         raise ValueError(f"budget must be a positive number of tokens, got {budget:g}")
 
 
+def check_keep_fraction(fraction: float | None, budget: float | None) -> None:
+    """The one rule for a `keep_fraction` option: a share of the image's vision tokens in (0, 1], given
+    instead of a `budget`, never beside one (both would set the same count)."""
+    if fraction is None:
+        return
+    if budget is not None:
+        raise ValueError(f"give either keep_fraction or budget, not both (got keep_fraction {fraction:g} and "
+                         f"budget {budget:g})")
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"keep_fraction must be in (0, 1], got {fraction:g}")
+
+
+def fraction_budget(fraction: float, vision_count: int) -> int:
+    """A prompt's budget under `keep_fraction`: that share of the `vision_count` tokens its image brings,
+    rounded half up, at least one (0.111 of LLaVA-1.5's 576 is 63.9, a budget of 64; 0.222 gives 128, 0.333
+    gives 192). The budget then means for the method exactly what `budget` means for it."""
+    return max(1, round_half_up(fraction * vision_count))
+
+
 def round_half_up(value: float) -> int:
     """Rounding that does not depend on parity (Python's round(288.5) is 288, round(289.5) is 290)."""
     return math.floor(value + 0.5)

@@ -20,7 +20,14 @@ from llava.drop.cache import KVCache
 from llava.drop.decode import SamplingConfig, decode_together, next_tokens, seeded_generator
 from llava.drop.flops import prefill_flops
 from llava.drop.method import DropMethod
-from llava.drop.prefill import MultimodalPrompt, PrefillResult, build_prompt, method_or_none, prefill
+from llava.drop.prefill import (
+    MultimodalPrompt,
+    PrefillResult,
+    build_prompt,
+    compacts_positions,
+    method_or_none,
+    prefill,
+)
 from llava.drop.timing import now
 from llava.drop.vision import VisionOutput, is_next
 from llava.model.geometry import decoder_layer_count, geometry_of_model
@@ -132,8 +139,8 @@ def generate_batch(model, requests: Sequence[GenerationRequest], sampling: Sampl
     first_tokens = next_tokens(prefilled.logits, sampling, generators)
     prefill_done = now(device)
     kv_lengths = [cache.row_lengths(n) for n in range(len(prompts))]
-    positions = kv_lengths if method.compact_positions else [[prompt.length] * len(lengths)
-                                                            for prompt, lengths in zip(prompts, kv_lengths)]
+    positions = kv_lengths if compacts_positions(method, prompts) else [
+        [prompt.next_position] * len(lengths) for prompt, lengths in zip(prompts, kv_lengths)]
     rooms = [decode_room(geometry.context_length, answer_positions) for answer_positions in positions]
     shared = {"vision_seconds": vision_done - started, "prefill_seconds": prefill_done - vision_done,
               "scoring_seconds": prefilled.scoring_seconds + sum(v.selection_seconds for v in visions if v is not None),
@@ -185,7 +192,9 @@ def generation_stats(model, prompt: MultimodalPrompt, vision: VisionOutput | Non
                      kv_lengths: list[int], kv_bytes: int) -> dict:
     """Per-answer statistics: what the method's vision stage reports about itself, then what every method
     shares: token counts per stage and layer, KV-cache size, FLOPs ratio. LLaVA-NeXT adds the layer average
-    per tower image (the reference reports the total divided by the images)."""
+    per tower image (the reference reports the total divided by the images). `vision_kept_fraction` is the
+    layer average over the image's vision tokens in (what a `keep_fraction`, which the vision stage reports
+    when one was asked, aims at)."""
     vision_stats = vision.stats if vision is not None else {}
     vision_in = vision_stats.get("vision_tokens_in", prompt.vision_count)
     unpruned_len = prompt.length - prompt.vision_count + vision_in
@@ -194,9 +203,11 @@ def generation_stats(model, prompt: MultimodalPrompt, vision: VisionOutput | Non
     per_layer = prefilled.vision_tokens_per_layer
     average = sum(per_layer) / len(per_layer)
     per_image = {"avg_vision_tokens_per_image": average / vision_stats["images"]} if "images" in vision_stats else {}
+    kept_fraction = {"vision_kept_fraction": average / vision_in} if vision_in else {}
     return {
         **vision_stats,
         **per_image,
+        **kept_fraction,
         "vision_tokens_in": vision_in,
         "vision_tokens": prompt.vision_count,
         "vision_tokens_after_layer": {str(layer): count for layer, count in prefilled.vision_tokens_after_layer.items()},

@@ -8,7 +8,9 @@ images, projecting, and the statistics. A method only writes `reduce`.
 LLaVA-NeXT layout: every tower image (base image first, then the crops in the processor's order) is
 reduced on its own and the results follow one another, with no unpad and no newline tokens, as in
 VisionZip's released code: after merging or pooling, the crop grid that the newlines delimit no
-longer exists. A budget is the image's total, shared over its 1 + K tower images (`budget_shares`).
+longer exists. A budget is the image's total, shared over its 1 + K tower images (`budget_shares`). A
+`keep_fraction` F gives each prompt a budget of round(F * V), V the vision tokens the unpruned model gives
+its image (`vision_count_in`, its `vision_tokens_in`).
 """
 
 from __future__ import annotations
@@ -82,6 +84,14 @@ def unpruned_next_count(model, image_sizes: torch.Tensor, grid: tuple[int, int],
     return per_image + unpadded.shape[0] * (unpadded.shape[1] + 1)
 
 
+def vision_count_in(model, image_sizes: torch.Tensor | None, grid: tuple[int, int] | None) -> int:
+    """The vision tokens the unpruned model gives a prompt's image (its `vision_tokens_in`): LLaVA-1.5's
+    patches (and CLS, where kept), or LLaVA-NeXT's in the model's own layout (`grid`: its crop grid)."""
+    side = patch_side(model)
+    per_image = side * side + vision_token_offset(model.config)
+    return per_image if grid is None else unpruned_next_count(model, image_sizes, grid, per_image, side)
+
+
 def prompt_tower_images(name: str, model, pixel_values: list[torch.Tensor], image_sizes: list[torch.Tensor | None],
                         tiled: bool) -> tuple[list[torch.Tensor], list[tuple[int, int] | None]]:
     """Each prompt's tower images [n, 3, H, W]: its one image, or (`tiled`, LLaVA-NeXT) its base image and crops,
@@ -109,7 +119,7 @@ def patch_side(model) -> int:
 class ImageReduction(PromptsTogether, DropMethod):
     """A vision-stage method applied to each tower image on its own (module docstring); subclasses keep
     their options in `self.options` (an `options_class` instance with a `budget` field, None for the
-    method's own count) and write `reduce`."""
+    method's own count, and a `keep_fraction` field) and write `reduce`."""
 
     supports_next = True
     prompts_together: ClassVar[bool] = True  # all prompts' tower images go through `reduce` in one call
@@ -140,13 +150,14 @@ class ImageReduction(PromptsTogether, DropMethod):
             raise ValueError(f"budget {self.budget} gives a tower image {largest} tokens, more than its "
                              f"{geometry.patch_tokens} patches")
 
-    def counts(self, images: int, patches: int) -> list[int | None]:
-        """Each tower image's share of the budget (None without one), checked against its patches."""
-        if self.budget is None:
+    def counts(self, images: int, patches: int, budget: float | None) -> list[int | None]:
+        """Each tower image's share of a prompt's budget (None without one), checked against its patches."""
+        if budget is None:
             return [None] * images
-        shares = budget_shares(self.budget, images)
+        budget = int(budget)
+        shares = budget_shares(budget, images)
         if min(shares) < 1 or max(shares) > patches:
-            raise ValueError(f"budget {self.budget} over {images} tower images gives shares {min(shares)}.."
+            raise ValueError(f"budget {budget} over {images} tower images gives shares {min(shares)}.."
                              f"{max(shares)}; each must be 1..{patches} (the patches of one image)")
         return shares
 
@@ -162,7 +173,9 @@ class ImageReduction(PromptsTogether, DropMethod):
         check_feature_layer(model.config)
         tower_images, grids = prompt_tower_images(self.name, model, pixel_values, image_sizes, tiled)
         side = patch_side(model)
-        counts = [count for images in tower_images for count in self.counts(images.shape[0], side * side)]
+        counts_in = [vision_count_in(model, sizes, grid) for sizes, grid in zip(image_sizes, grids)]
+        counts = [count for images, count_in in zip(tower_images, counts_in)
+                  for count in self.counts(images.shape[0], side * side, self.prompt_options(count_in).budget)]
         weight = model.model.vision_tower.embeddings.patch_embedding.weight
         selecting = Stopwatch(weight.device)
         reduced = self.reduce(model, torch.cat(tower_images).to(device=weight.device, dtype=weight.dtype), counts,
@@ -172,28 +185,24 @@ class ImageReduction(PromptsTogether, DropMethod):
         for n, images in enumerate(tower_images):
             mine = reduced[first : first + images.shape[0]]
             first += images.shape[0]
-            outputs.append(self.image_output(model, mine[0], cls_kept) if grids[n] is None
-                           else self.next_output(model, mine, image_sizes[n], grids[n], cls_kept))
+            outputs.append(self.image_output(model, mine[0], cls_kept, counts_in[n]) if grids[n] is None
+                           else self.next_output(model, mine, counts_in[n], cls_kept))
         share = selecting.seconds() / len(outputs)
         for output in outputs:
             output.selection_seconds = share
         return outputs
 
-    def image_output(self, model, reduced: ReducedImage, cls_kept: int) -> VisionOutput:
+    def image_output(self, model, reduced: ReducedImage, cls_kept: int, count_in: int) -> VisionOutput:
         """A LLaVA-1.5 prompt's features from its reduced image."""
         features = project_features(model, reduced.hidden[None])
-        stats = {"vision_tokens_in": patch_side(model) ** 2 + cls_kept, "vision_tokens": features.shape[0]}
+        stats = {"vision_tokens_in": count_in, "vision_tokens": features.shape[0]}
         return VisionOutput(features=features, stats=stats, patch_groups=[[]] * cls_kept + reduced.patch_groups)
 
-    def next_output(self, model, reduced: list[ReducedImage], image_sizes: torch.Tensor, grid: tuple[int, int],
-                    cls_kept: int) -> VisionOutput:
+    def next_output(self, model, reduced: list[ReducedImage], count_in: int, cls_kept: int) -> VisionOutput:
         """A LLaVA-NeXT prompt's features: its reduced tower images one after the other (module docstring)."""
-        side = patch_side(model)
         features = torch.cat([project_features(model, image.hidden[None]) for image in reduced])
-        per_image = side * side + cls_kept
-        stats = {"vision_tokens_in": unpruned_next_count(model, image_sizes, grid, per_image, side),
-                 "vision_tokens": features.shape[0], "images": len(reduced), "crops": len(reduced) - 1,
-                 "vision_tokens_per_image_in": per_image}
+        stats = {"vision_tokens_in": count_in, "vision_tokens": features.shape[0], "images": len(reduced),
+                 "crops": len(reduced) - 1, "vision_tokens_per_image_in": patch_side(model) ** 2 + cls_kept}
         return VisionOutput(features=features, stats=stats)
 
 

@@ -8,16 +8,16 @@ the unpruned model ("none").
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 import torch
 
-from llava.drop.blocks import device_tensor
+from llava.drop.blocks import device_tensor, fraction_budget, planned
 from llava.drop.cache import KVCache
 from llava.drop.probe import TokenLayout, vision_attention
 from llava.drop.vision import VisionOutput, encode_image, encode_images_together, encode_next_image, is_next
-from llava.model.geometry import ModelGeometry
+from llava.model.geometry import QWEN_FAMILY, ModelGeometry
 
 TEXT_QUERIES = "text"  # every token after the image: the question and the template's tail
 LAST_QUERY = "last"  # the last prompt token, which FastV / PyramidDrop rank by
@@ -60,7 +60,7 @@ class LayerContext:
     layer_input: torch.Tensor  # [N, seq, hidden]
     layer_output: torch.Tensor
     keys: torch.Tensor  # [N, kv_heads, seq, head_dim]
-    positions: torch.Tensor  # [N, seq]
+    positions: torch.Tensor  # [N, seq] (Qwen: [3, N, seq])
     layouts: list[TokenLayout]
     key_mask: torch.Tensor | None  # [N, V] the key tokens, which are never dropped
     key_counts: list[int]  # key tokens per prompt (they are never dropped, so this stays on the host)
@@ -110,7 +110,7 @@ class LayerContext:
         rows = slice(n, n + 1)
         return PromptContext(LayerContext(
             self.model, self.layer_idx, self.layer_input[rows, : layout.seq_len], self.layer_output[rows, : layout.seq_len],
-            self.keys[rows, :, : layout.seq_len], self.positions[rows, : layout.seq_len], [layout],
+            self.keys[rows, :, : layout.seq_len], self.positions[..., rows, : layout.seq_len], [layout],
             None if key_indices is None else self.key_mask[rows, : layout.vision_count], [self.key_counts[n]],
             [self.prompt_vision_counts[n]], self.geometry), key_indices)
 
@@ -156,6 +156,13 @@ def last_token_scores(context: LayerContext) -> torch.Tensor:
     return context.attention(LAST_QUERY)[:, 0]
 
 
+@planned
+def options_at_count(options, vision_count: int):
+    """`options` with the budget their `keep_fraction` gives an image of `vision_count` vision tokens in its
+    place (`fraction_budget`), so that the method runs as it does with that budget; planned once per count."""
+    return replace(options, budget=fraction_budget(options.keep_fraction, vision_count), keep_fraction=None)
+
+
 def positions_to_mask(kept: list[torch.Tensor], width: int, device) -> torch.Tensor:
     """Per-prompt kept vision positions as one boolean mask [N, width]."""
     mask = torch.zeros(len(kept), width, dtype=torch.bool, device=device)
@@ -178,6 +185,27 @@ class DropMethod:
         """The method with `options` (an `options_class` instance), or with that class's defaults."""
         self.options = options or (self.options_class() if self.options_class is not None else None)
 
+    @property
+    def keep_fraction(self) -> float | None:
+        """The share of each image's vision tokens asked for (`--keep`), or None."""
+        return getattr(self.options, "keep_fraction", None)
+
+    def prompt_options(self, vision_count: int):
+        """The options one prompt runs with, its image bringing `vision_count` vision tokens into the method:
+        the options as given, or under `keep_fraction` the budget that fraction gives this image in its place.
+        Each method converts where it reads its budget, per prompt, because the count depends on the image
+        (LLaVA-NeXT's crops) while the method object serves every prompt."""
+        if self.keep_fraction is None:
+            return self.options
+        return options_at_count(self.options, vision_count)
+
+    def asked(self, outputs: list[VisionOutput]) -> list[VisionOutput]:
+        """`outputs` with the keep fraction asked for in their statistics (every answer reports it)."""
+        if self.keep_fraction is not None:
+            for output in outputs:
+                output.stats["keep_fraction"] = self.keep_fraction
+        return outputs
+
     def encode_image(self, model, pixel_values: torch.Tensor) -> VisionOutput:
         return encode_image(model, pixel_values)
 
@@ -192,9 +220,9 @@ class DropMethod:
         unpruned tower runs the images of all prompts as one batch; a method with a vision stage of its own
         runs it one prompt at a time unless it overrides this too."""
         if self.has_own_vision_stage:
-            return [self.encode_next(model, pixels, sizes) if is_next(model) else self.encode_image(model, pixels)
-                    for pixels, sizes in zip(pixel_values, image_sizes)]
-        return encode_images_together(model, pixel_values, image_sizes)
+            return self.asked([self.encode_next(model, pixels, sizes) if is_next(model)
+                               else self.encode_image(model, pixels) for pixels, sizes in zip(pixel_values, image_sizes)])
+        return self.asked(encode_images_together(model, pixel_values, image_sizes))
 
     @property
     def has_own_vision_stage(self) -> bool:
@@ -232,6 +260,8 @@ class DropMethod:
         if getattr(geometry, "max_crops", 0) and self.enabled and not self.supports_next:
             raise ValueError(f"dropping with {self.name} does not run on LLaVA-NeXT checkpoints yet; run them "
                              "without --sparse / --method, or use a LLaVA-1.5 checkpoint")
+        if geometry.family == QWEN_FAMILY and self.enabled and not self.runs_on_qwen:
+            raise ValueError(self.qwen_refusal())
         layers = self.prefill_layers(geometry)
         if layers and max(layers) >= geometry.decoder_layers:
             raise ValueError(f"dropping after layer {max(layers)} (0-based) is impossible in a model "
@@ -240,10 +270,38 @@ class DropMethod:
         if budget is not None and budget > geometry.max_vision_tokens:
             raise ValueError(f"budget {budget:g} exceeds the {geometry.max_vision_tokens} vision tokens "
                              "this model gives an image at most")
+        if self.keep_fraction is not None:
+            self.check_fraction_budget(geometry)
+
+    def check_fraction_budget(self, geometry: ModelGeometry) -> None:
+        """Under `keep_fraction`, every budget check of the method, on the budget the fraction gives the
+        largest image (on LLaVA-1.5 every image: all bring the same count). The floors the checks test scale
+        with an image's count, so a fraction that reaches the largest image reaches the others too, give or
+        take the rounding of one token (a prompt it misses is refused when it arrives)."""
+        largest = geometry.max_vision_tokens
+        options = self.prompt_options(largest)
+        try:
+            type(self)(options).check_model(geometry)
+        except ValueError as error:
+            raise ValueError(f"keep_fraction {self.keep_fraction:g} gives an image of {largest} vision tokens "
+                             f"(the most this model gives one) a budget of {options.budget:g}: {error}") from None
 
     @property
     def enabled(self) -> bool:
         return type(self) is not DropMethod
+
+    @property
+    def runs_on_qwen(self) -> bool:
+        """Whether this method runs on Qwen2-VL / Qwen2.5-VL: a method that only drops in the decoder does; a
+        vision stage needs a port of its own, since Qwen's tower has no CLS token, sees each image at its own
+        resolution and merges 2 x 2 patches into one decoder token."""
+        return not self.has_own_vision_stage
+
+    def qwen_refusal(self) -> str:
+        return (f"{self.name} changes the vision tower's tokens with rules written for CLIP (a CLS token, a square "
+                "grid of patches), which Qwen2-VL / Qwen2.5-VL's tower does not have; it does not run on Qwen yet. "
+                "Methods that drop in the decoder do: fastv, pdrop, sparsevlm, and mustdrop without its vision "
+                "stage (--no_merge)")
 
 
 class PromptsTogether:
@@ -257,7 +315,7 @@ class PromptsTogether:
 
     def encode_images(self, model, pixel_values: list[torch.Tensor],
                       image_sizes: list[torch.Tensor | None]) -> list[VisionOutput]:
-        return self.encode_prompts(model, pixel_values, image_sizes, is_next(model))
+        return self.asked(self.encode_prompts(model, pixel_values, image_sizes, is_next(model)))
 
     def encode_image(self, model, pixel_values: torch.Tensor) -> VisionOutput:
         return self.encode_prompts(model, [pixel_values], [None], tiled=False)[0]

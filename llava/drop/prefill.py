@@ -17,7 +17,7 @@ from llava.constants import IMAGE_TOKEN_INDEX
 from llava.drop.blocks import device_tensor
 from llava.drop.cache import KVCache, gather_tokens, padded_rows
 from llava.drop.method import DropMethod, LayerContext, positions_to_mask
-from llava.drop.probe import TokenLayout
+from llava.drop.probe import TokenLayout, positions_at
 from llava.drop.timing import Stopwatch
 from llava.drop.vision import VisionOutput
 from llava.model.geometry import decoder_layer_count, geometry_of_model
@@ -34,10 +34,16 @@ class MultimodalPrompt:
     vision_start: int
     vision_count: int
     key_indices: torch.Tensor | None = None
+    positions: torch.Tensor | None = None  # Qwen's 3-D positions [3, seq]; None: token i at position i
 
     @property
     def length(self) -> int:
         return self.embeds.shape[1]
+
+    @property
+    def next_position(self) -> int:
+        """Where the first answer token goes when no drop re-numbers the prompt: after its last position."""
+        return self.length if self.positions is None else int(self.positions.max()) + 1
 
 
 def build_prompt(model, input_ids: torch.Tensor, vision: VisionOutput | None) -> MultimodalPrompt:
@@ -57,7 +63,17 @@ def build_prompt(model, input_ids: torch.Tensor, vision: VisionOutput | None) ->
     start = sentinels[0]
     pieces = [embed_tokens(ids[:start]), vision.features.to(embed_tokens.weight.dtype), embed_tokens(ids[start + 1 :])]
     embeds = torch.cat(pieces, dim=0)[None]
-    return MultimodalPrompt(embeds, start, vision.features.shape[0], vision.key_indices)
+    positions = None if vision.positions is None else spatial_positions(vision, start, ids.numel() - start - 1)
+    return MultimodalPrompt(embeds, start, vision.features.shape[0], vision.key_indices, positions)
+
+
+def spatial_positions(vision: VisionOutput, start: int, text_after: int) -> torch.Tensor:
+    """[3, seq] M-RoPE positions of [text][image][text]: text at one position on every axis, each vision token
+    at start + its (t, row, column) offset, the text after the image from start + the image's span on."""
+    device = vision.positions.device
+    before = torch.arange(start, device=device)
+    after = torch.arange(text_after, device=device) + start + vision.position_span
+    return torch.cat([before.expand(3, -1), vision.positions + start, after.expand(3, -1)], dim=1)
 
 
 def attention_mask(model, lengths: list[int], like: torch.Tensor) -> torch.Tensor | None:
@@ -75,16 +91,39 @@ def attention_mask(model, lengths: list[int], like: torch.Tensor) -> torch.Tenso
 
 
 def rotary(model, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoPE cos/sin for these positions [N, seq]; shared by every layer that uses the same positions."""
+    """RoPE cos/sin for these positions ([N, seq], or Qwen's [3, N, seq]); shared by every layer that uses
+    the same positions."""
     return model.model.language_model.rotary_emb(hidden, positions)
+
+
+def batch_positions(prompts: list[MultimodalPrompt], seq: int, device) -> torch.Tensor:
+    """The padded batch's positions: [N, seq] 0..len-1, or [3, N, seq] when a prompt has 3-D positions (a
+    prompt without them, text only, sits at i on every axis; padding at 0)."""
+    flat = torch.arange(seq, device=device)
+    if all(prompt.positions is None for prompt in prompts):
+        return flat[None].expand(len(prompts), -1)
+    rows = [flat[: prompt.length].expand(3, -1) if prompt.positions is None else prompt.positions.to(device)
+            for prompt in prompts]
+    return torch.stack([padded_rows([row[axis] for row in rows]) for axis in range(3)])
+
+
+def spatial(positions: torch.Tensor) -> bool:
+    return positions.dim() == 3
+
+
+def compacts_positions(method: DropMethod, prompts: list[MultimodalPrompt]) -> bool:
+    """Whether a drop re-numbers the kept tokens 0..len-1 (the method's rule). Never with 3-D positions: a
+    kept Qwen vision token keeps its own (t, row, column) and the text after it its positions."""
+    return method.compact_positions and all(prompt.positions is None for prompt in prompts)
 
 
 def run_layer(model, layer_idx: int, hidden: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
               cache: KVCache, position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """One decoder layer over the whole padded batch, writing that layer's cache."""
+    """One decoder layer over the whole padded batch, writing that layer's cache. (Like transformers' Qwen
+    forward, 3-D positions reach the layer only as its rotary embeddings.)"""
     return model.model.language_model.layers[layer_idx](
-        hidden, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
-        position_embeddings=position_embeddings,
+        hidden, attention_mask=mask, position_ids=None if spatial(positions) else positions, cache=cache,
+        use_cache=True, position_embeddings=position_embeddings,
     )
 
 
@@ -204,7 +243,7 @@ def repack(hidden: torch.Tensor, positions: torch.Tensor, layouts: list[TokenLay
     if compact:
         new_positions = torch.arange(index.shape[1], device=device)[None].expand(batch, -1)
     else:
-        new_positions = positions.gather(1, source_slots(index, seq, added))
+        new_positions = positions_at(positions, source_slots(index, seq, added))
     return Repacked(gather_tokens(hidden, index, SEQUENCE_DIM), new_positions,
                     [sequence_order[n, :count] for n, count in enumerate(kept_counts)], vision_counts, lengths,
                     remap_key_mask(key_mask, vision_keep, vision_kept, max(vision_counts)))
@@ -260,7 +299,8 @@ def prefill(model, prompts: list[MultimodalPrompt], cache: KVCache, method: Drop
     drop_layers = set(method.prefill_layers(geometry))
     lengths = [prompt.length for prompt in prompts]
     hidden = padded_rows([prompt.embeds[0] for prompt in prompts])
-    positions = torch.arange(hidden.shape[1], device=hidden.device)[None].expand(len(prompts), -1)
+    positions = batch_positions(prompts, hidden.shape[1], hidden.device)
+    compact = compacts_positions(method, prompts)
     layouts = [TokenLayout(prompt.vision_start, prompt.vision_count, prompt.length) for prompt in prompts]
     key_mask, key_counts = key_mask_of(prompts, hidden.device)
     prompt_vision_counts = [prompt.vision_count for prompt in prompts]
@@ -289,7 +329,7 @@ def prefill(model, prompts: list[MultimodalPrompt], cache: KVCache, method: Drop
                 vision_keep = torch.where(device_tensor(droppable, hidden.device)[:, None], vision_keep,
                                           context.vision_valid)
             step = repack(hidden, positions, layouts, vision_keep, recycled_tokens(method, context, vision_keep, droppable),
-                          key_mask, method.compact_positions)
+                          key_mask, compact)
         hidden, positions, key_mask, lengths = step.hidden, step.positions, step.key_mask, step.lengths
         for n, (layout, can) in enumerate(zip(layouts, droppable)):
             layouts[n] = TokenLayout(layout.vision_start, step.vision_counts[n], step.lengths[n])

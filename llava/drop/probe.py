@@ -28,6 +28,13 @@ class TokenLayout:
         return self.vision_start + self.vision_count
 
 
+def positions_at(positions: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """The positions ([N, seq], or Qwen's [3, N, seq]) of each prompt's `slots` [N, K]."""
+    if positions.dim() == 3:
+        return positions.gather(2, slots[None].expand(positions.shape[0], -1, -1))
+    return positions.gather(1, slots)
+
+
 def vision_attention(
     model, layer_idx: int, layer_input: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor,
     query_rows: torch.Tensor, vision_slots: torch.Tensor,
@@ -35,7 +42,7 @@ def vision_attention(
     """Head-averaged attention [N, queries, vision] of some query rows of each prompt on its vision keys.
 
     `layer_input` [N, seq, hidden] is what entered the layer, `keys` the rotated keys it cached
-    ([N, kv_heads, seq, head_dim]) and `positions` [N, seq] the RoPE positions; `query_rows` [N, Q] and
+    ([N, kv_heads, seq, head_dim]) and `positions` [N, seq] (Qwen: [3, N, seq]) the RoPE positions; `query_rows` [N, Q] and
     `vision_slots` [N, V] are sequence slots of each prompt (a padded batch repeats a real slot and masks
     the result). Each query's softmax runs over all keys it may see (causal), as in eager attention; only
     then are the vision columns taken.
@@ -46,7 +53,7 @@ def vision_attention(
     hidden_rows = query_rows[:, :, None].expand(-1, -1, layer_input.shape[2])
     normed = layer.input_layernorm(layer_input.gather(1, hidden_rows))
     queries = attention.q_proj(normed).view(batch, rows, -1, attention.head_dim).transpose(1, 2)
-    cos, sin = model.model.language_model.rotary_emb(normed, positions.gather(1, query_rows))
+    cos, sin = model.model.language_model.rotary_emb(normed, positions_at(positions, query_rows))
     queries, _ = apply_rotary_pos_emb(queries, queries, cos, sin)
     keys = repeat_kv(keys, attention.num_key_value_groups)
     scores = torch.matmul(queries.float(), keys.float().transpose(2, 3)) * attention.scaling

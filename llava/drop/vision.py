@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from llava.model.builder import NEXT_MODEL_TYPE
+from llava.model.qwen import check_qwen_inputs, is_qwen, position_span, vision_token_positions
 
 CLS_INDEX = 0
 PATCHES_START = CLS_INDEX + 1
@@ -30,6 +31,10 @@ class VisionOutput:
     patch_groups: list[list[int]] | None = None
     # Time the method spent choosing and merging tokens in this stage (its share of `scoring_seconds`).
     selection_seconds: float = 0.0
+    # Qwen's 3-D positions (llava/model/qwen.py): each token's (t, row, column) offset from the image's first
+    # position [3, num_vision_tokens], and how far the text after the image moves on. None for LLaVA.
+    positions: torch.Tensor | None = None
+    position_span: int = 0
 
 
 def selected_layer_count(num_layers: int, feature_layer: int) -> int:
@@ -124,7 +129,26 @@ def encode_images_together(model, pixel_values: list[torch.Tensor],
     """The unpruned vision stage of several prompts, all their images through the tower as one batch."""
     if is_next(model):
         return encode_next_images(model, pixel_values, image_sizes)
+    if is_qwen(model):
+        return encode_qwen_images(model, pixel_values, image_sizes)
     return encode_llava_images(model, pixel_values)
+
+
+@torch.no_grad()
+def encode_qwen_images(model, pixel_values: list[torch.Tensor], grids: list[torch.Tensor]) -> list[VisionOutput]:
+    """Qwen2-VL / Qwen2.5-VL: every prompt's image ([patches, patch values] and its grid [[t, h, w]]) through
+    the tower in one pass (transformers' `get_image_features`), each token with its 3-D position offset."""
+    for pixels, grid in zip(pixel_values, grids):
+        check_qwen_inputs(pixels, grid)
+    device = model.model.visual.patch_embed.proj.weight.device
+    grid_thw = torch.cat(grids).to(device)
+    features = model.model.get_image_features(torch.cat(pixel_values).to(device), grid_thw).pooler_output
+    outputs = []
+    for image_features, grid in zip(features, grid_thw):
+        count = image_features.shape[0]
+        outputs.append(VisionOutput(features=image_features, stats={"vision_tokens_in": count, "vision_tokens": count},
+                                    positions=vision_token_positions(model, grid), position_span=position_span(model, grid)))
+    return outputs
 
 
 FLAT_MERGE = "flat"  # mm_patch_merge_type: every image's features in order, no unpad, no newline tokens

@@ -30,7 +30,7 @@ from llava.eval.lmms_plugin import MODEL_NAME
 # where a key is absent, except conv_mode, which is the checkpoint's own (auto) here.
 FLAGS = {"pretrained": "--model-path", "model_base": "--model-base", "vision_tower": "--vision-tower",
          "device": "--device", "dtype": "--dtype", "device_map": "--device-map", "conv_mode": "--conv-mode",
-         "method": "--method", "budget": "--budget", "seed": "--seed", "global_thr": "--global_thr",
+         "method": "--method", "budget": "--budget", "keep": "--keep", "seed": "--seed", "global_thr": "--global_thr",
          "individual_thr": "--individual_thr", "merge_thr": "--merge_thr", "key_rate": "--key_rate",
          "drop_layers": "--drop_layers", "next_layout": "--next_layout", "max_new_tokens": "--max_new_tokens"}
 SWITCHES = {"sparse": "--sparse", "no_merge": "--no_merge", "compile": "--compile", "cuda_graph": "--cuda-graph",

@@ -24,11 +24,11 @@ from llava.eval.scoring.results import json_type
 
 SUMMARY_NAME = "summary.json"
 COLUMNS = ("benchmark", "model", "method", "family", "setting", "questions", "scores", "vision tokens",
-           "FLOPs ratio", "prefill ms", "decode tok/s", "peak memory MiB")
+           "kept fraction", "FLOPs ratio", "prefill ms", "decode tok/s", "peak memory MiB")
 MIB = 1024 * 1024
 TEXT_FIELDS = ("benchmark", "model", "method", "family")
-NUMBER_FIELDS = ("questions", "mean_vision_tokens", "mean_prefill_flops_ratio", "mean_prefill_seconds",
-                 "decode_tokens_per_second", "peak_memory_bytes", "peak_rss_bytes")
+NUMBER_FIELDS = ("questions", "mean_vision_tokens", "mean_vision_kept_fraction", "mean_prefill_flops_ratio",
+                 "mean_prefill_seconds", "decode_tokens_per_second", "peak_memory_bytes", "peak_rss_bytes")
 
 
 def find_summaries(paths: list[str]) -> list[Path]:
@@ -70,7 +70,8 @@ def table_row(summary: dict) -> list[str]:
     return [
         summary.get("benchmark", "?"), summary.get("model", "?"), summary.get("method", "?"), family(summary),
         str(summary.get("setting", "?")), str(summary.get("questions", "?")), format_scores(summary.get("scores", {})),
-        number(summary.get("mean_vision_tokens")), number(summary.get("mean_prefill_flops_ratio"), digits=3),
+        number(summary.get("mean_vision_tokens")), number(summary.get("mean_vision_kept_fraction"), digits=3),
+        number(summary.get("mean_prefill_flops_ratio"), digits=3),
         number(summary.get("mean_prefill_seconds"), 1000.0), number(summary.get("decode_tokens_per_second")),
         number(memory, 1 / MIB, 0),
     ]

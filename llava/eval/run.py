@@ -9,10 +9,10 @@ Every task (see llava/eval/tasks/) reads its data from LLaVA's layout under --ev
 else this repository's playground/data/eval) and writes where LLaVA's scripts do:
 `<task folder>/answers/<model>[-<method>]-<setting>/` gets the answers (chunk files `<n>_<i>.jsonl`,
 merged into `merge.jsonl`), `scores.json` and `summary.json`. The folder's setting is --setting, else
---preset or --budget, else `full` for a run without dropping. Every model, sampling and dropping flag
-of `model_vqa_loader` is accepted (temperature 0 and conv mode vicuna_v1 by default, as LLaVA's
-scripts run; `--conv-mode auto` takes the checkpoint's own mode from its config files, as
-`scripts/v1_5/eval/` do). `--set KEY=VALUE` replaces one of a task's inputs or values (e.g. `questions=PATH`;
+--preset or --budget (`keep<F>` for --keep F), else `full` for a run without dropping. Every model,
+sampling and dropping flag of `model_vqa_loader` is accepted (temperature 0 and conv mode vicuna_v1 by
+default, as LLaVA's scripts run; `--conv-mode auto` takes the checkpoint's own mode from its config files,
+as `scripts/v1_5/eval/` do). `--set KEY=VALUE` replaces one of a task's inputs or values (e.g. `questions=PATH`;
 `TASK.KEY=VALUE` when several tasks run). `scripts/v1_5/eval/<benchmark>.sh` are thin wrappers
 over this runner.
 
@@ -56,8 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="replace a task's input or value, e.g. questions=my_questions.jsonl (repeatable)")
     parser.add_argument("--gpus", default=None, help="comma-separated GPU ids: one answering process per GPU")
     add_model_args(parser)
-    parser.set_defaults(model_path=None, temperature=0.0, conv_mode="vicuna_v1")
+    parser.set_defaults(model_path=None, temperature=0.0)  # no --conv-mode: vicuna_v1 (RUNNER_CONV_MODE), qwen
     return parser
+
+
+RUNNER_CONV_MODE = "vicuna_v1"  # what LLaVA's evaluation scripts pass
 
 
 def model_flag_names() -> set[str]:
@@ -74,6 +77,8 @@ def setting_of(args: argparse.Namespace) -> str:
         return str(args.preset)
     if args.budget is not None:
         return f"{args.budget:g}"
+    if args.keep is not None:
+        return f"keep{args.keep:g}"
     if not args.sparse and args.method in (None, "none"):
         return "full"
     raise RunError("name this run's setting with --setting (e.g. --setting 64): it names the answers folder")
@@ -98,6 +103,8 @@ def drop_flags_of(args: argparse.Namespace) -> str:
         flags += ["--method", args.method]
     if args.budget is not None:
         flags += ["--budget", f"{args.budget:g}"]
+    if args.keep is not None:
+        flags += ["--keep", f"{args.keep:g}"]
     if args.method_args:
         flags += ["--method-args", args.method_args]
     return " ".join(flags)
@@ -225,8 +232,9 @@ def check_runner_args(args: argparse.Namespace) -> None:
     if changed:
         flags = ", ".join("--" + name.replace("_", "-") for name in changed)
         raise RunError(f"{flags}: the runner names each task's answers file; shard with --gpus or torchrun instead")
-    if args.preset is not None and (args.sparse or args.method not in (None, "none") or args.budget is not None):
-        raise RunError("--preset picks MustDrop's published thresholds; drop --sparse, --method and --budget, "
+    if args.preset is not None and (args.sparse or args.method not in (None, "none") or args.budget is not None
+                                    or args.keep is not None):
+        raise RunError("--preset picks MustDrop's published thresholds; drop --sparse, --method, --budget and --keep, "
                        "or give the thresholds yourself with --sparse --global_thr G --individual_thr I")
     if args.gpus is not None and launcher_shard() is not None:
         raise RunError("--gpus under torchrun / accelerate launch: shard one way, not both")
@@ -250,7 +258,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> None:
         paths = run_paths(task, eval_dir, drop_args_for(task, args))
         runs.append((task, paths, task.resolve(eval_dir, paths, overrides_for(task, args, len(tasks)))))
     if len(gpus) <= 1:
-        resolve_conv_mode(args)  # once for every task; each process of a --gpus run resolves its own
+        resolve_conv_mode(args, RUNNER_CONV_MODE)  # once for every task; each process of a --gpus run resolves its own
     for task, paths, values in runs:
         print(f"== {task.name}: {paths.answer_dir}")
         if len(gpus) > 1:

@@ -45,6 +45,8 @@ from llava.model.original_layout import (
     llava_options,
     load_original_layout,
 )
+from llava.model.qwen import is_qwen_config, load_qwen_image_processor
+from llava.model.qwen import model_class_of as qwen_model_class
 from llava.model.tokenizer import load_llava_tokenizer
 from llava.model.vision_tower import resolve_vision_tower
 
@@ -177,8 +179,12 @@ def load_pretrained_model(
     torch_dtype: str | torch.dtype | None = None,
     vision_tower: str | None = None,
     attn_implementation: str = "sdpa",
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
 ):
-    """Load a LLaVA-1.5 or LLaVA-NeXT checkpoint in either layout; see the module docstring for what is returned.
+    """Load a LLaVA-1.5 or LLaVA-NeXT checkpoint in either layout, or a Qwen2-VL / Qwen2.5-VL one; see the
+    module docstring for what is returned. `min_pixels` / `max_pixels` override a Qwen checkpoint's image
+    resolution limits.
 
     `model_name` is accepted for LLaVA compatibility (LLaVA dispatches on it; we read config.json).
     `device_map="auto"` spreads the model over the visible GPUs with accelerate.
@@ -203,6 +209,11 @@ def load_pretrained_model(
         model = load_original_layout(model_dir, tower_dir, dtype, base_dir=base_dir)
         placed = False
         image_processor = load_image_processor(tower_dir)
+    elif is_qwen_config(raw_config):
+        tokenizer = load_tokenizer(model_dir, LLAVA_DEFAULTS)
+        image_processor = load_qwen_image_processor(model_dir, min_pixels, max_pixels)  # refuses min > max early
+        model, placed = load_hf_layout(model_dir, dtype, load_8bit, load_4bit, device_map, attn_implementation)
+        model.config.max_pixels = image_processor.size["longest_edge"]  # the most vision tokens an image brings
     else:
         is_next = is_next_hf_config(raw_config)
         defaults = HF_NEXT_LAYOUT_DEFAULTS if is_next else HF_LAYOUT_DEFAULTS
@@ -233,8 +244,9 @@ def context_length(raw_config: dict) -> int:
     explicit = raw_config.get("tokenizer_model_max_length") or raw_config.get("max_sequence_length")
     if explicit:
         return explicit
-    if is_next_hf_config(raw_config):
-        return raw_config.get("text_config", {}).get("max_position_embeddings") or DEFAULT_CONTEXT_LEN
+    if is_next_hf_config(raw_config) or is_qwen_config(raw_config):
+        return (raw_config.get("text_config", {}).get("max_position_embeddings")
+                or raw_config.get("max_position_embeddings") or DEFAULT_CONTEXT_LEN)
     return DEFAULT_CONTEXT_LEN
 
 
@@ -256,8 +268,11 @@ def load_hf_layout(
     elif device_map is not None:
         kwargs["device_map"] = device_map
     check_weight_files(weight_files(model_dir))
-    is_next = is_next_hf_config(read_config(model_dir))
-    model_class = LlavaNextForConditionalGeneration if is_next else LlavaForConditionalGeneration
+    raw_config = read_config(model_dir)
+    if is_qwen_config(raw_config):
+        model_class = qwen_model_class(raw_config)
+    else:
+        model_class = LlavaNextForConditionalGeneration if is_next_hf_config(raw_config) else LlavaForConditionalGeneration
     try:
         with config_field_errors(model_dir / "config.json"):
             model = model_class.from_pretrained(model_dir, **kwargs)
@@ -271,7 +286,8 @@ def place_model(model, device: str, device_map, already_placed: bool):
     if not already_placed and device_map == "auto" and torch.cuda.device_count() > 1:
         from accelerate import dispatch_model, infer_auto_device_map
 
-        no_split = ["LlamaDecoderLayer", "CLIPEncoderLayer"]
+        no_split = ["LlamaDecoderLayer", "CLIPEncoderLayer", "Qwen2_5_VLDecoderLayer", "Qwen2VLDecoderLayer",
+                    "Qwen2_5_VLVisionBlock", "Qwen2VLVisionBlock"]
         device_map = infer_auto_device_map(model, no_split_module_classes=no_split)
         return dispatch_model(model, device_map=device_map)
     if not already_placed:

@@ -12,6 +12,8 @@ any weight loads, and it never looks at the directory name (a renamed copy gets 
 - the tokenizer's special or added tokens include `<|im_start|>` -> `chatml_direct`;
 - otherwise `vicuna_v1`.
 
+A Qwen2-VL / Qwen2.5-VL checkpoint (`model_type` `qwen2_vl` / `qwen2_5_vl`) gets `qwen`, its chat template.
+
 Contradictory evidence (config fields that disagree about Mistral, or a Mistral model with a ChatML
 tokenizer) or an unreadable file is refused with one line naming the file: pass --conv-mode instead.
 """
@@ -26,6 +28,7 @@ from typing import NamedTuple
 from llava.model.builder import read_config, resolve_model_dir
 from llava.model.checkpoint_files import CheckpointError
 from llava.model.original_layout import is_original_layout
+from llava.model.qwen import QWEN_CONV_MODE, is_qwen_config
 
 AUTO_CONV_MODE = "auto"
 VICUNA_MODE = "vicuna_v1"
@@ -62,6 +65,8 @@ def detect_conv_mode(model_path: str, model_base: str | None = None) -> ConvMode
     except CheckpointError as error:
         raise CheckpointError(f"--conv-mode auto: {error}") from None
     config_path = model_dir / CONFIG_FILE
+    if is_qwen_config(config):
+        return ConvModeChoice(QWEN_CONV_MODE, config_path)
     original = is_original_layout(config)
     tokenizer_dir = resolve_model_dir(model_base) if model_base and original else model_dir
     is_mistral = mistral_language_model(language_model_fields(config, original), config_path)

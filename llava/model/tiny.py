@@ -29,6 +29,8 @@ import sentencepiece as spm
 import torch
 from safetensors.torch import load_file, save_file
 
+from llava.model.qwen import QWEN_MODEL_TYPES as QWEN_ARCHS
+
 if TYPE_CHECKING:  # transformers is imported lazily: it is slow to import and only the tower needs it
     from transformers import CLIPConfig
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
@@ -103,7 +105,7 @@ ORIGINAL_TOWER_PREFIX = "model.vision_tower.vision_tower."  # LLaVA's CLIPVision
 NUM_SHARDS = 2
 COMPLETE_MARKER = ".tiny-checkpoint-complete.json"
 LAYOUTS = ("original", "hf")
-ARCHS = ("llava", "next")
+ARCHS = ("llava", "next", *QWEN_ARCHS)
 WEIGHTS_FORMATS = ("safetensors", "bin")
 SEED_STREAMS = 2  # independent RNG streams per seed: language model, vision tower
 LLM_STREAM, VISION_STREAM = 0, 1
@@ -152,6 +154,8 @@ def write_tiny_checkpoint(out_dir: str | os.PathLike, layout: str = "original", 
     _check_choice("layout", layout, LAYOUTS)
     _check_choice("weights_format", weights_format, WEIGHTS_FORMATS)
     _check_choice("arch", arch, ARCHS)
+    if arch in QWEN_ARCHS and layout != "hf":
+        raise ValueError(f"arch={arch!r} comes in the transformers layout only (layout='hf'), as Qwen ships it")
     out = Path(out_dir)
     settings = {"layout": layout, "seed": seed, "weights_format": weights_format, "arch": arch}
     if _is_complete(out, settings):
@@ -168,7 +172,13 @@ def write_tiny_checkpoint(out_dir: str | os.PathLike, layout: str = "original", 
 
 
 def _build(staging: Path, layout: str, seed: int, weights_format: str, arch: str = "llava") -> Path:
-    """Write the original layout under `staging`; convert it when the transformers layout is asked."""
+    """Write the original layout under `staging`; convert it when the transformers layout is asked. Qwen
+    checkpoints are written in the transformers layout directly (llava/model/tiny_qwen.py)."""
+    if arch in QWEN_ARCHS:
+        from llava.model.tiny_qwen import write_qwen_checkpoint  # lazy: it imports transformers
+
+        write_qwen_checkpoint(staging / "hf", arch, seed)
+        return staging / "hf"
     original = staging / "original"
     _write_original(original, seed, weights_format, arch)
     if layout == "original":
@@ -557,11 +567,17 @@ def main(argv: list[str] | None = None) -> None:
     """Command line entry point: print the checkpoint directory once it is complete."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="directory to write the checkpoint to")
-    parser.add_argument("--layout", choices=LAYOUTS, default="original")
-    parser.add_argument("--arch", choices=ARCHS, default="llava", help="llava: LLaVA-1.5; next: LLaVA-NeXT (v1.6)")
+    parser.add_argument("--layout", choices=LAYOUTS, default=None,
+                        help="original (LLaVA's) or hf (transformers'); default: original, hf for Qwen")
+    parser.add_argument("--arch", choices=ARCHS, default="llava",
+                        help="llava: LLaVA-1.5; next: LLaVA-NeXT (v1.6); qwen2_5_vl / qwen2_vl: Qwen (with --layout hf)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--weights-format", choices=WEIGHTS_FORMATS, default="safetensors")
     args = parser.parse_args(argv)
+    if args.layout is None:
+        args.layout = "hf" if args.arch in QWEN_ARCHS else "original"
+    elif args.arch in QWEN_ARCHS and args.layout != "hf":
+        parser.error(f"--arch {args.arch} comes in the transformers layout only: --layout hf")
     print(write_tiny_checkpoint(args.out, args.layout, args.seed, args.weights_format, args.arch))
 
 

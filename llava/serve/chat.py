@@ -13,7 +13,7 @@ from PIL import Image
 
 from llava.conversation import get_conv_template
 from llava.eval.answering.answerer import Answer, Answerer
-from llava.model.inputs import encode_prompt, image_placeholder
+from llava.model.inputs import encode_prompt, with_image
 
 
 class Chat:
@@ -29,7 +29,7 @@ class Chat:
         decoded. A turn that fails (e.g. the conversation outgrew the context) leaves the conversation as it was."""
         user, assistant = self.conversation.roles
         if not self.conversation.messages:
-            message = image_placeholder(self.answerer.model.config) + "\n" + message
+            message = with_image(message, self.answerer.model.config)
         self.conversation.append_message(user, message)
         self.conversation.append_message(assistant, None)
         try:

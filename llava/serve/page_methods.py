@@ -52,6 +52,8 @@ def setting_label(method: DropMethod) -> str:
         return "unpruned: every vision token"
     if getattr(options, "budget", None) is not None:
         return f"budget {options.budget:g} vision tokens per layer"
+    if getattr(options, "keep_fraction", None) is not None:
+        return f"keep {options.keep_fraction:g} of the image's vision tokens"
     if method.name == MUSTDROP:
         return f"thresholds: global {options.global_thr:g}, individual {options.individual_thr:g}"
     if method.own_count:

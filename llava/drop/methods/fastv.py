@@ -15,6 +15,7 @@ Choices, where the paper leaves room:
   score go to the earlier position.
 - Budget: with `budget` set, keep is solved per prompt from its vision count V and the decoder depth L
   so that the layer average (k * V + (L - k) * keep) / L equals the budget (closed form, then rounded).
+  `keep_fraction` F sets each prompt's budget to round(F * V) instead (`fraction_budget`).
 - Positions: the released code (github.com/pkunlp-icler/FastV, `src/FastV/lmms-eval/fastv_kvcache.py`, the
   KV-cache variant for LLaVA on transformers 4.37) hands layers k, k+1, ... the kept tokens' original
   position ids (`position_ids = keep_indexs`) and decodes on from the full prompt length (generate's
@@ -46,7 +47,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llava.drop.blocks import check_budget, round_half_up, top_k_mask
+from llava.drop.blocks import check_budget, check_keep_fraction, round_half_up, top_k_mask
 from llava.drop.method import PREFILL, DropMethod, LayerContext, last_token_scores
 from llava.drop.methods.registry import register
 from llava.model.geometry import ModelGeometry
@@ -58,11 +59,13 @@ DEFAULT_RATIO = 0.5  # the paper's R: share of image tokens pruned
 @dataclass(frozen=True)
 class FastVOptions:
     """k: the paper's K (layers 0..k-1 see all vision tokens); ratio: R, the share pruned after them;
-    budget: a target layer-averaged vision-token count that, when set, replaces `ratio`."""
+    budget: a target layer-averaged vision-token count that, when set, replaces `ratio`; keep_fraction:
+    instead of `budget`, that share of each prompt's vision tokens as its budget."""
 
     k: int = DEFAULT_FILTER_LAYER
     ratio: float = DEFAULT_RATIO
     budget: float | None = None
+    keep_fraction: float | None = None
 
     def __post_init__(self):
         if self.k < 1:
@@ -70,6 +73,7 @@ class FastVOptions:
         if not 0.0 <= self.ratio <= 1.0:
             raise ValueError(f"ratio must be between 0 and 1, got {self.ratio}")
         check_budget(self.budget)
+        check_keep_fraction(self.keep_fraction, self.budget)
 
 
 def fastv_budget_keep(budget: float, vision_count: int, k: int, num_layers: int) -> int:
@@ -119,11 +123,12 @@ class FastV(DropMethod):
             fastv_budget_keep(self.options.budget, geometry.max_vision_tokens, self.options.k, geometry.decoder_layers)
 
     def keep_count(self, vision_count: int, geometry: ModelGeometry) -> int:
-        """From the ratio, or solved from the budget for a prompt's vision count."""
-        if self.options.budget is None:
+        """From the ratio, or solved from the budget (or the keep fraction's) for a prompt's vision count."""
+        budget = self.prompt_options(vision_count).budget
+        if budget is None:
             return round_half_up((1.0 - self.options.ratio) * vision_count)
-        return fastv_budget_keep(self.options.budget, vision_count, self.options.k, geometry.decoder_layers)
+        return fastv_budget_keep(budget, vision_count, self.options.k, geometry.decoder_layers)
 
     def select(self, context: LayerContext) -> torch.Tensor:
-        counts = [self.keep_count(count, context.geometry) for count in context.vision_counts]
+        counts = [self.keep_count(count, context.geometry) for count in context.prompt_vision_counts]
         return top_k_mask(last_token_scores(context), counts, context.vision_valid)

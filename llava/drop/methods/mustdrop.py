@@ -10,6 +10,8 @@
 - Decode stage: the output-aware KV-cache policy.
 - Budget variant (ours, not the reference's): fixed keep counts per dropping layer from a geometric
   schedule that reaches a target layer-averaged count, and the merge bounds that make it reachable.
+  `keep_fraction` F is that variant at a budget of round(F * V), V the image's vision tokens before stage 1
+  (`MustDrop.count_in`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from einops import rearrange
 from llava.drop.blocks import (
     bisect,
     check_budget,
+    check_keep_fraction,
     last_count_nudges,
     layer_average,
     planned,
@@ -46,13 +49,15 @@ from llava.drop.vision import (
     check_next_inputs,
     cls_attention_to_patches,
     embed_patches,
+    encode_images_together,
     is_next,
+    is_qwen,
     project_batch,
     run_tower_to,
     selected_layer_count,
     vision_token_offset,
 )
-from llava.model.geometry import ModelGeometry, decoder_layer_count
+from llava.model.geometry import QWEN_FAMILY, ModelGeometry, decoder_layer_count, geometry_of_model
 
 # Stage 1 (vision encoding), fixed in the reference code.
 MERGE_AFTER_LAYER = 0
@@ -92,6 +97,7 @@ class DropConfig:
     global_thr: float = DEFAULT_GLOBAL_THR
     individual_thr: float = DEFAULT_INDIVIDUAL_THR
     budget: float | None = None  # target layer-averaged vision tokens: rank by global score instead of thresholds
+    keep_fraction: float | None = None  # instead of budget: this share of the image's vision tokens as its budget
     compact_positions: bool = True  # the reference gives the shorter sequence positions 0..len-1
     # Stage 3: shrink the KV caches of layers drop_layers[0]..drop_layers[-1] to the final token set.
     decode_cache_policy: bool = True
@@ -108,6 +114,7 @@ class DropConfig:
         if self.merge_window < 1:
             raise ValueError(f"merge_window must be >= 1, got {self.merge_window}")
         check_budget(self.budget)
+        check_keep_fraction(self.keep_fraction, self.budget)
         if self.next_layout not in NEXT_LAYOUTS:
             raise ValueError(f"next_layout must be one of {', '.join(NEXT_LAYOUTS)}, got {self.next_layout!r}")
         if any(layer < 0 for layer in self.drop_layers) or list(self.drop_layers) != sorted(set(self.drop_layers)):
@@ -622,6 +629,12 @@ def largest_tiling(geometry: ModelGeometry, layout: str) -> tuple[int, int]:
     return images, newlines
 
 
+# Prefill sees only the counts stage 1 left, and a LLaVA-NeXT image's count before it depends on its crops.
+NEXT_KEEP_REFUSAL = ("keep_fraction with mustdrop's window merge runs on LLaVA-1.5 checkpoints only: on LLaVA-NeXT "
+                     "its prefill stage does not see how many vision tokens each image had before stage 1 merged "
+                     "them; give a budget (--budget N, the image's total) instead, or add --no_merge")
+
+
 @register
 class MustDrop(DropMethod):
     """Local spatial merge + key set in CLIP, dual attention filtering in prefill, output-aware cache.
@@ -649,10 +662,17 @@ class MustDrop(DropMethod):
         super().__init__(options)
         self.compact_positions = self.options.compact_positions
 
+    def count_in(self, prompt_vision_count: int, geometry: ModelGeometry) -> int:
+        """The vision tokens a prompt's image brought into MustDrop (what `keep_fraction` takes its share
+        of), from the count prefill sees: that count itself when stage 1 merges nothing, else the model's
+        count per image, which every LLaVA-1.5 image has alike (on LLaVA-NeXT it depends on the crops, which
+        prefill does not see: `check_model` refuses the fraction there)."""
+        return geometry.vision_tokens if self.options.vision_merge else prompt_vision_count
+
     def encode_image(self, model, pixel_values: torch.Tensor) -> VisionOutput:
         if not self.options.enabled:
             return super().encode_image(model, pixel_values)
-        return encode_mustdrop(model, pixel_values, self.options)
+        return encode_mustdrop(model, pixel_values, self.prompt_options(geometry_of_model(model).vision_tokens))
 
     def encode_images(self, model, pixel_values: list[torch.Tensor],
                       image_sizes: list[torch.Tensor | None]) -> list[VisionOutput]:
@@ -660,11 +680,16 @@ class MustDrop(DropMethod):
         each prompt's base image and crops as one batch, a prompt at a time."""
         if not self.options.enabled or is_next(model):
             return super().encode_images(model, pixel_values, image_sizes)
-        return encode_mustdrop_images(model, pixel_values, self.options)
+        if is_qwen(model):  # no vision stage on Qwen (`runs_on_qwen`): the tower's own tokens, no key set
+            return self.asked(encode_images_together(model, pixel_values, image_sizes))
+        drop = self.prompt_options(geometry_of_model(model).vision_tokens)
+        return self.asked(encode_mustdrop_images(model, pixel_values, drop))
 
     def encode_next(self, model, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> VisionOutput:
         if not self.options.enabled:
             return super().encode_next(model, pixel_values, image_sizes)
+        if self.keep_fraction is not None and self.options.vision_merge:
+            raise ValueError(NEXT_KEEP_REFUSAL)
         if self.options.next_layout == SPATIAL_LAYOUT:
             return encode_mustdrop_spatial(model, pixel_values, image_sizes, self.options)
         return encode_mustdrop_next(model, pixel_values, image_sizes, self.options)
@@ -674,12 +699,24 @@ class MustDrop(DropMethod):
         """A disabled config (no `--sparse`) is the unpruned model, on LLaVA-NeXT too."""
         return self.options.enabled
 
+    @property
+    def runs_on_qwen(self) -> bool:
+        """Stages 2 and 3 run on Qwen as they are. Stage 1 does not: its key set is CLIP's CLS attention and
+        Qwen's tower has no CLS token, so on Qwen MustDrop runs without its vision stage (and key set), and
+        says so by asking for --no_merge rather than skipping it unasked."""
+        return not self.options.vision_merge
+
+    def qwen_refusal(self) -> str:
+        return ("MustDrop's vision stage (the window merge after the first CLIP layer and the CLS-attention key "
+                "set) needs CLIP's CLS token, which Qwen2-VL / Qwen2.5-VL's tower does not have; run stages 2 "
+                "and 3 alone with --no_merge (--method-args vision_merge=false): no key set is kept then")
+
     def prefill_layers(self, geometry: ModelGeometry) -> tuple[int, ...]:
         return self.options.drop_layers
 
     def select(self, context: LayerContext) -> torch.Tensor:
         attention = context.attention(TEXT_QUERIES)
-        if self.options.budget is None:
+        if self.options.budget is None and self.keep_fraction is None:
             return dual_attention_keep(attention, self.options.global_thr, self.options.individual_thr,
                                        context.key_mask, context.vision_valid)
         counts = [self.budget_count(vision, keys, context) for vision, keys in
@@ -690,26 +727,30 @@ class MustDrop(DropMethod):
     def check_model(self, geometry: ModelGeometry) -> None:
         """Also refuse a budget below what merging every window and keeping only the key set reaches; on
         LLaVA-NeXT, where the budget is a total, below what the largest tiling reaches, so that every
-        image can meet it."""
+        image can meet it. `keep_fraction` with stage 1 merging is refused on LLaVA-NeXT (`count_in`)."""
         options = self.options
+        if options.keep_fraction is not None and options.vision_merge and geometry.max_crops:
+            raise ValueError(NEXT_KEEP_REFUSAL)
         super().check_model(geometry)
         if options.budget is None or not options.drop_layers:
             return
         images, newlines = largest_tiling(geometry, options.next_layout)
+        key_rate = 0.0 if geometry.family == QWEN_FAMILY else options.key_token_rate  # no key set on Qwen
         floor = mustdrop_budget_floor(geometry.patch_tokens, options.merge_window, options.vision_merge,
-                                      options.drop_layers, geometry.decoder_layers, options.key_token_rate,
-                                      images, newlines)
+                                      options.drop_layers, geometry.decoder_layers, key_rate, images, newlines)
         if options.budget < floor:
-            how = "" if options.vision_merge else "; without --no_merge stage 1 could merge further"
+            how = "" if options.vision_merge or geometry.family == QWEN_FAMILY else (
+                "; without --no_merge stage 1 could merge further")
             tiling = f" in each of {images} images" if geometry.max_crops else ""
             rows = f" plus {newlines} newline tokens" if newlines else ""
             raise ValueError(f"budget {options.budget:g} is below {floor:.1f}, the lowest layer average "
                              f"it can reach with drop_layers {options.drop_layers} and key_rate "
-                             f"{options.key_token_rate} on {geometry.patch_tokens} patches{tiling}{rows}{how}")
+                             f"{key_rate} on {geometry.patch_tokens} patches{tiling}{rows}{how}")
 
     def budget_count(self, prompt_vision_count: int, key_count: int, context: LayerContext) -> int:
         """Budget variant: this layer's share of a geometric schedule over the dropping layers."""
-        counts = geometric_keep_counts(prompt_vision_count, self.options.budget, self.options.drop_layers,
+        budget = self.prompt_options(self.count_in(prompt_vision_count, context.geometry)).budget
+        counts = geometric_keep_counts(prompt_vision_count, budget, self.options.drop_layers,
                                        context.geometry.decoder_layers, minimum=key_count)
         return counts[self.options.drop_layers.index(context.layer_idx)]
 

@@ -25,7 +25,8 @@ Choices, where the paper leaves room:
   go to the earlier position.
 - Budget: lambda is solved per prompt (V may differ per image) so that the layer-averaged count
   sum_s len_s * V * lambda^s / L equals the budget, then the integer counts are nudged one token at a
-  time while that brings the integer average closer. Budgets below the first stage's share
+  time while that brings the integer average closer (`keep_fraction` F: a budget of round(F * V) for each
+  prompt, `fraction_budget`). Budgets below the first stage's share
   (l_1 * V / L, e.g. 144 for layers (8, 16, 24) and V = 576) cannot be reached by any lambda and raise:
   move the first layer earlier for them.
 
@@ -47,7 +48,16 @@ from dataclasses import dataclass
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from llava.drop.blocks import bisect, check_budget, layer_average, planned, round_half_up, stage_lengths, top_k_mask
+from llava.drop.blocks import (
+    bisect,
+    check_budget,
+    check_keep_fraction,
+    layer_average,
+    planned,
+    round_half_up,
+    stage_lengths,
+    top_k_mask,
+)
 from llava.drop.method import LAST_QUERY, PREFILL, DropMethod, LayerContext, query_rows
 from llava.drop.probe import vision_attention
 from llava.drop.methods.registry import register
@@ -65,11 +75,13 @@ DEFAULT_RATIO = 0.5  # the paper's lambda
 class PDropOptions:
     """layers: the first layer of each new stage (None: the paper's (8, 16, 24), or (2, 6, 12) for a budget
     those cannot reach); ratio: lambda, the share each drop keeps; budget: a target layer-averaged
-    vision-token count that, when set, replaces `ratio`."""
+    vision-token count that, when set, replaces `ratio`; keep_fraction: instead of `budget`, that share of
+    each prompt's vision tokens as its budget."""
 
     layers: tuple[int, ...] | None = None
     ratio: float = DEFAULT_RATIO
     budget: float | None = None
+    keep_fraction: float | None = None
 
     def __post_init__(self):
         if self.layers is not None and (not self.layers or self.layers[0] < 1 or list(self.layers) != sorted(set(self.layers))):
@@ -77,6 +89,7 @@ class PDropOptions:
         if not 0.0 <= self.ratio <= 1.0:
             raise ValueError(f"ratio must be between 0 and 1, got {self.ratio}")
         check_budget(self.budget)
+        check_keep_fraction(self.keep_fraction, self.budget)
 
 
 def pyramid(vision_count: int, ratio: float, stages: int) -> list[float]:
@@ -171,10 +184,11 @@ class PDrop(DropMethod):
     supports_next = True
 
     def stage_layers(self, geometry: ModelGeometry) -> tuple[int, ...]:
-        """The configured stages, or the default for this budget and model (see EARLY_STAGE_LAYERS)."""
+        """The configured stages, or the default for this budget and model (see EARLY_STAGE_LAYERS); under
+        `keep_fraction` the budget of the largest image decides, as the stages are the same for every prompt."""
         if self.options.layers is not None:
             return self.options.layers
-        budget = self.options.budget
+        budget = self.prompt_options(geometry.max_vision_tokens).budget
         early = budget is not None and budget < default_stages_floor(geometry)
         return EARLY_STAGE_LAYERS if early else DEFAULT_STAGE_LAYERS
 
@@ -182,11 +196,12 @@ class PDrop(DropMethod):
         return tuple(layer - 1 for layer in self.stage_layers(geometry))
 
     def plan(self, vision_count: int, geometry: ModelGeometry) -> list[int]:
-        """Keep counts after each drop, from lambda or from the budget."""
+        """Keep counts after each drop, from lambda or from the budget (or the keep fraction's)."""
         layers = self.stage_layers(geometry)
-        if self.options.budget is None:
+        budget = self.prompt_options(vision_count).budget
+        if budget is None:
             return [round_half_up(count) for count in pyramid(vision_count, self.options.ratio, len(layers) + 1)[1:]]
-        return budget_counts(self.options.budget, vision_count, layers, geometry.decoder_layers)
+        return budget_counts(budget, vision_count, layers, geometry.decoder_layers)
 
     def check_model(self, geometry: ModelGeometry) -> None:
         """Also refuse a budget below the first stage's share of the most vision tokens one image can bring

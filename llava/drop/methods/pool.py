@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from llava.drop.blocks import check_budget
+from llava.drop.blocks import check_budget, check_keep_fraction
 from llava.drop.image_reduction import ImageReduction, ReducedImage, run_to_select_layer
 from llava.drop.method import BASELINE
 from llava.drop.methods.registry import register
@@ -34,15 +34,18 @@ DEFAULT_SIDE = 12
 
 @dataclass(frozen=True)
 class PoolOptions:
-    """The pooled grid's side, or a budget whose nearest square sets it (the budget wins)."""
+    """The pooled grid's side, or a budget whose nearest square sets it (the budget wins), or a
+    `keep_fraction` (that share of each prompt's vision tokens as its budget)."""
 
     side: int = DEFAULT_SIDE
     budget: float | None = None
+    keep_fraction: float | None = None
 
     def __post_init__(self):
         if self.side < 1:
             raise ValueError(f"side must be >= 1, got {self.side}")
         check_budget(self.budget, whole=True)
+        check_keep_fraction(self.keep_fraction, self.budget)
 
 
 def nearest_side(tokens: int) -> int:
@@ -83,7 +86,7 @@ class Pool(ImageReduction):
         """Also refuse a pooled grid larger than the image's."""
         super().check_model(geometry)
         grid = math.isqrt(geometry.patch_tokens)
-        if self.budget is None and self.options.side > grid:
+        if self.budget is None and self.keep_fraction is None and self.options.side > grid:
             raise ValueError(f"side {self.options.side} is larger than the {grid} x {grid} patch grid")
 
     def side_for(self, count: int | None, grid: int) -> int:

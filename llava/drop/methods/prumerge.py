@@ -76,7 +76,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from llava.drop.blocks import check_budget, stable_top_k
+from llava.drop.blocks import check_budget, check_keep_fraction, stable_top_k
 from llava.drop.image_reduction import ImageReduction, ReducedImage
 from llava.drop.method import ENCODER
 from llava.drop.methods.registry import register
@@ -93,13 +93,16 @@ EXTRA_TOKENS = 1  # the attention-weighted sum of the pruned patches, after the 
 @dataclass(frozen=True)
 class PruMergeOptions:
     """`budget`: vision tokens per image (top budget - 1 patches + the extra token) instead of the IQR
-    count; `neighbours`: how many key-similar tokens each kept token absorbs."""
+    count, or `keep_fraction`: that share of each prompt's vision tokens as its budget; `neighbours`: how
+    many key-similar tokens each kept token absorbs."""
 
     budget: float | None = None
     neighbours: int = NEIGHBOURS
+    keep_fraction: float | None = None
 
     def __post_init__(self):
         check_budget(self.budget, whole=True)
+        check_keep_fraction(self.keep_fraction, self.budget)
         if self.neighbours < 0:
             raise ValueError(f"neighbours must be >= 0, got {self.neighbours}")
 
@@ -113,6 +116,10 @@ class PruMergePlusOptions(PruMergeOptions):
             raise ValueError(f"prumerge_plus picks its own token count per image (IQR outliers + uniform samples) "
                              f"and takes no budget (got {self.budget:g}); run it without --budget, or use "
                              "prumerge with a budget")
+        if self.keep_fraction is not None:
+            raise ValueError(f"prumerge_plus picks its own token count per image (IQR outliers + uniform samples) "
+                             f"and takes no keep fraction (got {self.keep_fraction:g}); run it without --keep, or "
+                             "use prumerge with a keep fraction")
         super().__post_init__()
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llava.drop.blocks import check_budget
+from llava.drop.blocks import check_budget, check_keep_fraction
 from llava.drop.image_reduction import (
     ImageReduction,
     ReducedImage,
@@ -38,15 +38,18 @@ SEED_BYTES = 8  # of the digest, read as the generator's 64-bit seed
 
 @dataclass(frozen=True)
 class RandomOptions:
-    """How many patch tokens to keep (the image's total on LLaVA-NeXT) and the seed of the draw."""
+    """How many patch tokens to keep (the image's total on LLaVA-NeXT), or which share of each prompt's
+    vision tokens (`keep_fraction`, with budget None), and the seed of the draw."""
 
     budget: float | None = DEFAULT_BUDGET
     seed: int = 0
+    keep_fraction: float | None = None
 
     def __post_init__(self):
-        if self.budget is None:
-            raise ValueError("random dropping needs a budget (the tokens to keep)")
+        if self.budget is None and self.keep_fraction is None:
+            raise ValueError("random dropping needs a budget (the tokens to keep) or a keep_fraction")
         check_budget(self.budget, whole=True)
+        check_keep_fraction(self.keep_fraction, self.budget)
 
 
 def image_seed(image: torch.Tensor, seed: int) -> int:

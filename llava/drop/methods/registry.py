@@ -85,6 +85,8 @@ def build_options(options_class, args: dict[str, str], base=None):
     if unknown:
         raise ValueError(f"unknown option(s) {', '.join(unknown)} for this method; valid: {', '.join(sorted(fields))}")
     values = {name: _convert(value, hints[name], name) for name, value in args.items()}
+    if values.get("keep_fraction") is not None and "budget" in fields and "budget" not in values:
+        values["budget"] = None  # a keep fraction takes the place of a default budget (random dropping's 64)
     return dataclasses.replace(base, **values) if base is not None else options_class(**values)
 
 

@@ -33,7 +33,8 @@ Approximations, where this differs from the paper or its code:
   code has int(0.3 * dropped) + 1 and int(recycled / 10) + 1; the code also always drops at least one
   token (keep <= V - 1), while here keep >= V keeps everything, so a large schedule is the unpruned
   model. The released code computes no rank (its rank term is 0), i.e. `rank_scale=None`.
-- Budget mode fixes the counts per layer (the rank floor is not applied), see `budget_keep_counts`.
+- Budget mode fixes the counts per layer (the rank floor is not applied), see `budget_keep_counts`;
+  `keep_fraction` F is budget mode at a budget of round(F * V) for a prompt of V vision tokens.
 - Positions: as the released code's default mode (`modelling_sparse_llama.py` without `USE_VERSION=2_0`)
   does, the shorter sequence takes positions 0..len-1 after each drop and a decoded token the position
   of its layer's cache length (`compact_positions`); its later "V2.0" mode keeps original positions instead.
@@ -63,6 +64,7 @@ import torch
 from llava.drop.blocks import (
     bisect,
     check_budget,
+    check_keep_fraction,
     grouped_mean,
     last_count_nudges,
     layer_average,
@@ -88,7 +90,8 @@ class SparseVLMOptions:
     recycle_ratio: share of the dropped tokens merged back; cluster_size: recycled tokens per merged
     token; rank_scale: lambda of the rank-based count (None: schedule only); budget: a target
     layer-averaged vision count that, when set, replaces `keep` (scaled in its proportions) and the
-    rank term."""
+    rank term; keep_fraction: instead of `budget`, that share of each prompt's vision tokens as its budget
+    (not `keep`, which is the schedule's counts)."""
 
     layers: tuple[int, ...] = DEFAULT_LAYERS
     keep: tuple[int, ...] = DEFAULT_KEEP
@@ -96,6 +99,7 @@ class SparseVLMOptions:
     cluster_size: int = DEFAULT_CLUSTER_SIZE
     rank_scale: float | None = DEFAULT_RANK_SCALE
     budget: float | None = None
+    keep_fraction: float | None = None
 
     def __post_init__(self):
         if not self.layers:
@@ -114,7 +118,8 @@ class SparseVLMOptions:
         if self.rank_scale is not None and self.rank_scale <= 0:
             raise ValueError(f"rank_scale must be > 0 (or None for the schedule alone), got {self.rank_scale}")
         check_budget(self.budget)
-        if self.budget is not None and not any(self.keep):
+        check_keep_fraction(self.keep_fraction, self.budget)
+        if (self.budget is not None or self.keep_fraction is not None) and not any(self.keep):
             raise ValueError(f"budget scales the keep schedule, which must have a count > 0, got {self.keep}")
 
 
@@ -244,9 +249,10 @@ class SparseVLM(DropMethod):
         """The schedule floored by the rank term, or in budget mode the plan for this prompt's vision count."""
         vision_count = context.layout.vision_count
         stage = self.options.layers.index(context.layer_idx)
-        if self.options.budget is None:
-            return rank_bounded_keep(vision_count, self.options.keep[stage], rater_attention, self.options.rank_scale)
-        plan = budget_keep_counts(context.prompt_vision_count, context.geometry.decoder_layers, self.options)
+        options = self.prompt_options(context.prompt_vision_count)
+        if options.budget is None:
+            return rank_bounded_keep(vision_count, options.keep[stage], rater_attention, options.rank_scale)
+        plan = budget_keep_counts(context.prompt_vision_count, context.geometry.decoder_layers, options)
         return min(plan[stage], vision_count)
 
     def select_prompt(self, context: PromptContext) -> torch.Tensor:

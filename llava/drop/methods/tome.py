@@ -51,7 +51,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from llava.drop.blocks import check_budget, index_sum, stable_top_k
+from llava.drop.blocks import check_budget, check_keep_fraction, index_sum, stable_top_k
 from llava.drop.image_reduction import ImageReduction, ReducedImage
 from llava.drop.method import ENCODER
 from llava.drop.methods.registry import register
@@ -65,15 +65,18 @@ A_START, B_START = 0, 1
 
 @dataclass(frozen=True)
 class ToMeOptions:
-    """Tokens merged per run layer; `budget` (patch tokens leaving the tower) overrides it."""
+    """Tokens merged per run layer; `budget` (patch tokens leaving the tower) overrides it, and so does
+    `keep_fraction` (that share of each prompt's vision tokens as its budget)."""
 
     r: int = DEFAULT_R
     budget: float | None = None
+    keep_fraction: float | None = None
 
     def __post_init__(self):
         if self.r < 0:
             raise ValueError(f"r (tokens merged per layer) must be >= 0, got {self.r}")
         check_budget(self.budget, whole=True)
+        check_keep_fraction(self.keep_fraction, self.budget)
 
 
 # --- schedule -----------------------------------------------------------------------------------------
@@ -240,9 +243,10 @@ class ToMe(ImageReduction):
     prompts_together = False  # every image merges through the layers on its own anyway, and a refused
     # count names the prompt's own tower images
 
-    def schedule(self, count: int | None, patches: int, layers: int, images: int) -> list[int]:
+    def schedule(self, count: int | None, patches: int, layers: int, images: int, budget: int) -> list[int]:
         """Merges per run layer leaving `count` patch tokens (None: `r` per layer, capped); a count the
-        constant schedule cannot reach is refused with the smallest reachable budget over `images`."""
+        constant schedule cannot reach is refused, naming the prompt's `budget`, with the smallest reachable
+        budget over `images`."""
         if count is None:
             return capped_schedule(self.options.r, layers, patches)
         smallest = smallest_reachable_count(patches, layers)
@@ -251,7 +255,7 @@ class ToMe(ImageReduction):
             layer = first_overdrawn_layer(schedule, patches)
             tokens = PATCHES_START + patches - sum(schedule[:layer])
             per_image = f" ({smallest} per tower image, {images} images)" if images > 1 else ""
-            raise ValueError(f"budget {self.budget} leaves a tower image {count} of its {patches} patches: merging "
+            raise ValueError(f"budget {budget} leaves a tower image {count} of its {patches} patches: merging "
                              f"{patches - count} over {layers} layers asks layer {layer} for {schedule[layer]} "
                              f"merges, but only {mergeable(tokens)} of its {tokens} tokens can merge (CLS never "
                              f"does); the smallest reachable budget is {smallest * images}{per_image}")
@@ -266,6 +270,7 @@ class ToMe(ImageReduction):
                              "where no layer runs to merge tokens in")
         embedded = embed_patches(model.model.vision_tower, images)
         patches = embedded.shape[1] - PATCHES_START
-        schedules = [self.schedule(count, patches, run, len(counts)) for count in counts]
+        budget = sum(count or 0 for count in counts)  # one prompt's images (prompts_together is off): its budget
+        schedules = [self.schedule(count, patches, run, len(counts), budget) for count in counts]
         return [merge_image(layers[:run], embedded[index : index + 1], schedule, selecting)
                 for index, schedule in enumerate(schedules)]

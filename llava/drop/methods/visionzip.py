@@ -37,6 +37,8 @@ tokens (CLS included).
   32 per image times the 5 images of a 2 x 2 grid. With `budget` the total is split over the image's
   actual 1 + K images (equal shares, the base image and then the first crops taking one more token when
   it does not divide), each share split 54 : 10 as above, so every image totals the budget exactly.
+  `keep_fraction` F gives each prompt a budget of round(F * V), V its image's unpruned vision tokens in the
+  model's own layout (its `vision_tokens_in`).
 - Layout, "spatial_unpad" (the model's own): the base image's tokens (CLS, dominant patches, contextual),
   then the crops' dominant patches placed back on the whole crop grid and read row by row across crops
   (no unpadding, no newline tokens: the released `restore_image_features_sorted` builds the grid but
@@ -52,7 +54,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from llava.drop.blocks import check_budget, index_sum, top_positions
+from llava.drop.blocks import check_budget, check_keep_fraction, index_sum, top_positions
 from llava.drop.image_reduction import (
     budget_shares,
     prompt_tower_images,
@@ -81,11 +83,13 @@ CLS_TOKENS = 1  # the released code counts CLS among the dominant tokens
 
 @dataclass(frozen=True)
 class VisionZipOptions:
-    """How many dominant (CLS included) and contextual tokens to keep; `budget` (their total) overrides both."""
+    """How many dominant (CLS included) and contextual tokens to keep; `budget` (their total) overrides both,
+    and so does `keep_fraction` (that share of each prompt's vision tokens as its budget)."""
 
     dominant: int = DEFAULT_DOMINANT
     contextual: int = DEFAULT_CONTEXTUAL
     budget: float | None = None  # vision tokens in all, split in the paper's 54 : 10 proportion
+    keep_fraction: float | None = None
 
     def __post_init__(self):
         if self.dominant < CLS_TOKENS:
@@ -93,6 +97,7 @@ class VisionZipOptions:
         if self.contextual < 0:
             raise ValueError(f"contextual must be >= 0, got {self.contextual}")
         check_budget(self.budget, whole=True)
+        check_keep_fraction(self.keep_fraction, self.budget)
 
     def counts(self) -> tuple[int, int]:
         """(dominant, contextual); a budget is split so that the two add up to it exactly."""
@@ -253,11 +258,12 @@ class VisionZip(PromptsTogether, DropMethod):
 
     def zip_one(self, model, layer, layer_input: torch.Tensor, hidden: torch.Tensor) -> VisionOutput:
         """A LLaVA-1.5 image zipped from its select layer's input and output [1, 1 + P, dim]."""
-        dominant, contextual = self.options.counts()
+        tokens_in = hidden.shape[1] - PATCHES_START + vision_token_offset(model.config)
+        dominant, contextual = self.prompt_options(tokens_in).counts()
         zipped, seconds = timed(lambda: zip_image(layer, layer_input, hidden, dominant, contextual), hidden.device)
         features = project_zipped(model, zipped.sequence)
-        stats = {"vision_tokens_in": hidden.shape[1] - PATCHES_START + vision_token_offset(model.config),
-                 "vision_tokens": features.shape[0], "dominant": dominant, "contextual": contextual}
+        stats = {"vision_tokens_in": tokens_in, "vision_tokens": features.shape[0], "dominant": dominant,
+                 "contextual": contextual}
         return VisionOutput(features=features, stats=stats, selection_seconds=seconds,
                             patch_groups=self.patch_groups(zipped, contextual))
 
@@ -266,22 +272,22 @@ class VisionZip(PromptsTogether, DropMethod):
         """A LLaVA-NeXT image, every tower image (base, then crops) zipped on its own, laid out as the released
         code does (module docstring): crops' dominant patches in grid reading order under "spatial_unpad",
         image after image under "flat"."""
-        counts = self.options.image_counts(hidden.shape[0])
+        side = math.isqrt(hidden.shape[1] - PATCHES_START)
+        per_image = side * side + vision_token_offset(model.config)
+        tokens_in = unpruned_next_count(model, image_sizes, grid, per_image, side)
+        counts = self.prompt_options(tokens_in).image_counts(hidden.shape[0])
         zipped, seconds = timed(lambda: [
             zip_image(layer, layer_input[image : image + 1], hidden[image : image + 1], dominant, contextual)
             for image, (dominant, contextual) in enumerate(counts)], hidden.device)
         projected = [project_zipped(model, image.sequence) for image in zipped]
-        side = math.isqrt(hidden.shape[1] - PATCHES_START)
         if getattr(model.config, "mm_patch_merge_type", None) == FLAT_MERGE:
             features = torch.cat(projected)
         else:
             order = grid_reading_order([image.kept for image in zipped[1:]], grid, side)
             features = spatial_features(projected, counts, order)
-        per_image = side * side + vision_token_offset(model.config)
-        stats = {"vision_tokens_in": unpruned_next_count(model, image_sizes, grid, per_image, side),
-                 "vision_tokens": features.shape[0], "images": len(counts), "crops": len(counts) - 1,
-                 "vision_tokens_per_image_in": per_image, "dominant": sum(d for d, _ in counts),
-                 "contextual": sum(c for _, c in counts)}
+        stats = {"vision_tokens_in": tokens_in, "vision_tokens": features.shape[0], "images": len(counts),
+                 "crops": len(counts) - 1, "vision_tokens_per_image_in": per_image,
+                 "dominant": sum(d for d, _ in counts), "contextual": sum(c for _, c in counts)}
         return VisionOutput(features=features, stats=stats, selection_seconds=seconds)
 
     @staticmethod

@@ -65,11 +65,14 @@ from llava.model.builder import (
     check_quantization,
     default_device,
     load_pretrained_model,
+    read_config,
     resolve_dtype,
+    resolve_model_dir,
 )
 from llava.model.checkpoint_files import CheckpointError
 from llava.model.conv_mode import AUTO_CONV_MODE, detect_conv_mode
 from llava.model.geometry import read_geometry
+from llava.model.qwen import QWEN_CONV_MODE, is_qwen_config
 
 
 @dataclass
@@ -130,6 +133,11 @@ def add_loading_args(parser: argparse.ArgumentParser, model_path_required: bool 
     parser.add_argument("--device-map", type=str, default=None, help="'auto' spreads the model over all GPUs")
     parser.add_argument("--load-8bit", action="store_true")
     parser.add_argument("--load-4bit", action="store_true")
+    parser.add_argument("--min-pixels", type=int, default=None,
+                        help="Qwen2-VL / Qwen2.5-VL: the fewest pixels an image is resized to (default: the checkpoint's)")
+    parser.add_argument("--max-pixels", type=int, default=None,
+                        help="Qwen2-VL / Qwen2.5-VL: the most pixels an image is resized to (default: the checkpoint's); "
+                             "an image brings up to max_pixels / 784 vision tokens")
 
 
 def add_stage_args(parser: argparse.ArgumentParser) -> None:
@@ -163,11 +171,15 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     add_drop_args(parser)
 
 
+LLAVA_DEFAULT_CONV_MODE = "llava_v1"  # LLaVA's model_vqa default
+
+
 def add_generation_args(parser: argparse.ArgumentParser) -> None:
     """How an answer is prompted and decoded: template, sampling, decode-step speed-ups (every CLI that answers)."""
-    parser.add_argument("--conv-mode", type=str, default="llava_v1",
+    parser.add_argument("--conv-mode", type=str, default=None,
                         help="conversation template (llava/conversation.py), or auto: the checkpoint's own "
-                             "(vicuna_v1, mistral_instruct or chatml_direct, from its config files)")
+                             "(vicuna_v1, mistral_instruct, chatml_direct or qwen, from its config files); "
+                             f"default: {LLAVA_DEFAULT_CONV_MODE} as LLaVA's CLIs, qwen for a Qwen checkpoint")
     parser.add_argument("--temperature", type=float, default=0.2)
     parser.add_argument("--top_p", type=float, default=None)
     parser.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=128)
@@ -188,6 +200,10 @@ def add_drop_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method-args", type=str, default="", help="the method's options as key=value,key=value")
     parser.add_argument("--budget", type=float, default=None,
                         help="target layer-averaged vision tokens (e.g. 192/128/64); sets the method's budget option")
+    parser.add_argument("--keep", type=float, default=None,
+                        help="instead of --budget: the share in (0, 1] of each image's vision tokens to keep "
+                             "(0.111 = 64/576); each prompt's budget is that share of its own vision tokens, "
+                             "rounded half up; sets the method's keep_fraction option")
     parser.add_argument("--global_thr", type=float, default=DEFAULT_GLOBAL_THR)
     parser.add_argument("--individual_thr", type=float, default=DEFAULT_INDIVIDUAL_THR)
     add_stage_args(parser)
@@ -219,6 +235,14 @@ def method_from_args(args: argparse.Namespace) -> DropMethod:
         if name == "none":
             raise ValueError("--budget needs a dropping method: add --sparse or --method NAME")
         method_args.setdefault("budget", str(args.budget))
+    if args.keep is not None:
+        if name == "none":
+            raise ValueError("--keep needs a dropping method: add --sparse or --method NAME")
+        if args.budget is not None:
+            raise ValueError("--keep and --budget both set how many vision tokens to keep; give one")
+        if not 0.0 < args.keep <= 1.0:
+            raise ValueError(f"--keep is a share of each image's vision tokens in (0, 1], got {args.keep:g}")
+        method_args.setdefault("keep_fraction", str(args.keep))
     if args.seed is not None and SEED_OPTION in option_names(name):  # e.g. random dropping's draw
         method_args.setdefault(SEED_OPTION, str(args.seed))
     return create_method(name, method_args, base_options=base)
@@ -245,7 +269,7 @@ def validate_generation_args(args: argparse.Namespace) -> tuple[SamplingConfig, 
     """The flags of `add_generation_args` and `add_drop_args`, checked before the model loads."""
     refuse_non_finite_flags(args)
     try:
-        if args.conv_mode != AUTO_CONV_MODE:  # auto is resolved from the checkpoint (resolve_conv_mode)
+        if args.conv_mode not in (None, AUTO_CONV_MODE):  # resolved from the checkpoint (resolve_conv_mode)
             get_conv_template(args.conv_mode)
         sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.seed)
         drop = method_from_args(args)
@@ -278,20 +302,36 @@ def decode_step_args(args: argparse.Namespace) -> dict:
     return {"compile_backend": COMPILE_BACKEND if args.compile else None, "cuda_graph": args.cuda_graph}
 
 
-def resolve_conv_mode(args: argparse.Namespace) -> None:
+def resolve_conv_mode(args: argparse.Namespace, llava_default: str = LLAVA_DEFAULT_CONV_MODE) -> None:
     """Replace --conv-mode auto by the checkpoint's own mode, from its config files before any weight
     loads, so that the prompts and the run identity (the resume check) both hold the real mode: resuming
-    with auto or with the mode it picks is the same run. Said once per run (by its first shard)."""
-    if args.conv_mode != AUTO_CONV_MODE:
+    with auto or with the mode it picks is the same run. Said once per run (by its first shard). Without
+    --conv-mode: LLaVA's default, or a Qwen checkpoint's own; a LLaVA template for a Qwen checkpoint is refused
+    (its answers would be silently wrong)."""
+    if args.conv_mode == AUTO_CONV_MODE:
+        try:
+            choice = detect_conv_mode(args.model_path, args.model_base)
+        except CheckpointError as error:
+            raise RunError(str(error)) from None
+        shard = launcher_shard()
+        if shard is None or shard.index == 0:
+            print(f"conversation mode: {choice.mode} (from {choice.source})")
+        args.conv_mode = choice.mode
         return
+    qwen = is_qwen_checkpoint(args.model_path)
+    if args.conv_mode is None:
+        args.conv_mode = QWEN_CONV_MODE if qwen else llava_default
+    elif qwen and args.conv_mode != QWEN_CONV_MODE:
+        raise RunError(f"--conv-mode {args.conv_mode} is a LLaVA template; {args.model_path} is a Qwen checkpoint, "
+                       f"prompted with its own chat template: --conv-mode {QWEN_CONV_MODE} (or auto)")
+
+
+def is_qwen_checkpoint(model_path: str) -> bool:
+    """From config.json alone; a checkpoint that cannot be read is left for the load to name."""
     try:
-        choice = detect_conv_mode(args.model_path, args.model_base)
-    except CheckpointError as error:
-        raise RunError(str(error)) from None
-    shard = launcher_shard()
-    if shard is None or shard.index == 0:
-        print(f"conversation mode: {choice.mode} (from {choice.source})")
-    args.conv_mode = choice.mode
+        return is_qwen_config(read_config(resolve_model_dir(model_path)))
+    except CheckpointError:
+        return False
 
 
 def read_question_lines(path: str, what: str = "question file") -> list[tuple[int, dict]]:
@@ -327,6 +367,7 @@ def load_model(args: argparse.Namespace):
         return load_pretrained_model(
             args.model_path, args.model_base, load_8bit=args.load_8bit, load_4bit=args.load_4bit,
             device_map=args.device_map, device=args.device, torch_dtype=args.dtype, vision_tower=args.vision_tower,
+            min_pixels=args.min_pixels, max_pixels=args.max_pixels,
         )
     except (CheckpointError, ValueError) as error:
         raise RunError(str(error)) from None
@@ -345,7 +386,7 @@ def run_identity(args: argparse.Namespace, drop: DropMethod, extra_args: tuple[s
         "model_path": str(Path(args.model_path).expanduser()),
         "model_base": args.model_base,
         "method": drop.name,
-        "method_options": dataclasses.asdict(options) if options is not None else {},
+        "method_options": recorded_options(options),
         "conv_mode": args.conv_mode,
         "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature,
@@ -353,15 +394,25 @@ def run_identity(args: argparse.Namespace, drop: DropMethod, extra_args: tuple[s
         "seed": args.seed,
         "dtype": str(dtype).removeprefix("torch."),
         "quantization": quantization,
+        **{name: getattr(args, name) for name in ("min_pixels", "max_pixels") if getattr(args, name) is not None},
         **{name: getattr(args, name) for name in extra_args},
     }
     return json.loads(json.dumps(identity))  # tuples become lists, as they read back from the file
 
 
+def recorded_options(options) -> dict:
+    """A method's options as the run identity records them; an unset `keep_fraction` is left out, so that
+    files answered before the option existed resume."""
+    recorded = dataclasses.asdict(options) if options is not None else {}
+    if recorded.get("keep_fraction", 0) is None:
+        del recorded["keep_fraction"]
+    return recorded
+
+
 def check_model_fits(args: argparse.Namespace, drop: DropMethod) -> None:
     """Refuse layers and budgets the checkpoint cannot honour, from its config alone (before the load)."""
     try:
-        geometry = read_geometry(args.model_path, args.vision_tower)
+        geometry = read_geometry(args.model_path, args.vision_tower, args.max_pixels)
         drop.check_model(geometry)
     except CheckpointError as error:
         raise RunError(str(error)) from None

@@ -127,11 +127,6 @@ def score_predictions(questions: dict[str, dict[str, Any]], predictions: list[An
     return scores
 
 
-def score_gqa(questions_file: str | Path, predictions: list[Any], allow_partial: bool = False) -> dict[str, Any]:
-    """Score a predictions list against a GQA questions file; raises ScoringError on bad input."""
-    return score_predictions(load_questions(questions_file), predictions, allow_partial=allow_partial)
-
-
 def _print_scores(scores: dict[str, Any]) -> None:
     print(f"Questions: {scores['questions']}\nAccuracy: {scores['accuracy']:.2f}%")
     if "unanswered" in scores:

@@ -75,6 +75,7 @@ class MMBenchRow:
     category: str | None
     image: str  # base64
     cells: dict[str, str]  # every column as read, for the submission sheet
+    line: int = 0  # the TSV line the row starts on (the header is line 1), for messages
 
 
 def is_missing(value: str | None) -> bool:
@@ -91,19 +92,31 @@ def _large_csv_fields() -> Iterator[None]:
         csv.field_size_limit(previous)
 
 
-def read_tsv(path: str | Path) -> tuple[list[str], list[dict[str, str]]]:
-    """The header and the rows of a tab-separated file, quoted as pandas writes them."""
+def read_tsv(path: str | Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    """The header and the rows of a tab-separated file, quoted as pandas writes them; each row with the
+    line it starts on (a quoted cell may span lines)."""
     try:
         with _large_csv_fields(), Path(path).open(encoding="utf-8", newline="") as handle:
-            reader = csv.DictReader(handle, delimiter="\t")
-            rows = list(reader)
-            header = list(reader.fieldnames or [])
+            reader = csv.reader(handle, delimiter="\t")
+            header = next(reader, [])
+            rows = []
+            while True:
+                line = reader.line_num + 1
+                fields = next(reader, None)
+                if fields is None:
+                    break
+                if fields:  # blank lines are skipped, as csv.DictReader skips them
+                    rows.append((line, fields))
     except (OSError, UnicodeDecodeError, csv.Error) as error:
         raise MMBenchError(f"cannot read question file {str(path)!r}: {error}") from error
+    short = next(((line, fields) for line, fields in rows if len(fields) < len(header)), None)
+    if short is not None:
+        raise MMBenchError(f"question file {str(path)!r}, line {short[0]}: {len(short[1])} cells where the header "
+                           f"has {len(header)} columns (a truncated file?)")
     missing = [column for column in REQUIRED_COLUMNS if column not in header]
     if missing:
         raise MMBenchError(f"question file {str(path)!r} lacks the columns {missing}; it has {header}")
-    return header, rows
+    return header, [(line, dict(zip(header, fields))) for line, fields in rows]
 
 
 def option_columns(header: list[str]) -> list[str]:
@@ -116,27 +129,27 @@ def option_columns(header: list[str]) -> list[str]:
     return columns
 
 
-def parse_row(cells: dict[str, str], letters: list[str], path: str | Path) -> MMBenchRow:
-    """One TSV row as an MMBenchRow; options stop at the first empty one, as in LLaVA."""
+def parse_row(cells: dict[str, str], letters: list[str], path: str | Path, line: int = 0) -> MMBenchRow:
+    """One TSV row (starting on `line`) as an MMBenchRow; options stop at the first empty one, as in LLaVA."""
+    where = f"question file {str(path)!r}, line {line}" if line else f"question file {str(path)!r}"
     try:
         index = int(cells["index"])
     except ValueError:
-        raise MMBenchError(f"question file {str(path)!r}: index {cells['index']!r} is not an integer") from None
+        raise MMBenchError(f"{where}: index {cells['index']!r} is not an integer") from None
     options = []
     for letter in letters:
         if is_missing(cells.get(letter)):
             break
         options.append(cells[letter])
     if not options:
-        raise MMBenchError(f"question file {str(path)!r}: question {index} has no options")
+        raise MMBenchError(f"{where}: question {index} has no options")
     answer = None if is_missing(cells.get("answer")) else cells["answer"].strip()
     if answer is not None and answer not in option_letters(len(options)):
-        raise MMBenchError(f"question file {str(path)!r}: question {index} has answer {answer!r} but "
-                           f"{len(options)} options")
+        raise MMBenchError(f"{where}: question {index} has answer {answer!r} but {len(options)} options")
     return MMBenchRow(
         index=index, question=cells["question"], hint=None if is_missing(cells.get("hint")) else cells["hint"],
         options=options, answer=answer, category=None if is_missing(cells.get("category")) else cells["category"],
-        image=cells.get(IMAGE_COLUMN) or "", cells=cells,
+        image=cells.get(IMAGE_COLUMN) or "", cells=cells, line=line,
     )
 
 
@@ -144,7 +157,7 @@ def read_mmbench(path: str | Path) -> tuple[list[str], list[MMBenchRow]]:
     """The TSV's header and its questions."""
     header, rows = read_tsv(path)
     letters = option_columns(header)
-    return header, [parse_row(cells, letters, path) for cells in rows]
+    return header, [parse_row(cells, letters, path, line) for line, cells in rows]
 
 
 def rotate(items: list, round_id: int) -> list:

@@ -16,7 +16,8 @@ SUMMARY_FIELDS = {  # answers-file metadata key -> summary key
 
 STATS_MARKER = "avg_vision_tokens"  # an answer whose metadata has it carries statistics
 NEEDED_STATS = (*SUMMARY_FIELDS, "new_tokens")
-OPTIONAL_STATS = ("avg_vision_tokens_per_image", "peak_memory_bytes", "peak_rss_bytes")
+OPTIONAL_STATS = ("avg_vision_tokens_per_image", "vision_kept_fraction", "keep_fraction", "peak_memory_bytes",
+                  "peak_rss_bytes")
 
 
 def summarize_answers(records: list, source: str = "answers file") -> dict:
@@ -34,6 +35,8 @@ def summarize_answers(records: list, source: str = "answers file") -> dict:
     summary["answers_stopped_at_context"] = sum(bool(m.get("stopped_at_context")) for m in with_stats)
     if all("avg_vision_tokens_per_image" in m for m in with_stats):  # LLaVA-NeXT: the reference's figure too
         summary["mean_vision_tokens_per_image"] = mean(m["avg_vision_tokens_per_image"] for m in with_stats)
+    if all("vision_kept_fraction" in m for m in with_stats):  # older files and text-only answers lack it
+        summary["mean_vision_kept_fraction"] = mean(m["vision_kept_fraction"] for m in with_stats)
     for key in ("peak_memory_bytes", "peak_rss_bytes"):
         values = [m[key] for m in with_stats if key in m]
         if values:

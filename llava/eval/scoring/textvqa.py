@@ -133,8 +133,10 @@ def _human_answers(annotation: dict[str, Any]) -> list[str]:
     return answers
 
 
-def _score_results(annotations: dict[AnnotationKey, dict[str, Any]], result_file: str | Path,
-                   allow_partial: bool) -> dict[str, Any]:
+def score_textvqa(annotations: dict[AnnotationKey, list[dict[str, Any]]], result_file: str | Path,
+                  allow_partial: bool = False) -> dict[str, Any]:
+    """`{"samples": answered, "accuracy": percent over them}` (+ "unanswered" when partial files are allowed),
+    against annotations from `load_annotations` (read once for every result file scored)."""
     results = load_results(result_file, annotations)
     asked = [(*key, repeat) for key, entries in annotations.items() for repeat in range(len(entries))]
     unanswered = results.unanswered(asked, allow_partial)
@@ -146,11 +148,6 @@ def _score_results(annotations: dict[AnnotationKey, dict[str, Any]], result_file
     if allow_partial:
         scores["unanswered"] = unanswered
     return scores
-
-
-def score_textvqa(annotation_file: str | Path, result_file: str | Path, allow_partial: bool = False) -> dict[str, Any]:
-    """`{"samples": answered, "accuracy": percent over them}` (+ "unanswered" when partial files are allowed)."""
-    return _score_results(load_annotations(annotation_file), result_file, allow_partial)
 
 
 def _result_files(result_file: str | None, result_dir: str | None) -> list[Path]:
@@ -188,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error("give --result-file and/or --result-dir")
     try:
         annotations = load_annotations(args.annotation_file)
-        scored = [(path, _score_results(annotations, path, args.allow_partial))
+        scored = [(path, score_textvqa(annotations, path, args.allow_partial))
                   for path in _result_files(args.result_file, args.result_dir)]
         if args.scores_file and args.result_file:
             write_json(args.scores_file, scored[0][1])
