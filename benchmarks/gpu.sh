@@ -2,13 +2,13 @@
 # The GPU benchmark set at LLaVA-1.5-7B's real widths (random weights, no download): MustDrop's published
 # LLaVA-1.5 settings, MustDrop on LLaVA-NeXT at 640 / 320 / 160 tokens, every method at 64 tokens, and
 # short-answer throughput (time to first token and questions/s against batch size) on LLaVA-1.5 and
-# LLaVA-NeXT, in bf16 with SDPA on one CUDA device; under 8 minutes on one H100. Installs nothing.
+# LLaVA-NeXT, and FastV on Qwen2.5-VL at 0.333 / 0.222 / 0.111 of an image's tokens with its throughput, in bf16 with SDPA on one CUDA device; under 8 minutes on one H100. Installs nothing.
 #
 #   bash benchmarks/gpu.sh [--quick] [--out DIR]
 #
-# --quick runs the same five on the CPU at the quick shape (CI). Results go to DIR (default
-# benchmarks/results/gpu/): prefill_decode/, next/, compare/, throughput/ and throughput_next/, each with
-# its .md, .json and .png.
+# --quick runs the same seven on the CPU at the quick shape (CI). Results go to DIR (default
+# benchmarks/results/gpu/): prefill_decode/, next/, compare/, throughput/, throughput_next/, qwen/ and
+# throughput_qwen/, each with its .md, .json and .png.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -32,6 +32,7 @@ if [ "$QUICK" = 1 ]; then
     # which FastV is refused (the skip path) and VisionZip runs.
     THROUGHPUT_NEXT=(--next --methods fastv,visionzip --batch-sizes 1 --budgets 160)
     COMPARE=(--methods fastv)  # a smoke run: tests/test_compare.py compares every method
+    THROUGHPUT_QWEN=(--qwen --methods fastv --batch-sizes 1 --budgets 32)  # the quick image brings 192 tokens
 else
     if ! "$PYTHON" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
         echo "gpu.sh: no CUDA device visible to $PYTHON; run with --quick for the CPU version" >&2
@@ -54,6 +55,9 @@ else
     # (counted alike: 6 settings x 2 passes x ~16 s = 3.3 minutes).
     THROUGHPUT=(--methods mustdrop,fastv,pdrop,sparsevlm,visionzip --batch-sizes 1,16,64 --repeats 1)
     THROUGHPUT_NEXT=(--next --methods mustdrop,fastv,pdrop,sparsevlm,visionzip --batch-sizes 1,16 --repeats 1)
+    # Qwen2.5-VL-7B's widths, a 1024 x 768 image (999 vision tokens, ~1,060-token prompts), budgets 222 and 111:
+    # the decoder methods (the others are skipped with the reason). Not yet timed on a GPU.
+    THROUGHPUT_QWEN=(--qwen --methods fastv,pdrop,sparsevlm --batch-sizes 1,16 --repeats 1)
     COMPARE=()
 fi
 "$PYTHON" -c 'import torch, transformers; print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), transformers {transformers.__version__}")'
@@ -72,4 +76,6 @@ run next llava.bench.prefill_decode --next
 run compare llava.bench.compare --budgets 64 ${COMPARE[@]+"${COMPARE[@]}"}
 run throughput llava.bench.throughput "${THROUGHPUT[@]}"
 run throughput_next llava.bench.throughput "${THROUGHPUT_NEXT[@]}"
-echo "gpu.sh: all five written under $OUT in $SECONDS s"
+run qwen llava.bench.prefill_decode --qwen
+run throughput_qwen llava.bench.throughput "${THROUGHPUT_QWEN[@]}"
+echo "gpu.sh: all seven written under $OUT in $SECONDS s"

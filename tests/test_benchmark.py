@@ -1,5 +1,5 @@
-"""`benchmarks/gpu.sh --quick` runs the five benchmarks end to end in CI (prefill/decode, also with `--next`,
-compare, and short-answer throughput on LLaVA-1.5 and LLaVA-NeXT) and each reports sane, ordered numbers;
+"""`benchmarks/gpu.sh --quick` runs the seven benchmarks end to end in CI (prefill/decode, also with `--next`
+and `--qwen`, compare, and short-answer throughput on LLaVA-1.5, LLaVA-NeXT and Qwen2.5-VL) and each reports sane, ordered numbers;
 the model shapes have the stated widths."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 from transformers import LlavaForConditionalGeneration
 
 from llava.bench.next_settings import NEXT_TARGETS
-from llava.bench.prefill_decode import SETTINGS, parse_args
+from llava.bench.prefill_decode import QWEN_KEEPS, SETTINGS, parse_args, qwen_settings
 from llava.bench.workload import BASELINE, LLM_LAYERS, RATIO_OF, SHAPES, VISION_LAYERS, model_config, shape_name
 from tests.conftest import REPO_ROOT
 
@@ -24,11 +24,12 @@ NEXT_UNPRUNED_TOKENS = 576 + 48 * (48 + 1)
 # noise strips) and merges the other 52 into one token each: 5 x (52 + 12 x 9) = 5 x 160 = 800.
 NEXT_TOKENS_AFTER_MERGE = 5 * (52 + 12 * 9)
 NEXT_IMAGES = 5
+QWEN_QUICK_TOKENS = 16 * 12  # the quick Qwen image, 448 x 336 px, in 28 px tokens
 NEXT_TOLERANCE = 0.02  # MustDrop's layer-averaged tokens within 2 % of each target (the threshold search's stop)
 
 
-def test_gpu_script_quick_runs_all_five_on_cpu_with_sane_results(tmp_path):
-    """One `gpu.sh --quick` run (the five benchmarks at the quick shape, as CI can afford once) and what
+def test_gpu_script_quick_runs_all_seven_on_cpu_with_sane_results(tmp_path):
+    """One `gpu.sh --quick` run (the seven benchmarks at the quick shape, as CI can afford once) and what
     each of them must report."""
     done = subprocess.run(["bash", str(REPO_ROOT / "benchmarks" / "gpu.sh"), "--quick", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=900)
@@ -36,7 +37,8 @@ def test_gpu_script_quick_runs_all_five_on_cpu_with_sane_results(tmp_path):
     assert "transformers" in done.stdout
     runs = {name: json.loads((tmp_path / name / stem).read_text()) for name, stem in
             [("prefill_decode", "results.json"), ("next", "results.json"), ("compare", "compare.json"),
-             ("throughput", "throughput.json"), ("throughput_next", "throughput.json")]}
+             ("throughput", "throughput.json"), ("throughput_next", "throughput.json"), ("qwen", "results.json"),
+             ("throughput_qwen", "throughput.json")]}
     for saved in runs.values():
         assert saved["args"]["quick"] == "True" and saved["args"]["device"] == "cpu"
     check_prefill_decode(tmp_path / "prefill_decode", runs["prefill_decode"])
@@ -45,6 +47,8 @@ def test_gpu_script_quick_runs_all_five_on_cpu_with_sane_results(tmp_path):
     assert {row["budget"] for row in runs["compare"]["rows"]} == {None, 64}
     check_throughput(tmp_path / "throughput", runs["throughput"])
     check_throughput_next(tmp_path / "throughput_next", runs["throughput_next"])
+    check_qwen(runs["qwen"])
+    check_throughput_qwen(tmp_path / "throughput_qwen", runs["throughput_qwen"])
 
 
 def with_limits(settings) -> list[str]:
@@ -165,6 +169,28 @@ def check_throughput_next(folder, saved: dict) -> None:
     assert by_key[("visionzip@160", 1)]["avg_vision_tokens"] == 160  # VisionZip keeps exactly its budget
 
 
+def check_qwen(saved: dict) -> None:
+    """Qwen2.5-VL, the quick image's 16 x 12 = 192 tokens: FastV at each kept share and its limit, each
+    reaching its count, each faster in the decoder than the unpruned model."""
+    rows = {row["setting"]: row for row in saved["rows"]}
+    assert list(rows) == with_limits(qwen_settings())
+    assert rows[BASELINE]["avg_vision_tokens"] == QWEN_QUICK_TOKENS
+    assert_ratios_to(rows[BASELINE], saved["rows"])
+    for keep in QWEN_KEEPS:
+        row, limit = rows[f"fastv@{keep}"], rows[f"limit@fastv@{keep}"]
+        assert abs(row["avg_vision_tokens"] - keep * QWEN_QUICK_TOKENS) < 1
+        assert limit["avg_vision_tokens"] == round(row["avg_vision_tokens"])
+        assert row["flops_ratio"] < 1 and row["kv_cache_bytes"] < rows[BASELINE]["kv_cache_bytes"]
+
+
+def check_throughput_qwen(folder, saved: dict) -> None:
+    """Qwen2.5-VL at 32 tokens, batch 1: none, the limit and FastV."""
+    assert saved["args"]["qwen"] == "True" and saved["args"]["budgets"] == "[32]"
+    by_key = check_short_answer_rows(folder, saved, ["none", "limit@32", "fastv@32"], [1])
+    assert by_key[("none", 1)]["avg_vision_tokens"] == QWEN_QUICK_TOKENS
+    assert abs(by_key[("fastv@32", 1)]["avg_vision_tokens"] - 32) < 0.65
+
+
 def test_7b_proportioned_shape_divides_every_width_of_7b_by_four():
     shape = SHAPES[shape_name(parse_args(["--shape", "7b-proportioned"]))]
     config = model_config(shape, next_model=False)
@@ -221,3 +247,15 @@ def test_throughput_ratios_compare_within_a_decode_step_against_none_the_limit_a
     assert "| cuda-graph (other tokens!) | fastv@64 |" in table[6] and "other tokens" not in table[5]
     assert "| 200.0 (0.50x, 2.00x) | 0.800 (1.60x, 0.40x, 1.00x) | 50.0 (1.25x, 1.00x) |" in table[4]
     assert "| 1600.0 (0.25x, -) | 9.600 (1.20x, -, 8.00x) | 1440.0 (1.50x, -) |" in table[-1]
+
+
+def test_qwen_7b_proportioned_shape_divides_qwen2_5_vl_7b_by_four():
+    from llava.bench.qwen_model import QWEN_SHAPES, qwen_config
+
+    real, proportioned = QWEN_SHAPES["7b"], QWEN_SHAPES["7b-proportioned"]
+    assert (real.vision_hidden, real.llm_hidden, real.llm_intermediate, real.llm_heads, real.llm_kv_heads) == \
+        (1280, 3584, 18944, 28, 4)
+    assert (proportioned.vision_hidden, proportioned.llm_hidden) == (real.vision_hidden // 4, real.llm_hidden // 4)
+    for shape in (real, proportioned):  # head sizes kept: vision 80, decoder 128
+        assert shape.vision_hidden // shape.vision_heads == 80 and shape.llm_hidden // shape.llm_heads == 128
+        assert qwen_config(shape).text_config.num_hidden_layers == 28

@@ -6,7 +6,9 @@ prefill and its first token; the wall time of `generate_batch` with one new toke
 time of the whole batch with 3-token answers) and peak memory. Settings: the unpruned model ("none"), the
 limit at each budget (`limit@K`: the model fed only the unpruned vision stage's first K tokens, the floor
 any dropping method can reach; see `llava.bench.limit`) and every method at each budget (LLaVA-1.5: 64;
-`--next`, LLaVA-NeXT: 320 and 160 in total over the base image and its crops). Each row reads against
+`--next`, LLaVA-NeXT: 320 and 160 in total over the base image and its crops; `--qwen`, Qwen2.5-VL: 222 and
+111, the 0.222 and 0.111 shares of its image's 999 tokens; methods that do not run on Qwen are skipped with
+the reason). Each row reads against
 "none" and against the limit at its budget, both at the same batch size, and against itself at batch 1.
 
 Long answers (`--answer-tokens 128`) measure the decode loop too: decode tokens/s for each way of running
@@ -31,6 +33,7 @@ import torch
 from llava.bench.compare import Setting, budget_label, build_settings, checked_methods, parse_list, skip
 from llava.bench.limit import LIMIT_PREFIX, VisionPrefix
 from llava.bench.output import save_results
+from llava.bench.qwen_model import QWEN_SHAPES
 from llava.bench.workload import (
     BASELINE,
     RESULTS_DIR,
@@ -48,12 +51,14 @@ DEFAULT_BATCH_SIZES = (1, 16, 64)
 QUICK_BATCH_SIZES = (1, 2)
 DEFAULT_BUDGETS = (64,)  # layer-averaged vision tokens on LLaVA-1.5
 NEXT_BUDGETS = (320, 160)  # on LLaVA-NeXT: the total over the base image and its crops
+QWEN_BUDGETS = (222, 111)  # on Qwen2.5-VL: 0.222 and 0.111 of the 999 tokens of its 1024 x 768 image
 TEXT_TOKENS_DROPPED_PER_PROMPT = 3  # prompt n loses 3n text tokens: a ragged batch
 OUTPUT_STEM = "throughput"
 EAGER, CUDA_GRAPH, COMPILE = "eager", "cuda-graph", "compile"
 DECODE_MODES = (EAGER, CUDA_GRAPH, COMPILE)
 DEFAULT_OUT = RESULTS_DIR / "throughput"
 NEXT_OUT = RESULTS_DIR / "throughput-next"
+QWEN_OUT = RESULTS_DIR / "throughput-qwen"
 MARKERS = ("o", "s", "^")  # one per decode mode in the chart
 
 
@@ -254,7 +259,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="quick-shape random model, batches 1 and 2 (CI)")
     add_workload_args(parser)
-    parser.add_argument("--next", action="store_true", help="LLaVA-NeXT (v1.6); budgets 320,160 unless --budgets")
+    family = parser.add_mutually_exclusive_group()
+    family.add_argument("--next", action="store_true", help="LLaVA-NeXT (v1.6); budgets 320,160 unless --budgets")
+    family.add_argument("--qwen", action="store_true",
+                        help="Qwen2.5-VL on a 1024 x 768 image (999 vision tokens); budgets 222,111 unless --budgets")
     parser.add_argument("--methods", type=parse_list, help="comma-separated; default: every registered method")
     parser.add_argument("--budgets", type=int_list,
                         help="comma-separated layer-averaged vision tokens, a limit row each (default 64; "
@@ -267,11 +275,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--decode", type=parse_list, default=[EAGER],
                         help=f"comma-separated decode steps to measure side by side: {', '.join(DECODE_MODES)} "
                              "(cuda-graph needs a CUDA device; compile uses torch.compile's inductor); default eager")
-    parser.add_argument("--out", type=Path, help=f"default {DEFAULT_OUT}, with --next {NEXT_OUT}")
+    parser.add_argument("--out", type=Path, help=f"default {DEFAULT_OUT}, with --next {NEXT_OUT}, --qwen {QWEN_OUT}")
     args = parser.parse_args(argv)
     args.batch_sizes = sorted(set(args.batch_sizes or (QUICK_BATCH_SIZES if args.quick else DEFAULT_BATCH_SIZES)))
-    args.budgets = args.budgets or list(NEXT_BUDGETS if args.next else DEFAULT_BUDGETS)
-    args.out = args.out or (NEXT_OUT if args.next else DEFAULT_OUT)
+    args.budgets = args.budgets or list(NEXT_BUDGETS if args.next else QWEN_BUDGETS if args.qwen else DEFAULT_BUDGETS)
+    args.out = args.out or (NEXT_OUT if args.next else QWEN_OUT if args.qwen else DEFAULT_OUT)
+    if args.qwen and args.shape is not None and args.shape not in QWEN_SHAPES:
+        parser.error(f"--qwen takes --shape {', '.join(QWEN_SHAPES)}, not {args.shape}")
     if args.batch_sizes[0] != 1:
         parser.error(f"--batch-sizes must be positive and include 1 (the reference), got {args.batch_sizes}")
     if min(args.budgets) < 1:
@@ -309,9 +319,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     methods, skipped = build_settings(args.methods, args.budgets)
     limits = [Setting(VisionPrefix.name, budget, VisionPrefix(budget)) for budget in args.budgets]
     settings = methods[:1] + limits + methods[1:]  # none, the limits, the methods
-    work = load_workload(args, dtype, next_model=args.next)
+    work = load_workload(args, dtype, next_model=args.next, qwen=args.qwen)
     rows = measure(work, settings, args.batch_sizes, args.answer_tokens, args.repeats, args.decode, skipped)
-    model = "LLaVA-NeXT" if args.next else "LLaVA-1.5"
+    model = "LLaVA-NeXT" if args.next else "Qwen2.5-VL" if args.qwen else "LLaVA-1.5"
     title = (f"{model}, {args.device}, {dtype}: time to first token and questions/s against batch size\n"
              f"budgets {', '.join(map(str, args.budgets))}; dashed: the limit, the model fed only K vision tokens")
     save_results(args, OUTPUT_STEM, describe_run(args, work, dtype, skipped), markdown_table(rows),

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 from io import BytesIO
 
-import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image
 
-from llava.viz import StageView, panels_figure
+from llava.viz import PatchGrid, StageView, panels_figure
 
 
 def figure_image(figure: Figure) -> Image.Image:
@@ -23,6 +22,6 @@ def figure_image(figure: Figure) -> Image.Image:
     return Image.open(buffer)
 
 
-def kept_pictures(model_view: np.ndarray, stages: list[StageView], method: str) -> list[tuple[Image.Image, str]]:
+def kept_pictures(model_view: list[PatchGrid], stages: list[StageView], method: str) -> list[tuple[Image.Image, str]]:
     """One (picture, caption) per stage, in the order the stages ran."""
     return [(figure_image(panels_figure(model_view, [stage], method)), stage.name) for stage in stages]

@@ -42,7 +42,9 @@ ERROR_TITLE = "Cannot answer"
 MODEL_RUNS_AT_ONCE = 1  # the one model answers one request at a time; the others wait in Gradio's queue
 # Gradio keeps every picture it serves in its cache folder; a server left running removes them after an hour
 CACHE_CLEANUP = (3600, 3600)  # (how often, how old) in seconds
-NO_PICTURES = "*The pictures of what was kept are drawn for LLaVA-1.5 checkpoints only.*"
+NO_PICTURES = ("*No pictures: this method changes the vision tokens in a way the pictures cannot place on this "
+               "checkpoint's images (LLaVA-NeXT's and Qwen's are drawn for the methods that keep the model's own "
+               "tokens).*")
 # The page works offline (a lab's GPU box): system fonts instead of the default theme's Google Fonts.
 SANS_FONTS = ["ui-sans-serif", "system-ui", "sans-serif"]
 MONO_FONTS = ["ui-monospace", "monospace"]

@@ -10,17 +10,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 from PIL import Image
 
 from llava.drop.generate import SamplingConfig
 from llava.drop.methods import DropMethod
-from llava.drop.vision import is_next
 from llava.eval.answering.answerer import Answer, Answerer
 from llava.eval.cli_errors import RunError
 from llava.model.geometry import decoder_layer_count, geometry_of_model
 from llava.model.inputs import encode_question
-from llava.viz import StageView, model_view_image, trace_stages
+from llava.viz import PatchGrid, StageView, check_drawable, picture_grids, trace_stages
 
 # A first answer pays one-off costs (CUDA context, kernel loads, allocator growth); the server pays them
 # before its first visitor, so that the unpruned column, which always runs first, is not timed cold.
@@ -38,7 +36,7 @@ class MethodResult:
 
 @dataclass
 class Comparison:
-    model_view: np.ndarray | None  # the padded, resized image the tower saw; None with the stages
+    model_view: list[PatchGrid]  # the pictures the tower saw (LLaVA-NeXT: base image and crops), under their grids
     results: list[MethodResult]
 
 
@@ -54,7 +52,6 @@ class SideBySide:
         self.sampling = sampling
         self.decode_step = decode_step or {}  # Answerer's compile_backend / cuda_graph
         self.num_layers = decoder_layer_count(model)
-        self.draws_stages = not is_next(model)  # llava.viz maps a single 24 x 24 grid, not NeXT's crops
 
     def answerer(self, method: DropMethod, sampling: SamplingConfig | None = None) -> Answerer:
         return Answerer(self.tokenizer, self.model, self.image_processor, self.conv_mode, sampling or self.sampling,
@@ -80,11 +77,20 @@ class SideBySide:
             except ValueError as error:  # the prompt is longer than the context, for one
                 raise RunError(str(error)) from None
             stages = None
-            if self.draws_stages:
-                stages = trace_stages(self.model, method, inputs.input_ids, inputs.pixel_values)
+            if self.draws(method):
+                stages = trace_stages(self.model, method, inputs.input_ids, inputs.pixel_values, inputs.image_sizes)
             results.append(MethodResult(method, answer, stages))
-        model_view = model_view_image(inputs.pixel_values, self.image_processor) if self.draws_stages else None
+        model_view = picture_grids(self.model, self.image_processor, inputs.pixel_values, inputs.image_sizes)
         return Comparison(model_view, results)
+
+    def draws(self, method: DropMethod) -> bool:
+        """Whether llava.viz can place what `method` keeps on this model's pictures (on LLaVA-NeXT only the
+        methods that keep the model's own vision tokens can be)."""
+        try:
+            check_drawable(method, geometry_of_model(self.model))
+        except ValueError:
+            return False
+        return True
 
     def warm_up(self) -> None:
         """Answer once, unpruned, a few tokens about a blank image."""
