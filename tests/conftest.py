@@ -270,3 +270,20 @@ def loaded_qwen(tiny_qwen):
 @pytest.fixture(scope="session")
 def loaded_qwen2(tiny_qwen2):
     return load_on_cpu(tiny_qwen2)
+
+
+@pytest.fixture(params=["qwen2_5_vl", "qwen2_vl"])
+def loaded_any_qwen(request):
+    """Each Qwen family's tiny checkpoint, loaded (a test using it runs once per family)."""
+    return request.getfixturevalue("loaded_qwen" if request.param == "qwen2_5_vl" else "loaded_qwen2")
+
+
+def qwen_demo_inputs(loaded, shape: str, question: str):
+    """The encoded prompt (ids, patches, patch grid) about one demo image (NEXT_DEMO_IMAGES) on a loaded Qwen."""
+    from llava.mm_utils import load_image
+    from llava.model.inputs import encode_question
+    from llava.model.qwen import QWEN_CONV_MODE
+
+    tokenizer, model, image_processor, _ = loaded
+    image = load_image(DEMO_DIR / "images" / NEXT_DEMO_IMAGES[shape])
+    return encode_question(question, image, model, tokenizer, image_processor, QWEN_CONV_MODE)

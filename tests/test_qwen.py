@@ -23,22 +23,26 @@ from llava.model.geometry import QWEN_FAMILY, decoder_layer_count, read_geometry
 from llava.model.inputs import encode_question
 from llava.model.qwen import QWEN_CONV_MODE
 from llava.model.tiny import write_tiny_checkpoint
-from tests.conftest import DEMO_DIR, NEXT_DEMO_IMAGES, REPO_ROOT, load_on_cpu
+from llava.eval.calibrate import main as calibrate_main
+from tests.conftest import (
+    qwen_demo_inputs,
+    DEMO_DIR,
+    DEMO_IMAGE_FOLDER,
+    NEXT_DEMO_IMAGES,
+    REPO_ROOT,
+    annotations_for,
+    first_questions,
+    load_on_cpu,
+    run_benchmark_script,
+)
 
 QUESTIONS = {"tall": "What is written here?", "square": "How many cars are there?", "wide": "Which sign is open?"}
 NEW_TOKENS = 8
-VISION_STAGE_METHODS = ["visionzip", "tome", "prumerge", "prumerge_plus", "random", "pool"]
-
-
-@pytest.fixture(params=["qwen2_5_vl", "qwen2_vl"])
-def loaded_any_qwen(request):
-    return request.getfixturevalue("loaded_qwen" if request.param == "qwen2_5_vl" else "loaded_qwen2")
+VISION_STAGE_METHODS = ["tome", "prumerge", "prumerge_plus"]  # random, pool, VisionZip: test_qwen_vision_methods
 
 
 def demo_inputs(loaded, shape: str):
-    tokenizer, model, image_processor, _ = loaded
-    image = load_image(DEMO_DIR / "images" / NEXT_DEMO_IMAGES[shape])
-    return encode_question(QUESTIONS[shape], image, model, tokenizer, image_processor, QWEN_CONV_MODE)
+    return qwen_demo_inputs(loaded, shape, QUESTIONS[shape])
 
 
 def expanded_ids(model, inputs) -> torch.Tensor:
@@ -228,10 +232,10 @@ def test_a_vision_stage_method_is_refused_before_the_model_loads(tiny_qwen, tmp_
     done = run_cli("-m", "llava.eval.model_vqa_loader", "--model-path", str(tiny_qwen),
                    "--question-file", str(DEMO_DIR / "llava_textvqa_demo.jsonl"),
                    "--image-folder", str(DEMO_DIR / "images"), "--answers-file", str(tmp_path / "a.jsonl"),
-                   "--conv-mode", "auto", "--method", "visionzip")
+                   "--conv-mode", "auto", "--method", "tome")
     assert done.returncode != 0
     lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and "visionzip" in lines[0] and "Qwen" in lines[0] and "Traceback" not in done.stderr
+    assert len(lines) == 1 and "tome" in lines[0] and "Qwen" in lines[0] and "Traceback" not in done.stderr
 
 
 def test_a_llava_template_is_refused_for_qwen(tiny_qwen, tmp_path):
@@ -281,7 +285,7 @@ def test_lmms_eval_model_args_take_a_qwen_checkpoint(tiny_qwen):
     assert answer.stats["keep_fraction"] == 0.111
     assert abs(answer.stats["avg_vision_tokens"] - 0.111 * answer.stats["vision_tokens_in"]) < 1
     with pytest.raises(ValueError, match="Qwen"):
-        load_run({"pretrained": str(tiny_qwen), "method": "visionzip", "device": "cpu"}, 1)
+        load_run({"pretrained": str(tiny_qwen), "method": "tome", "device": "cpu"}, 1)
 
 
 @pytest.mark.parametrize("name,args", [("fastv", {}), ("pdrop", {}), ("sparsevlm", {}),
@@ -304,3 +308,55 @@ def test_every_decoder_method_reaches_a_kept_share_of_each_image(loaded_qwen, na
     assert len({output.stats["vision_tokens_in"] for output in outputs}) == 3
     assert abs(sum(reached) / len(reached) - 1) <= 0.01
     assert all(output.stats["keep_fraction"] == keep for output in outputs)
+
+
+def test_the_side_by_side_page_draws_qwen_pictures(loaded_qwen):
+    """The web page's comparison on a Qwen checkpoint: answers, and each drawable method's stages on the image's
+    own token grid."""
+    from llava.serve.side_by_side import SideBySide
+
+    tokenizer, model, image_processor, _ = loaded_qwen
+    page = SideBySide(tokenizer, model, image_processor, QWEN_CONV_MODE, SamplingConfig(max_new_tokens=2))
+    image = load_image(DEMO_DIR / "images" / NEXT_DEMO_IMAGES["wide"])
+    comparison = page.compare(image, QUESTIONS["wide"], [create_method("none"), create_method("fastv", {"budget": "24"})])
+    none, fastv = comparison.results
+    assert len(none.stages) == 1 and len(fastv.stages) == 2  # the vision stage, then FastV's one drop
+    assert fastv.stages[-1].tokens_kept == int(fastv.stages[-1].kept.sum()) == \
+        fastv.answer.stats["vision_tokens_after_layer"]["1"]
+    assert len(comparison.model_view) == 1
+
+
+def test_a_calibrated_kept_share_runs_through_a_script(tiny_qwen, tmp_path):
+    """`llava.eval.calibrate --keep-targets 0.333` finds MustDrop's thresholds for a share on Qwen (stages 2
+    and 3, --no_merge); textvqa.sh keep0.333 runs with them, and its summary reports the share calibration
+    measured. METHOD=fastv runs the same setting as its --keep."""
+    questions = first_questions(tmp_path, 3)
+    calibration = tmp_path / "thresholds.json"
+    calibrate_main(["--model-path", str(tiny_qwen), "--question-file", str(questions), "--image-folder",
+                    str(DEMO_IMAGE_FOLDER), "--keep-targets", "0.333", "--no_merge", "--num-questions", "3",
+                    "--steps", "8", "--device", "cpu", "--out", str(calibration)])
+    saved = json.loads(calibration.read_text())
+    found = saved["results"][0]
+    assert found["share"] and found["reachable"] and abs(found["mean_tokens"] - 0.333) < 0.05
+    assert saved["common_sh"] == [f'THR_keep0_333="{found["global_thr"]:g} {found["individual_thr"]:g}"']
+    env = {"EVAL_DIR": str(tmp_path / "eval"), "QUESTION_FILE": str(questions), "IMAGE_FOLDER": str(DEMO_IMAGE_FOLDER),
+           "ANNOTATION_FILE": str(annotations_for(questions, tmp_path)), "EXTRA_ARGS": "--no_merge",
+           "THR_keep0_333": f"{found['global_thr']!r} {found['individual_thr']!r}"}
+    done = run_benchmark_script("textvqa.sh", "keep0.333", tiny_qwen, env)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((tmp_path / "eval" / "textvqa" / "answers" / f"{tiny_qwen.name}-keep0.333" /
+                          "summary.json").read_text())
+    assert (summary["setting"], summary["method"]) == ("keep0.333", "mustdrop")
+    assert summary["mean_vision_kept_fraction"] == pytest.approx(found["mean_tokens"])
+    fastv = run_benchmark_script("textvqa.sh", "keep0.111", tiny_qwen, {**env, "METHOD": "fastv", "EXTRA_ARGS": ""})
+    assert fastv.returncode == 0, fastv.stderr
+    summary = json.loads((tmp_path / "eval" / "textvqa" / "answers" / f"{tiny_qwen.name}-fastv-keep0.111" /
+                          "summary.json").read_text())
+    assert summary["drop_flags"] == "--method fastv --keep 0.111"
+    assert abs(summary["mean_vision_kept_fraction"] - 0.111) < 0.01
+
+
+def test_a_bad_keep_setting_is_one_line(tiny_qwen, tmp_path):
+    done = run_benchmark_script("textvqa.sh", "keep0.x", tiny_qwen, {"EVAL_DIR": str(tmp_path)})
+    assert done.returncode == 2 and done.stderr.startswith("error: ") and "keep0.x" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1

@@ -295,7 +295,7 @@ def test_trace_stages_refuses_a_next_method_it_cannot_place(loaded_next_original
 
 QWEN_GRIDS = {"tall": (11, 6), "square": (14, 14), "wide": (6, 18)}  # token rows x columns of the tiny checkpoints
 QWEN_TOKEN_PX = 28  # one decoder token: 2 x 2 patches of 14 px
-QWEN_DRAWN = "draw fastv, none, pdrop, sparsevlm, or mustdrop with --method-args vision_merge=false"
+QWEN_DRAWN = "draw fastv, none, pdrop, pool, random, sparsevlm, visionzip, or mustdrop with --method-args vision_merge=false"
 QWEN_MUSTDROP_ARGS = {"vision_merge": "false", "global_thr": "0.02", "individual_thr": "0.05"}
 
 
@@ -397,8 +397,8 @@ def test_cli_draws_fastv_on_qwen(tiny_qwen, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--method", "visionzip"], "error: --method visionzip: llava.viz cannot draw it on Qwen2-VL / Qwen2.5-VL: "
-                                "its vision stage reads CLIP's CLS token"),
+    (["--method", "tome"], "error: --method tome: llava.viz cannot draw it on Qwen2-VL / Qwen2.5-VL: "
+                           "its vision stage reads CLIP's CLS token"),
     ([], "error: --method mustdrop: llava.viz cannot draw it on Qwen2-VL / Qwen2.5-VL"),  # mustdrop by default
     (["--method-args", "global_thr=0.01"], "error: --method mustdrop: llava.viz cannot draw it on Qwen2-VL"),
     (["--method", "fastv", "--conv-mode", "vicuna_v1"], "error: --conv-mode vicuna_v1 is a LLaVA template"),

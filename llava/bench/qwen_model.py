@@ -1,7 +1,7 @@
 """The speed benchmarks' Qwen2.5-VL: a seeded random model at Qwen2.5-VL-7B's layer counts (28 decoder
-layers, a 32-block vision tower with window attention; 4 blocks at the quick shape) and chosen widths, and a 1024 x 768 image seen at
-its own resolution (about 1,000 vision tokens at the 7B checkpoint's pixel limit), prompted as the CLIs
-prompt it.
+layers, a 32-block vision tower with window attention; 4 blocks at the quick shape) and chosen widths, and
+a 1024 x 768 image seen at its own resolution (999 vision tokens; the 7B checkpoint's pixel limit leaves
+it as it is), prompted as the CLIs prompt it.
 
 `7b` is Qwen2.5-VL-7B's real widths (for a GPU), `7b-proportioned` every width divided by 4 (head sizes
 kept), so that the vision:decoder cost split of the real model holds on a CPU; `quick` is for CI.
@@ -15,7 +15,7 @@ import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil, smart_resize
 
-from llava.bench.workload import QK_GAIN, Workload, first_demo_image, init_peaked, synthetic_text_ids
+from llava.bench.workload import QK_GAIN, ModelShape, Workload, first_demo_image, init_peaked, synthetic_text_ids
 from llava.constants import IMAGE_TOKEN_INDEX
 from llava.model.qwen import qwen_image_inputs
 
@@ -37,14 +37,9 @@ TEXT_TOKENS = 40  # "<|vision_end|>" + a TextVQA question with its suffix + the 
 
 
 @dataclass(frozen=True)
-class QwenShape:
-    vision_hidden: int
-    vision_intermediate: int
-    vision_heads: int
-    llm_hidden: int
-    llm_intermediate: int
-    llm_heads: int
-    llm_kv_heads: int
+class QwenShape(ModelShape):
+    """The LLaVA shapes' widths, and how many blocks the vision tower has."""
+
     vision_blocks: int = VISION_BLOCKS
 
     @property

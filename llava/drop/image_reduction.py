@@ -11,6 +11,16 @@ VisionZip's released code: after merging or pooling, the crop grid that the newl
 longer exists. A budget is the image's total, shared over its 1 + K tower images (`budget_shares`). A
 `keep_fraction` F gives each prompt a budget of round(F * V), V the vision tokens the unpruned model gives
 its image (`vision_count_in`, its `vision_tokens_in`).
+
+Qwen2-VL / Qwen2.5-VL (`encode_qwen`): every prompt's image goes through the model's own tower and merger
+in one pass (`encode_qwen_images`), and a method reduces each image's decoder tokens on their own
+(`reduce_qwen`): the tokens the merger made of 2 x 2 patches, row-major over the image's (h/2) x (w/2)
+grid, each with its (t, row, column) offset in `VisionOutput.positions`. A method keeps a subset of those
+tokens or makes new ones, and gives every token it returns a position of its own (`QwenTokens`); the image's `position_span`, how far the
+text after it moves on, stays as it was (docs/qwen.md: the rule when tokens are dropped). A budget, or a
+`keep_fraction` F (a budget of round(F * V), V the image's own token count), is each image's count; an image
+with no more tokens than its budget keeps them all. A method without a Qwen port keeps `reduce_qwen` and is
+refused before anything runs (`runs_on_qwen`).
 """
 
 from __future__ import annotations
@@ -30,12 +40,14 @@ from llava.drop.vision import (
     check_feature_layer,
     check_next_inputs,
     embed_patches,
+    encode_qwen_images,
     project_features,
     run_tower_to,
     selected_layer_count,
     vision_token_offset,
 )
 from llava.model.geometry import ModelGeometry
+from llava.model.qwen import is_qwen
 
 
 @dataclass
@@ -130,6 +142,27 @@ class ImageReduction(PromptsTogether, DropMethod):
         tower's own layers) runs inside `with selecting:`."""
         raise NotImplementedError
 
+    def reduce_qwen(self, model, vision: VisionOutput, pixel_values: torch.Tensor, grid: torch.Tensor,
+                    count: int | None) -> QwenTokens:
+        """One Qwen image's decoder tokens (its unpruned `vision`, from its patches `pixel_values` of grid
+        [[t, h, w]]) cut to `count` tokens (None: the method's own choice), each token with a position of its
+        own. A method with no Qwen port leaves this, and `runs_on_qwen` refuses it before anything runs."""
+        raise ValueError(self.qwen_refusal())
+
+    @torch.no_grad()
+    def encode_qwen(self, model, pixel_values: list[torch.Tensor], grids: list[torch.Tensor]) -> list[VisionOutput]:
+        """Qwen2-VL / Qwen2.5-VL: every prompt's image through the model's own tower and merger in one pass, then
+        each image's decoder tokens through `reduce_qwen` on their own, to its prompt's budget."""
+        def reduce_one(n: int, vision: VisionOutput, count: int | None) -> VisionOutput:
+            return qwen_output(vision, self.reduce_qwen(model, vision, pixel_values[n], grids[n], count))
+
+        return reduce_qwen_images(self, encode_qwen_images(model, pixel_values, grids), reduce_one)
+
+    @property
+    def runs_on_qwen(self) -> bool:
+        """Whether the method has a Qwen port (it writes `reduce_qwen`)."""
+        return type(self).reduce_qwen is not ImageReduction.reduce_qwen
+
     @property
     def budget(self) -> int | None:
         budget = getattr(self.options, "budget", None)
@@ -166,7 +199,9 @@ class ImageReduction(PromptsTogether, DropMethod):
                        tiled: bool) -> list[VisionOutput]:
         """Every prompt's tower images (its image, or `tiled`: its base image and crops) reduced in one call of
         `reduce`, each image to its own prompt's share of the budget, as it would be alone (a prompt at a time
-        where `prompts_together` is false)."""
+        where `prompts_together` is false). Qwen2-VL / Qwen2.5-VL: `reduce_qwen` on each image (module docstring)."""
+        if is_qwen(model):
+            return self.encode_qwen(model, pixel_values, image_sizes)
         if not self.prompts_together and len(pixel_values) > 1:
             return [output for pixels, sizes in zip(pixel_values, image_sizes)
                     for output in self.encode_prompts(model, [pixels], [sizes], tiled)]
@@ -204,6 +239,56 @@ class ImageReduction(PromptsTogether, DropMethod):
         stats = {"vision_tokens_in": count_in, "vision_tokens": features.shape[0], "images": len(reduced),
                  "crops": len(reduced) - 1, "vision_tokens_per_image_in": patch_side(model) ** 2 + cls_kept}
         return VisionOutput(features=features, stats=stats)
+
+
+@dataclass
+class QwenTokens:
+    """One Qwen image's decoder tokens after a method: features [n, hidden], each token's (t, row, column) offset
+    [3, n] (long), and per token the cells of the image's token grid it stands for (cell row * columns +
+    column of the merged grid; None when the grid has several frames)."""
+
+    features: torch.Tensor
+    positions: torch.Tensor
+    cells: list[list[int]] | None
+
+
+def token_cells(positions: torch.Tensor, columns: int, frames: int) -> list[list[int]] | None:
+    """Each token's one cell (row * columns + column) of a one-frame token grid; None for several frames."""
+    if frames != 1:
+        return None
+    _, rows, cols = positions.detach().cpu().long()
+    return [[cell] for cell in (rows * columns + cols).tolist()]
+
+
+def kept_qwen_tokens(vision: VisionOutput, kept: torch.Tensor, columns: int, frames: int) -> QwenTokens:
+    """The decoder tokens `kept` (ascending) of an unpruned Qwen image, each with its own position."""
+    kept = kept.to(vision.features.device)
+    positions = vision.positions[:, kept.to(vision.positions.device)]
+    return QwenTokens(vision.features[kept], positions, token_cells(positions, columns, frames))
+
+
+def qwen_output(vision: VisionOutput, tokens: QwenTokens, stats: dict | None = None) -> VisionOutput:
+    """A Qwen prompt's vision output from its unpruned one and the tokens a method returned: the image's
+    `position_span` (where the text after it goes on) unchanged."""
+    return VisionOutput(features=tokens.features, positions=tokens.positions, position_span=vision.position_span,
+                        patch_groups=tokens.cells,
+                        stats={**vision.stats, "vision_tokens": tokens.features.shape[0], **(stats or {})})
+
+
+def reduce_qwen_images(method: DropMethod, outputs: list[VisionOutput], reduce_one) -> list[VisionOutput]:
+    """Every prompt's unpruned Qwen vision output (`encode_qwen_images`: one tower pass for them all) reduced on its
+    own by `reduce_one(n, vision, count)`, `count` prompt n's budget (None without one: the method's own choice),
+    timed as the method's selection."""
+    reduced = []
+    selecting = Stopwatch(outputs[0].features.device) if outputs else None
+    for n, vision in enumerate(outputs):
+        budget = method.prompt_options(vision.features.shape[0]).budget
+        with selecting:
+            reduced.append(reduce_one(n, vision, None if budget is None else int(budget)))
+    share = selecting.seconds() / len(reduced) if reduced else 0.0
+    for output in reduced:
+        output.selection_seconds = share
+    return reduced
 
 
 def keep_patches(hidden: torch.Tensor, kept: torch.Tensor) -> ReducedImage:

@@ -29,6 +29,9 @@ PREFILL = "prefill"  # only inside the decoder's prefill (FastV, PyramidDrop, Sp
 MULTI_STAGE = "multi-stage"  # vision tower, prefill and decoding (MustDrop)
 BASELINE = "baseline"  # no learned or attention signal: random subsets, pooling
 FAMILIES = (ENCODER, PREFILL, MULTI_STAGE, BASELINE)
+# What runs on Qwen2-VL / Qwen2.5-VL, for the refusal of the vision-stage methods that do not.
+QWEN_RUNNING_METHODS = ("fastv, pdrop, sparsevlm, mustdrop without its vision stage (--no_merge), and the vision-stage "
+                        "ports random, pool and visionzip")
 
 
 def query_rows(queries: str, layouts: list[TokenLayout], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -299,9 +302,8 @@ class DropMethod:
 
     def qwen_refusal(self) -> str:
         return (f"{self.name} changes the vision tower's tokens with rules written for CLIP (a CLS token, a square "
-                "grid of patches), which Qwen2-VL / Qwen2.5-VL's tower does not have; it does not run on Qwen yet. "
-                "Methods that drop in the decoder do: fastv, pdrop, sparsevlm, and mustdrop without its vision "
-                "stage (--no_merge)")
+                "grid of patches), which Qwen2-VL / Qwen2.5-VL's tower does not have, and has no Qwen port yet; it "
+                f"does not run on Qwen. Methods that do: {QWEN_RUNNING_METHODS}")
 
 
 class PromptsTogether:

@@ -1,7 +1,8 @@
 """Find MustDrop thresholds that give a wanted number of vision tokens (the paper's 192 / 128 / 64).
 
     python -m llava.eval.calibrate --model-path M --question-file Q --image-folder I \
-        [--num-questions 32] [--targets 192,128,64] [--ratio 1.0] [--out thresholds.json]
+        [--num-questions 32] [--targets 192,128,64 | --keep-targets 0.333,0.222,0.111] [--ratio 1.0]
+        [--out thresholds.json]
 
 The paper names its settings by "tokens": vision tokens present at each of the 32 decoder layers,
 averaged over the layers and the questions. The authors published thresholds only for LLaVA-1.5-7B
@@ -18,6 +19,11 @@ not depend on the thresholds) runs once per question.
 What the path can reach is bounded: at the top end every vision token outside the key set goes at
 the first dropping layer, and at the bottom end nothing does, leaving stage 1's output. Both bounds
 are measured and reported; a target outside them is reported as unreachable.
+
+`--keep-targets` asks for kept shares of each image's vision tokens instead (0.111 is 64 of LLaVA-1.5's
+576): each prompt's layer-averaged count over its image's count, averaged over the prompts. That is the
+setting where images bring different counts (Qwen2.5-VL at its own resolution, LLaVA-NeXT's crops); the
+pairs print as THR_keep0_111="g i" for the benchmark scripts' keep0.111 setting.
 """
 
 from __future__ import annotations
@@ -91,6 +97,12 @@ class CalibrationResult:
     stage1_tokens: float  # mean vision tokens out of stage 1, an upper bound for any thresholds
     questions_below_target: int  # questions whose stage 1 alone already leaves fewer tokens than the target
     num_questions: int
+    share: bool = False  # the target and every count above are kept shares of each image's vision tokens
+
+    @property
+    def setting(self) -> str:
+        """The benchmark scripts' name of the setting: 64, or keep0.111 for a share."""
+        return f"keep{self.target:g}" if self.share else f"{self.target:g}"
 
 
 def round_significant(value: float) -> float:
@@ -111,28 +123,37 @@ def question_inputs(model, tokenizer, image_processor, question: Question, conv_
     return encode_question(question.text, image, model, tokenizer, image_processor, conv_mode)
 
 
-@torch.inference_mode()
 def prepare_prompts(
     model, tokenizer, image_processor, questions: Sequence[Question], conv_mode: str, drop: DropConfig
 ) -> list[MultimodalPrompt]:
     """Stage 1 once per question: the spliced prompts every threshold pair then prefills."""
-    prompts = []
+    return prompts_and_counts(model, tokenizer, image_processor, questions, conv_mode, drop)[0]
+
+
+@torch.inference_mode()
+def prompts_and_counts(
+    model, tokenizer, image_processor, questions: Sequence[Question], conv_mode: str, drop: DropConfig
+) -> tuple[list[MultimodalPrompt], list[int]]:
+    """The spliced prompts, and the vision tokens each image brought before stage 1 (what a share is of)."""
+    prompts, counts = [], []
     for question in questions:
         inputs = question_inputs(model, tokenizer, image_processor, question, conv_mode)
         vision = encode_vision(model, as_method(drop), inputs.pixel_values, inputs.image_sizes)
         prompts.append(build_prompt(model, inputs.input_ids, vision))
-    return prompts
+        counts.append(vision.stats.get("vision_tokens_in", vision.features.shape[0]))
+    return prompts, counts
 
 
 @torch.inference_mode()
 def mean_tokens(model, prompts: Sequence[MultimodalPrompt], global_thr: float, individual_thr: float,
-                drop: DropConfig | None = None) -> float:
-    """The paper's "tokens": vision tokens per decoder layer in prefill, averaged over layers and prompts."""
+                drop: DropConfig | None = None, tokens_in: Sequence[int] | None = None) -> float:
+    """The paper's "tokens": vision tokens per decoder layer in prefill, averaged over layers and prompts; with
+    `tokens_in`, each prompt's as a share of its image's vision tokens, averaged over the prompts."""
     drop = replace(drop or DropConfig(), enabled=True, global_thr=global_thr, individual_thr=individual_thr)
     per_prompt = []
-    for prompt in prompts:
+    for n, prompt in enumerate(prompts):
         counts = prefill_prompt(model, prompt, as_method(drop)).vision_tokens_per_layer
-        per_prompt.append(sum(counts) / len(counts))
+        per_prompt.append(sum(counts) / len(counts) / (tokens_in[n] if tokens_in is not None else 1))
     return sum(per_prompt) / len(per_prompt)
 
 
@@ -180,24 +201,33 @@ def calibrate(
     tolerance: float = DEFAULT_TOLERANCE,
     steps: int = DEFAULT_STEPS,
     drop: DropConfig | None = None,
+    shares: bool = False,
 ) -> list[CalibrationResult]:
-    """For each target mean vision-token count, the closest (global_thr, individual_thr) on the path."""
+    """For each target mean vision-token count, the closest (global_thr, individual_thr) on the path. With
+    `shares` the targets are kept shares of each image's vision tokens (0.111: 64 of 576), every count is
+    each prompt's share averaged over the prompts, and `tolerance` (tokens) becomes a share of the sample's
+    mean image."""
     check_settings(targets, ratio, tolerance, steps)
+    if shares and any(target > 1 for target in targets):
+        raise ValueError(f"kept shares must be in (0, 1], got {list(targets)}")
     if not questions:
         raise ValueError("no questions to calibrate on")
     drop = replace(drop or DropConfig(), enabled=True)
     as_method(drop).check_model(geometry_of_model(model))
-    prompts = prepare_prompts(model, tokenizer, image_processor, questions, conv_mode, drop)
+    prompts, tokens_in = prompts_and_counts(model, tokenizer, image_processor, questions, conv_mode, drop)
+    scale = tokens_in if shares else [1] * len(prompts)
+    if shares:
+        tolerance = tolerance / (sum(tokens_in) / len(tokens_in))
     measured: dict[tuple[float, float], Probe] = {}
 
     def measure(log_global_thr: float) -> Probe:
         pair = path_point(log_global_thr, ratio)
         if pair not in measured:
-            measured[pair] = Probe(*pair, mean_tokens(model, prompts, *pair, drop))
+            measured[pair] = Probe(*pair, mean_tokens(model, prompts, *pair, drop, scale))
         return measured[pair]
 
     most, fewest = measure(math.log(LOWEST_GLOBAL_THR)), measure(math.log(HIGHEST_GLOBAL_THR))
-    stage1_counts = [prompt.vision_count for prompt in prompts]
+    stage1_counts = [prompt.vision_count / each for prompt, each in zip(prompts, scale)]
     results = []
     for target in targets:
         reachable = fewest.tokens - tolerance <= target <= most.tokens + tolerance
@@ -208,6 +238,7 @@ def calibrate(
             fewest_tokens=fewest.tokens, most_tokens=most.tokens,
             stage1_tokens=sum(stage1_counts) / len(stage1_counts),
             questions_below_target=sum(count < target for count in stage1_counts), num_questions=len(prompts),
+            share=shares,
         ))
     return results
 
@@ -230,22 +261,24 @@ def markdown_table(results: Sequence[CalibrationResult]) -> str:
     lines = ["| target | global_thr | individual_thr | mean tokens | reachable | note |",
              "| --- | --- | --- | --- | --- | --- |"]
     for r in results:
-        lines.append(f"| {r.target:g} | {r.global_thr:g} | {r.individual_thr:g} | {r.mean_tokens:.1f} | "
+        mean = f"{r.mean_tokens:.3f}" if r.share else f"{r.mean_tokens:.1f}"
+        lines.append(f"| {r.setting} | {r.global_thr:g} | {r.individual_thr:g} | {mean} | "
                      f"{'yes' if r.reachable else 'no'} | {result_note(r)} |")
     return "\n".join(lines)
 
 
 def bounds_line(result: CalibrationResult) -> str:
-    return (f"Bounds on {result.num_questions} questions: fewest {result.fewest_tokens:.1f} tokens "
-            f"(global_thr {HIGHEST_GLOBAL_THR:g}), most {result.most_tokens:.1f} (global_thr {LOWEST_GLOBAL_THR:g}); "
-            f"stage 1 output {result.stage1_tokens:.1f}.")
+    value, unit = ("{:.3f}", " of each image's tokens") if result.share else ("{:.1f}", " tokens")
+    return (f"Bounds on {result.num_questions} questions: fewest {value.format(result.fewest_tokens)}{unit} "
+            f"(global_thr {HIGHEST_GLOBAL_THR:g}), most {value.format(result.most_tokens)} (global_thr "
+            f"{LOWEST_GLOBAL_THR:g}); stage 1 output {value.format(result.stage1_tokens)}.")
 
 
 def script_lines(results: Sequence[CalibrationResult]) -> list[str]:
     """Overrides for scripts/v1_5/eval/common.sh; unreachable targets come out commented."""
     lines = []
     for r in results:
-        line = f'THR_{r.target:g}="{r.global_thr:g} {r.individual_thr:g}"'
+        line = f'THR_{r.setting.replace(".", "_")}="{r.global_thr:g} {r.individual_thr:g}"'
         lines.append(line if r.reachable else f"# {line}  # unreachable on this sample")
     return lines
 
@@ -254,8 +287,21 @@ def report(results: Sequence[CalibrationResult]) -> str:
     return "\n".join([markdown_table(results), "", bounds_line(results[0]), "", *script_lines(results)])
 
 
-def parse_targets(text: str) -> list[int]:
-    """Whole token counts, as the paper names its settings (and common.sh its THR_<count> variables)."""
+def parse_targets(text: str | None, keep_text: str | None = None) -> list[float]:
+    """Whole token counts, as the paper names its settings (and common.sh its THR_<count> variables), or with
+    `keep_text` kept shares in (0, 1] (common.sh's keep<F> settings)."""
+    if keep_text is not None:
+        if text is not None:
+            raise ValueError("--targets and --keep-targets: give one (token counts or kept shares)")
+        try:
+            shares = [float(part) for part in keep_text.split(",") if part.strip()]
+        except ValueError:
+            shares = []
+        if not shares or any(not 0 < share <= 1 for share in shares):
+            raise ValueError(f"--keep-targets must be comma-separated shares in (0, 1], got {keep_text!r}")
+        return shares
+    if text is None:
+        return list(DEFAULT_TARGETS)
     try:
         targets = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
@@ -272,7 +318,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image-folder", type=str, default="")
     parser.add_argument("--num-questions", type=int, default=DEFAULT_NUM_QUESTIONS)
     parser.add_argument("--seed", type=int, default=None, help="sample questions at random (default: the first N)")
-    parser.add_argument("--targets", type=str, default=",".join(map(str, DEFAULT_TARGETS)))
+    parser.add_argument("--targets", type=str, default=None,
+                        help=f"comma-separated token counts (default {','.join(map(str, DEFAULT_TARGETS))})")
+    parser.add_argument("--keep-targets", type=str, default=None,
+                        help="instead of --targets: comma-separated kept shares of each image's vision tokens, e.g. "
+                             "0.333,0.222,0.111 (the setting for Qwen, whose images bring different counts)")
     parser.add_argument("--conv-mode", type=str, default=AUTO_CONV_MODE,
                         help="conversation template; auto (default) picks the checkpoint's own from its config files")
     parser.add_argument("--ratio", type=float, default=DEFAULT_RATIO, help="individual_thr = ratio * global_thr")
@@ -303,7 +353,7 @@ def run(args: argparse.Namespace) -> list[CalibrationResult]:
     try:
         if args.out:
             check_output_file(args.out, "--out")
-        targets = parse_targets(args.targets)
+        targets = parse_targets(args.targets, args.keep_targets)
         check_settings(targets, args.ratio, args.tolerance, args.steps)
         if args.num_questions < 1:
             raise ValueError(f"--num-questions must be >= 1, got {args.num_questions}")
@@ -319,7 +369,7 @@ def run(args: argparse.Namespace) -> list[CalibrationResult]:
     tokenizer, model, image_processor, _ = load_model(args)
     try:
         results = calibrate(model, tokenizer, image_processor, questions, targets, args.conv_mode,
-                            args.ratio, args.tolerance, args.steps, drop)
+                            args.ratio, args.tolerance, args.steps, drop, shares=args.keep_targets is not None)
     except ValueError as error:
         raise RunError(str(error)) from None
     print(report(results))

@@ -11,6 +11,11 @@ on several benchmarks, so a table without this row can mislead.
   `--seed`) and a digest of the image's pixel values, so the same image at the same precision keeps the
   same tokens whatever the question order, batch size, shard or resume point, while different images
   get independent subsets.
+- Qwen2-VL / Qwen2.5-VL: the subset is drawn among the image's decoder tokens, after the model's own tower
+  and merger (each token one 2 x 2 block of patches): `budget` of them (or round(F * V) under `keep_fraction`
+  F, V the image's own token count), drawn as above from the digest of the image's patches, kept in their
+  row-major order, and each keeps its own (t, row, column) position; the text after the image keeps its
+  positions. An image with no more tokens than the budget keeps them all.
 """
 
 from __future__ import annotations
@@ -23,14 +28,17 @@ import torch
 from llava.drop.blocks import check_budget, check_keep_fraction
 from llava.drop.image_reduction import (
     ImageReduction,
+    QwenTokens,
     ReducedImage,
     keep_patches,
+    kept_qwen_tokens,
     run_to_select_layer,
 )
 from llava.drop.method import BASELINE
 from llava.drop.methods.registry import register
 from llava.drop.timing import Stopwatch
-from llava.drop.vision import PATCHES_START
+from llava.drop.vision import PATCHES_START, VisionOutput
+from llava.model.qwen import merged_grid
 
 DEFAULT_BUDGET = 64
 SEED_BYTES = 8  # of the digest, read as the generator's 64-bit seed
@@ -82,3 +90,13 @@ class RandomDrop(ImageReduction):
                 kept = random_subset(patches, count, image_seed(image, self.options.seed)).to(states.device)
                 reduced.append(keep_patches(states, kept))
         return reduced
+
+    def reduce_qwen(self, model, vision: VisionOutput, pixel_values: torch.Tensor, grid: torch.Tensor,
+                    count: int | None) -> QwenTokens:
+        """A seeded random subset of the image's decoder tokens, in their order, each at its own position (the seed
+        digests the patches at the tower's precision, as on LLaVA)."""
+        frames, _, columns = merged_grid(model, grid)
+        tokens = vision.features.shape[0]
+        patches = pixel_values.to(model.model.visual.patch_embed.proj.weight.dtype)
+        kept = random_subset(tokens, min(count, tokens), image_seed(patches, self.options.seed))
+        return kept_qwen_tokens(vision, kept, columns, frames)

@@ -44,10 +44,38 @@ tokens (CLS included).
   (no unpadding, no newline tokens: the released `restore_image_features_sorted` builds the grid but
   never appends the newlines), then every crop's CLS token, then each crop's contextual tokens, crop by
   crop. "flat": each image's tokens, base image first.
+
+Qwen2.5-VL and Qwen2-VL (`VisionZip.zip_qwen`): Qwen's tower has no CLS token, so the released rule cannot run
+there. We follow LightCompress's port to Qwen2.5-VL (github.com/ModelTC/LightCompress, formerly ModelTC/llmc,
+`llmc/compression/token_reduction/visionzip.py`: `Qwen2_5_VLVisionAttention_forward`, `merger_hook`,
+`prune_qwenv25vl_hook`), which ranks tokens by the attention they receive rather than by a CLS query's:
+- **Scores and keys** come from the tower's last block (a full-attention block on every released checkpoint),
+  from that block's attention input: queries and keys after the tower's 2-D rotary embedding, a softmax over
+  each image's own patches (the attention segments the tower gives that block), averaged over heads and summed
+  over every query row: the attention each patch receives. A decoder token's score is the mean over its 2 x 2
+  merged patches, its key the mean of their keys over patches and heads, both put in the merger's row-major
+  output order (Qwen2.5-VL's tower holds patches window by window; that order is undone as the tower undoes
+  it). Computed in float32, a block of query rows at a time (LightCompress: one eager attention matrix).
+- **Dominant tokens**: the `dominant` best-scored decoder tokens (ties to the earlier token). With no CLS token,
+  every dominant token is an image token.
+- **Contextual tokens**: the other tokens, in their order, merged as on LLaVA (`contextual_merge`): uniform
+  targets, every other token joining the target whose key is most cosine-similar, a contextual token being its
+  target plus the plain mean of the tokens that joined it, merged on the decoder tokens (the merger's outputs:
+  LightCompress merges the decoder's input embeddings).
+- **Positions**: the tokens kept stay in the image's row-major order, each dominant token at its own (t, row,
+  column) position and each contextual token at its target's, as LightCompress slices the model's position
+  ids; the text after the image keeps its positions.
+- **Counts**: LightCompress takes `dominant` and `contextual` as shares of the image's tokens; here they are
+  counts as on LLaVA: `dominant` + `contextual`, or a `budget` split 54 : 10 (`split_total`), or under
+  `keep_fraction` F the budget round(F * V), V the image's own token count. An image with no more tokens than
+  that keeps them all. One frame per image (t = 1, as Qwen's image processor gives every image).
+- LightCompress ports Qwen2.5-VL only. Qwen2-VL's tower is the same but for the windows (every block attends
+  over the whole image); it runs the same rule, with no window order to undo.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -56,8 +84,11 @@ import torch.nn.functional as F
 
 from llava.drop.blocks import check_budget, check_keep_fraction, index_sum, top_positions
 from llava.drop.image_reduction import (
+    QwenTokens,
     budget_shares,
     prompt_tower_images,
+    qwen_output,
+    reduce_qwen_images,
     run_to_select_layer,
     unpruned_next_count,
 )
@@ -70,9 +101,11 @@ from llava.drop.vision import (
     VisionOutput,
     check_feature_layer,
     cls_attention_to_patches,
+    encode_qwen_images,
     vision_token_offset,
 )
-from llava.model.geometry import ModelGeometry
+from llava.model.geometry import QWEN_FAMILY, ModelGeometry
+from llava.model.qwen import is_qwen, merged_grid
 
 # The paper's LLaVA-1.5 settings (192 = 162 + 30, 128 = 108 + 20, 64 = 54 + 10) all share this split.
 DEFAULT_DOMINANT = 54
@@ -219,10 +252,133 @@ def spatial_features(projected: list[torch.Tensor], counts: list[tuple[int, int]
     return torch.cat([projected[0], dominant, cls, contextual])
 
 
+# --- Qwen2.5-VL / Qwen2-VL: LightCompress's port (module docstring) -------------------------------------
+
+QUERY_BLOCK_ELEMENTS = 1 << 24  # attention probabilities computed at once (heads x query rows x keys)
+
+
+@dataclass
+class LastBlockInput:
+    """What the tower's last block's attention was given in one tower pass over every prompt's image: its input
+    [patches, dim] (after the block's norm, in the tower's own patch order), its attention segments (cumulative
+    patch counts) and its rotary (cos, sin) [patches, head_dim]."""
+
+    hidden: torch.Tensor
+    segments: list[int]
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+
+def encode_qwen_capturing(model, pixel_values: list[torch.Tensor],
+                          grids: list[torch.Tensor]) -> tuple[list[VisionOutput], LastBlockInput]:
+    """`encode_qwen_images` (one tower pass for every prompt, the model's own) that also keeps what the tower's last
+    block's attention is given."""
+    captured = {}
+
+    def capture(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        segments = kwargs["cu_seqlens"] if "cu_seqlens" in kwargs else args[1]
+        cos, sin = kwargs["position_embeddings"]
+        captured["input"] = LastBlockInput(hidden, [int(bound) for bound in segments.tolist()], cos, sin)
+
+    handle = model.model.visual.blocks[-1].attn.register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        outputs = encode_qwen_images(model, pixel_values, grids)
+    finally:
+        handle.remove()
+    return outputs, captured["input"]
+
+
+def rotate_vision(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The tower's 2-D rotary embedding on [patches, heads, head_dim] (transformers' `apply_rotary_pos_emb_vision`),
+    in float32."""
+    states, cos, sin = states.float(), cos[:, None].float(), sin[:, None].float()
+    half = states.shape[-1] // 2
+    return states * cos + torch.cat([-states[..., half:], states[..., :half]], dim=-1) * sin
+
+
+def received_attention(queries: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
+    """[patches]: the head-averaged attention each key receives, summed over every query row (queries and keys
+    [patches, heads, head_dim] of one attention segment), a block of query rows at a time."""
+    patches, heads, _ = keys.shape
+    rows = max(1, QUERY_BLOCK_ELEMENTS // (heads * patches))
+    received = torch.zeros(patches, device=keys.device)
+    for first in range(0, patches, rows):
+        logits = torch.einsum("qhd,khd->hqk", queries[first : first + rows], keys) * scale
+        received += logits.softmax(dim=-1).mean(dim=0).sum(dim=0)
+    return received
+
+
+def tower_unit_order(model, grid: torch.Tensor) -> torch.Tensor | None:
+    """The order in which Qwen2.5-VL's tower holds one image's merge units (window by window; its merger output goes
+    back to row-major order by this order's inverse); None for Qwen2-VL, whose tower keeps them row-major."""
+    visual = model.model.visual
+    if getattr(visual, "window_size", None) is None:
+        return None
+    if hasattr(visual, "get_window_index"):  # transformers before `vision_utils`
+        return visual.get_window_index(grid)[0]
+    from transformers.vision_utils import get_vision_window_index
+
+    return get_vision_window_index(grid, visual.spatial_merge_size, visual.window_size, visual.patch_size)[0]
+
+
+@torch.no_grad()
+def qwen_token_scores(model, block: LastBlockInput, start: int, grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One image's decoder-token scores [tokens] (the attention its merged patches receive in the tower's last block)
+    and keys [tokens, head_dim], in the merger's row-major output order; the image's patches are start .. start +
+    t * h * w of the tower pass `block` comes from, and `grid` is its [[t, h, w]]."""
+    attention = model.model.visual.blocks[-1].attn
+    end = start + int(grid.prod())
+    bounds = [bound for bound in block.segments if start <= bound <= end]
+    if not bounds or bounds[0] != start or bounds[-1] != end:
+        raise ValueError(f"the tower's last block attends across images (segments {block.segments}); VisionZip's "
+                         f"scores need the image's patches {start}..{end} on their own")
+    heads = attention.num_heads
+    states = attention.qkv(block.hidden[start:end]).reshape(end - start, 3, heads, -1)
+    cos, sin = block.cos[start:end], block.sin[start:end]
+    queries, keys = rotate_vision(states[:, 0], cos, sin), rotate_vision(states[:, 1], cos, sin)
+    scale = keys.shape[-1] ** -0.5
+    received = torch.cat([received_attention(queries[low - start : high - start], keys[low - start : high - start],
+                                             scale) for low, high in zip(bounds, bounds[1:])])
+    unit = model.model.visual.spatial_merge_size ** 2
+    scores = received.view(-1, unit).mean(dim=-1)
+    token_keys = keys.view(-1, unit, heads, keys.shape[-1]).mean(dim=(1, 2))
+    order = tower_unit_order(model, grid.reshape(1, -1))
+    if order is not None:
+        back = order.to(scores.device).argsort()
+        scores, token_keys = scores[back], token_keys[back]
+    return scores, token_keys
+
+
+def zip_qwen_tokens(vision: VisionOutput, scores: torch.Tensor, keys: torch.Tensor, dominant: int,
+                    contextual: int) -> QwenTokens:
+    """One image's decoder tokens (one frame) zipped (module docstring): the `dominant` best-scored tokens and
+    `contextual` merged ones, in the image's order, each at its own position (a contextual token at its
+    target's), with the cells (token indices of the row-major grid) each stands for."""
+    features = vision.features
+    device = features.device
+    kept = top_positions(scores, dominant).to(device)
+    rest = torch.ones(features.shape[0], dtype=torch.bool, device=device)
+    rest[kept] = False
+    rest_tokens = rest.nonzero().flatten()
+    merged = contextual_merge(features[rest], keys[rest], contextual)
+    groups = [[token] for token in kept.tolist()]
+    targets = torch.zeros(0, dtype=torch.long, device=device)
+    if contextual:
+        targets = target_positions(rest_tokens.numel(), contextual).to(device)
+        members, joined = join_targets(keys[rest], targets)
+        groups += [sorted([rest_tokens[target].item(), *rest_tokens[members[joined == group]].tolist()])
+                   for group, target in enumerate(targets.tolist())]
+    chosen = torch.cat([kept, rest_tokens[targets]])
+    order = chosen.argsort()
+    positions = vision.positions[:, chosen[order].to(vision.positions.device)]
+    return QwenTokens(torch.cat([features[kept], merged])[order], positions, [groups[i] for i in order.tolist()])
+
+
 @register
 class VisionZip(PromptsTogether, DropMethod):
-    """Dominant (CLS and the CLS-attended patches) + contextual (merged) tokens out of CLIP; the decoder runs
-    unchanged."""
+    """Dominant (CLS and the CLS-attended patches) + contextual (merged) tokens out of CLIP (Qwen: LightCompress's
+    port, module docstring); the decoder runs unchanged."""
 
     name = "visionzip"
     family = ENCODER
@@ -235,6 +391,11 @@ class VisionZip(PromptsTogether, DropMethod):
         share of an image tiled into the most crops (an image with fewer crops is checked when it arrives)."""
         super().check_model(geometry)
         dominant, contextual = self.options.image_counts(1 + geometry.max_crops)[0]
+        if geometry.family == QWEN_FAMILY:  # no CLS token; each image brings its own count (module docstring)
+            if dominant + contextual > geometry.max_vision_tokens:
+                raise ValueError(f"dominant + contextual = {dominant} + {contextual} exceeds the "
+                                 f"{geometry.max_vision_tokens} vision tokens this model gives an image at most")
+            return
         if dominant + contextual > CLS_TOKENS + geometry.patch_tokens:
             raise ValueError(f"dominant + contextual = {dominant} + {contextual} exceeds the "
                              f"{CLS_TOKENS + geometry.patch_tokens} tokens (CLS and {geometry.patch_tokens} patches) "
@@ -244,7 +405,9 @@ class VisionZip(PromptsTogether, DropMethod):
     def encode_prompts(self, model, pixel_values: list[torch.Tensor], image_sizes: list[torch.Tensor | None],
                     tiled: bool) -> list[VisionOutput]:
         """All prompts' tower images (their images, or `tiled`: base images and crops) through CLIP as one
-        batch; then every tower image is zipped on its own."""
+        batch; then every tower image is zipped on its own. Qwen: `zip_qwen`."""
+        if is_qwen(model):
+            return self.zip_qwen(model, pixel_values, image_sizes)
         check_feature_layer(model.config)
         tower_images, grids = prompt_tower_images("VisionZip", model, pixel_values, image_sizes, tiled)
         layer, layer_input, hidden = run_to_select_layer(model, torch.cat(tower_images))
@@ -289,6 +452,32 @@ class VisionZip(PromptsTogether, DropMethod):
                  "crops": len(counts) - 1, "vision_tokens_per_image_in": per_image,
                  "dominant": sum(d for d, _ in counts), "contextual": sum(c for _, c in counts)}
         return VisionOutput(features=features, stats=stats, selection_seconds=seconds)
+
+    @property
+    def runs_on_qwen(self) -> bool:
+        return True  # LightCompress's port (module docstring)
+
+    @torch.no_grad()
+    def zip_qwen(self, model, pixel_values: list[torch.Tensor], grids: list[torch.Tensor]) -> list[VisionOutput]:
+        """Qwen2.5-VL / Qwen2-VL: every prompt's image through the model's own tower in one pass, the last block's
+        attention input kept; then each image's decoder tokens zipped on their own (module docstring)."""
+        outputs, block = encode_qwen_capturing(model, pixel_values, grids)
+        starts = list(itertools.accumulate((int(grid.prod()) for grid in grids), initial=0))  # each image's patches
+
+        def zip_one(n: int, vision: VisionOutput, budget: int | None) -> VisionOutput:
+            tokens = vision.features.shape[0]
+            dominant, contextual = self.prompt_options(tokens).counts()  # the budget, split (or the options' own)
+            frames = merged_grid(model, grids[n])[0]
+            if frames != 1:
+                raise ValueError(f"VisionZip on Qwen zips one frame's tokens; this input has {frames} frames")
+            if dominant + contextual >= tokens:  # nothing to zip: the image keeps every token
+                everything = QwenTokens(vision.features, vision.positions, [[token] for token in range(tokens)])
+                return qwen_output(vision, everything, {"dominant": tokens, "contextual": 0})
+            scores, keys = qwen_token_scores(model, block, starts[n], grids[n])
+            zipped = zip_qwen_tokens(vision, scores, keys, dominant, contextual)
+            return qwen_output(vision, zipped, {"dominant": dominant, "contextual": contextual})
+
+        return reduce_qwen_images(self, outputs, zip_one)
 
     @staticmethod
     def patch_groups(zipped: ZippedImage, contextual: int) -> list[list[int]]:

@@ -6,7 +6,8 @@
 #     source "$(dirname "$0")/common.sh" "$@"
 #     run_task gqa questions=QUESTION_FILE images=IMAGE_FOLDER gqa_questions=GQA_QUESTIONS
 # Environment: THR_192/THR_128/THR_64 ("global individual": MustDrop's thresholds for that setting
-# instead of the published ones), MODEL_PATH (default liuhaotian/llava-v1.5-7b), PYTHON (default: the
+# instead of the published ones; THR_keep0_111 for the setting keep0.111, from `llava.eval.calibrate
+# --keep-targets`), MODEL_PATH (default liuhaotian/llava-v1.5-7b), PYTHON (default: the
 # repository's .venv, else python3), EVAL_DIR (default: the repository's playground/data/eval),
 # CUDA_VISIBLE_DEVICES (one answering process per listed GPU), EXTRA_ARGS (added to the runner's
 # flags), CONV_MODE (default auto: the checkpoint's own conversation mode from its config files,
@@ -17,11 +18,14 @@
 # LLaVA-NeXT (v1.6) checkpoints run through the same scripts: MODEL_PATH=<v1.6 checkpoint> with the
 # settings 640, 320 or 160 (total vision tokens of the base image and its crops; full runs without
 # dropping) and THR_640/THR_320/THR_160 from `python -m llava.eval.calibrate` (no published pairs).
+# keep<F> (e.g. keep0.111) keeps that share of each image's vision tokens, on any checkpoint: METHOD's
+# --keep F, or MustDrop's budget variant at F (its thresholds when THR_keep<F> is set). It is the setting
+# for Qwen2.5-VL / Qwen2-VL, whose images bring as many tokens as their resolution gives.
 # Bad input stops a script with one `error: ...` line before anything is loaded or written.
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../../.." && pwd -P)"
-USAGE="usage: bash scripts/v1_5/eval/$(basename "$0") [full|192|128|64|640|320|160|default]"
+USAGE="usage: bash scripts/v1_5/eval/$(basename "$0") [full|192|128|64|640|320|160|keep<F>|default]"
 EXIT_USAGE=2
 # pyproject.toml's runtime dependencies, by import name: a Python lacking one is not the project's.
 REQUIRED_MODULES=(torch transformers accelerate tokenizers sentencepiece google.protobuf safetensors PIL einops
@@ -43,8 +47,10 @@ case "$SETTING" in
     640|320|160) NEXT_SETTING=1 ;;  # LLaVA-NeXT's settings (total vision tokens of the base image and crops)
     default) [ -n "$METHOD" ] || fail "the setting 'default' runs METHOD with its own defaults: set METHOD \
 (e.g. METHOD=prumerge_plus)" "$EXIT_USAGE" ;;
+    keep0.*|keep1|keep1.0) KEEP="${SETTING#keep}" ;;  # a kept share of each image's vision tokens (any family)
     *) fail "unknown setting '$SETTING': choose full, 192, 128 or 64 (LLaVA-1.5), 640, 320 or 160 (LLaVA-NeXT)\
-, or default with METHOD ($USAGE)" "$EXIT_USAGE" ;;
+, keep<F> (a share in (0, 1] of each image's vision tokens, e.g. keep0.111), or default with METHOD ($USAGE)" \
+        "$EXIT_USAGE" ;;
 esac
 
 # drop_flags: the runner's flags for the setting. Another METHOD takes the setting as its budget;
@@ -54,13 +60,20 @@ esac
 # `python -m llava.eval.calibrate`.
 NUMBER='^([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?$'
 DROP_FLAGS=(--setting "$SETTING")
-THR_NAME="THR_$SETTING"
+THR_NAME="THR_${SETTING//./_}"  # keep0.111 -> THR_keep0_111
+if [ -n "${KEEP:-}" ] && ! [[ "$KEEP" =~ $NUMBER ]]; then
+    fail "setting '$SETTING': keep<F> takes a number F in (0, 1], e.g. keep0.111" "$EXIT_USAGE"
+fi
 if [ "$SETTING" = full ]; then
     :
 elif [ "$SETTING" = default ]; then
     DROP_FLAGS+=(--method "$METHOD")
+elif [ -n "$METHOD" ] && [ -n "${KEEP:-}" ]; then
+    DROP_FLAGS+=(--method "$METHOD" --keep "$KEEP")
 elif [ -n "$METHOD" ]; then
     DROP_FLAGS+=(--method "$METHOD" --budget "$SETTING")
+elif [ -n "${KEEP:-}" ] && [ -z "${!THR_NAME:-}" ]; then
+    DROP_FLAGS+=(--sparse --keep "$KEEP")  # MustDrop's budget variant at that share (thresholds: THR_keep...)
 elif [ -z "${!THR_NAME:-}" ] && [ -n "${NEXT_SETTING:-}" ]; then
     fail "no published MustDrop thresholds for LLaVA-NeXT's $SETTING setting: find a pair with \
 python -m llava.eval.calibrate --model-path $MODEL_PATH --question-file Q --image-folder I --targets $SETTING, \
