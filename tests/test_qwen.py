@@ -360,3 +360,20 @@ def test_a_bad_keep_setting_is_one_line(tiny_qwen, tmp_path):
     done = run_benchmark_script("textvqa.sh", "keep0.x", tiny_qwen, {"EVAL_DIR": str(tmp_path)})
     assert done.returncode == 2 and done.stderr.startswith("error: ") and "keep0.x" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_a_chat_with_qwen_is_its_chat_template(loaded_qwen):
+    """Two turns of `llava.serve.chat` on Qwen: the second turn's prompt is the checkpoint's chat template over
+    the whole conversation (the image in the first user turn)."""
+    from llava.eval.answering.answerer import Answerer
+    from llava.serve.chat import Chat
+
+    tokenizer, model, image_processor, _ = loaded_qwen
+    image = load_image(DEMO_DIR / "images" / NEXT_DEMO_IMAGES["wide"])
+    chat = Chat(Answerer(tokenizer, model, image_processor, QWEN_CONV_MODE, SamplingConfig(max_new_tokens=3)), image)
+    first = chat.ask("What is written here?")
+    second = chat.ask("And the colour?")
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is written here?"}]},
+                {"role": "assistant", "content": first.text}, {"role": "user", "content": "And the colour?"}]
+    templated = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert second.prompt == templated.replace("<|image_pad|>", DEFAULT_IMAGE_TOKEN)
