@@ -259,3 +259,17 @@ def test_qwen_7b_proportioned_shape_divides_qwen2_5_vl_7b_by_four():
     for shape in (real, proportioned):  # head sizes kept: vision 80, decoder 128
         assert shape.vision_hidden // shape.vision_heads == 80 and shape.llm_hidden // shape.llm_heads == 128
         assert qwen_config(shape).text_config.num_hidden_layers == 28
+
+
+def test_the_load_memory_benchmark_writes_a_checkpoint_that_loads_whole(tmp_path):
+    """`llava.bench.load_memory` measures what it says: its random checkpoint (LLaVA's .bin shards, an index, a
+    CLIP tower) loads with every parameter from the files, at the shape's widths."""
+    from llava.bench.load_memory import write_checkpoint
+    from llava.model.builder import load_pretrained_model
+
+    shape = SHAPES["quick"]
+    params = write_checkpoint(tmp_path / "quick", shape, "bin")
+    assert (tmp_path / "quick" / "pytorch_model.bin.index.json").is_file()
+    _, model, _, _ = load_pretrained_model(str(tmp_path / "quick"), device="cpu", torch_dtype="bf16")
+    assert sum(param.numel() for param in model.parameters()) == params
+    assert model.config.text_config.hidden_size == shape.llm_hidden and model.dtype == torch.bfloat16

@@ -2,7 +2,9 @@
 
 `tools/golden_released.py` ran each method's released code (with LLaVA's own, transformers 4.37, CPU, exact
 float32 weights) once on the tiny LLaVA-1.5 checkpoint that `write_tiny_checkpoint` builds, over the demo
-questions, and wrote `tests/fixtures/golden_<method>.json`. Here our method runs the same questions: the
+questions, and wrote `tests/fixtures/golden_<method>.json`; where the released code runs LLaVA-NeXT, once
+more on the tiny NeXT checkpoint over the demo questions about its tall, square and wide images
+(`tests/fixtures/golden_<method>_next.json`). Here our method runs the same questions: the
 tokens it keeps (indices where it selects, counts everywhere) and every layer's KV-cache length must equal
 the fixture's, and the answer too, except from a step where the released run's two best logits were
 within TIE_MARGIN of each other (a numerical tie: the helper finds and names it).
@@ -23,10 +25,12 @@ from llava.drop.image_reduction import run_to_select_layer
 from llava.drop.methods.fastv import FastV, FastVOptions
 from llava.drop.methods.pdrop import PDrop, PDropOptions
 from llava.drop.methods.prumerge import PruMerge, PruMergePlus, cls_attention_and_keys, scoring_layer
-from llava.drop.methods.visionzip import VisionZip, VisionZipOptions, target_positions, zip_image
-from llava.drop.vision import selected_layer_count, vision_token_offset
+from llava.drop.methods import visionzip as visionzip_module
+from llava.drop.methods.visionzip import VisionZip, VisionZipOptions, ZippedImage, target_positions, zip_image
+from llava.drop.vision import is_next, selected_layer_count, vision_token_offset
 from llava.mm_utils import load_image, process_images, tokenizer_image_token
-from tests.conftest import DEMO_IMAGE_FOLDER, DEMO_QUESTION_FILE, vicuna_prompt
+from llava.model.inputs import image_inputs
+from tests.conftest import DEMO_IMAGE_FOLDER, DEMO_QUESTION_FILE, NEXT_DEMO_IMAGES, vicuna_prompt
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TIE_MARGIN = 1e-3  # top-2 logit margin under which two answers may part by rounding alone
@@ -82,19 +86,28 @@ def assert_differences_are_ties(features: torch.Tensor, recorded: dict, tied: se
 
 
 def question_inputs(loaded, question_id: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The demo question's token ids (vicuna_v1, the image placeholder first) and its image's pixels."""
-    tokenizer, _, image_processor, _ = loaded
+    """The demo question's token ids (vicuna_v1, the image placeholder first) and its image's pixels (LLaVA-NeXT:
+    the base image and its crops, [1, 1 + K, 3, H, W], tiled as the checkpoint's own code tiles them)."""
+    tokenizer, model, image_processor, _ = loaded
     question = next(row for row in map(json.loads, DEMO_QUESTION_FILE.read_text().splitlines())
                     if row["question_id"] == question_id)
     input_ids = tokenizer_image_token(vicuna_prompt(question["text"]), tokenizer, return_tensors="pt")
-    pixels = process_images([load_image(DEMO_IMAGE_FOLDER / question["image"])], loaded[2])
-    return input_ids, pixels
+    image = load_image(DEMO_IMAGE_FOLDER / question["image"])
+    if is_next(model):
+        return input_ids, image_inputs(image, model.config, image_processor)[0]
+    return input_ids, process_images([image], image_processor)
 
 
-def answer(loaded, input_ids, pixels, method, new_tokens: int):
+def next_image_sizes(recorded: dict) -> torch.Tensor:
+    """Our [[height, width]] of the image the released run got as LLaVA's (width, height)."""
+    width, height = recorded["image_size"]
+    return torch.tensor([[height, width]])
+
+
+def answer(loaded, input_ids, pixels, method, new_tokens: int, image_sizes: torch.Tensor | None = None):
     tokenizer, model, _, _ = loaded
     return generate(model, input_ids, pixels, SamplingConfig(max_new_tokens=new_tokens), {tokenizer.eos_token_id},
-                    drop=method)
+                    drop=method, image_sizes=image_sizes)
 
 
 class LayerPositions:
@@ -151,6 +164,61 @@ def test_visionzip_keeps_and_answers_as_released(loaded_original, tiny_original,
     compare(loaded_original, tiny_original, method_name, index, run_one)
 
 
+def test_next_fixtures_cover_the_demo_shapes():
+    """Every NeXT fixture asks about the tall, square and wide demo images, each tiled into 1 + K tower images."""
+    for method in ("visionzip_next", "pdrop_next"):
+        for setting in fixture(method)["settings"]:
+            assert [question["image"] for question in setting["questions"]] == list(NEXT_DEMO_IMAGES.values())
+            assert [question["tower_images"] for question in setting["questions"]] == [3, 5, 3]
+
+
+@pytest.mark.parametrize("method_name, index", settings_of("visionzip_next"))
+def test_visionzip_next_keeps_and_answers_as_released(loaded_next_original, tiny_next_original, method_name, index,
+                                                       monkeypatch):
+    """LLaVA-NeXT: every tower image (base, then crops) keeps the released code's CLS and dominant patches, and
+    the LLM receives the same tokens in the same layout (norms) and answers the same."""
+    options = fixture(method_name)["settings"][index]["options"]
+    dominant, contextual = options["dominant"], options["contextual"]
+    method = VisionZip(VisionZipOptions(dominant=dominant, contextual=contextual))
+    model = loaded_next_original[1]
+    zipped: list[ZippedImage] = []
+
+    def recording(*args):
+        zipped.append(zip_image(*args))
+        return zipped[-1]
+
+    monkeypatch.setattr(visionzip_module, "zip_image", recording)
+
+    def run_one(recorded, input_ids, pixels, new_tokens):
+        sizes = next_image_sizes(recorded)
+        assert pixels.shape[1] == recorded["tower_images"], recorded["question_id"]
+        zipped.clear()
+        vision = method.encode_next(model, pixels, sizes)
+        assert all(image["cls_kept"] for image in recorded["images"])
+        assert [image.kept.tolist() for image in zipped] == [image["dominant_patches"] for image in recorded["images"]]
+        assert vision.features.shape[0] == recorded["vision_tokens"], recorded["question_id"]
+        tied = set()
+        for image, tower_image in enumerate(zipped):
+            tied |= next_contextual_places(image, tied_groups(tower_image, contextual), len(zipped) - 1, dominant,
+                                           contextual)
+        assert_differences_are_ties(vision.features, recorded, tied, "a tie in the contextual assignment")
+        ours = answer(loaded_next_original, input_ids, pixels, method, new_tokens, sizes)
+        assert ours.stats["kv_cache_lengths"] == recorded["kv_lengths"], recorded["question_id"]
+        return ours.token_ids
+
+    compare(loaded_next_original, tiny_next_original, method_name, index, run_one)
+
+
+def next_contextual_places(image: int, groups: set[int], crops: int, dominant: int, contextual: int) -> set[int]:
+    """Where tower image `image`'s contextual `groups` sit among the released "spatial_unpad" tokens: the base
+    image's tokens (CLS, dominant patches, contextual), the crops' dominant patches, their CLS tokens, then each
+    crop's contextual tokens, crop by crop."""
+    if image == 0:
+        return {dominant + group for group in groups}
+    crops_start = dominant + contextual + crops * dominant
+    return {crops_start + (image - 1) * contextual + group for group in groups}
+
+
 @pytest.mark.parametrize("method_name, index", settings_of("fastv"))
 def test_fastv_keeps_and_answers_as_released(loaded_original, tiny_original, method_name, index):
     setting = fixture(method_name)["settings"][index]
@@ -193,18 +261,30 @@ class SelectionLog:
 
 @pytest.mark.parametrize("method_name, index", settings_of("pdrop"))
 def test_pdrop_keeps_and_answers_as_released(loaded_original, tiny_original, method_name, index):
+    pdrop_as_released(loaded_original, tiny_original, method_name, index)
+
+
+@pytest.mark.parametrize("method_name, index", settings_of("pdrop_next"))
+def test_pdrop_next_keeps_and_answers_as_released(loaded_next_original, tiny_next_original, method_name, index):
+    """LLaVA-NeXT: the fork's own anyres layout (unpadded crops, a newline token after each row), every
+    vision token of it ranked at each stage."""
+    pdrop_as_released(loaded_next_original, tiny_next_original, method_name, index)
+
+
+def pdrop_as_released(loaded, checkpoint: Path, method_name: str, index: int) -> None:
     options = fixture(method_name)["settings"][index]["options"]
     ratio = options["ratios"][0]
     assert options["ratios"] == [ratio ** stage for stage in range(1, len(options["ratios"]) + 1)]
     method = PDrop(PDropOptions(layers=tuple(options["layers"]), ratio=ratio))
     log = SelectionLog(method)
-    model = loaded_original[1]
+    model = loaded[1]
 
     def run_one(recorded, input_ids, pixels, new_tokens):
         log.masks.clear()
         positions = LayerPositions(model.model.language_model.layers[-1])
+        sizes = next_image_sizes(recorded) if "image_size" in recorded else None
         try:
-            ours = answer(loaded_original, input_ids, pixels, method, new_tokens)
+            ours = answer(loaded, input_ids, pixels, method, new_tokens, sizes)
         finally:
             positions.handle.remove()
         assert log.masks == [stage["kept_vision"] for stage in recorded["stages"]], recorded["question_id"]
@@ -214,7 +294,7 @@ def test_pdrop_keeps_and_answers_as_released(loaded_original, tiny_original, met
         assert positions.first_decode == recorded["first_decode_positions"][-1] == recorded["kv_lengths"][-1]
         return ours.token_ids
 
-    compare(loaded_original, tiny_original, method_name, index, run_one)
+    compare(loaded, checkpoint, method_name, index, run_one)
 
 
 PRUMERGE_VARIANTS = {"prumerge": PruMerge, "prumerge_plus": PruMergePlus}
@@ -273,7 +353,13 @@ def contextual_ties(model, pixels: torch.Tensor, dominant: int, contextual: int)
     if contextual == 0:
         return set()
     layer, layer_input, hidden = run_to_select_layer(model, pixels)
-    zipped = zip_image(layer, layer_input, hidden, dominant, 0)
+    return tied_groups(zip_image(layer, layer_input, hidden, dominant, 0), contextual)
+
+
+def tied_groups(zipped: ZippedImage, contextual: int) -> set[int]:
+    """`contextual_ties` of one zipped tower image."""
+    if contextual == 0:
+        return set()
     keys = F.normalize(zipped.keys[zipped.rest].float(), dim=-1)
     targets = target_positions(keys.shape[0], contextual)
     members = torch.ones(keys.shape[0], dtype=torch.bool)

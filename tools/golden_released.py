@@ -25,6 +25,17 @@ Environment (a side virtualenv; the project's own `llava` package must not be im
     # prumerge: PYTHONPATH=$LLAVA,  --repo llava=$LLAVA --repo prumerge=$PRUMERGE
     # (a repository exported with `git archive` is given as name=path@commit)
 
+LLaVA-NeXT (v1.6): `--arch next` on the tiny NeXT checkpoint writes `tests/fixtures/golden_<method>_next.json`,
+over the demo questions about NEXT_IMAGES (tall, square, wide: tests/conftest.py's NEXT_DEMO_IMAGES):
+
+    .venv/bin/python -m llava.model.tiny --arch next --out /tmp/golden/llava-next-tiny
+    PYTHONPATH=$LLAVA:$VISIONZIP /tmp/sideenv/bin/python /path/to/tools/golden_released.py --arch next \
+        --method visionzip --checkpoint /tmp/golden/llava-next-tiny ... --out tests/fixtures/golden_visionzip_next.json
+
+The image is processed as LLaVA's own code does for the checkpoint's `image_aspect_ratio` "anyres"
+(`process_images`: the base image and its crops, [1, 1 + K, 3, 336, 336]), and `generate` gets the image's
+(width, height) as `image_sizes`, as `llava.eval.model_vqa_loader` passes it.
+
 How the released code is run: LLaVA's own loader and `model.generate` (greedy, `use_cache=True`, as
 `llava.eval.model_vqa_loader` calls it), conversation `vicuna_v1`, CPU, float32. LLaVA's loader rounds the
 weights through float16, so the exact float32 weights are loaded again from the checkpoint's files, and
@@ -58,12 +69,21 @@ CHECKPOINT_FILES = ("config.json", "model-00001-of-00002.safetensors", "model-00
 VISION_TOWER_DIR = "clip-vision-tower"
 MAX_NEW_TOKENS = 16
 CONV_MODE = "vicuna_v1"
-LLAVA_MODEL_NAME = "llava-v1.5-tiny"  # LLaVA's loader picks its LLaVA-Llama class by the name
+LLAVA_MODEL_NAMES = {"v1.5": "llava-v1.5-tiny", "next": "llava-v1.6-tiny"}  # LLaVA's loader picks its
+# LLaVA-Llama class by the name ("llava" in it); the rest says which checkpoint it is
+# The demo images LLaVA-NeXT's fixtures cover (tests/conftest.py's NEXT_DEMO_IMAGES): how the tiny NeXT
+# checkpoint tiles them, base image + crops: tall 180x300 -> 1 + 2 (a column), square 400x400 -> 1 + 4 (2 x 2),
+# wide 500x160 -> 1 + 2 (a row).
+NEXT_IMAGES = {"tall": "175e99412607ad5f.png", "square": "3fc86ee644365862.png", "wide": "4c6552be651e1ca5.png"}
 PATCHES = 576
 
 # The paper settings each fixture covers.
 VISIONZIP_SETTINGS = ({"dominant": 54, "contextual": 10}, {"dominant": 108, "contextual": 20},
                       {"dominant": 162, "contextual": 30})
+# LLaVA-NeXT: the paper's 640 / 320 / 160 tokens for an image of 5 tower images (2 x 2 crops), i.e. 128 / 64 / 32
+# per tower image, split 54 : 10 as on LLaVA-1.5 (the released code gives every tower image the same counts).
+VISIONZIP_NEXT_SETTINGS = ({"dominant": 108, "contextual": 20}, {"dominant": 54, "contextual": 10},
+                           {"dominant": 27, "contextual": 5})
 FASTV_SETTINGS = ({"k": 2, "keep": 288}, {"k": 2, "keep": 144}, {"k": 2, "keep": 64})
 # PyramidDrop's released LLaVA-1.5 scripts (`scripts/v1_5/pdrop_eval/*.sh`), then the early stages our budget
 # mode starts from.
@@ -101,14 +121,20 @@ def environment() -> dict:
 
 # --- loading LLaVA as released, with exact float32 weights ----------------------------------------------------
 
+def checkpoint_arch(checkpoint: Path) -> str:
+    """"next" for a LLaVA-NeXT checkpoint (its config tiles images: `image_aspect_ratio` "anyres"), else "v1.5"."""
+    config = json.loads((checkpoint / "config.json").read_text())
+    return "next" if config.get("image_aspect_ratio") == "anyres" else "v1.5"
+
+
 def load_released_llava(checkpoint: Path, *loader_flags):
     """LLaVA's own loader (it rounds through float16), then the exact float32 weights and RoPE tables;
     `loader_flags` are a fork's extra positional arguments (PyramidDrop's `pdrop_infer`)."""
     from llava.model.builder import load_pretrained_model
 
     os.chdir(checkpoint)  # the config names its vision tower by a relative path
-    tokenizer, model, image_processor, _ = load_pretrained_model(str(checkpoint), None, LLAVA_MODEL_NAME, *loader_flags,
-                                                                device="cpu")
+    tokenizer, model, image_processor, _ = load_pretrained_model(
+        str(checkpoint), None, LLAVA_MODEL_NAMES[checkpoint_arch(checkpoint)], *loader_flags, device="cpu")
     model.float()
     reload_exact_weights(model, checkpoint)
     rebuild_rotary_tables(model)
@@ -116,8 +142,13 @@ def load_released_llava(checkpoint: Path, *loader_flags):
     return tokenizer, model, image_processor
 
 
+EMBEDDED_TOWER_PREFIX = "model.vision_tower.vision_tower."  # LLaVA-NeXT's fine-tuned tower, inside its shards
+
+
 def reload_exact_weights(model, checkpoint: Path) -> None:
-    """Every weight from the checkpoint's files in float32; refuse a weight left unloaded."""
+    """Every weight from the checkpoint's files in float32; refuse a weight left unloaded. The tower's come
+    from where LLaVA's loader takes them: LLaVA-NeXT's shards hold a fine-tuned copy of the tower
+    (`unfreeze_mm_vision_tower`), which the loader uses instead of the tower folder's; LLaVA-1.5's do not."""
     language = {}
     for shard in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"):
         language.update(load_file(checkpoint / shard))
@@ -127,7 +158,10 @@ def reload_exact_weights(model, checkpoint: Path) -> None:
         raise RuntimeError(f"weights the checkpoint does not hold: {unloaded[:5]}")
     model.load_state_dict(language, strict=False)
     tower = model.get_vision_tower().vision_tower
-    tower_weights = load_file(checkpoint / VISION_TOWER_DIR / "model.safetensors")
+    tower_weights = {name[len(EMBEDDED_TOWER_PREFIX) :]: tensor for name, tensor in language.items()
+                     if name.startswith(EMBEDDED_TOWER_PREFIX)}
+    if not tower_weights:
+        tower_weights = load_file(checkpoint / VISION_TOWER_DIR / "model.safetensors")
     wanted = {name: tensor for name, tensor in tower_weights.items() if name in tower.state_dict()}
     left = set(tower.state_dict()) - set(wanted) - {"vision_model.embeddings.position_ids"}
     if left:
@@ -211,7 +245,8 @@ def run_questions(model, tokenizer, image_processor, questions: list[dict], imag
         input_ids, pixels, size = question_inputs(question, image_folder, tokenizer, image_processor, model)
         with torch.inference_mode():
             generated = answer(model, tokenizer, input_ids, pixels, size)
-        results.append({"question_id": question["question_id"], "image": question["image"],
+        tiled = {"image_size": list(size), "tower_images": pixels.shape[1]} if pixels.dim() == 5 else {}
+        results.append({"question_id": question["question_id"], "image": question["image"], **tiled,
                         "input_ids": input_ids[0].tolist(), **record(), "kv_lengths": cache.lengths, **generated})
     cache.handle.remove()
     return results
@@ -247,14 +282,56 @@ class VisionZipRecorder:
         self.seen = {}
 
 
+class VisionZipNextRecorder:
+    """LLaVA-NeXT: what the released VisionZip tower kept of each tower image (the base image, then the crops:
+    CLS and its dominant patches), and the norms of the vision tokens the LLM receives, in the order the
+    released `prepare_inputs_labels_for_multimodal_visionzip` lays them out (its span of `inputs_embeds`)."""
+
+    def __init__(self, model):
+        from llava.constants import IMAGE_TOKEN_INDEX
+        from llava.model.llava_arch import LlavaMetaForCausalLM
+        from llava.model.multimodal_encoder.clip_encoder import CLIPVisionTower
+
+        zipped_forward = CLIPVisionTower.forward  # VisionZip's, installed by `visionzip()`
+        prepare = LlavaMetaForCausalLM.prepare_inputs_labels_for_multimodal  # VisionZip's too
+        self.kept: list[list[int]] | None = None
+        self.features: torch.Tensor | None = None
+
+        def recording(tower, images):
+            features, kept = zipped_forward(tower, images)
+            self.kept = kept.tolist()
+            return features, kept
+
+        def preparing(llava, input_ids, *args, **kwargs):
+            prepared = prepare(llava, input_ids, *args, **kwargs)
+            embeds = prepared[4]
+            if embeds is not None and self.features is None:  # the prompt's (decoding steps return None)
+                start = input_ids[0].tolist().index(IMAGE_TOKEN_INDEX)
+                self.features = embeds[0, start : start + embeds.shape[1] - input_ids.shape[1] + 1]
+            return prepared
+
+        CLIPVisionTower.forward = recording
+        LlavaMetaForCausalLM.prepare_inputs_labels_for_multimodal = preparing
+
+    def record(self) -> dict:
+        images = [{"cls_kept": kept[0] == 0, "dominant_patches": sorted(index - 1 for index in kept[1:])}
+                  for kept in self.kept]
+        return {"images": images, "vision_tokens": self.features.shape[0],
+                "feature_norms": [round(float(value), 6) for value in self.features.norm(dim=-1)]}
+
+    def reset(self) -> None:
+        self.kept, self.features = None, None
+
+
 def run_visionzip(args, questions: list[dict]) -> list[dict]:
     settings = []
-    for options in VISIONZIP_SETTINGS:
+    next_arch = args.arch == "next"
+    for options in VISIONZIP_NEXT_SETTINGS if next_arch else VISIONZIP_SETTINGS:
         tokenizer, model, image_processor = load_released_llava(args.checkpoint)
         from visionzip import visionzip
 
         visionzip(model, dominant=options["dominant"], contextual=options["contextual"])
-        recorder = VisionZipRecorder(model)
+        recorder = VisionZipNextRecorder(model) if next_arch else VisionZipRecorder(model)
         settings.append({"options": options, "questions": run_questions(
             model, tokenizer, image_processor, questions, args.image_folder, recorder.record, recorder.reset)})
     return settings
@@ -527,6 +604,8 @@ RUNNERS = {"visionzip": (run_visionzip, "github.com/dvlab-research/VisionZip"),
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--method", choices=sorted(RUNNERS), required=True)
+    parser.add_argument("--arch", choices=sorted(LLAVA_MODEL_NAMES), default="v1.5",
+                        help="next: LLaVA-NeXT, over the demo questions about NEXT_IMAGES")
     parser.add_argument("--checkpoint", type=Path, required=True)
     parser.add_argument("--questions", type=Path, required=True)
     parser.add_argument("--image-folder", type=Path, required=True)
@@ -560,10 +639,16 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("give the LLaVA checkout (PyramidDrop: its own LLaVA fork): --repo llava=PATH")
     args.work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    questions = [json.loads(line) for line in args.questions.read_text().splitlines() if line.strip()][: args.limit]
+    if checkpoint_arch(args.checkpoint) != args.arch:
+        raise SystemExit(f"--arch {args.arch}, but {args.checkpoint} is a {checkpoint_arch(args.checkpoint)} checkpoint")
+    questions = [json.loads(line) for line in args.questions.read_text().splitlines() if line.strip()]
+    if args.arch == "next":
+        questions = [question for question in questions if question["image"] in NEXT_IMAGES.values()]
+    questions = questions[: args.limit]
     runner, repository = RUNNERS[args.method]
     fixture = {
         "method": args.method,
+        "arch": args.arch,
         "released": {"repository": repository, "commits": args.commits},
         "environment": environment(),
         "checkpoint": checkpoint_digests(args.checkpoint),

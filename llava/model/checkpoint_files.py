@@ -111,19 +111,45 @@ def check_weight_files(files: list[Path]) -> None:
 
 
 def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) pairs from safetensors or torch .bin files without holding them all."""
+    """Yield (name, tensor) pairs from safetensors or torch .bin files, one tensor in memory at a time.
+
+    Both formats are memory-mapped, and a mapped page the load has read stays in the process's resident set
+    until its file is unmapped: reading a 10 GB shard through one mapping holds all of it beside the
+    converted weights (a 7B load into bf16 peaked at 1.55x the weights). So each tensor is read through a
+    mapping of its own, released once the caller has taken the tensor (copied it into the model)."""
     for path in files:
-        if path.suffix == ".safetensors":
-            try:
-                with safe_open(str(path), framework="pt", device="cpu") as handle:
-                    for name in handle.keys():
-                        yield name, handle.get_tensor(name)
-            except (SafetensorError, OSError) as error:
-                raise unreadable(path, error) from None
-        else:
-            try:
-                state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-            except Exception as error:  # torch raises several types for a corrupt pickle/zip
-                raise unreadable(path, error) from None
-            yield from state.items()
-            del state
+        read = read_safetensors_tensor if path.suffix == ".safetensors" else read_torch_tensor
+        for name in tensor_names(path):
+            yield name, read(path, name)
+
+
+def tensor_names(path: Path) -> list[str]:
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as handle:
+                return list(handle.keys())
+        except (SafetensorError, OSError) as error:
+            raise unreadable(path, error) from None
+    return list(load_torch_file(path))
+
+
+def read_safetensors_tensor(path: Path, name: str) -> torch.Tensor:
+    """One tensor, copied out of a mapping that closes with the file."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            return handle.get_tensor(name)
+    except (SafetensorError, OSError) as error:
+        raise unreadable(path, error) from None
+
+
+def read_torch_tensor(path: Path, name: str) -> torch.Tensor:
+    """One tensor of a .bin file, in a mapping the file's other tensors do not keep alive (the unpickling is
+    cheap: the storages are mapped, not read)."""
+    return load_torch_file(path)[name]
+
+
+def load_torch_file(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as error:  # torch raises several types for a corrupt pickle/zip
+        raise unreadable(path, error) from None
