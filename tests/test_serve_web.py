@@ -100,9 +100,10 @@ def client(server) -> Client:
     return Client(server.url, verbose=False)
 
 
-def compare(client: Client, image: Path, question: str, methods: list[str], budget: float | None = None) -> dict:
+def compare(client: Client, image: Path, question: str, methods: list[str], budget: float | None = None,
+            keep: float | None = None) -> dict:
     """The page's columns for one request: method -> (title, answer, pictures, statistics)."""
-    outputs = client.predict(handle_file(str(image)), question, methods, budget, PAGE_THRESHOLDS.global_thr,
+    outputs = client.predict(handle_file(str(image)), question, methods, budget, keep, PAGE_THRESHOLDS.global_thr,
                              PAGE_THRESHOLDS.individual_thr, api_name=f"/{API_NAME}")
     assert len(outputs) == OUTPUTS_PER_COLUMN * len(COLUMNS)
     return {name: tuple(outputs[OUTPUTS_PER_COLUMN * n:OUTPUTS_PER_COLUMN * (n + 1)]) for n, name in enumerate(COLUMNS)}
@@ -174,6 +175,17 @@ def test_an_unreadable_upload_is_the_clis_error_and_the_server_stays_up(server, 
     assert compare(client, IMAGE, QUESTION, ["mustdrop"])["mustdrop"][1]  # the next request is answered
 
 
+def test_a_kept_share_applies_to_every_method_that_takes_one(client, tiny_original, tmp_path):
+    """The page's kept share is the CLIs' --keep: the same answer as model_vqa_loader's, said in the column."""
+    columns = compare(client, IMAGE, QUESTION, ["fastv"], keep=0.111)
+    expected = loader_answer(tiny_original, IMAGE_NAME, QUESTION, tmp_path, "--method", "fastv", "--keep", "0.111",
+                             max_new_tokens=NEW_TOKENS)
+    title, answer, _, _ = columns["fastv"]
+    assert title.endswith("keep 0.111 of the image's vision tokens") and answer == expected["text"]
+    with pytest.raises(AppError, match="a budget and a kept share both set how many vision tokens to keep"):
+        compare(client, IMAGE, QUESTION, ["fastv"], budget=64, keep=0.111)
+
+
 def test_an_unreachable_budget_and_an_overlong_question_are_the_clis_errors(server, client, tiny_original, tmp_path):
     with pytest.raises(AppError) as refused:
         compare(client, IMAGE, QUESTION, ["fastv", "mustdrop"], budget=1)
@@ -195,7 +207,7 @@ def test_a_request_without_an_image_or_a_question_is_refused(client):
     for image, question, message in [(None, QUESTION, "error: upload an image or pick a demo image first"),
                                       (handle_file(str(IMAGE)), " ", "error: type a question about the image")]:
         with pytest.raises(AppError, match=f"^{message}$"):
-            client.predict(image, question, ["mustdrop"], None, 0.011, 0.01, api_name=f"/{API_NAME}")
+            client.predict(image, question, ["mustdrop"], None, None, 0.011, 0.01, api_name=f"/{API_NAME}")
 
 
 def test_it_listens_on_localhost_by_default(server):

@@ -121,13 +121,13 @@ def build_page(side_by_side: SideBySide) -> gr.Blocks:
     """The page, with its one endpoint (/compare), queued."""
     names = [UNPRUNED, *choosable_methods()]
 
-    def compare(upload, question, chosen, budget, global_thr, individual_thr):
+    def compare(upload, question, chosen, budget, keep, global_thr, individual_thr):
         try:
             image = uploaded_image(upload)
             if not question or not question.strip():
                 raise RunError("type a question about the image")
             try:
-                methods = page_methods(chosen or [], budget or None, global_thr, individual_thr)
+                methods = page_methods(chosen or [], budget or None, global_thr, individual_thr, keep or None)
             except ValueError as error:  # an unknown method, a budget that is no budget
                 raise RunError(str(error)) from None
             comparison = side_by_side.compare(image, question.strip(), methods)
@@ -155,6 +155,10 @@ def build_page(side_by_side: SideBySide) -> gr.Blocks:
                 budget = gr.Number(value=NO_BUDGET, label="budget",
                                    info="vision tokens per decoder layer on average (e.g. 192, 128, 64); 0: MustDrop "
                                         "at the thresholds below, the others at their defaults")
+                keep = gr.Number(value=NO_BUDGET, label="kept share",
+                                 info="instead of a budget: the share in (0, 1] of each image's vision tokens to keep "
+                                      "(0.111 is 64 of LLaVA-1.5's 576; Qwen's images bring as many tokens as their "
+                                      "size gives); 0: none")
                 with gr.Row():
                     global_thr = gr.Number(value=PAGE_THRESHOLDS.global_thr, label="MustDrop global threshold")
                     individual_thr = gr.Number(value=PAGE_THRESHOLDS.individual_thr,
@@ -165,7 +169,7 @@ def build_page(side_by_side: SideBySide) -> gr.Blocks:
         # preprocess=False: the form's values reach `compare` as sent, the image as the uploaded file's path and
         # name, unopened, so that a file that is no image is refused by the project's loader with the CLIs'
         # message rather than by Gradio's own check.
-        run.click(compare, [image, question, methods, budget, global_thr, individual_thr],
+        run.click(compare, [image, question, methods, budget, keep, global_thr, individual_thr],
                   [component for column in columns for component in column.outputs()], api_name=API_NAME,
                   concurrency_limit=MODEL_RUNS_AT_ONCE, preprocess=False)
     return page.queue()

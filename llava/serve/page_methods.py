@@ -1,7 +1,8 @@
 """The methods the web page runs, from what its form says: the chosen names, a budget or MustDrop's thresholds.
 
 The page's form maps onto the CLIs' flags: a budget is `--budget` for every chosen method (PruMerge+, which
-picks its own count and refuses a budget, runs without it); without one MustDrop runs at its two thresholds
+picks its own count and refuses a budget, runs without it), a kept share `--keep`; without either MustDrop
+runs at its two thresholds
 (`--sparse --global_thr G --individual_thr I`) and every other method at its defaults. The unpruned model
 always runs first, as the reference each method is compared with.
 """
@@ -29,20 +30,27 @@ def takes_budget(name: str) -> bool:
     return name != UNPRUNED and not getattr(METHODS.get(name), "own_count", False)
 
 
-def page_method(name: str, budget: float | None, global_thr: float, individual_thr: float) -> DropMethod:
-    """Method `name` as the matching CLI flags would build it; a ValueError names what is wrong."""
+def page_method(name: str, budget: float | None, global_thr: float, individual_thr: float,
+                keep: float | None = None) -> DropMethod:
+    """Method `name` as the matching CLI flags would build it (`--budget`, `--keep`, or MustDrop's thresholds);
+    a ValueError names what is wrong."""
     options = {}
     if budget is not None and takes_budget(name):
         options["budget"] = str(budget)
+    elif keep is not None and takes_budget(name):
+        options["keep_fraction"] = str(keep)
     elif name == MUSTDROP:
         options.update(global_thr=str(global_thr), individual_thr=str(individual_thr))
     return create_method(name, options)
 
 
-def page_methods(names: list[str], budget: float | None, global_thr: float, individual_thr: float) -> list[DropMethod]:
+def page_methods(names: list[str], budget: float | None, global_thr: float, individual_thr: float,
+                 keep: float | None = None) -> list[DropMethod]:
     """The unpruned model, then each chosen method in the page's order (a name chosen twice runs once)."""
+    if budget is not None and keep is not None:
+        raise ValueError("a budget and a kept share both set how many vision tokens to keep; give one")
     chosen = [UNPRUNED] + [name for name in dict.fromkeys(names) if name != UNPRUNED]
-    return [page_method(name, budget, global_thr, individual_thr) for name in chosen]
+    return [page_method(name, budget, global_thr, individual_thr, keep) for name in chosen]
 
 
 def setting_label(method: DropMethod) -> str:
