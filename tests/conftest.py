@@ -35,11 +35,12 @@ def tiny_hf(tmp_path_factory) -> Path:
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "llava-tiny-hf", layout="hf")
 
 
-def load_on_cpu(checkpoint: Path):
-    """(tokenizer, model, image_processor, context_len) of a tiny checkpoint, fp32 on CPU."""
+def load_on_cpu(checkpoint: Path, **options):
+    """(tokenizer, model, image_processor, context_len) of a tiny checkpoint, fp32 on CPU (`options`: the
+    loader's others, e.g. max_pixels)."""
     from llava.model.builder import load_pretrained_model
 
-    return load_pretrained_model(str(checkpoint), device="cpu", torch_dtype="fp32")
+    return load_pretrained_model(str(checkpoint), device="cpu", torch_dtype="fp32", **options)
 
 
 @pytest.fixture(scope="session")

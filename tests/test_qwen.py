@@ -194,18 +194,12 @@ def test_geometry_follows_max_pixels(tiny_qwen):
 
 
 def test_max_pixels_override_and_refusal(tiny_qwen):
-    tokenizer, model, image_processor, _ = load_on_cpu_with(tiny_qwen, max_pixels=16 * 28 * 28)
+    tokenizer, model, image_processor, _ = load_on_cpu(tiny_qwen, max_pixels=16 * 28 * 28)
     image = load_image(DEMO_DIR / "images" / NEXT_DEMO_IMAGES["square"])
     inputs = encode_question("What is it?", image, model, tokenizer, image_processor, QWEN_CONV_MODE)
     assert int(inputs.image_sizes.prod()) // 4 <= 16
     with pytest.raises(ValueError, match="min_pixels"):
-        load_on_cpu_with(tiny_qwen, min_pixels=64 * 28 * 28, max_pixels=16 * 28 * 28)
-
-
-def load_on_cpu_with(checkpoint, **pixels):
-    from llava.model.builder import load_pretrained_model
-
-    return load_pretrained_model(str(checkpoint), device="cpu", torch_dtype="fp32", **pixels)
+        load_on_cpu(tiny_qwen, min_pixels=64 * 28 * 28, max_pixels=16 * 28 * 28)
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -253,10 +247,16 @@ def test_tiny_cli_refuses_the_original_layout_for_qwen(tmp_path):
 
 
 def test_tiny_qwen_is_reproducible(tiny_qwen, tmp_path):
-    """The same seed writes the same weights (fixtures and figures can rely on them)."""
-    again = load_on_cpu(write_tiny_checkpoint(tmp_path / "again", layout="hf", arch="qwen2_5_vl"))[1]
-    first = load_on_cpu(tiny_qwen)[1]
-    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values()))
+    """The same seed writes the same bytes (fixtures and figures rely on them), another seed other weights (the
+    tokenizer is the seed's too: one trained vocabulary)."""
+    again = write_tiny_checkpoint(tmp_path / "again", layout="hf", arch="qwen2_5_vl")
+    other = write_tiny_checkpoint(tmp_path / "other", layout="hf", arch="qwen2_5_vl", seed=1)
+    weights = sorted(path.name for path in tiny_qwen.glob("*.safetensors"))
+    assert weights and weights == sorted(path.name for path in again.glob("*.safetensors"))
+    for name in [*weights, "tokenizer.json", "config.json"]:
+        assert (tiny_qwen / name).read_bytes() == (again / name).read_bytes(), name
+    assert (tiny_qwen / weights[0]).read_bytes() != (other / weights[0]).read_bytes()
+    assert (tiny_qwen / "tokenizer.json").read_bytes() == (other / "tokenizer.json").read_bytes()
 
 
 def test_the_demos_qwen_part_answers_at_a_kept_share(tiny_qwen, tmp_path):

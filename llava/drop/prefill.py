@@ -34,7 +34,7 @@ class MultimodalPrompt:
     vision_start: int
     vision_count: int
     key_indices: torch.Tensor | None = None
-    positions: torch.Tensor | None = None  # Qwen's 3-D positions [3, seq]; None: token i at position i
+    positions: torch.Tensor | None = None  # Qwen's 3-D positions [3, seq] (host); None: token i at position i
 
     @property
     def length(self) -> int:
@@ -99,12 +99,11 @@ def rotary(model, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.
 def batch_positions(prompts: list[MultimodalPrompt], seq: int, device) -> torch.Tensor:
     """The padded batch's positions: [N, seq] 0..len-1, or [3, N, seq] when a prompt has 3-D positions (a
     prompt without them, text only, sits at i on every axis; padding at 0)."""
-    flat = torch.arange(seq, device=device)
     if all(prompt.positions is None for prompt in prompts):
-        return flat[None].expand(len(prompts), -1)
-    rows = [flat[: prompt.length].expand(3, -1) if prompt.positions is None else prompt.positions.to(device)
-            for prompt in prompts]
-    return torch.stack([padded_rows([row[axis] for row in rows]) for axis in range(3)])
+        return torch.arange(seq, device=device)[None].expand(len(prompts), -1)
+    rows = [torch.arange(prompt.length).expand(3, -1) if prompt.positions is None else prompt.positions.cpu()
+            for prompt in prompts]  # built on the host (where the vision stage's positions are), copied once
+    return torch.stack([padded_rows([row[axis] for row in rows]) for axis in range(3)]).to(device, non_blocking=True)
 
 
 def spatial(positions: torch.Tensor) -> bool:

@@ -32,7 +32,7 @@ class VisionOutput:
     # Time the method spent choosing and merging tokens in this stage (its share of `scoring_seconds`).
     selection_seconds: float = 0.0
     # Qwen's 3-D positions (llava/model/qwen.py): each token's (t, row, column) offset from the image's first
-    # position [3, num_vision_tokens], and how far the text after the image moves on. None for LLaVA.
+    # position [3, num_vision_tokens], on the host, and how far the text after the image moves on. None for LLaVA.
     positions: torch.Tensor | None = None
     position_span: int = 0
 
@@ -141,10 +141,9 @@ def encode_qwen_images(model, pixel_values: list[torch.Tensor], grids: list[torc
     for pixels, grid in zip(pixel_values, grids):
         check_qwen_inputs(pixels, grid)
     device = model.model.visual.patch_embed.proj.weight.device
-    grid_thw = torch.cat(grids).to(device)
-    features = model.model.get_image_features(torch.cat(pixel_values).to(device), grid_thw).pooler_output
+    features = model.model.get_image_features(torch.cat(pixel_values).to(device), torch.cat(grids).to(device)).pooler_output
     outputs = []
-    for image_features, grid in zip(features, grid_thw):
+    for image_features, grid in zip(features, grids):  # the host's grids: positions need no read from the device
         count = image_features.shape[0]
         outputs.append(VisionOutput(features=image_features, stats={"vision_tokens_in": count, "vision_tokens": count},
                                     positions=vision_token_positions(model, grid), position_span=position_span(model, grid)))

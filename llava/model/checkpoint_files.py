@@ -110,42 +110,42 @@ def check_weight_files(files: list[Path]) -> None:
                 raise unreadable(path, error) from None
 
 
+REMAP_BYTES = 512 * 2**20  # a .bin shard is mapped afresh after this much of it was read (see iter_tensors)
+
+
 def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) pairs from safetensors or torch .bin files, one tensor in memory at a time.
+    """Yield (name, tensor) pairs from safetensors or torch .bin files, without holding a shard in memory.
 
     Both formats are memory-mapped, and a mapped page the load has read stays in the process's resident set
     until its file is unmapped: reading a 10 GB shard through one mapping holds all of it beside the
-    converted weights (a 7B load into bf16 peaked at 1.55x the weights). So each tensor is read through a
-    mapping of its own, released once the caller has taken the tensor (copied it into the model)."""
+    converted weights (a 7B load into bf16 peaked at 1.55x the weights). So a safetensors tensor is read
+    through a mapping of its own (opening one is cheap), and a .bin shard is mapped afresh after every
+    REMAP_BYTES read (each mapping unpickles the shard's index, ~25 ms for a 10 GB shard): at most that much
+    of a shard stays resident, released once the caller has copied the tensors into the model."""
     for path in files:
-        read = read_safetensors_tensor if path.suffix == ".safetensors" else read_torch_tensor
-        for name in tensor_names(path):
-            yield name, read(path, name)
+        yield from safetensors_tensors(path) if path.suffix == ".safetensors" else torch_file_tensors(path)
 
 
-def tensor_names(path: Path) -> list[str]:
-    if path.suffix == ".safetensors":
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as handle:
-                return list(handle.keys())
-        except (SafetensorError, OSError) as error:
-            raise unreadable(path, error) from None
-    return list(load_torch_file(path))
-
-
-def read_safetensors_tensor(path: Path, name: str) -> torch.Tensor:
-    """One tensor, copied out of a mapping that closes with the file."""
+def safetensors_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
-            return handle.get_tensor(name)
+            names = list(handle.keys())
+        for name in names:
+            with safe_open(str(path), framework="pt", device="cpu") as handle:
+                tensor = handle.get_tensor(name)
+            yield name, tensor
     except (SafetensorError, OSError) as error:
         raise unreadable(path, error) from None
 
 
-def read_torch_tensor(path: Path, name: str) -> torch.Tensor:
-    """One tensor of a .bin file, in a mapping the file's other tensors do not keep alive (the unpickling is
-    cheap: the storages are mapped, not read)."""
-    return load_torch_file(path)[name]
+def torch_file_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    state, read = load_torch_file(path), 0
+    for name in list(state):
+        if read >= REMAP_BYTES:
+            state, read = load_torch_file(path), 0
+        tensor = state[name]
+        read += tensor.nbytes
+        yield name, tensor
 
 
 def load_torch_file(path: Path) -> dict[str, torch.Tensor]:

@@ -75,10 +75,10 @@ def merged_grid(model, grid: torch.Tensor) -> tuple[int, int, int]:
 
 
 def vision_token_positions(model, grid: torch.Tensor) -> torch.Tensor:
-    """[3, tokens]: each vision token's (t, row, column) offset from the image's first position, in the order
-    the tower emits them, as transformers' `get_rope_index` places them."""
+    """[3, tokens] on the host: each vision token's (t, row, column) offset from the image's first position, in
+    the order the tower emits them, as transformers' `get_rope_index` places them."""
     merge = model.config.vision_config.spatial_merge_size
-    return model.model.get_vision_position_ids(0, grid.reshape(-1), 1, merge, device=grid.device)
+    return model.model.get_vision_position_ids(0, grid.reshape(-1).cpu(), 1, merge, device="cpu")
 
 
 def position_span(model, grid: torch.Tensor) -> int:
