@@ -515,8 +515,8 @@ def test_an_output_path_of_the_wrong_kind_is_refused_before_any_work(no_model_lo
         output_cli(cli)([arg.format(out=out) for arg in argv])
     assert stopped.value.code not in (0, None)
     message = stopped.value.code if isinstance(stopped.value.code, str) else capsys.readouterr().err
-    errors = [line for line in message.splitlines() if "error:" in line]  # the scorer's parser adds its usage
-    assert len(errors) == 1 and "Traceback" not in message
+    errors = message.splitlines()
+    assert len(errors) == 1 and "error:" in errors[0], message
     assert expected.format(out=out) in errors[0]
     assert sorted(tmp_path.rglob("*")) == before
 

@@ -209,8 +209,8 @@ def refusal(case: Case, capsys, result: Path, scores: Path) -> str:
         case.main(case.argv(result, scores))
     assert exit_info.value.code != 0
     err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if "error:" in line]
-    assert len(errors) == 1 and "Traceback" not in err, err
+    errors = err.splitlines()
+    assert len(errors) == 1 and "error:" in errors[0], err  # one line: no usage text, no traceback
     assert scores.read_text() == SENTINEL
     assert not [path for path in case.outputs if path.exists()]
     return errors[0]
@@ -364,7 +364,7 @@ def test_cli_prints_one_line_and_no_traceback(tmp_path: Path, module: str, argv:
     done = subprocess.run([sys.executable, "-m", module, *made.argv(result, tmp_path / "scores.json")],
                           capture_output=True, text=True, cwd=REPO_ROOT)
     assert done.returncode == 2
-    errors = [line for line in done.stderr.splitlines() if "error:" in line]
-    assert len(errors) == 1 and "Traceback" not in done.stderr
+    errors = done.stderr.splitlines()
+    assert len(errors) == 1 and "error:" in errors[0], done.stderr
     assert "merge.jsonl, line 3: 'text' must be a string, got null" in errors[0]
     assert not (tmp_path / "scores.json").exists()

@@ -21,7 +21,7 @@ from typing import Any
 
 from llava.eval.cli_errors import interruptible
 from llava.eval.jsonl import JsonlError, iter_jsonl
-from llava.eval.scoring.results import ScoringError, json_type, write_json
+from llava.eval.scoring.results import ScoringError, json_type, refuse_input, write_json
 
 ALL = "all"
 MEAN_DIGITS = 3  # LLaVA rounds each mean before dividing
@@ -108,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.scores_file:
             write_json(args.scores_file, scores)
     except ScoringError as error:
-        parser.error(str(error))
+        refuse_input(parser, error)
     print_scores(args.review_file, scores)
 
 

@@ -44,6 +44,7 @@ from llava.eval.scoring.results import (
     json_type,
     percent,
     read_results,
+    refuse_input,
     write_json,
 )
 
@@ -321,7 +322,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if scores is not None and args.scores_file:
             write_json(args.scores_file, scores)
     except ScoringError as error:
-        parser.error(str(error))
+        refuse_input(parser, error)
     if scores is None:
         print("the question file has no answer column values: no accuracy (test split)")
     else:

@@ -23,6 +23,7 @@ from llava.eval.scoring.results import (
     question_id,
     read_records,
     read_results,
+    refuse_input,
     unanswered_line,
     write_json,
 )
@@ -57,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         results = mmvet_results(answers)
         write_json(args.dst, results, "results file")
     except ScoringError as error:
-        parser.error(str(error))
+        refuse_input(parser, error)
     if unanswered is None:
         print("coverage not checked: give --question-file to check that every question is answered")
     elif args.allow_partial:

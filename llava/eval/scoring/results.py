@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Callable, Collection, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -244,13 +245,20 @@ def add_scoring_flags(parser: argparse.ArgumentParser, scores_help: str = SCORES
 
 def run_scorer_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
                    run: Callable[[argparse.Namespace], Any]) -> None:
-    """A scorer's main(): parse the flags and run; a ScoringError becomes the parser's one `error:` line."""
+    """A scorer's main(): parse the flags and run; a ScoringError becomes one `error:` line."""
     args = parser.parse_args(argv)
     try:
         check_output_flags(args)
         run(args)
     except (ScoringError, OutputPathError) as error:
-        parser.error(str(error))
+        refuse_input(parser, error)
+
+
+def refuse_input(parser: argparse.ArgumentParser, error: Exception) -> None:
+    """End a scorer on a bad file: one `<prog>: error:` line and exit code 2, as argparse ends on a bad flag,
+    but without the usage text, which says nothing about a file's contents."""
+    sys.stderr.write(f"{parser.prog}: error: {error}\n")
+    sys.exit(2)
 
 
 def check_output_flags(args: argparse.Namespace) -> None:

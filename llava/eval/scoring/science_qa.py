@@ -31,6 +31,7 @@ from llava.eval.scoring.results import (
     percent,
     read_json,
     read_results,
+    refuse_input,
     unanswered_line,
     write_json,
 )
@@ -170,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             if path:
                 write_json(path, content, what)
     except ScoringError as error:
-        parser.error(str(error))
+        refuse_input(parser, error)
     print(f"Total: {scores['samples']}, Correct: {scores['correct']}, Accuracy: {_format_percent(scores['accuracy'])}, "
           f"IMG-Accuracy: {_format_percent(scores['img_accuracy'])}")
     if "unanswered" in scores:

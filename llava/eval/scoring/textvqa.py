@@ -26,6 +26,7 @@ from llava.eval.scoring.results import (
     ScoringError,
     read_json,
     read_results,
+    refuse_input,
     unanswered_line,
     write_json,
 )
@@ -190,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.scores_file and args.result_file:
             write_json(args.scores_file, scored[0][1])
     except ScoringError as error:
-        parser.error(str(error))
+        refuse_input(parser, error)
     for result_file, scores in scored:
         _print_scores(result_file, scores)
 
