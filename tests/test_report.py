@@ -17,6 +17,13 @@ def answer(avg_tokens, flops, prefill, new_tokens, decode, rss):
         "vision_seconds": 0.01, "decode_seconds": decode, "new_tokens": new_tokens, "peak_rss_bytes": rss}}
 
 
+def test_the_median_prefill_leaves_the_first_answers_warm_up_out():
+    records = [answer(64, 0.1, prefill, 2, 0.1, 1) for prefill in (1.30, 0.10, 0.20)]  # the first paid a warm-up
+    summary = summarize_answers(records)
+    assert summary["median_prefill_seconds"] == pytest.approx(0.20)
+    assert summary["mean_prefill_seconds"] == pytest.approx(1.60 / 3)
+
+
 def test_summary_means_and_decode_rate():
     records = [answer(100, 0.2, 0.10, 5, 0.4, 10), answer(200, 0.4, 0.30, 3, 0.1, 30), {"question_id": "x", "metadata": {}}]
     summary = summarize_answers(records)

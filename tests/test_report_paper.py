@@ -30,7 +30,7 @@ def write_summary(root, benchmark, method, setting, scores, tokens=576.0, flops=
     path.write_text(json.dumps({
         "benchmark": benchmark, "model": model, "method": method, "setting": setting, "questions": 10,
         "scores": scores, "mean_vision_tokens": tokens, "mean_prefill_flops_ratio": flops,
-        "mean_prefill_seconds": prefill}))
+        "median_prefill_seconds": prefill}))
     return path
 
 

@@ -31,7 +31,7 @@ from typing import ClassVar
 import torch
 
 from llava.drop.method import DropMethod, PromptsTogether
-from llava.drop.next_layout import crop_grid as layout_grid
+from llava.drop.next_layout import crop_grid
 from llava.drop.timing import Stopwatch
 from llava.drop.vision import (
     FLAT_MERGE,
@@ -76,10 +76,10 @@ def run_to_select_layer(model, images: torch.Tensor) -> tuple[torch.nn.Module, t
     return layers[selected - 1], states[selected - 1], states[selected]
 
 
-def crop_grid(model, image_sizes: torch.Tensor, crops: int) -> tuple[int, int]:
+def given_crop_grid(model, image_sizes: torch.Tensor, crops: int) -> tuple[int, int]:
     """(rows, columns) of crops LLaVA-NeXT tiled this image into, by transformers' own anyres rule;
     refused unless it holds the `crops` crops that were given."""
-    grid = layout_grid(model.config, image_sizes[0].tolist())
+    grid = crop_grid(model.config, image_sizes[0].tolist())
     if grid.crops != crops:
         raise ValueError(f"image size {image_sizes[0].tolist()} tiles into {grid.crops_high} x {grid.crops_wide} "
                          f"crops, but {crops} crops were given")
@@ -92,7 +92,7 @@ def unpruned_next_count(model, image_sizes: torch.Tensor, grid: tuple[int, int],
     newline token per row ("spatial_unpad")."""
     if getattr(model.config, "mm_patch_merge_type", None) == FLAT_MERGE:
         return (1 + grid[0] * grid[1]) * per_image
-    unpadded = layout_grid(model.config, image_sizes[0].tolist()).kept
+    unpadded = crop_grid(model.config, image_sizes[0].tolist()).kept
     return per_image + unpadded.shape[0] * (unpadded.shape[1] + 1)
 
 
@@ -112,7 +112,7 @@ def prompt_tower_images(name: str, model, pixel_values: list[torch.Tensor], imag
     for pixels, sizes in zip(pixel_values, image_sizes):
         if tiled:
             check_next_inputs(pixels, sizes)
-            grids.append(crop_grid(model, sizes, pixels.shape[1] - 1))
+            grids.append(given_crop_grid(model, sizes, pixels.shape[1] - 1))
             images.append(pixels[0])
         elif pixels.shape[0] != 1:
             raise ValueError(f"{name}'s vision stage takes one image per prompt, got {pixels.shape[0]}")

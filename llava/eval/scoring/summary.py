@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from statistics import mean
+from statistics import mean, median
 
 SUMMARY_FIELDS = {  # answers-file metadata key -> summary key
     "avg_vision_tokens": "mean_vision_tokens",
@@ -29,6 +29,8 @@ def summarize_answers(records: list, source: str = "answers file") -> dict:
         return summary
     for source, target in SUMMARY_FIELDS.items():
         summary[target] = mean(m[source] for m in with_stats)
+    # the typical answer's prefill: the first answers of a run pay its warm-up, which can outweigh the mean
+    summary["median_prefill_seconds"] = median(m["prefill_seconds"] for m in with_stats)
     new_tokens = sum(m["new_tokens"] - 1 for m in with_stats)  # the first token comes from prefill
     decode_time = sum(m["decode_seconds"] for m in with_stats)
     summary["decode_tokens_per_second"] = new_tokens / decode_time if decode_time > 0 else None
