@@ -98,7 +98,7 @@ def test_the_flag_table_holds_every_numeric_flag():
     flags = {flag for _, _, flag in FLAG_CASES}
     assert {"--budget", "--temperature", "--top_p", "--global_thr", "--individual_thr", "--merge_thr",
             "--key_rate", "--ratio", "--tolerance"} <= flags
-    assert {("fastv", "ratio"), ("pdrop", "budget"), ("sparsevlm", "rank_scale")} <= set(float_options())
+    assert {("fastv", "kept_share"), ("pdrop", "budget"), ("sparsevlm", "rank_scale")} <= set(float_options())
 
 
 @pytest.mark.parametrize("value", NON_FINITE)
@@ -119,7 +119,7 @@ def test_a_non_finite_method_option_is_refused_by_name(no_model_load, method, op
 def test_a_non_finite_option_in_a_list_and_in_viz_is_refused(no_model_load, tmp_path):
     from llava.viz import main as viz_main
 
-    argv = [*LOADER_ARGV, "--method", "sparsevlm", "--method-args", "layers=2;6,keep=66;-inf"]
+    argv = [*LOADER_ARGV, "--method", "sparsevlm", "--method-args", "drop_after=2;6,keep=66;-inf"]
     assert "keep=66;-inf: keep must be finite" in refusal(vqa.main, argv)
     argv = ["--model-path", "no-model", "--image", "x.png", "--question", "q", "--method", "fastv",
             "--method-args", "budget=Infinity", "--out-dir", str(tmp_path / "out")]

@@ -152,7 +152,7 @@ def mustdrop_prefill(loaded, image_path, drop: DropConfig):
 def test_key_set_survives_every_drop(loaded_original, demo_images):
     drop = DropConfig(global_thr=0.011, individual_thr=0.01)
     prompt, result = mustdrop_prefill(loaded_original, demo_images[0], drop)
-    assert [layer for layer, _ in result.drops] == list(drop.drop_layers)
+    assert [layer for layer, _ in result.drops] == list(drop.drop_after)
     system_len = prompt.vision_start
     surviving = torch.arange(prompt.embeds.shape[1])  # original positions of the current sequence
     for _, keep in result.drops:
@@ -195,16 +195,16 @@ def test_published_settings_fall_as_thresholds_rise(loaded_original, demo_images
 
 def test_drop_layer_beyond_the_model_is_refused(loaded_original, demo_images):
     with pytest.raises(ValueError, match=r"dropping after layer 40 \(0-based\) is impossible in a model with 32 decoder layers"):
-        answer(loaded_original, demo_images[0], DropConfig(drop_layers=(2, 40)))
+        answer(loaded_original, demo_images[0], DropConfig(drop_after=(2, 40)))
 
 
 @pytest.mark.parametrize("kwargs,message", [
     ({"global_thr": 1.2}, "global_thr must be between 0 and 1, got 1.2"),
     ({"individual_thr": -0.5}, "individual_thr must be between 0 and 1"),
-    ({"key_token_rate": 2.0}, "key_token_rate"),
+    ({"key_share": 2.0}, "key_share must be between 0 and 1, got 2.0"),
     ({"merge_threshold": 1.5}, "merge_threshold"),
     ({"merge_window": 0}, "merge_window"),
-    ({"drop_layers": (6, 2)}, "drop_layers"),
+    ({"drop_after": (6, 2)}, r"drop_after must be .*got \(6, 2\)"),
 ])
 def test_drop_config_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):

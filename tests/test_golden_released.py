@@ -222,8 +222,8 @@ def next_contextual_places(image: int, groups: set[int], crops: int, dominant: i
 @pytest.mark.parametrize("method_name, index", settings_of("fastv"))
 def test_fastv_keeps_and_answers_as_released(loaded_original, tiny_original, method_name, index):
     setting = fixture(method_name)["settings"][index]
-    k, keep = setting["options"]["k"], setting["options"]["keep"]
-    method = FastV(FastVOptions(k=k, ratio=1 - keep / PATCHES))
+    k, keep = setting["options"]["k"], setting["options"]["keep"]  # the released code's K: it drops after layer K - 1
+    method = FastV(FastVOptions(drop_after=(k - 1,), kept_share=keep / PATCHES))
     model = loaded_original[1]
 
     def run_one(recorded, input_ids, pixels, new_tokens):
@@ -275,7 +275,8 @@ def pdrop_as_released(loaded, checkpoint: Path, method_name: str, index: int) ->
     options = fixture(method_name)["settings"][index]["options"]
     ratio = options["ratios"][0]
     assert options["ratios"] == [ratio ** stage for stage in range(1, len(options["ratios"]) + 1)]
-    method = PDrop(PDropOptions(layers=tuple(options["layers"]), ratio=ratio))
+    # the released code's layer_list holds the first layer of each new stage: it drops after the layer before
+    method = PDrop(PDropOptions(drop_after=tuple(layer - 1 for layer in options["layers"]), kept_share=ratio))
     log = SelectionLog(method)
     model = loaded[1]
 

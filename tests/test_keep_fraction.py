@@ -156,7 +156,7 @@ def test_a_fraction_a_method_cannot_reach_is_refused_before_the_model_loads(no_m
     assert cli_refusal(vqa.main, argv) == (
         "error: --method fastv: keep_fraction 0.05 gives an image of 576 vision tokens (the most this model gives "
         "one) a budget of 29: budget 29 is below 36, the average that layers 0..1 alone give 576 vision tokens over "
-        "32 layers; choose k=1 or less")
+        "32 layers; choose drop_after=0 or less")
 
 
 def test_mustdrop_merging_refuses_a_fraction_on_llava_next(no_model_load, tiny_next_original, tmp_path):

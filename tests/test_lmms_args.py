@@ -11,10 +11,10 @@ from llava.mm_utils import load_image
 
 
 def test_model_args_become_the_clis_flags_and_the_rest_method_options():
-    argv = cli_flags({"pretrained": "ckpt", "method": "pdrop", "budget": 64, "layers": "2;6;12", "sparse": False,
-                      "conv_mode": "vicuna_v1", "device": "cpu", "lambda": 0.5})
+    argv = cli_flags({"pretrained": "ckpt", "method": "pdrop", "budget": 64, "drop_after": "1;5;11", "sparse": False,
+                      "conv_mode": "vicuna_v1", "device": "cpu", "kept_share": 0.5})
     assert argv == ["--conv-mode", "auto", "--model-path", "ckpt", "--method", "pdrop", "--budget", "64",
-                    "--conv-mode", "vicuna_v1", "--device", "cpu", "--method-args", "layers=2;6;12,lambda=0.5"]
+                    "--conv-mode", "vicuna_v1", "--device", "cpu", "--method-args", "drop_after=1;5;11,kept_share=0.5"]
     args = parse_model_args({"pretrained": "ckpt", "sparse": True, "global_thr": 0.011, "individual_thr": 0.01})
     assert (args.model_path, args.sparse, args.global_thr, args.conv_mode) == ("ckpt", True, 0.011, "auto")
 

@@ -24,7 +24,7 @@ FULL_VISION = 576
 BUDGETS = (64, 128, 192)
 GEOMETRY = ModelGeometry(decoder_layers=NUM_LAYERS, vision_tokens=FULL_VISION, patch_tokens=FULL_VISION,
                          context_length=2048)
-EARLY_STAGES = (2, 6, 12)  # PDrop layers that can reach 64 tokens: the default (8, 16, 24) averages >= 144
+EARLY_STAGES = (1, 5, 11)  # PDrop drops that can reach 64 tokens: the default (7, 15, 23) averages >= 144
 
 
 class FixedAttention:
@@ -74,27 +74,27 @@ class TwoPrompts(FixedAttention):
 
 
 def test_a_batch_ranks_each_prompt_within_its_own_tokens():
-    # ratio 0.5: 5 tokens keep 3, 3 tokens keep 2; the padding's 9.0 scores are never taken
+    # kept share 0.5: 5 tokens keep 3, 3 tokens keep 2; the padding's 9.0 scores are never taken
     context = TwoPrompts([0.10, 0.40, 0.05, 0.30, 0.15], [0.2, 0.1, 0.3], layer_idx=1)
-    mask = FastV(FastVOptions(k=2, ratio=0.5)).select(context)
+    mask = FastV(FastVOptions(drop_after=(1,), kept_share=0.5)).select(context)
     assert mask.tolist() == [[False, True, False, True, True], [True, False, True, False, False]]
 
 
 def test_fastv_keeps_the_most_attended_tokens():
-    # ratio 0.5 of 5 tokens keeps round-half-up(2.5) = 3: the scores 0.40, 0.30, 0.15
+    # kept share 0.5 of 5 tokens keeps round-half-up(2.5) = 3: the scores 0.40, 0.30, 0.15
     context = FixedAttention([0.10, 0.40, 0.05, 0.30, 0.15], layer_idx=1)
-    assert kept(FastV(FastVOptions(k=2, ratio=0.5)), context).tolist() == [1, 3, 4]
+    assert kept(FastV(FastVOptions(drop_after=(1,), kept_share=0.5)), context).tolist() == [1, 3, 4]
     assert context.queries == [LAST_QUERY]
 
 
 def test_ties_go_to_the_earlier_position():
-    # keep 3 (ratio 0.4 of 5): 0.3 first, then two of the three tied 0.2s, the earliest ones
+    # keep 3 (kept share 0.6 of 5): 0.3 first, then two of the three tied 0.2s, the earliest ones
     context = FixedAttention([0.2, 0.1, 0.2, 0.2, 0.3], layer_idx=1)
-    assert kept(FastV(FastVOptions(ratio=0.4)), context).tolist() == [0, 2, 4]
+    assert kept(FastV(FastVOptions(kept_share=0.6)), context).tolist() == [0, 2, 4]
 
 
 def test_pdrop_keeps_lambda_of_the_prompt_at_each_stage_end(fixed_next_layer):
-    method = PDrop(PDropOptions(layers=(8, 16, 24), ratio=0.5))
+    method = PDrop(PDropOptions(drop_after=(7, 15, 23), kept_share=0.5))
     assert method.prefill_layers(GEOMETRY) == (7, 15, 23)
     first = FixedAttention([0.05, 0.20, 0.10, 0.01, 0.30, 0.02, 0.25, 0.07], layer_idx=7)
     assert kept(method, first).tolist() == [1, 2, 4, 6]  # 8 -> 4
@@ -106,32 +106,33 @@ def test_pdrop_keeps_lambda_of_the_prompt_at_each_stage_end(fixed_next_layer):
 
 
 def test_keep_counts_round_halves_up(fixed_next_layer):
-    assert kept(FastV(FastVOptions(ratio=0.5)), FixedAttention([0.1] * 577, layer_idx=1)).numel() == 289
-    assert kept(PDrop(PDropOptions(layers=(1,), ratio=0.5)), FixedAttention([0.1] * 5, layer_idx=0)).numel() == 3
+    assert kept(FastV(FastVOptions(kept_share=0.5)), FixedAttention([0.1] * 577, layer_idx=1)).numel() == 289
+    assert kept(PDrop(PDropOptions(drop_after=(0,), kept_share=0.5)), FixedAttention([0.1] * 5, layer_idx=0)).numel() == 3
 
 
 def test_budget_closed_forms():
-    # FastV: keep = (budget * L - k * V) / (L - k), then the integer average is within half a token
+    # FastV dropping after layer 1 (2 layers see all V): keep = (budget * L - 2 * V) / (L - 2), then the
+    # integer average is within half a token
     for budget in BUDGETS:
-        keep = fastv_budget_keep(budget, FULL_VISION, 2, NUM_LAYERS)
+        keep = fastv_budget_keep(budget, FULL_VISION, 1, NUM_LAYERS)
         assert abs((2 * FULL_VISION + 30 * keep) / NUM_LAYERS - budget) <= 0.5
-    assert fastv_budget_keep(64, FULL_VISION, 2, NUM_LAYERS) == 30  # 896 / 30 = 29.87
-    assert fastv_budget_keep(1000, FULL_VISION, 2, NUM_LAYERS) == FULL_VISION
+    assert fastv_budget_keep(64, FULL_VISION, 1, NUM_LAYERS) == 30  # 896 / 30 = 29.87
+    assert fastv_budget_keep(1000, FULL_VISION, 1, NUM_LAYERS) == FULL_VISION
     # PDrop: a non-increasing pyramid whose integer average is within a stage's share of a token
-    for layers in (EARLY_STAGES, (3, 10, 20)):
-        lengths = stage_lengths(tuple(layer - 1 for layer in layers), NUM_LAYERS)  # selects run after l - 1
+    for drop_after in (EARLY_STAGES, (2, 9, 19)):
+        lengths = stage_lengths(drop_after, NUM_LAYERS)
         for budget in BUDGETS:
-            counts = budget_counts(budget, FULL_VISION, layers, NUM_LAYERS)
+            counts = budget_counts(budget, FULL_VISION, drop_after, NUM_LAYERS)
             assert counts == sorted(counts, reverse=True) and counts[0] <= FULL_VISION
             assert abs(layer_average([FULL_VISION, *counts], lengths) - budget) <= max(lengths[1:]) / NUM_LAYERS / 2
 
 
 def test_budget_follows_each_prompts_vision_count(fixed_next_layer):
     """V differs per image (e.g. after a vision-stage merge); one method instance serves many prompts."""
-    fastv = FastV(FastVOptions(k=2, budget=64))
+    fastv = FastV(FastVOptions(drop_after=(1,), budget=64))
     assert kept(fastv, FixedAttention([0.1] * 300, layer_idx=1)).numel() == 48  # (2048 - 600) / 30 = 48.3
     assert kept(fastv, FixedAttention([0.1] * 576, layer_idx=1)).numel() == 30
-    pdrop = PDrop(PDropOptions(layers=EARLY_STAGES, budget=64))
+    pdrop = PDrop(PDropOptions(drop_after=EARLY_STAGES, budget=64))
     for vision_count in (576, 400):
         expected = budget_counts(64, vision_count, EARLY_STAGES, NUM_LAYERS)
         count_now = vision_count
@@ -166,17 +167,17 @@ def prompts(loaded_original):
 
 def test_layer_average_matches_the_closed_form(loaded_original, prompts):
     _, model, _, _ = loaded_original
-    fastv = vision_per_layer(model, prompts[0], FastV(FastVOptions(k=2, ratio=0.5)))
+    fastv = vision_per_layer(model, prompts[0], FastV(FastVOptions(drop_after=(1,), kept_share=0.5)))
     assert fastv == [FULL_VISION] * 2 + [288] * 30
     assert sum(fastv) / NUM_LAYERS == (2 * 576 + 30 * 288) / 32 == 306
-    pdrop = vision_per_layer(model, prompts[0], PDrop(PDropOptions(ratio=0.5)))
+    pdrop = vision_per_layer(model, prompts[0], PDrop(PDropOptions(kept_share=0.5)))
     assert pdrop == [576] * 8 + [288] * 8 + [144] * 8 + [72] * 8
     assert sum(pdrop) / NUM_LAYERS == 270
 
 
 @pytest.mark.parametrize("method", [
     pytest.param(lambda budget: FastV(FastVOptions(budget=budget)), id="fastv"),
-    pytest.param(lambda budget: PDrop(PDropOptions(layers=EARLY_STAGES, budget=budget)), id="pdrop"),
+    pytest.param(lambda budget: PDrop(PDropOptions(drop_after=EARLY_STAGES, budget=budget)), id="pdrop"),
     pytest.param(lambda budget: PDrop(PDropOptions(budget=budget)), id="pdrop-default-stages"),
 ])
 def test_budgets_reach_the_target_on_the_demo_set(loaded_original, prompts, method):
@@ -192,7 +193,8 @@ def test_pdrop_default_stages_reach_192(loaded_original, prompts):
     assert abs(sum(averages) / len(averages) - 192) <= 1
 
 
-@pytest.mark.parametrize("method", [FastV(FastVOptions(ratio=0.0)), PDrop(PDropOptions(ratio=1.0))], ids=["fastv", "pdrop"])
+@pytest.mark.parametrize("method", [FastV(FastVOptions(kept_share=1.0)), PDrop(PDropOptions(kept_share=1.0))],
+                         ids=["fastv", "pdrop"])
 def test_keeping_everything_equals_the_unpruned_model(loaded_original, demo_images, method):
     for image_path in demo_images[:2]:
         unpruned = answer(loaded_original, image_path, DropMethod())
@@ -202,17 +204,20 @@ def test_keeping_everything_equals_the_unpruned_model(loaded_original, demo_imag
 
 
 @pytest.mark.parametrize("make,message", [
-    (lambda: FastVOptions(k=0), "k must be >= 1.*got 0"),
-    (lambda: FastVOptions(ratio=1.5), "ratio must be between 0 and 1, got 1.5"),
+    (lambda: FastVOptions(drop_after=(-1,)), r"drop_after must be .*>= 0.*got \(-1,\)"),
+    (lambda: FastVOptions(drop_after=()), "drop_after must name at least one decoder layer"),
+    (lambda: FastVOptions(drop_after=1), r"drop_after must be a tuple of decoder layers, e.g. \(1,\), got 1"),
+    (lambda: FastVOptions(kept_share=1.5), "kept_share must be between 0 and 1, got 1.5"),
     (lambda: FastVOptions(budget=-3.0), "budget must be a positive number of tokens, got -3"),
-    (lambda: PDropOptions(layers=(16, 8)), r"layers must be .*got \(16, 8\)"),
-    (lambda: PDropOptions(layers=()), r"layers must be .*got \(\)"),
-    (lambda: PDropOptions(layers=(0, 8)), r"layers must be .*got \(0, 8\)"),
-    (lambda: PDropOptions(ratio=-0.1), "ratio must be between 0 and 1, got -0.1"),
+    (lambda: PDropOptions(drop_after=(15, 7)), r"drop_after must be .*got \(15, 7\)"),
+    (lambda: PDropOptions(drop_after=()), "drop_after must name at least one decoder layer"),
+    (lambda: PDropOptions(drop_after=(-1, 7)), r"drop_after must be .*got \(-1, 7\)"),
+    (lambda: PDropOptions(kept_share=-0.1), "kept_share must be between 0 and 1, got -0.1"),
     (lambda: PDropOptions(budget=-1.0), "budget must be a positive number of tokens, got -1"),
-    (lambda: fastv_budget_keep(30, FULL_VISION, 2, NUM_LAYERS), "budget 30 is below 36"),
-    (lambda: fastv_budget_keep(64, FULL_VISION, NUM_LAYERS, NUM_LAYERS), "k=32 leaves no layer"),
-    (lambda: budget_counts(64, FULL_VISION, (8, 16, 24), NUM_LAYERS), "budget 64 is below 144.*earlier first layer than 8"),
+    (lambda: fastv_budget_keep(30, FULL_VISION, 1, NUM_LAYERS), "budget 30 is below 36.*layers 0..1 alone"),
+    (lambda: fastv_budget_keep(64, FULL_VISION, NUM_LAYERS - 1, NUM_LAYERS), "drop_after=31 leaves no layer"),
+    (lambda: budget_counts(64, FULL_VISION, (7, 15, 23), NUM_LAYERS),
+     "budget 64 is below 144.*layers 0..7 alone.*drop first after an earlier layer than 7"),
 ])
 def test_option_validation(make, message):
     with pytest.raises(ValueError, match=message):
@@ -220,9 +225,9 @@ def test_option_validation(make, message):
 
 
 def test_created_from_strings():
-    fastv = create_method("fastv", {"ratio": "0.25"})
-    assert isinstance(fastv, FastV) and fastv.options == FastVOptions(ratio=0.25)
-    pdrop = create_method("pdrop", {"layers": "2;6;12", "ratio": "0.4"})
-    assert isinstance(pdrop, PDrop) and pdrop.options == PDropOptions(layers=(2, 6, 12), ratio=0.4)
+    fastv = create_method("fastv", {"kept_share": "0.75"})
+    assert isinstance(fastv, FastV) and fastv.options == FastVOptions(kept_share=0.75)
+    pdrop = create_method("pdrop", {"drop_after": "1;5;11", "kept_share": "0.4"})
+    assert isinstance(pdrop, PDrop) and pdrop.options == PDropOptions(drop_after=(1, 5, 11), kept_share=0.4)
     assert pdrop.prefill_layers(GEOMETRY) == (1, 5, 11)
-    assert create_method("pdrop", {"budget": "64", "layers": "2;6;12"}).options.budget == 64.0  # what --budget passes
+    assert create_method("pdrop", {"budget": "64", "drop_after": "1;5;11"}).options.budget == 64.0  # what --budget passes

@@ -57,10 +57,11 @@ def positions_of(loaded, image_path, method) -> tuple[AllLayerPositions, dict]:
 
 
 def test_fastv_keeps_original_positions_and_decodes_from_the_prompt_length(loaded_original, demo_images):
-    """K = 2 keeping 64 of 576: layers 2.. see the kept tokens at their own positions (gaps where tokens
-    went), and the first answer token fed back sits at the full prompt length in every layer, although
-    layers 2.. hold far fewer keys."""
-    recorder, stats = positions_of(loaded_original, demo_images[0], FastV(FastVOptions(k=2, ratio=1 - 64 / 576)))
+    """Dropping after layer 1 (K = 2) keeping 64 of 576: layers 2.. see the kept tokens at their own positions
+    (gaps where tokens went), and the first answer token fed back sits at the full prompt length in every
+    layer, although layers 2.. hold far fewer keys."""
+    method = FastV(FastVOptions(drop_after=(1,), kept_share=64 / 576))
+    recorder, stats = positions_of(loaded_original, demo_images[0], method)
     length = stats["prompt_tokens"]
     assert recorder.prefill[0] == recorder.prefill[1] == list(range(length))
     kept = recorder.prefill[2]
@@ -82,8 +83,8 @@ def test_compacting_methods_decode_at_each_layers_cache_length(loaded_original, 
 def test_fastvs_positions_change_its_answer_but_not_what_it_keeps(loaded_original, demo_images):
     """The same kept tokens at compacted positions give another continuation: positions are part of the
     method, not a detail."""
-    released = FastV(FastVOptions(k=2, ratio=1 - 64 / 576))
-    compacted = FastV(FastVOptions(k=2, ratio=1 - 64 / 576))
+    released = FastV(FastVOptions(drop_after=(1,), kept_share=64 / 576))
+    compacted = FastV(FastVOptions(drop_after=(1,), kept_share=64 / 576))
     compacted.compact_positions = True
     answers = [answer(loaded_original, image, method) for image in demo_images[:4] for method in (released, compacted)]
     assert any(ours.token_ids != theirs.token_ids for ours, theirs in zip(answers[::2], answers[1::2]))

@@ -50,7 +50,7 @@ def fake_context(layer_idx: int = 2, attention: torch.Tensor = ATTENTION, hidden
 
 
 def sparsevlm(**options) -> SparseVLM:
-    return SparseVLM(SparseVLMOptions(layers=(2,), **options))
+    return SparseVLM(SparseVLMOptions(drop_after=(2,), **options))
 
 
 def test_raters_are_rows_at_or_above_the_mean_relevance():
@@ -77,7 +77,7 @@ def test_rank_of_the_rater_attention_bounds_the_drop_count(rank_scale, kept):
 
 
 def test_recycled_tokens_are_cluster_means_of_the_best_dropped():
-    method = sparsevlm(keep=(2,), rank_scale=None, recycle_ratio=0.75, cluster_size=2)
+    method = sparsevlm(keep=(2,), rank_scale=None, recycled_share=0.75, cluster_size=2)
     context = fake_context()
     kept = method.select_prompt(context)
     # dropped 0, 3, 4, 5; ceil(0.75 * 4) = 3 recycled: 5, 0, 3 (4 scores lowest); ceil(3 / 2) = 2 centres,
@@ -88,14 +88,14 @@ def test_recycled_tokens_are_cluster_means_of_the_best_dropped():
 
 
 def test_one_cluster_averages_every_recycled_token():
-    method = sparsevlm(keep=(2,), rank_scale=None, recycle_ratio=0.75)
+    method = sparsevlm(keep=(2,), rank_scale=None, recycled_share=0.75)
     context = fake_context()
     merged = method.recycle(context, method.select_prompt(context))
     assert torch.allclose(merged, ((HIDDEN[0] + HIDDEN[3] + HIDDEN[5]) / 3)[None])
 
 
-@pytest.mark.parametrize("options", [{"keep": (6,)}, {"keep": (2,), "recycle_ratio": 0.0}])
-def test_nothing_is_recycled_when_nothing_is_dropped_or_the_ratio_is_zero(options):
+@pytest.mark.parametrize("options", [{"keep": (6,)}, {"keep": (2,), "recycled_share": 0.0}])
+def test_nothing_is_recycled_when_nothing_is_dropped_or_the_recycled_share_is_zero(options):
     method = sparsevlm(rank_scale=None, **options)
     context = fake_context()
     assert method.recycle(context, method.select_prompt(context)) is None
@@ -110,7 +110,7 @@ def test_stage_counts_add_one_merged_token_per_cluster():
 def test_budget_plan_hits_the_layer_average(budget):
     options = SparseVLMOptions(budget=budget)
     keeps = budget_keep_counts(576, 32, options)
-    average = layer_average(stage_counts(576, list(keeps), options), stage_lengths(options.layers, 32))
+    average = layer_average(stage_counts(576, list(keeps), options), stage_lengths(options.drop_after, 32))
     assert abs(average - budget) <= 0.5
 
 
@@ -120,14 +120,14 @@ def test_budget_above_the_vision_count_keeps_everything():
 
 
 @pytest.mark.parametrize("options", [
-    {"layers": ()},
-    {"layers": (6, 2), "keep": (1, 1)},
-    {"layers": (2, 2), "keep": (1, 1)},
-    {"layers": (-1,), "keep": (1,)},
+    {"drop_after": ()},
+    {"drop_after": (6, 2), "keep": (1, 1)},
+    {"drop_after": (2, 2), "keep": (1, 1)},
+    {"drop_after": (-1,), "keep": (1,)},
     {"keep": (66, 30)},
     {"keep": (66, -1, 17)},
-    {"recycle_ratio": 1.5},
-    {"recycle_ratio": -0.1},
+    {"recycled_share": 1.5},
+    {"recycled_share": -0.1},
     {"cluster_size": 0},
     {"rank_scale": 0.0},
     {"budget": -1.0},

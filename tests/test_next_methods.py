@@ -32,13 +32,13 @@ UNPADDED_ROWS = {"tall": 40, "square": 48, "wide": 16}  # patch rows left after 
 # Budgets a method refuses on NeXT (its first layers alone average more for a 2 x 2 grid's 2928 tokens),
 # the message naming the way out, and that way out.
 REFUSED = {
-    ("fastv", 160): ("choose k=1 or less", {"k": "1"}),
-    ("pdrop", 160): ("choose an earlier first layer than 2", {"layers": "1;6;12"}),
-    ("sparsevlm", 160): ("start dropping at an earlier layer than 2", {"layers": "0;6;15"}),
+    ("fastv", 160): ("choose drop_after=0 or less", {"drop_after": "0"}),
+    ("pdrop", 160): ("drop first after an earlier layer than 1", {"drop_after": "0;5;11"}),
+    ("sparsevlm", 160): ("drop first after an earlier layer than 2", {"drop_after": "0;6;15"}),
 }
 METHODS = ("fastv", "pdrop", "sparsevlm", "visionzip")
 # Settings that keep every vision token (SparseVLM: counts above any image's 2928 tokens).
-KEEP_EVERYTHING = {"fastv": {"ratio": "0"}, "pdrop": {"ratio": "1"}, "sparsevlm": {"keep": "4000;4000;4000"}}
+KEEP_EVERYTHING = {"fastv": {"kept_share": "1"}, "pdrop": {"kept_share": "1"}, "sparsevlm": {"keep": "4000;4000;4000"}}
 
 
 @pytest.fixture(scope="module")

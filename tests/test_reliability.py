@@ -162,7 +162,8 @@ def test_broken_answers_line_is_reported_by_its_own_line_number(tiny_original, t
 
 @pytest.mark.parametrize("extra,expected", [
     (["--sparse", "--drop_layers", "2,40"], r"dropping after layer 40 \(0-based\) is impossible in a model with 32"),
-    (["--method", "fastv", "--method-args", "k=40"], r"dropping after layer 39"),
+    (["--method", "fastv", "--method-args", "drop_after=39"], r"dropping after layer 39"),
+    (["--method", "fastv", "--method-args", "k=40"], r"dropping after layer 39"),  # the paper's K, an alias
     (["--method", "fastv", "--budget", "20"], r"budget 20.0 is below 36"),
     (["--method", "pdrop", "--budget", "30"], r"budget 30.0 is below 36"),
     (["--method", "sparsevlm", "--budget", "10"], r"budget 10 is below 57.0"),

@@ -94,6 +94,24 @@ def check_keep_fraction(fraction: float | None, budget: float | None) -> None:
         raise ValueError(f"keep_fraction must be in (0, 1], got {fraction:g}")
 
 
+def check_drop_after(layers, may_be_empty: bool = False) -> None:
+    """The one rule for a `drop_after` option, the 0-based decoder layers after which a method drops (layers
+    0..l see the tokens before the drop): a tuple of distinct layers >= 0 in ascending order, at least one
+    unless `may_be_empty`."""
+    if not isinstance(layers, tuple) or not all(isinstance(layer, int) for layer in layers):
+        raise ValueError(f"drop_after must be a tuple of decoder layers, e.g. (1,), got {layers!r}")
+    if not layers and not may_be_empty:
+        raise ValueError("drop_after must name at least one decoder layer")
+    if any(layer < 0 for layer in layers) or list(layers) != sorted(set(layers)):
+        raise ValueError(f"drop_after must be distinct decoder layers >= 0 in ascending order, got {layers}")
+
+
+def check_share(name: str, share: float) -> None:
+    """The one rule for a `*_share` option: a share of some tokens, in [0, 1]."""
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"{name} must be between 0 and 1, got {share}")
+
+
 def fraction_budget(fraction: float, vision_count: int) -> int:
     """A prompt's budget under `keep_fraction`: that share of the `vision_count` tokens its image brings,
     rounded half up, at least one (0.111 of LLaVA-1.5's 576 is 63.9, a budget of 64; 0.222 gives 128, 0.333
@@ -106,9 +124,10 @@ def round_half_up(value: float) -> int:
     return math.floor(value + 0.5)
 
 
-def stage_lengths(drop_layers: tuple[int, ...], num_layers: int) -> list[int]:
-    """How many layers see each token count: before/at the first drop, between drops, after the last."""
-    bounds = [-1, *drop_layers, num_layers - 1]
+def stage_lengths(drop_after: tuple[int, ...], num_layers: int) -> list[int]:
+    """How many layers see each token count: up to the first drop, between drops, after the last (the drops
+    are after layers `drop_after`)."""
+    bounds = [-1, *drop_after, num_layers - 1]
     return [bounds[i + 1] - bounds[i] for i in range(len(bounds) - 1)]
 
 

@@ -4,7 +4,7 @@ Kept apart from llava/eval/lmms_eval_model.py (which subclasses lmms-eval's mode
 rules are tested without lmms-eval installed. `model_args` are the CLIs' flags by their underscore
 names (`pretrained` is --model-path); the CLIs' own parser validates them, so a value is refused here
 exactly as `model_vqa_loader` refuses it. Any other key is an option of the method (what
-`--method-args` takes, e.g. `method=pdrop,layers=2;6;12`).
+`--method-args` takes, e.g. `method=pdrop,drop_after=1;5;11`).
 """
 
 from __future__ import annotations

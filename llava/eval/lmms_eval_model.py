@@ -10,7 +10,7 @@ run asks for `mustdrop`. Install with `pip install -e ".[lmms]"`.
 
 `model_args` are the answering CLIs' flags by their underscore names (`pretrained` is --model-path),
 validated by the CLIs' own parser (llava/eval/lmms_args.py); any other key is an option of the method
-(what `--method-args` takes, e.g. `method=pdrop,layers=2;6;12`). An answer goes through the CLIs' own `Answerer`: the same prompt template, image processing and engine,
+(what `--method-args` takes, e.g. `method=pdrop,drop_after=1;5;11`). An answer goes through the CLIs' own `Answerer`: the same prompt template, image processing and engine,
 so a task whose context is the question file's text gets `model_vqa_loader`'s answers.
 
 Requests: `generate_until` (VQA-style tasks), with the task's `until` strings cutting the answer and

@@ -20,6 +20,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +29,9 @@ from einops import rearrange
 from llava.drop.blocks import (
     bisect,
     check_budget,
+    check_drop_after,
     check_keep_fraction,
+    check_share,
     last_count_nudges,
     layer_average,
     planned,
@@ -39,7 +42,7 @@ from llava.drop.blocks import (
 )
 from llava.drop.cache import KVCache
 from llava.drop.method import MULTI_STAGE, TEXT_QUERIES, DropMethod, LayerContext
-from llava.drop.methods.registry import register
+from llava.drop.methods.registry import OptionAlias, register, same
 from llava.drop.next_layout import NEWLINE, CropGrid, crop_grid, spatial_order, token_anchors
 from llava.drop.timing import timed
 from llava.drop.vision import (
@@ -63,9 +66,9 @@ from llava.model.geometry import QWEN_FAMILY, ModelGeometry, decoder_layer_count
 MERGE_AFTER_LAYER = 0
 MERGE_WINDOW = 3
 MERGE_THRESHOLD = 0.8
-KEY_TOKEN_RATE = 0.08
+KEY_SHARE = 0.08
 # Stage 2 (prefill), fixed in the reference code.
-DROP_LAYERS = (2, 6, 10, 14)
+DROP_AFTER = (2, 6, 10, 14)
 # Defaults when --sparse comes without thresholds: stage 2 then drops nothing.
 DEFAULT_GLOBAL_THR = 1.0
 DEFAULT_INDIVIDUAL_THR = 0.0
@@ -84,22 +87,29 @@ def _check_unit_interval(name: str, value: float) -> None:
 
 @dataclass(frozen=True)
 class DropConfig:
-    """MustDrop's settings. `enabled=False` (no `--sparse`) leaves the model untouched."""
+    """MustDrop's settings. `enabled=False` (no `--sparse`) leaves the model untouched. In the one vocabulary
+    of docs/method_options.md: `drop_after` lists the 0-based decoder layers stage 2 drops after, `key_share`
+    is the share of patches in the key set; the names they had before, `drop_layers` and `key_token_rate`,
+    are aliases (values unchanged). The CLIs' flags stay the reference's: --drop_layers, --key_rate."""
 
+    option_aliases: ClassVar[dict[str, OptionAlias]] = {
+        "drop_layers": OptionAlias("drop_after", tuple[int, ...], same, "drop_after = drop_layers"),
+        "key_token_rate": OptionAlias("key_share", float, same, "key_share = key_token_rate"),
+    }
     enabled: bool = True
     # Stage 1: local spatial merge after the first CLIP layer, and the CLS-attention key set.
     vision_merge: bool = True
     merge_window: int = MERGE_WINDOW
     merge_threshold: float = MERGE_THRESHOLD
-    key_token_rate: float = KEY_TOKEN_RATE
-    # Stage 2: dual attention filtering at these decoder layers (0-based).
-    drop_layers: tuple[int, ...] = DROP_LAYERS
+    key_share: float = KEY_SHARE
+    # Stage 2: dual attention filtering after these decoder layers (0-based).
+    drop_after: tuple[int, ...] = DROP_AFTER
     global_thr: float = DEFAULT_GLOBAL_THR
     individual_thr: float = DEFAULT_INDIVIDUAL_THR
     budget: float | None = None  # target layer-averaged vision tokens: rank by global score instead of thresholds
     keep_fraction: float | None = None  # instead of budget: this share of the image's vision tokens as its budget
     compact_positions: bool = True  # the reference gives the shorter sequence positions 0..len-1
-    # Stage 3: shrink the KV caches of layers drop_layers[0]..drop_layers[-1] to the final token set.
+    # Stage 3: shrink the KV caches of layers drop_after[0]..drop_after[-1] to the final token set.
     decode_cache_policy: bool = True
     # LLaVA-NeXT: "flat" (base image, then each crop, all the same length) as the reference ran it, or
     # "spatial" (ours): the model's own layout, crops unpadded as one grid with a newline after each row.
@@ -108,7 +118,7 @@ class DropConfig:
     def __post_init__(self):
         _check_unit_interval("global_thr", self.global_thr)
         _check_unit_interval("individual_thr", self.individual_thr)
-        _check_unit_interval("key_token_rate", self.key_token_rate)
+        check_share("key_share", self.key_share)
         if not -1.0 <= self.merge_threshold <= 1.0:
             raise ValueError(f"merge_threshold is a cosine similarity and must be in [-1, 1], got {self.merge_threshold}")
         if self.merge_window < 1:
@@ -117,8 +127,7 @@ class DropConfig:
         check_keep_fraction(self.keep_fraction, self.budget)
         if self.next_layout not in NEXT_LAYOUTS:
             raise ValueError(f"next_layout must be one of {', '.join(NEXT_LAYOUTS)}, got {self.next_layout!r}")
-        if any(layer < 0 for layer in self.drop_layers) or list(self.drop_layers) != sorted(set(self.drop_layers)):
-            raise ValueError(f"drop_layers must be distinct, ascending and >= 0, got {self.drop_layers}")
+        check_drop_after(self.drop_after, may_be_empty=True)
 
     @classmethod
     def disabled(cls) -> "DropConfig":
@@ -338,7 +347,7 @@ def mustdrop_outputs(model, tower: TowerPass, drop: DropConfig) -> list[VisionOu
     outputs = []
     merged_per_image = tower.merged_windows.tolist()  # one read for the group's pictures and statistics
     for image, features in enumerate(project_batch(model, tower.feature_states)):
-        key_indices = image_key_indices(model, tower.key_states[image : image + 1], drop.key_token_rate) + offset
+        key_indices = image_key_indices(model, tower.key_states[image : image + 1], drop.key_share) + offset
         merged_windows = merged_per_image[image]
         stats = {"vision_tokens_in": tower.num_patches + offset, "vision_tokens": features.shape[0],
                  "merged_windows": len(merged_windows), "key_tokens": key_indices.numel()}
@@ -378,7 +387,7 @@ def run_next_pass(model, pixel_values: torch.Tensor, drop: DropConfig, merge_bou
     tower = run_mustdrop_tower(model, pixel_values[0], drop, merge_bounds or uniform_merge_bounds)
     per_image = project_batch(model, tower.feature_states)
     key_indices, key_seconds = timed(
-        lambda: flat_key_indices(model, tower.key_states, drop.key_token_rate, per_image.shape[1], offset),
+        lambda: flat_key_indices(model, tower.key_states, drop.key_share, per_image.shape[1], offset),
         tower.key_states.device)
     return NextPass(tower, per_image, key_indices, key_seconds)
 
@@ -514,16 +523,16 @@ def apply_output_aware_cache(cache: KVCache, drops: list[tuple[int, list[torch.T
 
 @planned
 def geometric_keep_counts(
-    vision_count: int, budget: float, drop_layers: tuple[int, ...], num_layers: int, minimum: int = 0
+    vision_count: int, budget: float, drop_after: tuple[int, ...], num_layers: int, minimum: int = 0
 ) -> list[int]:
     """Tokens to keep after each drop so that the layer average is as close to `budget` as integers allow.
 
     No count goes below `minimum` (e.g. the key set, which is never dropped); when even that floor
     averages above the budget, the floor is returned and the budget cannot be met for this image.
     """
-    lengths = stage_lengths(drop_layers, num_layers)
+    lengths = stage_lengths(drop_after, num_layers)
     if budget >= vision_count:
-        return [vision_count] * len(drop_layers)
+        return [vision_count] * len(drop_after)
 
     def counts_for(rho: float) -> list[float]:
         return [vision_count] + [max(minimum, vision_count * rho**i) for i in range(1, len(lengths))]
@@ -539,7 +548,7 @@ def geometric_keep_counts(
 
 
 def merge_count_bounds(
-    num_patches: int, window: int, budget: float, drop_layers: tuple[int, ...], num_layers: int, key_rate: float,
+    num_patches: int, window: int, budget: float, drop_after: tuple[int, ...], num_layers: int, key_rate: float,
     images: int = 1,
 ) -> tuple[int, int]:
     """How many windows MustDrop's stage 1 must merge (at least) and may merge (at most) for a budget.
@@ -552,7 +561,7 @@ def merge_count_bounds(
     per_image = merged_counts(num_patches, window)
     return bounds_from_counts([images * count for count in per_image],
                               [images * math.ceil(key_rate * count) for count in per_image],
-                              budget, stage_lengths(drop_layers, num_layers))
+                              budget, stage_lengths(drop_after, num_layers))
 
 
 def merged_counts(num_patches: int, window: int) -> list[int]:
@@ -576,20 +585,20 @@ def key_set_floor(vision_count: int, key_count: int, lengths: list[int]) -> floa
     return layer_average([vision_count] + [key_count] * (len(lengths) - 1), lengths)
 
 
-def mustdrop_budget_floor(num_patches: int, window: int, merge: bool, drop_layers: tuple[int, ...], num_layers: int,
+def mustdrop_budget_floor(num_patches: int, window: int, merge: bool, drop_after: tuple[int, ...], num_layers: int,
                           key_rate: float, images: int = 1, newlines: int = 0) -> float:
     """The smallest budget MustDrop's budget variant can reach: stage 1 merging every window (when
     merging is on) in each of `images` images, then only the key set left after the first drop; `newlines`
     (LLaVA-NeXT's spatial layout) count as vision tokens that are always kept."""
     per_image = num_patches - (num_patches // (window * window) * (window * window - 1) if merge else 0)
     return key_set_floor(images * per_image + newlines, images * math.ceil(key_rate * per_image) + newlines,
-                         stage_lengths(drop_layers, num_layers))
+                         stage_lengths(drop_after, num_layers))
 
 
 def uniform_merge_bounds(model, drop: DropConfig, hidden: torch.Tensor) -> tuple[int, int]:
     """Bounds on r when every image of the batch keeps the same count (LLaVA-1.5, LLaVA-NeXT's flat layout)."""
-    return merge_count_bounds(hidden.shape[1] - PATCHES_START, drop.merge_window, drop.budget, drop.drop_layers,
-                              decoder_layer_count(model), drop.key_token_rate, images=hidden.shape[0])
+    return merge_count_bounds(hidden.shape[1] - PATCHES_START, drop.merge_window, drop.budget, drop.drop_after,
+                              decoder_layer_count(model), drop.key_share, images=hidden.shape[0])
 
 
 def crop_window_savings(grid: CropGrid, window: int) -> torch.Tensor:
@@ -615,10 +624,10 @@ def spatial_merge_bounds(grid: CropGrid, model, drop: DropConfig, hidden: torch.
               zip(savings, window_scores(hidden, window))]
     saved = [0, *torch.stack(ranked).sum(dim=0).cumsum(dim=0).tolist()]
     unmerged = num_patches + grid.kept.numel() + grid.rows
-    key_counts = [hidden.shape[0] * math.ceil(drop.key_token_rate * count) + grid.rows
+    key_counts = [hidden.shape[0] * math.ceil(drop.key_share * count) + grid.rows
                   for count in merged_counts(num_patches, window)]
     return bounds_from_counts([unmerged - tokens for tokens in saved], key_counts, drop.budget,
-                              stage_lengths(drop.drop_layers, decoder_layer_count(model)))
+                              stage_lengths(drop.drop_after, decoder_layer_count(model)))
 
 
 def largest_tiling(geometry: ModelGeometry, layout: str) -> tuple[int, int]:
@@ -712,7 +721,7 @@ class MustDrop(DropMethod):
                 "and 3 alone with --no_merge (--method-args vision_merge=false): no key set is kept then")
 
     def prefill_layers(self, geometry: ModelGeometry) -> tuple[int, ...]:
-        return self.options.drop_layers
+        return self.options.drop_after
 
     def select(self, context: LayerContext) -> torch.Tensor:
         attention = context.attention(TEXT_QUERIES)
@@ -732,27 +741,27 @@ class MustDrop(DropMethod):
         if options.keep_fraction is not None and options.vision_merge and geometry.max_crops:
             raise ValueError(NEXT_KEEP_REFUSAL)
         super().check_model(geometry)
-        if options.budget is None or not options.drop_layers:
+        if options.budget is None or not options.drop_after:
             return
         images, newlines = largest_tiling(geometry, options.next_layout)
-        key_rate = 0.0 if geometry.family == QWEN_FAMILY else options.key_token_rate  # no key set on Qwen
+        key_rate = 0.0 if geometry.family == QWEN_FAMILY else options.key_share  # no key set on Qwen
         floor = mustdrop_budget_floor(geometry.patch_tokens, options.merge_window, options.vision_merge,
-                                      options.drop_layers, geometry.decoder_layers, key_rate, images, newlines)
+                                      options.drop_after, geometry.decoder_layers, key_rate, images, newlines)
         if options.budget < floor:
             how = "" if options.vision_merge or geometry.family == QWEN_FAMILY else (
                 "; without --no_merge stage 1 could merge further")
             tiling = f" in each of {images} images" if geometry.max_crops else ""
             rows = f" plus {newlines} newline tokens" if newlines else ""
             raise ValueError(f"budget {options.budget:g} is below {floor:.1f}, the lowest layer average "
-                             f"it can reach with drop_layers {options.drop_layers} and key_rate "
+                             f"it can reach with drop_after {options.drop_after} and key_share "
                              f"{key_rate} on {geometry.patch_tokens} patches{tiling}{rows}{how}")
 
     def budget_count(self, prompt_vision_count: int, key_count: int, context: LayerContext) -> int:
         """Budget variant: this layer's share of a geometric schedule over the dropping layers."""
         budget = self.prompt_options(self.count_in(prompt_vision_count, context.geometry)).budget
-        counts = geometric_keep_counts(prompt_vision_count, budget, self.options.drop_layers,
+        counts = geometric_keep_counts(prompt_vision_count, budget, self.options.drop_after,
                                        context.geometry.decoder_layers, minimum=key_count)
-        return counts[self.options.drop_layers.index(context.layer_idx)]
+        return counts[self.options.drop_after.index(context.layer_idx)]
 
     def after_prefill(self, cache: KVCache, drops: list[tuple[int, list[torch.Tensor]]]) -> None:
         if self.options.decode_cache_policy:

@@ -12,14 +12,19 @@ Text-guided, training-free sparsification inside the decoder. After each droppin
    the rank is a floor on the kept count (never fewer tokens than independent rater views);
    `rank_scale=None` keeps the schedule alone.
 4. The best-scored `keep` tokens survive, in their original order (ties go to the earlier position).
-5. **Recycling** (Sec. 3.4): of the dropped tokens, the ceil(recycle_ratio * dropped) best-scored are
+5. **Recycling** (Sec. 3.4): of the dropped tokens, the ceil(recycled_share * dropped) best-scored are
    recycled. ceil(recycled / cluster_size) of them, the best-scored, are cluster centres; every
    recycled token joins the centre whose layer-output hidden state is most cosine-similar (a centre
    joins itself), and each cluster becomes the plain mean of its members' hidden states. The merged
    tokens follow the kept vision tokens (ordered by their centre's position) and count as vision
    tokens from the next layer on; the engine inserts them through `recycle`.
 
-Sources: layers (2, 6, 15) with keep counts (66, 30, 17) are the "64 tokens" LLaVA-1.5 schedule of
+Options, in the one vocabulary of docs/method_options.md: `drop_after` lists the 0-based layers after which
+SparseVLM drops (the released code's `layers`, the same numbers), `keep` the vision tokens kept after each,
+and `recycled_share` the share of the dropped tokens merged back (the code's `recycle_ratio`); `layers` and
+`recycle_ratio` are accepted as aliases.
+
+Sources: drops after layers (2, 6, 15) with keep counts (66, 30, 17) are the "64 tokens" LLaVA-1.5 schedule of
 the authors' released code (its 128 schedule is (303, 110, 36), its 192 one (300, 200, 110)); the
 30 % recycling share and about ten recycled tokens per merged token come from the same code.
 
@@ -29,7 +34,7 @@ Approximations, where this differs from the paper or its code:
   vision, strictly above the mean).
 - Cluster centres are the best-scored recycled tokens and assignment is by cosine similarity; the
   code uses density-peak clustering (DPC-KNN) on Euclidean distances, with random tie noise.
-- Counts: recycled = ceil(ratio * dropped) and clusters = ceil(recycled / cluster_size), where the
+- Counts: recycled = ceil(recycled_share * dropped) and clusters = ceil(recycled / cluster_size), where the
   code has int(0.3 * dropped) + 1 and int(recycled / 10) + 1; the code also always drops at least one
   token (keep <= V - 1), while here keep >= V keeps everything, so a large schedule is the unpruned
   model. The released code computes no rank (its rank term is 0), i.e. `rank_scale=None`.
@@ -49,22 +54,25 @@ implies: the vision span is the whole packed feature, newline tokens included, e
 dropped and recycled alike; raters are the text tokens after that span, their relevance a mean over all
 of it. The code has no NeXT schedule, so budget mode scales the 64-token schedule to the budget per
 prompt as on LLaVA-1.5. The floor check uses the most vision tokens one image can bring
-(`max_vision_tokens`, 2928 for a 2 x 2 grid): with the default layers the first three layers and the
+(`max_vision_tokens`, 2928 for a 2 x 2 grid): with the default drops the first three layers and the
 recycled tokens alone keep the average above 286.8, so `--budget 160` is refused up front; dropping from
-layer 0 (`layers=0;6;15`) brings the floor to about 109.3.
+layer 0 (`drop_after=0;6;15`) brings the floor to about 109.3.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
 import torch
 
 from llava.drop.blocks import (
     bisect,
     check_budget,
+    check_drop_after,
     check_keep_fraction,
+    check_share,
     grouped_mean,
     last_count_nudges,
     layer_average,
@@ -74,45 +82,46 @@ from llava.drop.blocks import (
     stage_lengths,
 )
 from llava.drop.method import PREFILL, TEXT_QUERIES, DropMethod, PromptContext
-from llava.drop.methods.registry import register
+from llava.drop.methods.registry import OptionAlias, register, same
 from llava.model.geometry import ModelGeometry
 
-DEFAULT_LAYERS = (2, 6, 15)
+DEFAULT_DROP_AFTER = (2, 6, 15)
 DEFAULT_KEEP = (66, 30, 17)  # the released code's "64 tokens" schedule for LLaVA-1.5
-DEFAULT_RECYCLE_RATIO = 0.3
+DEFAULT_RECYCLED_SHARE = 0.3
 DEFAULT_CLUSTER_SIZE = 10  # recycled tokens per merged token
 DEFAULT_RANK_SCALE = 1.0  # the paper's lambda
 
 
 @dataclass(frozen=True)
 class SparseVLMOptions:
-    """layers: decoder layers after which to sparsify; keep: vision tokens kept after each of them;
-    recycle_ratio: share of the dropped tokens merged back; cluster_size: recycled tokens per merged
+    """drop_after: decoder layers (0-based) after which to sparsify; keep: vision tokens kept after each of
+    them; recycled_share: share of the dropped tokens merged back; cluster_size: recycled tokens per merged
     token; rank_scale: lambda of the rank-based count (None: schedule only); budget: a target
     layer-averaged vision count that, when set, replaces `keep` (scaled in its proportions) and the
     rank term; keep_fraction: instead of `budget`, that share of each prompt's vision tokens as its budget
-    (not `keep`, which is the schedule's counts)."""
+    (not `keep`, which is the schedule's counts). The released code's names are aliases: `layers` is
+    `drop_after`, `recycle_ratio` is `recycled_share`, values unchanged."""
 
-    layers: tuple[int, ...] = DEFAULT_LAYERS
+    option_aliases: ClassVar[dict[str, OptionAlias]] = {
+        "layers": OptionAlias("drop_after", tuple[int, ...], same, "drop_after = layers"),
+        "recycle_ratio": OptionAlias("recycled_share", float, same, "recycled_share = recycle_ratio"),
+    }
+    drop_after: tuple[int, ...] = DEFAULT_DROP_AFTER
     keep: tuple[int, ...] = DEFAULT_KEEP
-    recycle_ratio: float = DEFAULT_RECYCLE_RATIO
+    recycled_share: float = DEFAULT_RECYCLED_SHARE
     cluster_size: int = DEFAULT_CLUSTER_SIZE
     rank_scale: float | None = DEFAULT_RANK_SCALE
     budget: float | None = None
     keep_fraction: float | None = None
 
     def __post_init__(self):
-        if not self.layers:
-            raise ValueError("layers must name at least one decoder layer")
-        if any(layer < 0 for layer in self.layers) or list(self.layers) != sorted(set(self.layers)):
-            raise ValueError(f"layers must be distinct non-negative layers in ascending order, got {self.layers}")
-        if len(self.keep) != len(self.layers):
-            raise ValueError(f"keep needs one count per layer: {len(self.layers)} layers {self.layers}, "
+        check_drop_after(self.drop_after)
+        if len(self.keep) != len(self.drop_after):
+            raise ValueError(f"keep needs one count per drop: {len(self.drop_after)} layers {self.drop_after}, "
                              f"{len(self.keep)} counts {self.keep}")
         if any(count < 0 for count in self.keep):
             raise ValueError(f"keep counts must be >= 0, got {self.keep}")
-        if not 0.0 <= self.recycle_ratio <= 1.0:
-            raise ValueError(f"recycle_ratio must be between 0 and 1, got {self.recycle_ratio}")
+        check_share("recycled_share", self.recycled_share)
         if self.cluster_size < 1:
             raise ValueError(f"cluster_size must be >= 1, got {self.cluster_size}")
         if self.rank_scale is not None and self.rank_scale <= 0:
@@ -151,8 +160,8 @@ def rank_bounded_keep(
     return max(scheduled, vision_count - math.floor(rank_scale * (vision_count - rank)))
 
 
-def recycled_count(dropped: int, ratio: float) -> int:
-    return math.ceil(ratio * dropped)
+def recycled_count(dropped: int, share: float) -> int:
+    return math.ceil(share * dropped)
 
 
 def cluster_count(recycled: int, cluster_size: int) -> int:
@@ -162,7 +171,7 @@ def cluster_count(recycled: int, cluster_size: int) -> int:
 def next_vision_count(vision_count: int, keep: int, options: SparseVLMOptions) -> int:
     """Vision tokens after a drop: the kept ones plus one merged token per cluster of recycled ones."""
     keep = min(keep, vision_count)
-    return keep + cluster_count(recycled_count(vision_count - keep, options.recycle_ratio), options.cluster_size)
+    return keep + cluster_count(recycled_count(vision_count - keep, options.recycled_share), options.cluster_size)
 
 
 def stage_counts(vision_count: int, keeps: list[int], options: SparseVLMOptions) -> list[int]:
@@ -181,7 +190,7 @@ def budget_keep_counts(vision_count: int, num_layers: int, options: SparseVLMOpt
     The average never decreases with the scale s of keep_i = round(s * keep_i), so s is bisected;
     then the last count, which lasts the most layers and so moves the average most finely, is nudged.
     """
-    lengths = stage_lengths(options.layers, num_layers)
+    lengths = stage_lengths(options.drop_after, num_layers)
 
     def error(keeps: list[int]) -> float:
         return abs(layer_average(stage_counts(vision_count, keeps, options), lengths) - options.budget)
@@ -201,8 +210,8 @@ def budget_keep_counts(vision_count: int, num_layers: int, options: SparseVLMOpt
 def budget_floor(vision_count: int, num_layers: int, options: SparseVLMOptions) -> float:
     """The lowest layer average a budget can reach: every drop keeping nothing, so only the layers up to
     the first drop and the merged recycled tokens count."""
-    zero_keeps = [0] * len(options.layers)
-    return layer_average(stage_counts(vision_count, zero_keeps, options), stage_lengths(options.layers, num_layers))
+    zero_keeps = [0] * len(options.drop_after)
+    return layer_average(stage_counts(vision_count, zero_keeps, options), stage_lengths(options.drop_after, num_layers))
 
 
 def merge_clusters(hidden: torch.Tensor, scores: torch.Tensor, clusters: int) -> torch.Tensor:
@@ -222,7 +231,7 @@ class SparseVLM(DropMethod):
     supports_next = True
 
     def prefill_layers(self, geometry: ModelGeometry) -> tuple[int, ...]:
-        return self.options.layers
+        return self.options.drop_after
 
     def check_model(self, geometry: ModelGeometry) -> None:
         """Also refuse a budget below `budget_floor` of the most vision tokens one image can bring, which the
@@ -233,22 +242,22 @@ class SparseVLM(DropMethod):
         floor = budget_floor(geometry.max_vision_tokens, geometry.decoder_layers, self.options)
         if self.options.budget < floor:
             raise ValueError(f"budget {self.options.budget:g} is below {floor:.1f}, the layer average of "
-                             f"layers {self.options.layers} keeping no token and recycling "
-                             f"{self.options.recycle_ratio:g} of the dropped ones; {self.floor_hint(geometry)}")
+                             f"drops after layers {self.options.drop_after} keeping no token and recycling "
+                             f"{self.options.recycled_share:g} of the dropped ones; {self.floor_hint(geometry)}")
 
     def floor_hint(self, geometry: ModelGeometry) -> str:
         """The way out of a too-low budget: recycling less helps only while the layers up to the first drop
         alone stay within it."""
         no_recycling = budget_floor(geometry.max_vision_tokens, geometry.decoder_layers,
-                                    replace(self.options, recycle_ratio=0.0))
+                                    replace(self.options, recycled_share=0.0))
         if self.options.budget < no_recycling:
-            return f"start dropping at an earlier layer than {self.options.layers[0]}"
-        return "lower recycle_ratio or start dropping at an earlier layer"
+            return f"drop first after an earlier layer than {self.options.drop_after[0]}"
+        return "lower recycled_share or drop first after an earlier layer"
 
     def keep_count(self, context: PromptContext, rater_attention: torch.Tensor) -> int:
         """The schedule floored by the rank term, or in budget mode the plan for this prompt's vision count."""
         vision_count = context.layout.vision_count
-        stage = self.options.layers.index(context.layer_idx)
+        stage = self.options.drop_after.index(context.layer_idx)
         options = self.prompt_options(context.prompt_vision_count)
         if options.budget is None:
             return rank_bounded_keep(vision_count, options.keep[stage], rater_attention, options.rank_scale)
@@ -266,7 +275,7 @@ class SparseVLM(DropMethod):
         dropped_mask = torch.ones_like(scores, dtype=torch.bool)
         dropped_mask[kept.to(scores.device)] = False
         dropped = dropped_mask.nonzero().flatten()
-        count = recycled_count(dropped.numel(), self.options.recycle_ratio)
+        count = recycled_count(dropped.numel(), self.options.recycled_share)
         if count == 0:
             return None
         recycled = dropped[ranked_keep(scores[dropped], None, count)]

@@ -123,12 +123,28 @@ def check_same_run(path: Path, line: int, answer: dict, identity: dict) -> None:
             "tool wrote it), so resuming could mix settings; delete it or choose another --answers-file"
         )
     difference = first_difference(recorded, identity)
+    if difference is not None:  # a line answered before the options' renaming compares under today's names
+        difference = first_difference(with_current_option_names(recorded), identity)
     if difference is not None:
         name, before, now = difference
         raise AnswersFileError(
             f"{path} line {line} was answered with {name}={before!r} but this run has {name}={now!r}; "
             "resume with the same settings, or delete the file or choose another --answers-file"
         )
+
+
+def with_current_option_names(run: dict) -> dict:
+    """A run's settings as a line recorded them, with its method's options under today's names: lines answered
+    before the options had one vocabulary (docs/method_options.md) recorded FastV's `k` and `ratio`, MustDrop's
+    `drop_layers`, ..., which the method's registered aliases convert. Only called for settings that differ as
+    recorded, so that reading an answers file imports no method."""
+    options = run.get("method_options")
+    if not isinstance(options, dict) or not isinstance(run.get("method"), str):
+        return run
+    from llava.drop.methods.registry import canonical_recorded_options  # the methods import torch
+
+    canonical = canonical_recorded_options(run["method"], options)
+    return {**run, "method_options": json.loads(json.dumps(canonical))}  # tuples become lists, as in a file
 
 
 def first_difference(recorded: dict, current: dict, prefix: str = "") -> tuple[str, object, object] | None:

@@ -26,9 +26,9 @@ from llava.conversation import get_conv_template
 from llava.drop.methods.mustdrop import (
     DEFAULT_GLOBAL_THR,
     DEFAULT_INDIVIDUAL_THR,
-    DROP_LAYERS,
+    DROP_AFTER,
     FLAT_LAYOUT,
-    KEY_TOKEN_RATE,
+    KEY_SHARE,
     MERGE_THRESHOLD,
     NEXT_LAYOUTS,
     DropConfig,
@@ -144,9 +144,10 @@ def add_stage_args(parser: argparse.ArgumentParser) -> None:
     """MustDrop's stage knobs other than the two thresholds."""
     parser.add_argument("--no_merge", action="store_true", help="with --sparse: skip stage 1's spatial merge")
     parser.add_argument("--merge_thr", type=float, default=MERGE_THRESHOLD, help="stage 1 window similarity threshold")
-    parser.add_argument("--key_rate", type=float, default=KEY_TOKEN_RATE, help="share of patches in the key set")
-    parser.add_argument("--drop_layers", type=str, default=",".join(map(str, DROP_LAYERS)),
-                        help="comma-separated 0-based decoder layers where stage 2 drops")
+    parser.add_argument("--key_rate", type=float, default=KEY_SHARE,
+                        help="share of patches in the key set (the option key_share)")
+    parser.add_argument("--drop_layers", type=str, default=",".join(map(str, DROP_AFTER)),
+                        help="comma-separated 0-based decoder layers after which stage 2 drops (the option drop_after)")
     parser.add_argument("--next_layout", choices=NEXT_LAYOUTS, default=FLAT_LAYOUT,
                         help="LLaVA-NeXT with --sparse: flat = the reference code's layout (base image, then each "
                              "crop), which produced the paper's NeXT numbers; spatial = the model's own layout with "
@@ -216,8 +217,8 @@ def drop_config_from_args(args: argparse.Namespace) -> DropConfig:
     except ValueError:
         raise ValueError(f"--drop_layers must be comma-separated integers, got {args.drop_layers!r}") from None
     return DropConfig(
-        vision_merge=not args.no_merge, merge_threshold=args.merge_thr, key_token_rate=args.key_rate,
-        drop_layers=drop_layers, global_thr=args.global_thr, individual_thr=args.individual_thr,
+        vision_merge=not args.no_merge, merge_threshold=args.merge_thr, key_share=args.key_rate,
+        drop_after=drop_layers, global_thr=args.global_thr, individual_thr=args.individual_thr,
         next_layout=args.next_layout,
     )
 

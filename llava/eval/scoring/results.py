@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llava.eval.answering.answers_file import RUN_KEY, first_difference
+from llava.eval.answering.answers_file import RUN_KEY, first_difference, with_current_option_names
 from llava.eval.jsonl import JsonlError, iter_jsonl
 from llava.output_paths import OutputPathError, check_output_file
 
@@ -181,6 +181,10 @@ def check_one_run(results: Results) -> None:
         these = run_settings(answer.record)
         if these == settings:
             continue
+        if these is not None and settings is not None:  # a run resumed across the options' renaming
+            these, settings = with_current_option_names(these), with_current_option_names(settings)
+            if these == settings:
+                continue
         if these is None or settings is None:
             recorded, missing = (first, answer) if these is None else (answer, first)
             detail = f"line {recorded.line} records its run's settings, line {missing.line} does not"
