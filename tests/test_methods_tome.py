@@ -17,11 +17,13 @@ from llava.drop.methods.tome import (
     constant_schedule,
     first_overdrawn_layer,
     groups_of,
+    merge_image,
     merging_layer,
     proportional_attention,
+    released_order,
     smallest_reachable_count,
 )
-from llava.drop.vision import encode_image
+from llava.drop.vision import embed_patches, encode_image
 from llava.mm_utils import load_image, process_images
 from tests.conftest import NEXT_DEMO_IMAGES, answer, next_demo_inputs
 
@@ -77,27 +79,40 @@ def test_matches_protect_cls_rank_stably_and_tie_to_the_earlier_b_token():
     assert [t.tolist() for t in bipartite_matches(KEYS, 3)] == [[2, 4, 6], [1, 3, 3]]  # A6: B3 over B5
 
 
-def test_merge_is_the_size_weighted_average_and_keeps_order():
+def test_merge_is_the_size_weighted_average():
     sizes = torch.tensor([1.0, 1.0, 2.0, 1.0, 3.0, 1.0, 1.0])
-    merged, new_sizes, destination = bipartite_merge(TOKENS, sizes, KEYS, 3)
+    merged, new_sizes, destination, kept = bipartite_merge(TOKENS, sizes, KEYS, 3)
     expected = torch.stack([TOKENS[0], (TOKENS[1] + 2 * TOKENS[2]) / 3,
                             (TOKENS[3] + 3 * TOKENS[4] + TOKENS[6]) / 5, TOKENS[5]])
     torch.testing.assert_close(merged, expected)
     assert torch.equal(merged[0], TOKENS[0]) and torch.equal(merged[3], TOKENS[5])  # untouched: exact
     assert new_sizes.tolist() == [1.0, 3.0, 5.0, 1.0]
     assert destination.tolist() == [0, 1, 1, 2, 2, 3, 2]
+    assert kept.tolist() == [0, 1, 3, 5]  # every A token but CLS merged: the B tokens follow CLS
+
+
+def test_merged_tokens_run_on_in_the_released_order():
+    """ToMe's `merge` returns the unmerged A tokens, then the B tokens (each ascending): that order makes the
+    next layer's sets."""
+    assert released_order(7, torch.tensor([2])).tolist() == [0, 4, 6, 1, 3, 5]
+    assert released_order(8, torch.tensor([4, 2])).tolist() == [0, 6, 1, 3, 5, 7]
+    merged, _, destination, kept = bipartite_merge(TOKENS, torch.ones(7), KEYS, 1)  # A2 -> B1
+    assert kept.tolist() == [0, 4, 6, 1, 3, 5]
+    expected = torch.stack([TOKENS[0], TOKENS[4], TOKENS[6], TOKENS[1:3].mean(0), TOKENS[3], TOKENS[5]])
+    assert torch.equal(merged, expected)
+    assert destination.tolist() == [0, 3, 3, 4, 1, 5, 2]
 
 
 def test_unit_sizes_give_plain_means_and_the_input_dtype():
-    merged, new_sizes, _ = bipartite_merge(TOKENS.to(torch.bfloat16), torch.ones(7), KEYS, 2)
+    merged, new_sizes, _, _ = bipartite_merge(TOKENS.to(torch.bfloat16), torch.ones(7), KEYS, 2)
     assert merged.dtype == torch.bfloat16 and new_sizes.dtype == torch.float32
-    expected = torch.stack([TOKENS[0], TOKENS[1:3].mean(0), TOKENS[3:5].mean(0), TOKENS[5], TOKENS[6]])
-    assert torch.equal(merged, expected.to(torch.bfloat16))
-    assert new_sizes.tolist() == [1.0, 2.0, 2.0, 1.0, 1.0]
+    expected = torch.stack([TOKENS[0], TOKENS[6], TOKENS[1:3].mean(0), TOKENS[3:5].mean(0), TOKENS[5]])
+    assert torch.equal(merged, expected.to(torch.bfloat16))  # A0, A6 unmerged, then B1, B3, B5
+    assert new_sizes.tolist() == [1.0, 1.0, 2.0, 2.0, 1.0]
 
 
 def test_cls_never_merges_even_at_the_cap():
-    merged, _, destination = bipartite_merge(TOKENS, torch.ones(7), KEYS, 3)  # 3 = every A token but CLS
+    merged, _, destination, _ = bipartite_merge(TOKENS, torch.ones(7), KEYS, 3)  # 3 = every A token but CLS
     assert torch.equal(merged[0], TOKENS[0]) and destination[0] == 0
     with pytest.raises(ValueError, match="cannot merge 4 of 7 tokens: at most 3"):
         bipartite_merge(TOKENS, torch.ones(7), KEYS, 4)
@@ -105,7 +120,7 @@ def test_cls_never_merges_even_at_the_cap():
 
 def test_patch_groups_follow_the_merges():
     owner = torch.arange(1, 7)  # patches 0..5 are tokens 1..6
-    _, _, destination = bipartite_merge(TOKENS, torch.ones(7), KEYS, 3)
+    _, _, destination, _ = bipartite_merge(TOKENS, torch.ones(7), KEYS, 3)
     assert groups_of(destination[owner], 4) == [[0, 1], [2, 3, 5], [4]]
     assert groups_of(owner, 7) == [[0], [1], [2], [3], [4], [5]]
 
@@ -176,6 +191,23 @@ def test_budget_64_gives_64_tokens_covering_every_patch_once(loaded_original, de
 def test_default_r_merges_8_per_layer(loaded_original, demo_images):
     output = ToMe().encode_image(loaded_original[1], pixels(loaded_original, demo_images[1]))
     assert output.stats["vision_tokens"] == PATCHES - RUN_LAYERS * DEFAULT_R
+
+
+def test_tokens_leave_the_tower_in_the_original_order(loaded_original, demo_images):
+    """Inside the tower the tokens run in ToMe's order; out of it each token stands at the original position of
+    the token it grew from (the one its merges ended in), CLS first."""
+    model, schedule = loaded_original[1], [100, 60, 30]
+    layers = model.model.vision_tower.encoder.layers[: len(schedule)]
+    with torch.no_grad():
+        hidden = embed_patches(model.model.vision_tower, pixels(loaded_original, demo_images[0]))
+        reduced = merge_image(layers, hidden, schedule)
+        origins, sizes = torch.arange(1 + PATCHES), None
+        for layer, r in zip(layers, schedule):
+            hidden, sizes, _, kept = merging_layer(layer, hidden, sizes, r)
+            origins = origins[kept]
+    assert origins[0] == 0 and not torch.equal(origins, origins.sort().values)  # ToMe's order inside
+    assert torch.equal(reduced.hidden, hidden[0, origins.argsort()])
+    assert all(int(origin) - 1 in group for origin, group in zip(origins.sort().values[1:], reduced.patch_groups))
 
 
 def test_merging_nothing_is_the_unpruned_model(loaded_original, demo_images):
