@@ -12,7 +12,8 @@ from transformers import LlavaForConditionalGeneration
 
 from llava.bench.next_settings import NEXT_TARGETS
 from llava.bench.prefill_decode import QWEN_KEEPS, SETTINGS, parse_args, qwen_settings
-from llava.bench.workload import BASELINE, LLM_LAYERS, RATIO_OF, SHAPES, VISION_LAYERS, model_config, shape_name
+from llava.bench.workload import BASELINE, RATIO_OF, SHAPES, shape_name
+from llava.model.random_llava import LLM_LAYERS, VISION_LAYERS, transformers_config
 from tests.conftest import REPO_ROOT
 
 OUTPUT_FILES = ("results.json", "results.md", "results.png")
@@ -193,7 +194,7 @@ def check_throughput_qwen(folder, saved: dict) -> None:
 
 def test_7b_proportioned_shape_divides_every_width_of_7b_by_four():
     shape = SHAPES[shape_name(parse_args(["--shape", "7b-proportioned"]))]
-    config = model_config(shape, next_model=False)
+    config = transformers_config(shape, next_model=False)
     vision, text = config.vision_config, config.text_config
     widths = (vision.hidden_size, vision.intermediate_size, vision.num_attention_heads,
               text.hidden_size, text.intermediate_size, text.num_attention_heads, text.num_key_value_heads)

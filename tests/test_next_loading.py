@@ -19,8 +19,9 @@ from llava.model.checkpoint_files import CheckpointError, iter_tensors, weight_f
 from llava.model.convert import main as convert_main
 from llava.model.geometry import ModelGeometry, geometry_of_model, read_geometry
 from llava.model.original_layout import swap_pairs
+from llava.model.random_llava import LLM_LAYERS
 
-NEXT_GEOMETRY = ModelGeometry(decoder_layers=tiny.LLM_LAYERS, vision_tokens=576, patch_tokens=576,
+NEXT_GEOMETRY = ModelGeometry(decoder_layers=LLM_LAYERS, vision_tokens=576, patch_tokens=576,
                               context_length=tiny.NEXT_MAX_POSITIONS, max_crops=4,
                               max_vision_tokens=5 * 576 + 48)  # 2x2 crops + base, one newline per 48-patch row
 QUESTION = "\nWhat is the word? ASSISTANT:"
@@ -40,7 +41,7 @@ def test_both_layouts_load_as_llava_next(loaded_next_original, loaded_next_hf):
         assert model.config.mm_patch_merge_type == "spatial_unpad"
         assert model.config.mm_use_im_start_end is False
         assert model.config.mm_vision_select_layer == -2
-        assert model.model.image_newline.shape == (tiny.LLM_HIDDEN,)
+        assert model.model.image_newline.shape == (tiny.TINY_SHAPE.llm_hidden,)
         assert context_len == tiny.NEXT_MAX_POSITIONS
 
 
@@ -128,7 +129,7 @@ def test_generate_through_transformers_matches_across_layouts(loaded_next_origin
     torch.testing.assert_close(hf_features, features, rtol=0, atol=0)
     # 576 base tokens, then the two crops stacked as LLaVA tiles a small tall image (a 24-wide, 48-high
     # grid), cut back to the image's 180:300 aspect (40 rows x 24 columns), a newline after each row
-    assert features.shape == (IMAGE_0_TOKENS, tiny.LLM_HIDDEN)
+    assert features.shape == (IMAGE_0_TOKENS, tiny.TINY_SHAPE.llm_hidden)
 
     input_ids = prompt_ids(tokenizer, hf_model.config.image_token_id, features.shape[0])
     with torch.no_grad():
@@ -199,7 +200,7 @@ def test_flat_merging_needs_no_newline(tiny_next_original, tmp_path):
     _, model, _, _ = load_pretrained_model(str(copy), device="cpu", torch_dtype="fp32")
     assert type(model) is LlavaNextForConditionalGeneration
     assert model.config.mm_patch_merge_type == "flat"
-    assert torch.equal(model.model.image_newline, torch.zeros(tiny.LLM_HIDDEN))
+    assert torch.equal(model.model.image_newline, torch.zeros(tiny.TINY_SHAPE.llm_hidden))
 
 
 def test_convert_cli_writes_a_llava_next_checkpoint(tiny_next_original, tmp_path):

@@ -13,8 +13,10 @@ import torch
 from safetensors.torch import load_file
 
 from llava.model import tiny
+from llava.model.random_llava import EOS_ID, IMAGE_SIZE, LLM_LAYERS, PATCH_SIZE, VISION_LAYERS
 from llava.model.tiny import (
     COMPLETE_MARKER,
+    TINY_SHAPE,
     VISION_TOWER_DIRNAME,
     write_tiny_checkpoint,
 )
@@ -85,14 +87,14 @@ def test_index_covers_every_tensor(build: Callable[..., Path], weights_format: s
     index, tensors = _load_weights(model_dir, weights_format)
     assert set(index["weight_map"]) == set(tensors)
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
-    assert len(tensors) == 1 + tiny.LLM_LAYERS * TENSORS_PER_LAYER + 1 + PROJECTOR_TENSORS + 1
+    assert len(tensors) == 1 + LLM_LAYERS * TENSORS_PER_LAYER + 1 + PROJECTOR_TENSORS + 1
     assert not any("vision_tower" in name for name in tensors)
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
-    assert tensors["lm_head.weight"].shape == (vocab, tiny.LLM_HIDDEN)
+    assert tensors["lm_head.weight"].shape == (vocab, TINY_SHAPE.llm_hidden)
     assert tensors["model.layers.0.self_attn.k_proj.weight"].shape == (
-        tiny.LLM_KV_HEADS * tiny.LLM_HEAD_DIM, tiny.LLM_HIDDEN)
-    assert tensors["model.mm_projector.0.weight"].shape == (tiny.LLM_HIDDEN, tiny.MM_HIDDEN)
-    assert tensors["model.mm_projector.2.bias"].shape == (tiny.LLM_HIDDEN,)
+        TINY_SHAPE.llm_kv_heads * TINY_SHAPE.llm_head_dim, TINY_SHAPE.llm_hidden)
+    assert tensors["model.mm_projector.0.weight"].shape == (TINY_SHAPE.llm_hidden, TINY_SHAPE.vision_hidden)
+    assert tensors["model.mm_projector.2.bias"].shape == (TINY_SHAPE.llm_hidden,)
 
 
 def test_config_matches_weights_and_tokenizer(ckpt: Path) -> None:
@@ -154,18 +156,18 @@ def test_vision_tower_loads_with_transformers(ckpt: Path) -> None:
 
     tower_dir = ckpt / VISION_TOWER_DIRNAME
     processor = CLIPImageProcessorPil.from_pretrained(tower_dir)
-    assert processor.size["shortest_edge"] == tiny.IMAGE_SIZE
-    assert (processor.crop_size["height"], processor.crop_size["width"]) == (tiny.IMAGE_SIZE, tiny.IMAGE_SIZE)
+    assert processor.size["shortest_edge"] == IMAGE_SIZE
+    assert (processor.crop_size["height"], processor.crop_size["width"]) == (IMAGE_SIZE, IMAGE_SIZE)
     image = Image.linear_gradient("L").convert("RGB").resize((400, 300))
     pixels = processor(images=image, return_tensors="pt").pixel_values
-    assert pixels.shape == (1, 3, tiny.IMAGE_SIZE, tiny.IMAGE_SIZE)
+    assert pixels.shape == (1, 3, IMAGE_SIZE, IMAGE_SIZE)
 
     model = CLIPVisionModel.from_pretrained(tower_dir, attn_implementation="eager").eval()
     with torch.no_grad():
         out = model(pixel_values=pixels, output_hidden_states=True, output_attentions=True)
-    num_patches = (tiny.IMAGE_SIZE // tiny.PATCH_SIZE) ** 2
-    assert out.last_hidden_state.shape == (1, num_patches + 1, tiny.VISION_HIDDEN)
-    assert len(out.hidden_states) == tiny.VISION_LAYERS + 1
+    num_patches = (IMAGE_SIZE // PATCH_SIZE) ** 2
+    assert out.last_hidden_state.shape == (1, num_patches + 1, TINY_SHAPE.vision_hidden)
+    assert len(out.hidden_states) == VISION_LAYERS + 1
     assert all(torch.isfinite(h).all() for h in out.hidden_states)
     cls_to_patches = out.attentions[-1][0, :, 0, 1:].mean(0)
     assert cls_to_patches.max() > UNIFORMITY_RATIO * cls_to_patches.min(), "CLS attention is near uniform"
@@ -190,7 +192,7 @@ def test_greedy_decoding_varies(ckpt: Path) -> None:
         with torch.no_grad():
             out = model.generate(ids, max_new_tokens=GREEDY_TOKENS, do_sample=False)
         answers.append(out[0, ids.shape[1]:].tolist())
-    assert all(answer[0] != tiny.EOS_ID and len(set(answer)) > 1 for answer in answers)
+    assert all(answer[0] != EOS_ID and len(set(answer)) > 1 for answer in answers)
     assert answers[0] != answers[1]
 
 

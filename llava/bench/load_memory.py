@@ -25,8 +25,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from llava.bench.workload import SHAPES, ModelShape
+from llava.bench.workload import SHAPES
 from llava.model import tiny
+from llava.model.random_llava import VOCAB_SIZE, ModelShape, original_llm_shapes
 
 SHARD_BYTES = 10 * 2**30  # LLaVA's .bin shards hold up to ~10 GB
 GIB = 2**30
@@ -40,50 +41,21 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 """
 
 
-def language_shapes(shape: ModelShape) -> dict[str, tuple[int, ...]]:
-    """The original layout's language-model and projector tensors at `shape` (LLaVA-1.5's names)."""
-    hidden, inner, vocab = shape.llm_hidden, shape.llm_intermediate, 32000
-    kv = hidden // shape.llm_heads * shape.llm_kv_heads
-    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,),
-              "lm_head.weight": (vocab, hidden), "model.mm_projector.0.weight": (hidden, shape.vision_hidden),
-              "model.mm_projector.0.bias": (hidden,), "model.mm_projector.2.weight": (hidden, hidden),
-              "model.mm_projector.2.bias": (hidden,)}
-    for layer in range(tiny.LLM_LAYERS):
-        prefix = f"model.layers.{layer}."
-        shapes.update({prefix + "input_layernorm.weight": (hidden,), prefix + "post_attention_layernorm.weight": (hidden,),
-                       prefix + "self_attn.q_proj.weight": (hidden, hidden), prefix + "self_attn.k_proj.weight": (kv, hidden),
-                       prefix + "self_attn.v_proj.weight": (kv, hidden), prefix + "self_attn.o_proj.weight": (hidden, hidden),
-                       prefix + "mlp.gate_proj.weight": (inner, hidden), prefix + "mlp.up_proj.weight": (inner, hidden),
-                       prefix + "mlp.down_proj.weight": (hidden, inner)})
-    return shapes
-
-
-def tower_config(shape: ModelShape):
-    config = tiny.clip_config().vision_config
-    config.hidden_size, config.intermediate_size = shape.vision_hidden, shape.vision_intermediate
-    config.num_attention_heads = shape.vision_heads
-    return config
-
-
 def write_checkpoint(out: Path, shape: ModelShape, weights_format: str) -> int:
     """A random original-layout LLaVA-1.5 checkpoint at `shape` in `out`; returns its parameter count."""
-    from transformers import CLIPVisionModel
+    from transformers import CLIPVisionConfig, CLIPVisionModel
 
     template = Path(tiny.write_tiny_checkpoint(out.parent / "template", layout="original"))
     out.mkdir(parents=True)
     for name in TEMPLATE_FILES:
         shutil.copy(template / name, out / name)
-    config = json.loads((template / "config.json").read_text())
-    config.update(hidden_size=shape.llm_hidden, intermediate_size=shape.llm_intermediate,
-                  num_attention_heads=shape.llm_heads, num_key_value_heads=shape.llm_kv_heads, vocab_size=32000,
-                  mm_hidden_size=shape.vision_hidden)
-    (out / "config.json").write_text(json.dumps(config, indent=2))
+    (out / "config.json").write_text(json.dumps(tiny.llava_config(VOCAB_SIZE, shape), indent=2))
     gen = torch.Generator().manual_seed(0)
-    count = write_shards(out, language_shapes(shape), weights_format, gen)
+    count = write_shards(out, original_llm_shapes(shape, VOCAB_SIZE), weights_format, gen)
     tower_dir = out / tiny.VISION_TOWER_DIRNAME
     tower_dir.mkdir()
     with torch.device("meta"):
-        tower = CLIPVisionModel(tower_config(shape))
+        tower = CLIPVisionModel(CLIPVisionConfig(**shape.clip_vision_settings()))
     tower.config.save_pretrained(tower_dir)
     shutil.copy(template / tiny.VISION_TOWER_DIRNAME / "preprocessor_config.json", tower_dir)
     tower_shapes = {vision_model_name(name): tuple(param.shape) for name, param in tower.named_parameters()}

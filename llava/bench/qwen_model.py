@@ -15,9 +15,11 @@ import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil, smart_resize
 
-from llava.bench.workload import QK_GAIN, ModelShape, Workload, first_demo_image, init_peaked, synthetic_text_ids
+from llava.bench.workload import Workload, first_demo_image, synthetic_text_ids
 from llava.constants import IMAGE_TOKEN_INDEX
 from llava.model.qwen import qwen_image_inputs
+from llava.model.random_llava import ModelShape
+from llava.model.random_weights import BENCHMARK_INIT, init_peaked
 
 VOCAB_SIZE = 152064
 DECODER_LAYERS = 28
@@ -25,6 +27,9 @@ VISION_BLOCKS = 32
 FULL_ATTENTION_EVERY = 8  # blocks 7, 15, 23, 31 attend globally, the others within windows
 MAX_POSITIONS = 128000
 MROPE_SECTION = [16, 24, 24]  # over a head size of 128
+# Residual writes in the tower and the decoder are damped as for LLaVA-1.5's 32 layers (the decoder has 28):
+# the weights the recorded timings were measured on.
+RESIDUAL_DEPTH = 32
 IMAGE_SIZE = (1024, 768)  # (width, height): 37 x 27 tokens of 28 px at the 7B checkpoint's limit
 QUICK_IMAGE_SIZE = (448, 336)  # the quick shape's (CI): 16 x 12 tokens
 MIN_PIXELS = 3136  # Qwen2.5-VL-7B-Instruct's preprocessor_config.json (its max_pixels, 12845056, leaves
@@ -68,19 +73,19 @@ def qwen_config(shape: QwenShape) -> Qwen2_5_VLConfig:
     vision = {"depth": shape.vision_blocks, "hidden_size": shape.vision_hidden,
               "intermediate_size": shape.vision_intermediate, "num_heads": shape.vision_heads,
               "out_hidden_size": shape.llm_hidden, "fullatt_block_indexes": shape.full_attention_blocks}
-    head = shape.llm_hidden // shape.llm_heads
-    if head != sum(MROPE_SECTION) * 2:
-        raise ValueError(f"shape's decoder head size {head} does not fit M-RoPE sections {MROPE_SECTION}")
+    if shape.llm_head_dim != sum(MROPE_SECTION) * 2:
+        raise ValueError(f"shape's decoder head size {shape.llm_head_dim} does not fit M-RoPE sections {MROPE_SECTION}")
     return Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=VOCAB_SIZE - 1)
 
 
 def random_qwen(shape: QwenShape, seed: int, device: str, dtype: torch.dtype,
                 max_pixels: int) -> Qwen2_5_VLForConditionalGeneration:
-    """Seeded weights, peaked attention as `init_peaked` gives the LLaVA benchmarks, built where it runs."""
+    """Seeded weights by the LLaVA benchmarks' `BENCHMARK_INIT` (peaked attention), built where it runs."""
     with torch.device(device):
         model = Qwen2_5_VLForConditionalGeneration._from_config(qwen_config(shape), attn_implementation="sdpa",
                                                                dtype=dtype)
-    init_peaked(model, torch.Generator(device=device).manual_seed(seed))
+    gen = torch.Generator(device=device).manual_seed(seed)
+    init_peaked(model, gen, BENCHMARK_INIT, depth_of=lambda name: RESIDUAL_DEPTH)
     model.config.max_pixels = max_pixels
     return model.eval()
 
@@ -109,7 +114,7 @@ def qwen_workload(shape_name: str, seed: int, device: str, dtype: torch.dtype) -
     input_ids = torch.cat([system, torch.tensor([IMAGE_TOKEN_INDEX]), text])[None]
     tokens = int(grid.prod()) // 4
     description = (f"random Qwen2.5-VL-shaped model, shape {shape_name!r} (seed {seed}): {shape.describe()}. Init: "
-                   f"fan-in scaled normals, q/k gain {QK_GAIN}. Prompt: {SYSTEM_TOKENS} system ids + <image> + "
-                   f"{TEXT_TOKENS} text ids; image: the first demo image resized to {size[0]} x {size[1]} "
+                   f"fan-in scaled normals, q/k gain {BENCHMARK_INIT.qk_gain}. Prompt: {SYSTEM_TOKENS} system ids + "
+                   f"<image> + {TEXT_TOKENS} text ids; image: the first demo image resized to {size[0]} x {size[1]} "
                    f"px, patch grid {grid[0].tolist()} -> {tokens} vision tokens (max_pixels {max_pixels}: this image's)")
     return Workload(model, input_ids, pixel_values, description, grid)

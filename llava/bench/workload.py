@@ -19,10 +19,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from torch import nn
 from transformers import (
-    CLIPVisionConfig,
-    LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaNextConfig,
@@ -33,12 +30,23 @@ from llava.constants import IMAGE_TOKEN_INDEX
 from llava.drop.generate import SamplingConfig, generate
 from llava.drop.methods import DropConfig, DropMethod, as_method
 from llava.mm_utils import load_image
-from llava.model.anyres import ANYRES_ASPECT_RATIO, anyres_grid
+from llava.model.anyres import anyres_grid
 from llava.model.builder import check_device, load_pretrained_model, resolve_dtype
 from llava.model.image_processor import default_clip_image_processor
 from llava.model.inputs import encode_question, image_inputs
 from llava.model.original_layout import swap_pairs
 from llava.model.qwen import QWEN_CONV_MODE, is_qwen
+from llava.model.random_llava import (
+    BOS_ID,
+    FIRST_WORD_ID,
+    IMAGE_SIZE,
+    NEXT_MERGE_TYPE,
+    PATCH_SIZE,
+    VOCAB_SIZE,
+    ModelShape,
+    random_llava,
+)
+from llava.model.random_weights import BENCHMARK_INIT, EMBED_STD
 from llava.output_paths import check_output_folder
 
 CHECKOUT = Path(__file__).resolve().parents[2]  # the repository this package runs from (pip install -e .)
@@ -50,25 +58,12 @@ CONV_MODE = "vicuna_v1"
 QUESTION = "What is written on the sign in the picture? Answer the question using a single word or phrase."
 
 # Synthetic prompt for the random model: [BOS][system][<image>][question + "ASSISTANT:"].
-BOS_ID = 1
 SYSTEM_TOKENS = 35  # vicuna_v1's system prompt and "USER:" in the Llama tokenizer
 TEXT_TOKENS = 60  # a TextVQA question with OCR tokens and the answer-format suffix
-FIRST_WORD_ID = 259  # skip <unk>, <s>, </s> and the 256 byte pieces
 
-# Random-model geometry shared by every shape: the real LLaVA-1.5 layer counts, vocabulary and image.
-IMAGE_SIZE = 336
-PATCH_SIZE = 14
-VISION_LAYERS = 24
-LLM_LAYERS = 32
-VOCAB_SIZE = 32000
-MAX_POSITIONS = 4096
-VISION_FEATURE_LAYER = -2  # LLaVA-1.5 and v1.6 take the penultimate CLIP layer
-VISION_SELECT_STRATEGY = "default"  # transformers' name for dropping CLS (LLaVA's "patch")
-# LLaVA-NeXT (v1.6): its real grid pinpoints, in transformers' [height, width] order, and a square
-# image that the 2 x 2 grid fits exactly, so that every view is used and spatial_unpad removes nothing.
-NEXT_GRID_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+# LLaVA-NeXT's image: a square that the 2 x 2 grid fits exactly, so that every view is used and
+# spatial_unpad removes nothing.
 NEXT_IMAGE_SIDE = 672
-NEXT_MERGE_TYPE = "spatial_unpad"
 # The NeXT image: black, with one strip of seeded noise per quadrant. MustDrop's stage 1 merges the 3 x 3
 # patch windows (42 px in a crop, 84 px of the image in the squashed base view) that are flat. A strip
 # of 252 x 84 px placed on multiples of 84 px covers 6 x 2 windows of its crop and 3 x 1 windows of
@@ -78,44 +73,13 @@ NEXT_MERGE_TYPE = "spatial_unpad"
 # one keeps most of 2880 (160 out of reach: layers 0-2 and the 8 % key set alone average more).
 STRIP_SIZE = (252, 84)  # (width, height)
 STRIP_OFFSET = (84, 168)  # (left, top) inside each 336 px quadrant
-# Initialisation: fan-in scaled normals. A gain on q/k sharpens attention (std 0.02 everywhere gives
-# near-uniform rows, and MustDrop's thresholds then drop almost nothing); small embeddings keep flat
-# image regions similar after CLIP layer 0 so that the spatial merge sees realistic similarities.
-# With QK_GAIN 4 (attention logits of std ~16) the settings 192 / 128 / 64 keep 196 / 196 / 136
-# layer-averaged vision tokens on the quick model and 284 / 284 / 220 on the full one (more heads
-# average out); at gain 2 the quick model keeps 360 / 360 / 257, barely below the merge's 360.
-QK_GAIN = 4.0
-EMBED_STD = 0.02
-TOKEN_EMBED_STD = 1.0
-BIAS_STD = 0.02
-QK_NAMES = ("q_proj.weight", "k_proj.weight")
-RESIDUAL_WRITE_NAMES = ("o_proj.weight", "down_proj.weight", "out_proj.weight", "fc2.weight")
 
 DEFAULT_THREADS = 1
 MIB = 2**20
 PROFILER_MEMORY_EVENT = "[memory]"
 
 
-@dataclass(frozen=True)
-class ModelShape:
-    """Widths of the random model; layer counts and token counts are always LLaVA-1.5's."""
-
-    vision_hidden: int
-    vision_intermediate: int
-    vision_heads: int
-    llm_hidden: int
-    llm_intermediate: int
-    llm_heads: int
-    llm_kv_heads: int
-
-    def describe(self) -> str:
-        return (f"CLIP {VISION_LAYERS} layers x {self.vision_hidden} wide ({self.vision_heads} heads, "
-                f"MLP {self.vision_intermediate}), {IMAGE_SIZE} px / patch {PATCH_SIZE}; mlp2x_gelu projector; "
-                f"Llama {LLM_LAYERS} layers x {self.llm_hidden} wide ({self.llm_heads} heads, "
-                f"{self.llm_kv_heads} KV heads, MLP {self.llm_intermediate}), vocab {VOCAB_SIZE}")
-
-
-SHAPES = {
+SHAPES = {  # random LLaVA-1.5 widths (`ModelShape`): its layer counts and token counts are always the real ones
     # Real ViT-L/14-336 tower; decoder at 1/8 of Vicuna-7B's width so that it runs on two CPU cores.
     "narrow": ModelShape(1024, 4096, 16, 512, 1376, 8, 8),
     "quick": ModelShape(128, 512, 4, 128, 344, 4, 4),  # CI: every width narrowed to 128
@@ -137,74 +101,6 @@ class Workload:
     pixel_values: torch.Tensor
     description: str
     image_sizes: torch.Tensor | None = None
-
-
-def model_config(shape: ModelShape, next_model: bool) -> LlavaConfig | LlavaNextConfig:
-    """LLaVA-1.5's config at `shape`, or LLaVA-NeXT's (v1.6: anyres grid pinpoints, spatial_unpad)."""
-    vision = CLIPVisionConfig(
-        hidden_size=shape.vision_hidden, intermediate_size=shape.vision_intermediate,
-        num_attention_heads=shape.vision_heads, num_hidden_layers=VISION_LAYERS,
-        image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, hidden_act="quick_gelu")
-    text = LlamaConfig(
-        hidden_size=shape.llm_hidden, intermediate_size=shape.llm_intermediate,
-        num_attention_heads=shape.llm_heads, num_key_value_heads=shape.llm_kv_heads,
-        num_hidden_layers=LLM_LAYERS, vocab_size=VOCAB_SIZE, max_position_embeddings=MAX_POSITIONS)
-    shared = dict(vision_config=vision, text_config=text, vision_feature_layer=VISION_FEATURE_LAYER,
-                  vision_feature_select_strategy=VISION_SELECT_STRATEGY, projector_hidden_act="gelu",
-                  image_token_id=VOCAB_SIZE)
-    if not next_model:
-        return LlavaConfig(**shared)
-    config = LlavaNextConfig(**shared, image_grid_pinpoints=NEXT_GRID_PINPOINTS,
-                             image_seq_length=(IMAGE_SIZE // PATCH_SIZE) ** 2)
-    config.image_aspect_ratio = ANYRES_ASPECT_RATIO  # what `image_inputs` tiles by, as for an original checkpoint
-    config.mm_patch_merge_type = NEXT_MERGE_TYPE
-    return config
-
-
-def random_llava(shape: ModelShape, seed: int, device: str, dtype: torch.dtype,
-                 next_model: bool = False) -> LlavaForConditionalGeneration | LlavaNextForConditionalGeneration:
-    """A LLaVA-shaped model with seeded weights whose attention is peaked like a trained one's.
-
-    Built and initialised on `device` in `dtype`, so that the 7B shape never needs an fp32 copy in CPU
-    memory; the same seed gives the same weights on the same kind of device.
-    """
-    model_class = LlavaNextForConditionalGeneration if next_model else LlavaForConditionalGeneration
-    with torch.device(device):
-        model = model_class._from_config(model_config(shape, next_model), attn_implementation="sdpa", dtype=dtype)
-    init_peaked(model, torch.Generator(device=device).manual_seed(seed))
-    return model.eval()
-
-
-@torch.no_grad()
-def init_peaked(model: nn.Module, gen: torch.Generator) -> None:
-    """Overwrite every parameter from `gen` (see QK_GAIN and the other init constants)."""
-    num_layers = {"vision_tower": VISION_LAYERS, "language_model": LLM_LAYERS}
-    for name, param in model.named_parameters():
-        depth = next((n for part, n in num_layers.items() if part in name), LLM_LAYERS)
-        param.copy_(initial_value(name, param, depth, gen))
-
-
-def initial_value(name: str, param: torch.Tensor, depth: int, gen: torch.Generator) -> torch.Tensor:
-    """Norms 1/0, small embeddings and biases, fan-in scaled weights with q/k and residual gains."""
-    if "norm" in name:  # CLIP pre_layrnorm / layer_norm*, Llama *_layernorm and final norm
-        return torch.ones_like(param) if name.endswith("weight") else torch.zeros_like(param)
-    if "embed_tokens" in name:
-        return normal(param, TOKEN_EMBED_STD, gen)
-    if "embedding" in name:  # CLIP class, patch and position embeddings
-        return normal(param, EMBED_STD, gen)
-    if name.endswith("bias"):
-        return normal(param, BIAS_STD, gen)
-    if name.endswith("image_newline"):  # NeXT's row-end token: an embedding of unit-ish norm
-        return normal(param, 1.0 / math.sqrt(param.numel()), gen)
-    gain = QK_GAIN if name.endswith(QK_NAMES) else 1.0
-    if name.endswith(RESIDUAL_WRITE_NAMES):
-        gain = 1.0 / math.sqrt(2 * depth)  # keeps the residual stream bounded over all layers
-    return normal(param, gain / math.sqrt(param[0].numel()), gen)
-
-
-def normal(param: torch.Tensor, std: float, gen: torch.Generator) -> torch.Tensor:
-    """Seeded N(0, std^2) drawn where `param` lives, in its dtype (a 7B model on a GPU in seconds)."""
-    return torch.randn(param.shape, generator=gen, device=param.device, dtype=param.dtype) * std
 
 
 def first_demo_image() -> Image.Image:
@@ -268,14 +164,15 @@ def synthetic_text_ids(seed: int, vocab_size: int, lengths: tuple[int, ...]) -> 
 def random_workload(shape_name: str, seed: int, device: str, dtype: torch.dtype, next_model: bool = False) -> Workload:
     """The seeded random model at `shape_name` with the synthetic prompt: LLaVA-1.5 with the first demo
     image padded to 336 px, or LLaVA-NeXT with `next_image`, which fills its 2 x 2 grid."""
-    model = random_llava(SHAPES[shape_name], seed, device, dtype, next_model)
+    model = random_llava(SHAPES[shape_name], BENCHMARK_INIT, seed, device, dtype, next_model)
     image = next_image(seed) if next_model else first_demo_image()
     pixel_values, image_sizes = image_inputs(image, model.config, default_clip_image_processor())
     arch = "LLaVA-NeXT (v1.6)" if next_model else "LLaVA-1.5"
     description = (f"random {arch}-shaped model, shape {shape_name!r} (seed {seed}): {SHAPES[shape_name].describe()}. "
-                   f"Init: fan-in scaled normals, q/k gain {QK_GAIN} (CLIP and Llama) for peaked attention, residual "
-                   f"writes scaled 1/sqrt(2 x layers), CLIP embeddings std {EMBED_STD}. Prompt: BOS + {SYSTEM_TOKENS} "
-                   f"system ids + <image> + {TEXT_TOKENS} text ids; image: {image_note(image, model.config)}")
+                   f"Init: fan-in scaled normals, q/k gain {BENCHMARK_INIT.qk_gain} (CLIP and Llama) for peaked "
+                   f"attention, residual writes scaled 1/sqrt(2 x layers), CLIP embeddings std {EMBED_STD}. Prompt: "
+                   f"BOS + {SYSTEM_TOKENS} system ids + <image> + {TEXT_TOKENS} text ids; image: "
+                   f"{image_note(image, model.config)}")
     return Workload(model, synthetic_input_ids(seed), pixel_values, description, image_sizes)
 
 

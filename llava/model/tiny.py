@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import math
 import os
 import random
 import shutil
@@ -30,21 +29,33 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llava.model.qwen import QWEN_MODEL_TYPES as QWEN_ARCHS
+from llava.model.random_llava import (
+    BOS_ID,
+    EOS_ID,
+    FIRST_WORD_ID,
+    IMAGE_SIZE,
+    LLM_LAYERS,
+    NEXT_MERGE_TYPE,
+    PAD_ID,
+    PROJECTOR_TYPE,
+    VISION_ACT,
+    VISION_FEATURE_LAYER,
+    VISION_LAYER_NORM_EPS,
+    ModelShape,
+    original_llm_shapes,
+)
+from llava.model.random_weights import TINY_INIT, init_peaked, normal
 
 if TYPE_CHECKING:  # transformers is imported lazily: it is slow to import and only the tower needs it
     from transformers import CLIPConfig
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-# --- CLIP vision tower (ViT-L/14-336 geometry, narrow widths) ---
+# --- Widths: LLaVA-1.5's depths and image geometry (`llava.model.random_llava`), narrow everywhere ---
+TINY_SHAPE = ModelShape(vision_hidden=64, vision_intermediate=128, vision_heads=4, llm_hidden=64,
+                        llm_intermediate=176, llm_heads=4, llm_kv_heads=2)
+
+# --- CLIP vision tower: a whole CLIPModel, saved like openai/clip-vit-large-patch14-336 ---
 VISION_TOWER_DIRNAME = "clip-vision-tower"
-IMAGE_SIZE = 336
-PATCH_SIZE = 14
-VISION_LAYERS = 24
-VISION_HIDDEN = 64
-VISION_INTERMEDIATE = 128
-VISION_HEADS = 4
-VISION_ACT = "quick_gelu"
-VISION_LAYER_NORM_EPS = 1e-5
 CLIP_TEXT_LAYERS = 2
 CLIP_TEXT_HIDDEN = 32
 CLIP_TEXT_INTERMEDIATE = 64
@@ -56,35 +67,13 @@ CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 # --- Llama language model ---
-LLM_LAYERS = 32
-LLM_HIDDEN = 64
-LLM_INTERMEDIATE = 176
-LLM_HEADS = 4
-LLM_KV_HEADS = 2
-LLM_HEAD_DIM = LLM_HIDDEN // LLM_HEADS
 MAX_POSITIONS = 2048
 RMS_NORM_EPS = 1e-5
 ROPE_THETA = 10000.0
-PAD_ID, BOS_ID, EOS_ID = 0, 1, 2  # LLaVA pads with <unk> (id 0)
 
-# --- mlp2x_gelu projector: CLIP hidden -> LLM hidden ---
-PROJECTOR_TYPE = "mlp2x_gelu"
-MM_HIDDEN = VISION_HIDDEN
-
-# --- Initialisation scales: chosen so that attention is not uniform, activations stay finite through
-# all layers, and greedy decoding gives varied tokens (std 0.02 everywhere would make every
-# attention row uniform and every answer the same token). ---
-EMBED_STD = 0.02  # CLIP patch/position/class embeddings: uniform image regions stay similar
-TOKEN_EMBED_STD = 1.0  # Llama input embeddings
-LM_HEAD_STD = 0.5  # peaked next-token distribution
+# --- Weights: `TINY_INIT` (llava.model.random_weights), and output rows that favour word pieces ---
 EOS_ROW_SCALE = 0.5  # shrinks the EOS logit so EOS does not end every answer at once
 NON_WORD_ROW_SCALE = 0.25  # <unk>, <s> and byte pieces rarely win: greedy answers decode to readable text
-NUM_BYTE_PIECES = 256  # byte_fallback puts <0x00>..<0xFF> right after <unk>, <s>, </s>
-FIRST_WORD_PIECE_ID = EOS_ID + 1 + NUM_BYTE_PIECES
-VISION_QK_GAIN = 2.0  # sharper CLIP attention, so the CLS row singles out a key set
-LLM_QK_GAIN = 2.0  # sharper Llama attention: answers depend on the image and the question
-BIAS_STD = 0.02
-LLM_RESIDUAL_SCALE = 1.0 / math.sqrt(2 * LLM_LAYERS)  # o_proj/down_proj: keeps the residual stream bounded
 
 # --- Tokenizer (Llama-style SentencePiece BPE, trained here) ---
 TOKENIZER_VOCAB_SIZE = 1000
@@ -96,7 +85,6 @@ MAX_OCR_NUMBER, MAX_OCR_PRICE = 9999, 99
 # --- LLaVA-NeXT (v1.6): anyres tiling on a 2x2 grid at most, so tests stay fast ---
 NEXT_GRID_PINPOINTS = [[336, 672], [672, 336], [672, 672]]  # LLaVA writes [width, height]
 NEXT_MAX_POSITIONS = 4096  # a 2x2 grid gives up to 5 x 576 vision tokens plus newline tokens
-NEXT_MERGE_TYPE = "spatial_unpad"
 NEXT_TOWER_LR = 2e-06  # v1.6 fine-tunes the tower, so its weights ship inside the shards
 TOWER_TUNING_STD = 0.01  # how far the fine-tuned tower copy moves from the stand-alone tower
 ORIGINAL_TOWER_PREFIX = "model.vision_tower.vision_tower."  # LLaVA's CLIPVisionTower wraps CLIPVisionModel
@@ -209,7 +197,8 @@ def _write_original(model_dir: Path, seed: int, weights_format: str, arch: str =
     gen = _generator(seed, LLM_STREAM)
     tensors = llm_tensors(vocab_size, gen)
     if is_next:
-        extra = {"model.image_newline": _normal((LLM_HIDDEN,), 1 / math.sqrt(LLM_HIDDEN), gen)}
+        newline = torch.empty(TINY_SHAPE.llm_hidden)
+        extra = {"model.image_newline": TINY_INIT.value("model.image_newline", newline, gen)}
         extra.update(fine_tuned_tower_tensors(tower_dir, gen))
         tensors = next_tensor_order(tensors, extra)
     _write_shards(model_dir, tensors, weights_format)
@@ -233,7 +222,7 @@ def llava_next_config(vocab_size: int) -> dict:
 def fine_tuned_tower_tensors(tower_dir: Path, gen: torch.Generator) -> dict[str, torch.Tensor]:
     """The tower's vision weights, slightly moved, under the names LLaVA saves them inside its shards."""
     tower = load_file(str(tower_dir / "model.safetensors"))
-    return {ORIGINAL_TOWER_PREFIX + name: tensor + _normal(tuple(tensor.shape), TOWER_TUNING_STD, gen)
+    return {ORIGINAL_TOWER_PREFIX + name: tensor + normal(tensor, TOWER_TUNING_STD, gen)
             for name, tensor in tower.items() if name.startswith("vision_model.")}
 
 
@@ -250,17 +239,13 @@ def next_tensor_order(llm: dict[str, torch.Tensor], extra: dict[str, torch.Tenso
 # Language model and projector
 # ---------------------------------------------------------------------------------------------------
 
-def llava_config(vocab_size: int) -> dict:
-    """The `config.json` of the original layout, with `mm_vision_tower` relative to the model dir."""
+def llava_config(vocab_size: int, shape: ModelShape = TINY_SHAPE) -> dict:
+    """The `config.json` of the original layout at `shape`, with `mm_vision_tower` relative to the model dir."""
     return {
         "_name_or_path": "tiny-llava-v1.5",
         "architectures": ["LlavaLlamaForCausalLM"],
         "model_type": "llava",
-        "hidden_size": LLM_HIDDEN,
-        "intermediate_size": LLM_INTERMEDIATE,
-        "num_attention_heads": LLM_HEADS,
-        "num_key_value_heads": LLM_KV_HEADS,
-        "num_hidden_layers": LLM_LAYERS,
+        **shape.llama_settings(),
         "max_position_embeddings": MAX_POSITIONS,
         "rms_norm_eps": RMS_NORM_EPS,
         "rope_theta": ROPE_THETA,
@@ -274,8 +259,8 @@ def llava_config(vocab_size: int) -> dict:
         "initializer_range": 0.02,
         "mm_vision_tower": VISION_TOWER_DIRNAME,
         "mm_projector_type": PROJECTOR_TYPE,
-        "mm_hidden_size": MM_HIDDEN,
-        "mm_vision_select_layer": -2,
+        "mm_hidden_size": shape.vision_hidden,
+        "mm_vision_select_layer": VISION_FEATURE_LAYER,
         "mm_vision_select_feature": "patch",
         "image_aspect_ratio": "pad",
         "mm_use_im_start_end": False,
@@ -291,61 +276,20 @@ def llava_config(vocab_size: int) -> dict:
 
 
 def llm_tensors(vocab_size: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
-    """Llama + projector weights under the original LLaVA names, in the order HF saves them."""
-    tensors = {"model.embed_tokens.weight": _normal((vocab_size, LLM_HIDDEN), TOKEN_EMBED_STD, gen)}
-    for i in range(LLM_LAYERS):
-        tensors.update(_llama_layer(f"model.layers.{i}.", gen))
-    tensors["model.norm.weight"] = torch.ones(LLM_HIDDEN)
-    tensors.update(_projector(gen))
-    tensors["lm_head.weight"] = _lm_head(vocab_size, gen)
+    """Llama + projector weights under the original LLaVA names, in the order LLaVA saves them, drawn by
+    `TINY_INIT` with damped residual writes."""
+    tensors = {name: TINY_INIT.value(name, torch.empty(dims), gen, LLM_LAYERS)
+               for name, dims in original_llm_shapes(TINY_SHAPE, vocab_size).items()}
+    tensors["lm_head.weight"] *= _lm_head_row_scales(vocab_size)
     return tensors
 
 
-def _llama_layer(prefix: str, gen: torch.Generator) -> dict[str, torch.Tensor]:
-    """One decoder layer: fan-in scaled normal weights (see `_llm_gain`), unit RMSNorm weights."""
-    kv_width = LLM_KV_HEADS * LLM_HEAD_DIM
-    shapes = {
-        "self_attn.q_proj.weight": (LLM_HEADS * LLM_HEAD_DIM, LLM_HIDDEN),
-        "self_attn.k_proj.weight": (kv_width, LLM_HIDDEN),
-        "self_attn.v_proj.weight": (kv_width, LLM_HIDDEN),
-        "self_attn.o_proj.weight": (LLM_HIDDEN, LLM_HEADS * LLM_HEAD_DIM),
-        "mlp.gate_proj.weight": (LLM_INTERMEDIATE, LLM_HIDDEN),
-        "mlp.up_proj.weight": (LLM_INTERMEDIATE, LLM_HIDDEN),
-        "mlp.down_proj.weight": (LLM_HIDDEN, LLM_INTERMEDIATE),
-    }
-    layer = {}
-    for name, shape in shapes.items():
-        layer[prefix + name] = _normal(shape, _llm_gain(name) / math.sqrt(shape[1]), gen)
-    layer[prefix + "input_layernorm.weight"] = torch.ones(LLM_HIDDEN)
-    layer[prefix + "post_attention_layernorm.weight"] = torch.ones(LLM_HIDDEN)
-    return layer
-
-
-def _llm_gain(name: str) -> float:
-    """Fan-in std multiplier: sharper queries/keys, damped writes into the residual stream."""
-    if name.endswith(("q_proj.weight", "k_proj.weight")):
-        return LLM_QK_GAIN
-    if name.endswith(("o_proj.weight", "down_proj.weight")):
-        return LLM_RESIDUAL_SCALE
-    return 1.0
-
-
-def _projector(gen: torch.Generator) -> dict[str, torch.Tensor]:
-    """mlp2x_gelu: Linear(mm_hidden, hidden) -> GELU -> Linear(hidden, hidden), as `nn.Sequential` names."""
-    return {
-        "model.mm_projector.0.weight": _normal((LLM_HIDDEN, MM_HIDDEN), 1 / math.sqrt(MM_HIDDEN), gen),
-        "model.mm_projector.0.bias": _normal((LLM_HIDDEN,), BIAS_STD, gen),
-        "model.mm_projector.2.weight": _normal((LLM_HIDDEN, LLM_HIDDEN), 1 / math.sqrt(LLM_HIDDEN), gen),
-        "model.mm_projector.2.bias": _normal((LLM_HIDDEN,), BIAS_STD, gen),
-    }
-
-
-def _lm_head(vocab_size: int, gen: torch.Generator) -> torch.Tensor:
-    """Large-scale output rows give peaked logits; a small EOS row lets answers run several tokens."""
+def _lm_head_row_scales(vocab_size: int) -> torch.Tensor:
+    """Smaller rows for the special and byte pieces, and for EOS, so that answers run several word pieces."""
     row_scale = torch.ones(vocab_size, 1)
-    row_scale[:FIRST_WORD_PIECE_ID] = NON_WORD_ROW_SCALE
+    row_scale[:FIRST_WORD_ID] = NON_WORD_ROW_SCALE
     row_scale[EOS_ID] = EOS_ROW_SCALE
-    return _normal((vocab_size, LLM_HIDDEN), LM_HEAD_STD, gen) * row_scale
+    return row_scale
 
 
 def _write_shards(model_dir: Path, tensors: dict[str, torch.Tensor], weights_format: str) -> None:
@@ -398,38 +342,20 @@ def clip_config() -> CLIPConfig:
             "hidden_act": VISION_ACT, "layer_norm_eps": VISION_LAYER_NORM_EPS,
             "projection_dim": CLIP_PROJECTION_DIM, "pad_token_id": PAD_ID, "bos_token_id": BOS_ID,
             "eos_token_id": EOS_ID}
-    vision = {"num_hidden_layers": VISION_LAYERS, "hidden_size": VISION_HIDDEN,
-              "intermediate_size": VISION_INTERMEDIATE, "num_attention_heads": VISION_HEADS,
-              "image_size": IMAGE_SIZE, "patch_size": PATCH_SIZE, "hidden_act": VISION_ACT,
-              "layer_norm_eps": VISION_LAYER_NORM_EPS, "projection_dim": CLIP_PROJECTION_DIM}
+    vision = {**TINY_SHAPE.clip_vision_settings(), "projection_dim": CLIP_PROJECTION_DIM}
     return CLIPConfig(text_config=text, vision_config=vision, projection_dim=CLIP_PROJECTION_DIM)
 
 
 def write_vision_tower(tower_dir: Path, gen: torch.Generator) -> None:
-    """Save a random `CLIPModel` and its PIL image processor like `openai/clip-vit-large-patch14-336`."""
+    """Save a random `CLIPModel` and its PIL image processor like `openai/clip-vit-large-patch14-336`; its
+    weights are drawn by `TINY_INIT`, residual writes undamped."""
     from transformers import CLIPModel
 
     with torch.random.fork_rng(devices=[]):  # transformers' own init must not move the caller's RNG
         model = CLIPModel(clip_config())
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            param.copy_(_clip_init(name, param, gen))
+    init_peaked(model, gen, TINY_INIT)
     model.save_pretrained(tower_dir)
     clip_image_processor().save_pretrained(tower_dir)
-
-
-def _clip_init(name: str, param: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Scaled normal init: fan-in scaling for linear weights keeps attention rows far from uniform."""
-    if name.endswith("logit_scale"):
-        return param.detach().clone()
-    if "norm" in name:  # pre_layrnorm, layer_norm1/2, post_layernorm, final_layer_norm
-        return torch.ones_like(param) if name.endswith("weight") else torch.zeros_like(param)
-    if "embedding" in name:
-        return _normal(tuple(param.shape), EMBED_STD, gen)
-    if name.endswith("bias"):
-        return _normal(tuple(param.shape), BIAS_STD, gen)
-    gain = VISION_QK_GAIN if name.endswith(("q_proj.weight", "k_proj.weight")) else 1.0
-    return _normal(tuple(param.shape), gain / math.sqrt(param.shape[1]), gen)
 
 
 def clip_image_processor() -> CLIPImageProcessorPil:
@@ -521,11 +447,6 @@ def _special_token(content: str) -> dict:
 def _generator(seed: int, stream: int) -> torch.Generator:
     """One independent RNG per part, so the LLM and the tower do not shift when the other changes."""
     return torch.Generator().manual_seed(seed * SEED_STREAMS + stream)
-
-
-def _normal(shape: tuple[int, ...], std: float, gen: torch.Generator) -> torch.Tensor:
-    """Seeded N(0, std^2) on CPU, so the same seed gives bit-identical files anywhere."""
-    return torch.randn(shape, generator=gen) * std
 
 
 def _write_json(path: Path, obj: dict) -> None:
