@@ -15,6 +15,8 @@ Environment (a side virtualenv; the project's own `llava` package must not be im
     #   pkunlp-icler/FastV           -> $FASTV
     #   Cooperx521/PyramidDrop       -> $PDROP  (a LLaVA fork: its `llava` replaces $LLAVA)
     #   42Shawn/LLaVA-PruMerge       -> $PRUMERGE  (only its vision tower file is used; needs matplotlib)
+    #   Gumpest/SparseVLMs           -> $SPARSEVLMS  (a LLaVA fork: its `llava` replaces $LLAVA; default mode,
+    #                                   USE_VERSION unset)
     .venv/bin/python -m llava.model.tiny --out /tmp/golden/llava-tiny      # the project's checkpoint
     D=playground/data/eval/demo; cd /tmp    # anywhere but the project, whose `llava` would shadow LLaVA's
     PYTHONPATH=$LLAVA:$VISIONZIP /tmp/sideenv/bin/python /path/to/tools/golden_released.py --method visionzip \
@@ -23,6 +25,7 @@ Environment (a side virtualenv; the project's own `llava` package must not be im
     # fastv:    PYTHONPATH=$LLAVA,  --repo llava=$LLAVA --repo fastv=$FASTV
     # pdrop:    PYTHONPATH=$PDROP,  --repo llava=$PDROP
     # prumerge: PYTHONPATH=$LLAVA,  --repo llava=$LLAVA --repo prumerge=$PRUMERGE
+    # sparsevlm: PYTHONPATH=$SPARSEVLMS,  --repo llava=$SPARSEVLMS  (also with --arch next, below)
     # (a repository exported with `git archive` is given as name=path@commit)
 
 LLaVA-NeXT (v1.6): `--arch next` on the tiny NeXT checkpoint writes `tests/fixtures/golden_<method>_next.json`,
@@ -40,6 +43,14 @@ How the released code is run: LLaVA's own loader and `model.generate` (greedy, `
 `llava.eval.model_vqa_loader` calls it), conversation `vicuna_v1`, CPU, float32. LLaVA's loader rounds the
 weights through float16, so the exact float32 weights are loaded again from the checkpoint's files, and
 the rotary cos/sin tables (buffers that a weight reload does not touch) are rebuilt in float32.
+
+SparseVLM's fork is written for CUDA but is plain PyTorch: the script runs it on the CPU without changing a line
+of it by standing in for `Tensor.cuda()` (its decoding position ids, which then stay on the CPU) and for the
+CUDA timers it reads (`torch.cuda.Event`, `torch.cuda.synchronize`: they time nothing), and it selects each
+`RETAIN_TOKN` setting by setting `score.RETAIN_TOKN`, as the environment variable does at import. Its
+DPC-KNN clustering adds `torch.rand` noise from the global generator: the script seeds it (SPARSEVLM_SEED)
+before every question and checks that the draws are a fresh generator's, in order. On LLaVA-NeXT the fork
+raises on its own packed features; the script adapts one line (SPARSEVLM_NEXT_SPAN) and says why.
 
 Per question the fixture records the prompt's token ids, what the method kept (indices where it selects,
 counts everywhere), the KV-cache length of every layer after prefill, the generated ids and, per
@@ -750,6 +761,25 @@ class SparseVLMRecorder:
         self.random.draws.clear()
 
 
+# LLaVA-NeXT: the fork packs a NeXT image in the model's own layout (a list of packed features, one per prompt),
+# then reads the vision span's length as `image_features.shape[1]`, written for LLaVA-1.5's [1, 576, hidden] tensor:
+# on the list it raises AttributeError. The length of the prompt's packed feature is what the rest of its code
+# takes it for (`image_shape` tokens after the system prompt); on LLaVA-1.5 the two readings agree.
+SPARSEVLM_NEXT_SPAN = {
+    "        self.image_shape = image_features.shape[1]\n": "        self.image_shape = image_features[0].shape[0]\n",
+    ",image_features.shape[1],token_length_list,": ",image_features[0].shape[0],token_length_list,",
+}
+
+
+def install_next_span() -> None:
+    """The fork's `prepare_sparse_inputs_labels_for_multimodal` with SPARSEVLM_NEXT_SPAN, on its LLaVA class."""
+    from llava.model.language_model.sparse_llava_llama import LlavaLlamaDynamicForCausalLM
+
+    install_patched_module("llava.model.llava_arch", SPARSEVLM_NEXT_SPAN)
+    prepare = sys.modules["llava.model.llava_arch"].LlavaMetaForCausalLM.prepare_sparse_inputs_labels_for_multimodal
+    LlavaLlamaDynamicForCausalLM.prepare_sparse_inputs_labels_for_multimodal = prepare
+
+
 def sparse_layers(model) -> list[int]:
     return list(model.model.pruning_loc)
 
@@ -760,6 +790,8 @@ def run_sparsevlm(args, questions: list[dict]) -> list[dict]:
     if os.environ.get("USE_VERSION", "1_0") != "1_0":
         raise SystemExit("unset USE_VERSION: the fixtures hold the fork's default mode (SparseVLM+ is USE_VERSION=2_0)")
     stand_ins = CpuStandIns()
+    if args.arch == "next":
+        install_next_span()
     score = importlib.import_module(SPARSEVLM_SCORE)
     sparse, utils = importlib.import_module(SPARSEVLM_MODEL), importlib.import_module(SPARSEVLM_UTILS)
     released = sparse.attn_postprocess_topk, sparse.cluster_and_merge, utils.index_points
