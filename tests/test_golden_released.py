@@ -25,7 +25,9 @@ from llava.drop.image_reduction import run_to_select_layer
 from llava.drop.methods.fastv import FastV, FastVOptions
 from llava.drop.methods.pdrop import PDrop, PDropOptions
 from llava.drop.methods.prumerge import PruMerge, PruMergePlus, cls_attention_and_keys, scoring_layer
+from llava.drop.methods import sparsevlm as sparsevlm_module
 from llava.drop.methods import visionzip as visionzip_module
+from llava.drop.methods.sparsevlm import RELEASED_SCHEDULES, SparseVLM, SparseVLMOptions
 from llava.drop.methods.visionzip import VisionZip, VisionZipOptions, ZippedImage, target_positions, zip_image
 from llava.drop.vision import is_next, selected_layer_count, vision_token_offset
 from llava.mm_utils import load_image, process_images, tokenizer_image_token
@@ -36,6 +38,7 @@ FIXTURES = Path(__file__).parent / "fixtures"
 TIE_MARGIN = 1e-3  # top-2 logit margin under which two answers may part by rounding alone
 NORM_TOLERANCE = 1e-4  # relative, on the norms of VisionZip's projected vision tokens
 COSINE_TIE = 1e-6  # two key similarities this close are a tie that float rounding decides
+SCORE_TIE = 1e-5  # relative: two SparseVLM scores (or DPC-KNN claims) this close are a tie that rounding orders
 PATCHES = 576
 
 
@@ -166,7 +169,7 @@ def test_visionzip_keeps_and_answers_as_released(loaded_original, tiny_original,
 
 def test_next_fixtures_cover_the_demo_shapes():
     """Every NeXT fixture asks about the tall, square and wide demo images, each tiled into 1 + K tower images."""
-    for method in ("visionzip_next", "pdrop_next"):
+    for method in ("visionzip_next", "pdrop_next", "sparsevlm_next"):
         for setting in fixture(method)["settings"]:
             assert [question["image"] for question in setting["questions"]] == list(NEXT_DEMO_IMAGES.values())
             assert [question["tower_images"] for question in setting["questions"]] == [3, 5, 3]
@@ -296,6 +299,155 @@ def pdrop_as_released(loaded, checkpoint: Path, method_name: str, index: int) ->
         return ours.token_ids
 
     compare(loaded, checkpoint, method_name, index, run_one)
+
+
+class SparseVLMLog:
+    """What our SparseVLM chose at each drop of one prompt, in order: its raters, kept tokens (SelectionLog), the
+    dropped tokens' scores, the recycled tokens (best first), DPC-KNN's claims and centres, and the merged tokens'
+    norms."""
+
+    def __init__(self, method: SparseVLM, monkeypatch):
+        self.selections = SelectionLog(method)
+        self.raters: list[list[int]] = []
+        self.scores: list[torch.Tensor] = []
+        self.recycled: list[list[int]] = []
+        self.claims: list[torch.Tensor] = []
+        self.centres: list[list[int]] = []
+        self.merged_norms: list[torch.Tensor] = []
+        module = sparsevlm_module
+        raters, best, claims, cluster, merge = (module.text_raters, module.best_dropped, module.dpc_knn_scores,
+                                                module.dpc_knn, module.merge_clusters)
+
+        def rating(*args):
+            chosen = raters(*args)
+            self.raters.append(chosen.tolist())
+            return chosen
+
+        def choosing(scores, kept, count):
+            chosen = best(scores, kept, count)
+            self.scores.append(scores)
+            self.recycled.append(chosen.tolist())
+            return chosen
+
+        def claiming(*args):
+            distance, scores = claims(*args)
+            self.claims.append(scores)
+            return distance, scores
+
+        def clustering(*args):
+            centres, assignment = cluster(*args)
+            self.centres.append(centres.tolist())
+            return centres, assignment
+
+        def merging(*args):
+            merged = merge(*args)
+            self.merged_norms.append(merged.norm(dim=-1))
+            return merged
+
+        for name, recording in (("text_raters", rating), ("best_dropped", choosing), ("dpc_knn_scores", claiming),
+                                ("dpc_knn", clustering), ("merge_clusters", merging)):
+            monkeypatch.setattr(module, name, recording)
+
+    def clear(self) -> None:
+        for record in (self.selections.masks, self.raters, self.scores, self.recycled, self.claims, self.centres,
+                       self.merged_norms):
+            record.clear()
+
+
+@pytest.mark.parametrize("method_name, index", settings_of("sparsevlm"))
+def test_sparsevlm_keeps_recycles_and_answers_as_released(loaded_original, tiny_original, method_name, index,
+                                                          monkeypatch):
+    sparsevlm_as_released(loaded_original, tiny_original, method_name, index, monkeypatch)
+
+
+@pytest.mark.parametrize("method_name, index", settings_of("sparsevlm_next"))
+def test_sparsevlm_next_keeps_recycles_and_answers_as_released(loaded_next_original, tiny_next_original, method_name,
+                                                               index, monkeypatch):
+    """LLaVA-NeXT, against the released code with its vision span read as the packed feature's length (the one
+    line it needs to run there, SPARSEVLM_NEXT_SPAN in tools/golden_released.py): every token of the model's own
+    layout, newline tokens included, rated, dropped and recycled alike."""
+    sparsevlm_as_released(loaded_next_original, tiny_next_original, method_name, index, monkeypatch)
+
+
+def sparsevlm_as_released(loaded, checkpoint: Path, method_name: str, index: int, monkeypatch) -> None:
+    """The released raters and, at each drop, kept tokens; the recycled tokens in their order, DPC-KNN's centres
+    and the merged tokens' norms until a numerical tie (named) parts the two runs' recycling; every drop's counts,
+    every layer's cache length and first decoding position; the answers."""
+    setting = fixture(method_name)["settings"][index]
+    options = setting["options"]
+    assert tuple(options["keep"]) == RELEASED_SCHEDULES[options["retained_tokens"]]
+    method = SparseVLM(SparseVLMOptions(drop_after=tuple(options["layers"]), keep=tuple(options["keep"]),
+                                        seed=setting["noise_seed"]))
+    log = SparseVLMLog(method, monkeypatch)
+    layers = loaded[1].model.language_model.layers
+    ties: list[str] = []
+
+    def run_one(recorded, input_ids, pixels, new_tokens):
+        log.clear()
+        positions = [LayerPositions(layer) for layer in layers]
+        sizes = next_image_sizes(recorded) if "image_size" in recorded else None
+        try:
+            ours = answer(loaded, input_ids, pixels, method, new_tokens, sizes)
+        finally:
+            for position in positions:
+                position.handle.remove()
+        stages, name = recorded["stages"], recorded["question_id"]
+        assert log.raters and all(raters == recorded["raters"] for raters in log.raters), name
+        assert len(log.selections.masks) == len(log.recycled) == len(stages), name
+        parted = False
+        for number, stage in enumerate(stages):
+            assert log.selections.masks[number] == stage["kept_vision"], (name, stage["after_layer"])
+            if parted:  # a tie earlier on changed the merged tokens this drop recycles from
+                continue
+            tie, parted = sparsevlm_stage_tie(log, number, stage)
+            if tie is not None:
+                ties.append(f"{name} after layer {stage['after_layer']}: {tie}")
+        assert ours.stats["vision_tokens_after_layer"] == {str(stage["after_layer"]): stage["vision_tokens_out"]
+                                                          for stage in stages}, name
+        assert ours.stats["kv_cache_lengths"] == recorded["kv_lengths"], name
+        assert [position.first_decode for position in positions] == recorded["first_decode_positions"], name
+        return ours.token_ids
+
+    compare(loaded, checkpoint, method_name, index, run_one)
+    print(f"{method_name} {options['retained_tokens']}: recycling ties: {ties or 'none'}")
+
+
+def sparsevlm_stage_tie(log: SparseVLMLog, number: int, stage: dict) -> tuple[str | None, bool]:
+    """Compare drop `number`'s recycling with the released one. Returns (None, False) when it recycled the same
+    tokens in the same order, chose the same centres and merged tokens of the same norms; else a named tie and
+    whether it parts the runs from here on. Ties: two recycled tokens whose scores (ours) lie within SCORE_TIE
+    take each other's place (the same tokens in another order, each with another noise draw; or, at the edge of
+    the recycled count, another token: the merged tokens differ and the runs part), or two tokens whose DPC-KNN
+    claims lie within SCORE_TIE take each other's place among the centres (the merged tokens come in another
+    order, at other positions: the runs part). Fails on any other difference."""
+    ours, released, scores = log.recycled[number], stage["recycled"], log.scores[number]
+    named = []
+    swapped = [(mine, theirs) for mine, theirs in zip(ours, released) if mine != theirs]
+    gaps = [0.0]
+    for mine, theirs in swapped:
+        gaps.append(abs(float(scores[mine] - scores[theirs])) / float(scores[mine].abs()))
+        assert gaps[-1] <= SCORE_TIE, f"recycled token {mine} where the released code has {theirs}, {gaps[-1]:.1e} apart"
+    if swapped:
+        named.append(f"recycled tokens {sorted({token for pair in swapped for token in pair})} tie on their scores "
+                     f"({max(gaps):.0e} apart)")
+    if sorted(ours) != sorted(released):
+        return "; ".join(named) + ", another token recycled", True
+    claims = log.claims[number]
+    our_centres = [ours[centre] for centre in log.centres[number]]  # as tokens: a swapped pair keeps its tokens
+    released_centres = [released[centre] for centre in stage["centres"]]
+    moved = [(mine, theirs) for mine, theirs in zip(our_centres, released_centres) if mine != theirs]
+    gaps = [0.0]
+    for mine, theirs in moved:
+        mine_claim, their_claim = claims[ours.index(mine)], claims[ours.index(theirs)]
+        gaps.append(abs(float(mine_claim - their_claim)) / float(mine_claim.abs()))
+        assert gaps[-1] <= SCORE_TIE, f"centre {mine} where the released code has {theirs}, {gaps[-1]:.1e} apart"
+    if moved:
+        named.append(f"centres {sorted({token for pair in moved for token in pair})} tie on their DPC-KNN claims "
+                     f"({max(gaps):.0e} apart)")
+        return "; ".join(named), True
+    released_norms = torch.tensor(stage["merged_norms"])
+    assert torch.allclose(log.merged_norms[number], released_norms, rtol=NORM_TOLERANCE, atol=0), stage["after_layer"]
+    return ("; ".join(named) or None), False
 
 
 PRUMERGE_VARIANTS = {"prumerge": PruMerge, "prumerge_plus": PruMergePlus}

@@ -15,6 +15,8 @@ Environment (a side virtualenv; the project's own `llava` package must not be im
     #   pkunlp-icler/FastV           -> $FASTV
     #   Cooperx521/PyramidDrop       -> $PDROP  (a LLaVA fork: its `llava` replaces $LLAVA)
     #   42Shawn/LLaVA-PruMerge       -> $PRUMERGE  (only its vision tower file is used; needs matplotlib)
+    #   Gumpest/SparseVLMs           -> $SPARSEVLMS  (a LLaVA fork: its `llava` replaces $LLAVA; default mode,
+    #                                   USE_VERSION unset)
     .venv/bin/python -m llava.model.tiny --out /tmp/golden/llava-tiny      # the project's checkpoint
     D=playground/data/eval/demo; cd /tmp    # anywhere but the project, whose `llava` would shadow LLaVA's
     PYTHONPATH=$LLAVA:$VISIONZIP /tmp/sideenv/bin/python /path/to/tools/golden_released.py --method visionzip \
@@ -23,6 +25,7 @@ Environment (a side virtualenv; the project's own `llava` package must not be im
     # fastv:    PYTHONPATH=$LLAVA,  --repo llava=$LLAVA --repo fastv=$FASTV
     # pdrop:    PYTHONPATH=$PDROP,  --repo llava=$PDROP
     # prumerge: PYTHONPATH=$LLAVA,  --repo llava=$LLAVA --repo prumerge=$PRUMERGE
+    # sparsevlm: PYTHONPATH=$SPARSEVLMS,  --repo llava=$SPARSEVLMS  (also with --arch next, below)
     # (a repository exported with `git archive` is given as name=path@commit)
 
 LLaVA-NeXT (v1.6): `--arch next` on the tiny NeXT checkpoint writes `tests/fixtures/golden_<method>_next.json`,
@@ -40,6 +43,14 @@ How the released code is run: LLaVA's own loader and `model.generate` (greedy, `
 `llava.eval.model_vqa_loader` calls it), conversation `vicuna_v1`, CPU, float32. LLaVA's loader rounds the
 weights through float16, so the exact float32 weights are loaded again from the checkpoint's files, and
 the rotary cos/sin tables (buffers that a weight reload does not touch) are rebuilt in float32.
+
+SparseVLM's fork is written for CUDA but is plain PyTorch: the script runs it on the CPU without changing a line
+of it by standing in for `Tensor.cuda()` (its decoding position ids, which then stay on the CPU) and for the
+CUDA timers it reads (`torch.cuda.Event`, `torch.cuda.synchronize`: they time nothing), and it selects each
+`RETAIN_TOKN` setting by setting `score.RETAIN_TOKN`, as the environment variable does at import. Its
+DPC-KNN clustering adds `torch.rand` noise from the global generator: the script seeds it (SPARSEVLM_SEED)
+before every question and checks that the draws are a fresh generator's, in order. On LLaVA-NeXT the fork
+raises on its own packed features; the script adapts one line (SPARSEVLM_NEXT_SPAN) and says why.
 
 Per question the fixture records the prompt's token ids, what the method kept (indices where it selects,
 counts everywhere), the KV-cache length of every layer after prefill, the generated ids and, per
@@ -142,6 +153,9 @@ def load_released_llava(checkpoint: Path, *loader_flags):
     return tokenizer, model, image_processor
 
 
+# SparseVLM's loader attaches to each decoder layer a FlashAttention-2 copy of its attention (`flash_attn`), filled
+# from the layer's `self_attn`; its decoder layers never call it (they run `self_attn`, the SDPA class they assert).
+ATTENTION_COPY = ".flash_attn."
 EMBEDDED_TOWER_PREFIX = "model.vision_tower.vision_tower."  # LLaVA-NeXT's fine-tuned tower, inside its shards
 
 
@@ -153,7 +167,7 @@ def reload_exact_weights(model, checkpoint: Path) -> None:
     for shard in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"):
         language.update(load_file(checkpoint / shard))
     missing = set(model.state_dict()) - set(language)
-    unloaded = [name for name in missing if ".vision_tower." not in name]
+    unloaded = [name for name in missing if ".vision_tower." not in name and ATTENTION_COPY not in name]
     if unloaded:
         raise RuntimeError(f"weights the checkpoint does not hold: {unloaded[:5]}")
     model.load_state_dict(language, strict=False)
@@ -167,6 +181,9 @@ def reload_exact_weights(model, checkpoint: Path) -> None:
     if left:
         raise RuntimeError(f"vision tower weights missing from the checkpoint: {sorted(left)[:5]}")
     tower.load_state_dict(wanted, strict=False)
+    for layer in model.model.layers:
+        if hasattr(layer, "flash_attn"):  # as the SparseVLM builder fills its copy, from the layer's own attention
+            layer.flash_attn.load_state_dict(layer.self_attn.state_dict(), strict=False)
     for name, tensor in model.state_dict().items():
         if tensor.is_floating_point() and tensor.dtype != torch.float32:
             raise RuntimeError(f"{name} is {tensor.dtype} after the reload")
@@ -215,6 +232,8 @@ class PrefillCache:
         self.handle = model.register_forward_hook(self.record)
 
     def record(self, module, args, output) -> None:
+        if isinstance(output, tuple):  # SparseVLM's fork returns (its decision, a probability, the output)
+            output = output[-1]
         if self.lengths is None and output.past_key_values is not None:
             self.lengths = [layer[0].shape[2] for layer in output.past_key_values]
 
@@ -593,12 +612,208 @@ def run_prumerge(args, questions: list[dict]) -> list[dict]:
     return settings
 
 
+# --- SparseVLM (its LLaVA fork, `LlavaLlamaDynamicForCausalLM`, default mode) --------------------------------------
+
+# The fork's named settings (`RETAIN_TOKN`, `llava/model/language_model/score.py`): the vision tokens kept after
+# layers 2, 6 and 15, default mode (`USE_VERSION` unset, "1_0"; "2_0" is SparseVLM+).
+SPARSEVLM_SETTINGS = (192, 128, 96, 64)
+SPARSEVLM_SEED = 0  # torch.manual_seed before each question: DPC-KNN's density noise (`torch.rand`) draws from it
+SPARSEVLM_MODEL = "llava.model.language_model.modelling_sparse_llama"
+SPARSEVLM_UTILS = "llava.model.language_model.utils"
+SPARSEVLM_SCORE = "llava.model.language_model.score"
+
+
+class CudaEventStandIn:
+    """`torch.cuda.Event` for the fork's prefill / generation timers on a machine without CUDA: times nothing."""
+
+    def __init__(self, **kwargs):
+        pass
+
+    def record(self) -> None:
+        pass
+
+    def elapsed_time(self, other) -> float:
+        return 0.0
+
+
+class CpuStandIns:
+    """What lets the fork run on the CPU without a line of it changed: `Tensor.cuda()` (its decoding position
+    ids, `torch.tensor([[cache length]]).cuda()` in every layer) stays on the CPU and is noted, and its CUDA
+    timers (`torch.cuda.Event`, `torch.cuda.synchronize`) time nothing."""
+
+    def __init__(self):
+        self.cuda_calls: list[torch.Tensor] = []
+        recorder = self
+
+        def stay(tensor, *args, **kwargs):
+            recorder.cuda_calls.append(tensor.clone())
+            return tensor
+
+        torch.Tensor.cuda = stay
+        torch.cuda.Event = CudaEventStandIn
+        torch.cuda.synchronize = lambda *args, **kwargs: None
+
+
+class RandomDraws:
+    """`torch` as the fork's `utils` module sees it, noting every `torch.rand` draw (DPC-KNN's density noise)."""
+
+    def __init__(self):
+        self.draws: list[torch.Tensor] = []
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    def rand(self, *args, **kwargs):
+        drawn = torch.rand(*args, **kwargs)
+        self.draws.append(drawn.clone())
+        return drawn
+
+
+class SparseVLMRecorder:
+    """What the fork's decoder did to one question: its text raters (indices among the tokens after the image,
+    chosen once from the input embeddings), and at each sparse layer the vision tokens it kept (indices among that
+    stage's vision tokens), the dropped ones it recycled (indices, in the order they enter DPC-KNN: best-scored
+    first), the cluster centres DPC-KNN chose (indices into that order, in cluster order) and the norms of the
+    merged tokens; then each layer's decoding position at the first generated token, and the noise draws,
+    checked against a fresh generator seeded as the question was."""
+
+    def __init__(self, model, stand_ins: CpuStandIns, released: tuple[Callable, Callable, Callable]):
+        import importlib
+
+        sparse = importlib.import_module(SPARSEVLM_MODEL)
+        utils = importlib.import_module(SPARSEVLM_UTILS)
+        self.stand_ins = stand_ins
+        self.layers = model.model.layers
+        self.prompt_tokens = 0
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.stages: list[dict] = []
+        self.raters: list[int] | None = None
+        self.random = RandomDraws()
+        utils.torch = self.random
+        postprocess, cluster, index_points = released
+        self.centres: torch.Tensor | None = None
+
+        def scoring(attention, v_token_start, v_token_num, text_token_start, t_token_idx, layer_idx):
+            mask, merge, scores = postprocess(attention, v_token_start, v_token_num, text_token_start, t_token_idx,
+                                              layer_idx)
+            raters = t_token_idx[1].tolist()
+            if self.raters is None:
+                self.raters = raters
+            elif raters != self.raters:
+                raise RuntimeError(f"layer {layer_idx}: the raters changed from {self.raters} to {raters}")
+            count = int(v_token_num)
+            self.stages.append({"after_layer": layer_idx, "vision_tokens_in": count,
+                                "kept_vision": mask[0].nonzero().flatten().tolist(), "vision_start": v_token_start})
+            return mask, merge, scores
+
+        def merging(tokens, cluster_num):
+            merged = cluster(tokens, cluster_num)
+            stage = self.stages[-1]
+            start, count = stage.pop("vision_start"), stage["vision_tokens_in"]
+            given = self.outputs[stage["after_layer"]][0, start : start + count]
+            matches = (tokens[0][:, None] == given[None]).all(dim=-1).nonzero()
+            if matches.shape[0] != tokens.shape[1] or matches[:, 0].tolist() != list(range(tokens.shape[1])):
+                raise RuntimeError(f"layer {stage['after_layer']}: {matches.shape[0]} exact row matches for "
+                                   f"{tokens.shape[1]} recycled tokens")
+            stage.update({"recycled": matches[:, 1].tolist(), "clusters": cluster_num,
+                          "centres": self.centres[0].tolist(),
+                          "merged_norms": [round(float(value), 6) for value in merged[0].norm(dim=-1)],
+                          "vision_tokens_out": len(stage["kept_vision"]) + cluster_num})
+            return merged
+
+        def centre_rows(points, idx):
+            self.centres = idx.clone()
+            return index_points(points, idx)
+
+        sparse.attn_postprocess_topk = scoring
+        sparse.cluster_and_merge = merging
+        utils.index_points = centre_rows
+        for index in sparse_layers(model):
+            self.layers[index].register_forward_hook(self.output_of(index))
+
+    def output_of(self, index: int):
+        def see(module, args, output):
+            if output[0].shape[1] > 1:
+                self.outputs[index] = output[0]
+        return see
+
+    def record(self) -> dict:
+        calls = self.stand_ins.cuda_calls
+        if len(calls) < len(self.layers):
+            raise RuntimeError(f"{len(calls)} decoding position ids for {len(self.layers)} layers")
+        first_decode = [int(call.flatten()[0]) for call in calls[: len(self.layers)]]
+        replay = torch.Generator().manual_seed(SPARSEVLM_SEED)
+        for drawn in self.random.draws:
+            again = torch.rand(drawn.shape, generator=replay, dtype=drawn.dtype)
+            if not torch.equal(drawn, again):
+                raise RuntimeError("the density noise is not the seeded generator's next draw")
+        for stage in self.stages:
+            stage.pop("vision_start", None)
+        return {"noise_seed": SPARSEVLM_SEED, "noise_shapes": [list(drawn.shape) for drawn in self.random.draws],
+                "raters": self.raters, "stages": self.stages, "first_decode_positions": first_decode}
+
+    def reset(self) -> None:
+        torch.manual_seed(SPARSEVLM_SEED)
+        self.stand_ins.cuda_calls.clear()
+        self.outputs.clear()
+        self.stages = []
+        self.raters = None
+        self.random.draws.clear()
+
+
+# LLaVA-NeXT: the fork packs a NeXT image in the model's own layout (a list of packed features, one per prompt),
+# then reads the vision span's length as `image_features.shape[1]`, written for LLaVA-1.5's [1, 576, hidden] tensor:
+# on the list it raises AttributeError. The length of the prompt's packed feature is what the rest of its code
+# takes it for (`image_shape` tokens after the system prompt); on LLaVA-1.5 the two readings agree.
+SPARSEVLM_NEXT_SPAN = {
+    "        self.image_shape = image_features.shape[1]\n": "        self.image_shape = image_features[0].shape[0]\n",
+    ",image_features.shape[1],token_length_list,": ",image_features[0].shape[0],token_length_list,",
+}
+
+
+def install_next_span() -> None:
+    """The fork's `prepare_sparse_inputs_labels_for_multimodal` with SPARSEVLM_NEXT_SPAN, on its LLaVA class."""
+    from llava.model.language_model.sparse_llava_llama import LlavaLlamaDynamicForCausalLM
+
+    install_patched_module("llava.model.llava_arch", SPARSEVLM_NEXT_SPAN)
+    prepare = sys.modules["llava.model.llava_arch"].LlavaMetaForCausalLM.prepare_sparse_inputs_labels_for_multimodal
+    LlavaLlamaDynamicForCausalLM.prepare_sparse_inputs_labels_for_multimodal = prepare
+
+
+def sparse_layers(model) -> list[int]:
+    return list(model.model.pruning_loc)
+
+
+def run_sparsevlm(args, questions: list[dict]) -> list[dict]:
+    import importlib
+
+    if os.environ.get("USE_VERSION", "1_0") != "1_0":
+        raise SystemExit("unset USE_VERSION: the fixtures hold the fork's default mode (SparseVLM+ is USE_VERSION=2_0)")
+    stand_ins = CpuStandIns()
+    if args.arch == "next":
+        install_next_span()
+    score = importlib.import_module(SPARSEVLM_SCORE)
+    sparse, utils = importlib.import_module(SPARSEVLM_MODEL), importlib.import_module(SPARSEVLM_UTILS)
+    released = sparse.attn_postprocess_topk, sparse.cluster_and_merge, utils.index_points
+    settings = []
+    for retained in SPARSEVLM_SETTINGS:
+        score.RETAIN_TOKN = retained  # what RETAIN_TOKN=<n> in the environment sets when score.py is imported
+        tokenizer, model, image_processor = load_released_llava(args.checkpoint)
+        recorder = SparseVLMRecorder(model, stand_ins, released)
+        options = {"retained_tokens": retained, "layers": sparse_layers(model),
+                   "keep": list(score.sparse_token_dict[retained])}
+        settings.append({"options": options, "noise_seed": SPARSEVLM_SEED, "questions": run_questions(
+            model, tokenizer, image_processor, questions, args.image_folder, recorder.record, recorder.reset)})
+    return settings
+
+
 # --- entry point --------------------------------------------------------------------------------------------
 
 RUNNERS = {"visionzip": (run_visionzip, "github.com/dvlab-research/VisionZip"),
            "fastv": (run_fastv, "github.com/pkunlp-icler/FastV"),
            "pdrop": (run_pdrop, "github.com/Cooperx521/PyramidDrop"),
-           "prumerge": (run_prumerge, "github.com/42Shawn/LLaVA-PruMerge")}
+           "prumerge": (run_prumerge, "github.com/42Shawn/LLaVA-PruMerge"),
+           "sparsevlm": (run_sparsevlm, "github.com/Gumpest/SparseVLMs")}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

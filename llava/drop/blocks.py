@@ -11,7 +11,6 @@ import math
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 # A budget's keep counts depend only on the prompt's vision count and the options, yet each dropping layer of
 # each prompt asks for them (about 0.1 ms of bisection on the host each): planned once per distinct input.
@@ -156,15 +155,6 @@ def last_count_nudges(counts: list[int], minimum: int = 0, ceiling: int | None =
     return [[*counts[:-1], moved(delta)] for delta in NUDGES]
 
 
-def nearest_centres(features: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
-    """Group index of each row of `features` [N, dim]: the most cosine-similar centre row (ties to the
-    earlier centre); a centre always leads its own group."""
-    unit = F.normalize(features.float(), dim=-1)
-    groups = (unit @ unit[centres].T).argmax(dim=-1)
-    groups[centres] = torch.arange(centres.numel(), device=groups.device)
-    return groups
-
-
 def index_sum(target: torch.Tensor, index: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
     """`target.index_add(0, index, source)`, added in the same order at every run. On CUDA index_add adds
     atomically, in an order (so a float result) that changes from run to run and can flip a ranking;
@@ -173,10 +163,3 @@ def index_sum(target: torch.Tensor, index: torch.Tensor, source: torch.Tensor) -
     if target.device.type == "cuda":
         return target.index_put((index,), source, accumulate=True)
     return target.index_add(0, index, source)
-
-
-def grouped_mean(tokens: torch.Tensor, groups: torch.Tensor, count: int) -> torch.Tensor:
-    """[count, dim]: the mean of the rows of `tokens` in each group, in float32, returned in `tokens`' dtype."""
-    sums = index_sum(torch.zeros(count, tokens.shape[1], device=tokens.device), groups, tokens.float())
-    sizes = torch.bincount(groups, minlength=count)
-    return (sums / sizes[:, None]).to(tokens.dtype)

@@ -69,6 +69,7 @@ class LayerContext:
     key_counts: list[int]  # key tokens per prompt (they are never dropped, so this stays on the host)
     prompt_vision_counts: list[int]  # vision tokens each prompt entered the decoder with
     geometry: ModelGeometry
+    inputs_embeds: torch.Tensor | None = None  # [N, seq, hidden] what entered the decoder, before any drop
     _cache: dict = field(default_factory=dict)
 
     @property
@@ -115,7 +116,8 @@ class LayerContext:
             self.model, self.layer_idx, self.layer_input[rows, : layout.seq_len], self.layer_output[rows, : layout.seq_len],
             self.keys[rows, :, : layout.seq_len], self.positions[..., rows, : layout.seq_len], [layout],
             None if key_indices is None else self.key_mask[rows, : layout.vision_count], [self.key_counts[n]],
-            [self.prompt_vision_counts[n]], self.geometry), key_indices)
+            [self.prompt_vision_counts[n]], self.geometry,
+            None if self.inputs_embeds is None else self.inputs_embeds[rows]), key_indices)
 
 
 @dataclass
@@ -152,6 +154,15 @@ class PromptContext:
     def vision_hidden(self) -> torch.Tensor:
         """The layer's output hidden states of the current vision tokens, [vision, hidden]."""
         return self.batch.layer_output[0, self.layout.vision_start : self.layout.text_start]
+
+    def prompt_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prompt's input embeddings as the decoder received them, before any drop: its vision tokens
+        [prompt vision count, hidden] and every token after them [text, hidden] (only vision tokens are ever
+        dropped, so the text is the current layout's text)."""
+        start, vision = self.layout.vision_start, self.prompt_vision_count
+        text_end = self.layout.seq_len - self.layout.vision_count + vision
+        embeds = self.batch.inputs_embeds[0]
+        return embeds[start : start + vision], embeds[start + vision : text_end]
 
 
 def last_token_scores(context: LayerContext) -> torch.Tensor:

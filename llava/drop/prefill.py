@@ -297,7 +297,7 @@ def prefill(model, prompts: list[MultimodalPrompt], cache: KVCache, method: Drop
     geometry = geometry_of_model(model)
     drop_layers = set(method.prefill_layers(geometry))
     lengths = [prompt.length for prompt in prompts]
-    hidden = padded_rows([prompt.embeds[0] for prompt in prompts])
+    hidden = inputs_embeds = padded_rows([prompt.embeds[0] for prompt in prompts])
     positions = batch_positions(prompts, hidden.shape[1], hidden.device)
     compact = compacts_positions(method, prompts)
     layouts = [TokenLayout(prompt.vision_start, prompt.vision_count, prompt.length) for prompt in prompts]
@@ -322,7 +322,7 @@ def prefill(model, prompts: list[MultimodalPrompt], cache: KVCache, method: Drop
             continue
         with stopwatch:
             context = LayerContext(model, layer_idx, layer_input, hidden, cache.keys[layer_idx], positions, layouts,
-                                   key_mask, key_counts, prompt_vision_counts, geometry)
+                                   key_mask, key_counts, prompt_vision_counts, geometry, inputs_embeds)
             vision_keep = method.select(context)
             if not all(droppable):
                 vision_keep = torch.where(device_tensor(droppable, hidden.device)[:, None], vision_keep,
