@@ -728,6 +728,33 @@ def test_ctrl_c_stops_a_real_answering_process_in_one_line(tiny_original, tmp_pa
     assert message_lines(stderr) == [f"interrupted: {kept} answers kept in {answers}; run the same command again to resume"]
 
 
+# A Ctrl-C that C code swallowed, raising its own error instead (as torch.tensor does when the interrupt
+# lands while it probes an object: seen in the runner's per-GPU process while it was still loading).
+SWALLOWED_CTRL_C = """
+import os, signal
+from llava.eval.cli_errors import RunError, main_guard
+
+def run():
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        signal.pause()
+    except KeyboardInterrupt:
+        raise {error}("could not determine the shape of object type 'torch.storage.UntypedStorage'") from None
+
+main_guard(run)
+"""
+
+
+@pytest.mark.parametrize("error", ["RunError", "ValueError"])
+@pytest.mark.parametrize("child", [False, True], ids=["cli", "per-gpu-child"])
+def test_an_error_raised_by_a_swallowed_ctrl_c_is_reported_as_the_ctrl_c(error, child):
+    env = {**os.environ, **({"LLAVA_PARENT_REPORTS_INTERRUPT": "1"} if child else {})}
+    done = subprocess.run([sys.executable, "-c", SWALLOWED_CTRL_C.format(error=error)], capture_output=True,
+                          text=True, cwd=REPO_ROOT, env=env, timeout=120)
+    assert done.returncode == INTERRUPTED, done.stderr
+    assert done.stderr.splitlines() == ([] if child else ["interrupted: stopped; run the same command again"])
+
+
 def test_ctrl_c_stops_the_runner_and_its_gpu_processes_in_one_line(tiny_original, tmp_path):
     """Two per-GPU processes (CPU-only here) and the runner all get the terminal's Ctrl-C; only the runner
     speaks, once, for both."""

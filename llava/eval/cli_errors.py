@@ -12,6 +12,7 @@ import math
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable, Mapping
 from typing import Any, NoReturn, TypeVar
 
@@ -31,14 +32,43 @@ class Interrupted(RunError):
     """Ctrl-C during a run, saying what it keeps and how to resume; `main_guard` exits with 130 on it."""
 
 
+class CtrlCWatch:
+    """Remembers that a Ctrl-C arrived, and raises KeyboardInterrupt as Python's own handler does. Code in C
+    that probes a Python object (torch's loader and `torch.tensor` among them) may swallow that
+    KeyboardInterrupt and raise an error of its own instead ("could not determine the shape of object type
+    ..."), which would then read as bad input: `main_guard` asks `seen` before reporting an error."""
+
+    def __init__(self) -> None:
+        self.seen = False
+
+    def __call__(self, signum, frame) -> None:
+        self.seen = True
+        signal.default_int_handler(signum, frame)
+
+    def install(self) -> None:
+        """Watch Ctrl-C from here on, unless the CLI has a handler of its own (or runs off the main thread)."""
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            signal.signal(signal.SIGINT, self)
+
+
+CTRL_C = CtrlCWatch()
+
+
 def main_guard(run: Callable[[], Any]) -> None:
     """Run a CLI body; input problems end the program with one clear line instead of a traceback, and so
-    does a Ctrl-C that the run turned into `Interrupted` (a bare one is `interruptible`'s, or the CLI's own)."""
+    does a Ctrl-C that the run turned into `Interrupted` (a bare one is `interruptible`'s, or the CLI's own).
+    An error raised after a Ctrl-C, whatever its type, is reported as the Ctrl-C it came from."""
+    CTRL_C.install()
     try:
         run()
     except Interrupted as error:
         exit_interrupted(str(error))
-    except RunError as error:
+    except Exception as error:
+        if CTRL_C.seen:
+            exit_interrupted(f"stopped; {RERUN_HINT}")
+        if not isinstance(error, RunError):
+            raise
         message = f"error: {error}"
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             write_line(message)
