@@ -217,14 +217,19 @@ def loaded_next_hf(tiny_next_hf):
     return load_on_cpu(tiny_next_hf)
 
 
-def next_demo_inputs(loaded, image_name: str, question: str = "What is written here?"):
-    """The encoded prompt (ids, base image + crops, image size) for one demo image on a loaded NeXT model."""
+def demo_question_inputs(loaded, image_name: str, question: str, conv_mode: str):
+    """The encoded prompt (ids, the image's model inputs, its size or grid) for one demo image on a loaded model."""
     from llava.mm_utils import load_image
     from llava.model.inputs import encode_question
 
     tokenizer, model, image_processor, _ = loaded
     image = load_image(DEMO_IMAGE_FOLDER / image_name)
-    return encode_question(question, image, model, tokenizer, image_processor, "vicuna_v1")
+    return encode_question(question, image, model, tokenizer, image_processor, conv_mode)
+
+
+def next_demo_inputs(loaded, image_name: str, question: str = "What is written here?"):
+    """The encoded prompt (ids, base image + crops, image size) for one demo image on a loaded NeXT model."""
+    return demo_question_inputs(loaded, image_name, question, "vicuna_v1")
 
 
 # The demo images by shape and how LLaVA-NeXT's tiny checkpoint tiles them (base image + crops):
@@ -281,10 +286,6 @@ def loaded_any_qwen(request):
 
 def qwen_demo_inputs(loaded, shape: str, question: str):
     """The encoded prompt (ids, patches, patch grid) about one demo image (NEXT_DEMO_IMAGES) on a loaded Qwen."""
-    from llava.mm_utils import load_image
-    from llava.model.inputs import encode_question
     from llava.model.qwen import QWEN_CONV_MODE
 
-    tokenizer, model, image_processor, _ = loaded
-    image = load_image(DEMO_DIR / "images" / NEXT_DEMO_IMAGES[shape])
-    return encode_question(question, image, model, tokenizer, image_processor, QWEN_CONV_MODE)
+    return demo_question_inputs(loaded, NEXT_DEMO_IMAGES[shape], question, QWEN_CONV_MODE)

@@ -57,7 +57,7 @@ def fake_context(layer_idx: int = 2, attention: torch.Tensor = ATTENTION, hidden
     return SimpleNamespace(layer_idx=layer_idx, layout=layout, prompt_vision_count=vision,
                            attention=lambda queries="text": attention, vision_hidden=hidden,
                            layer_output=hidden, prompt_embeddings=lambda: EMBEDDINGS,
-                           geometry=ModelGeometry(32, vision, vision, 2048))
+                           geometry=ModelGeometry(32, vision, vision, 2048), memo=lambda key, make: make())
 
 
 def sparsevlm(**options) -> SparseVLM:
@@ -266,3 +266,17 @@ def test_budget_mode_hits_the_budget_over_the_demo_images(loaded_original, demo_
     method = SparseVLM(SparseVLMOptions(budget=budget))
     averages = [answer(loaded_original, path, method).stats["avg_vision_tokens"] for path in demo_images]
     assert abs(sum(averages) / len(averages) - budget) <= 1.0
+
+
+def test_selection_and_recycling_read_one_attention_probe_per_dropping_layer(loaded_original, monkeypatch):
+    """The kept set and the recycled tokens come from the same scores: the probe runs once per prompt at each of
+    the three drops, not once for the selection and again for the recycling."""
+    import llava.drop.method as method_module
+    from tests.conftest import DEMO_IMAGE_FOLDER
+
+    probes = []
+    real_probe = method_module.vision_attention
+    monkeypatch.setattr(method_module, "vision_attention", lambda *a, **k: probes.append(a[1]) or real_probe(*a, **k))
+    method = create_method("sparsevlm")
+    answer(loaded_original, next(DEMO_IMAGE_FOLDER.glob("*.png")), method)
+    assert probes == list(method.options.drop_after)

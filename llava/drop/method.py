@@ -107,8 +107,19 @@ class LayerContext:
             self._cache[queries] = block.masked_fill(~real, 0.0)
         return self._cache[queries]
 
+    def memo(self, key, make):
+        """`make()`, computed once per layer context and kept under `key` (what a method derives from the layer
+        more than once: its selection and its recycling read the same scores)."""
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
     def row(self, n: int) -> PromptContext:
-        """Prompt n alone, for methods that select one prompt at a time."""
+        """Prompt n alone, for methods that select one prompt at a time; the same view (and what it computed)
+        for every call at this layer, so recycling reuses the selection's attention."""
+        return self.memo(("row", n), lambda: self.new_row(n))
+
+    def new_row(self, n: int) -> PromptContext:
         layout = self.layouts[n]
         key_indices = None if self.key_mask is None else self.key_mask[n, : layout.vision_count].nonzero().flatten()
         rows = slice(n, n + 1)
@@ -149,6 +160,10 @@ class PromptContext:
 
     def attention(self, queries: str = TEXT_QUERIES) -> torch.Tensor:
         return self.batch.attention(queries)[0]
+
+    def memo(self, key, make):
+        """`LayerContext.memo` for this prompt at this layer."""
+        return self.batch.memo(key, make)
 
     @property
     def vision_hidden(self) -> torch.Tensor:

@@ -337,9 +337,13 @@ class SparseVLM(DropMethod):
         return options, budget_keep_counts(context.prompt_vision_count, context.geometry.decoder_layers, options)
 
     def rater_attention(self, context: PromptContext) -> torch.Tensor:
-        """[raters, vision]: the raters' head-averaged attention rows on the current vision tokens."""
-        raters = text_raters(*context.prompt_embeddings())
-        return context.attention(TEXT_QUERIES)[raters.to(context.layer_output.device)]
+        """[raters, vision]: the raters' head-averaged attention rows on the current vision tokens (once per
+        layer: the selection and the recycling read them both)."""
+        def rows() -> torch.Tensor:
+            raters = text_raters(*context.prompt_embeddings())
+            return context.attention(TEXT_QUERIES)[raters.to(context.layer_output.device)]
+
+        return context.memo("sparsevlm_rater_attention", rows)
 
     def keep_count(self, context: PromptContext, rater_attention: torch.Tensor) -> int:
         """The schedule, floored by the rank term where `rank_scale` is set (not in budget mode)."""
